@@ -1,0 +1,278 @@
+"""The one interface every encoder adapter implements, and the spec that names an encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusion.hooks import HookSpec
+
+SOURCES = ("timm", "open_clip", "transformers")
+ON_MISSING = ("error", "random")
+RESIZE_MODES = ("crop", "squash")
+
+
+def as_hw(size: int | Sequence[int], what: str) -> tuple[int, int]:
+    """Turn an int or an (h, w) pair into an (h, w) tuple of positive ints."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
+        raise ValueError(f"{what} must be a positive int or an (height, width) pair, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Names one vision encoder and how to read it.
+
+    Args:
+        name: a short label of the encoder inside a fused model (``"clip"``, ``"dino"``).
+        source: the library that builds it: ``"timm"``, ``"open_clip"`` or ``"transformers"``.
+        model: the source's model name (``"vit_small_patch14_reg4_dinov2"``, ``"ViT-B-16"``,
+            ``"openai/clip-vit-large-patch14"``) or a local Hugging Face folder.
+        weights: a pretrained tag or repo id, a local checkpoint file or folder, or None for the
+            source's default pretrained weights.
+        image_size: the encoder's input size, an int or (height, width); None keeps the model's.
+        hooks: the layers to read (:class:`~fusion.HookSpec` or a mapping of its fields).
+        on_missing: ``"error"`` raises when no weights can be had offline; ``"random"`` warns and
+            keeps the random initialisation, stamped as such in every result.
+    """
+
+    name: str
+    source: str
+    model: str
+    weights: str | None = None
+    image_size: int | tuple[int, int] | None = None
+    hooks: HookSpec = field(default_factory=HookSpec)
+    on_missing: str = "error"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"EncoderSpec.name must be a non-empty string, got {self.name!r}")
+        if self.source not in SOURCES:
+            raise ValueError(
+                f"EncoderSpec.source={self.source!r} for encoder {self.name!r} is unknown; "
+                f"accepted: {', '.join(SOURCES)}"
+            )
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"EncoderSpec.model for encoder {self.name!r} must be a model name")
+        if self.on_missing not in ON_MISSING:
+            raise ValueError(
+                f"EncoderSpec.on_missing={self.on_missing!r} is unknown; accepted: {', '.join(ON_MISSING)}"
+            )
+        if self.image_size is not None:
+            object.__setattr__(self, "image_size", as_hw(self.image_size, "EncoderSpec.image_size"))
+        object.__setattr__(self, "hooks", HookSpec.from_any(self.hooks))
+
+    @classmethod
+    def from_any(cls, value: EncoderSpec | dict) -> EncoderSpec:
+        """Build from an EncoderSpec or a mapping of its fields (a dict or an OmegaConf node)."""
+        if isinstance(value, EncoderSpec):
+            return value
+        if not hasattr(value, "items"):
+            raise ValueError(f"an encoder must be an EncoderSpec or a mapping, got {type(value).__name__}")
+        data = dict(value.items())
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"EncoderSpec got unknown field(s) {unknown}; accepted: "
+                f"{', '.join(cls.__dataclass_fields__)}"
+            )
+        missing = [f for f in ("name", "source", "model") if f not in data]
+        if missing:
+            raise ValueError(f"EncoderSpec is missing required field(s) {missing}")
+        if isinstance(data.get("image_size"), Sequence) and not isinstance(data["image_size"], str):
+            data["image_size"] = tuple(data["image_size"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """An encoder's own pixel pipeline: resize to ``image_size``, then normalise with mean and std.
+
+    ``resize="crop"`` scales the shorter side to fit and centre-crops (the CLIP and DINOv2 eval
+    transform); ``"squash"`` resizes straight to ``image_size``.
+    """
+
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize: str = "crop"
+
+
+class LayerTokens(NamedTuple):
+    """One hooked layer: the patch grid ``(B, h, w, C)`` and, when kept, the prefix tokens ``(B, P, C)``."""
+
+    grid: torch.Tensor
+    prefix: torch.Tensor | None
+
+
+def check_images(images: torch.Tensor, min_size: int, encoder: str) -> None:
+    """Raise a ValueError naming the problem when ``images`` is not a (B, 3, H, W) image batch."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images for encoder {encoder!r} must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(
+            f"images for encoder {encoder!r} must be 4-D (B, 3, H, W), got shape {tuple(images.shape)}"
+        )
+    if images.shape[1] != 3:
+        raise ValueError(
+            f"images for encoder {encoder!r} must have 3 channels (B, 3, H, W), got {images.shape[1]} "
+            f"in shape {tuple(images.shape)}"
+        )
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise ValueError(
+            f"images for encoder {encoder!r} must be uint8 (0..255) or float in [0, 1], got {images.dtype}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError(f"images for encoder {encoder!r} is an empty batch")
+    if min(images.shape[-2:]) < min_size:
+        raise ValueError(
+            f"images for encoder {encoder!r} are {tuple(images.shape[-2:])} pixels, smaller than one "
+            f"patch of {min_size}; accepted: height and width >= {min_size}"
+        )
+
+
+class Encoder(nn.Module):
+    """A frozen vision transformer read at several layers.
+
+    Adapters (one per source library) build the model and implement :meth:`embed`,
+    :meth:`blocks` and :meth:`final_norm`; this class runs the blocks up to the deepest hooked one
+    and turns token sequences into channels-last grids. Blocks after the deepest hooked layer are
+    never run.
+
+    Attributes:
+        spec: the :class:`EncoderSpec` it was built from.
+        patch_size, width, depth, num_prefix_tokens: the model's geometry.
+        preprocessing: its own :class:`Preprocessing`.
+        weights_loaded: ``"pretrained"`` or ``"random"``.
+        layer_indices: the hooked blocks as non-negative indices, in ``spec.hooks.layers`` order.
+    """
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        model: nn.Module,
+        *,
+        patch_size: int,
+        width: int,
+        depth: int,
+        num_prefix_tokens: int,
+        preprocessing: Preprocessing,
+        weights_loaded: str,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = model
+        self.patch_size = patch_size
+        self.width = width
+        self.depth = depth
+        self.num_prefix_tokens = num_prefix_tokens
+        self.preprocessing = preprocessing
+        self.weights_loaded = weights_loaded
+        self.layer_indices = spec.hooks.resolve(depth, spec.name)
+        mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    # -- what each adapter provides -------------------------------------------------------------
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch-embed normalised pixels into the token sequence ``(B, P + h*w, C)`` fed to block 0."""
+        raise NotImplementedError
+
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks, in order."""
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Apply one block to ``(B, L, C)`` tokens."""
+        return block(tokens)
+
+    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's final norm, applied to hooked layers when ``hooks.norm == "post"``."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.preprocessing.image_size
+
+    def grid_size(self, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The (h, w) token grid for pixels of ``image_size`` (default: the encoder's own input size)."""
+        height, width = image_size or self.image_size
+        return height // self.patch_size, width // self.patch_size
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Turn raw images (uint8 0..255 or float in [0, 1], (B, 3, H, W), any size) into this
+        encoder's normalised pixels of shape (B, 3, *image_size), float32.
+
+        Raises:
+            ValueError: not a 4-D 3-channel uint8/float batch, or smaller than one patch.
+        """
+        check_images(images, self.patch_size, self.spec.name)
+        pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        pixels = resize_images(pixels, self.preprocessing)
+        return (pixels - self.pixel_mean) / self.pixel_std
+
+    def forward_tokens(self, pixels: torch.Tensor) -> list[LayerTokens]:
+        """Run the encoder on preprocessed pixels; one :class:`LayerTokens` per hooked layer, in the
+        order of ``spec.hooks.layers``. Prefix tokens are returned only with ``hooks.prefix="keep"``.
+
+        Raises:
+            ValueError: pixels that are not (B, 3, H, W) or are smaller than one patch.
+        """
+        check_images(pixels, self.patch_size, self.spec.name)
+        grid_h, grid_w = self.grid_size(tuple(pixels.shape[-2:]))
+        hooks = self.spec.hooks
+        wanted = set(self.layer_indices)
+        taken: dict[int, torch.Tensor] = {}
+        tokens = self.embed(pixels)
+        for index, block in enumerate(self.blocks()[: max(wanted) + 1]):
+            tokens = self.run_block(block, tokens)
+            if index in wanted:
+                taken[index] = self.final_norm(tokens) if hooks.norm == "post" else tokens
+        outputs = []
+        for index in self.layer_indices:
+            layer = taken[index]
+            prefix, patches = layer[:, : self.num_prefix_tokens], layer[:, self.num_prefix_tokens :]
+            grid = patches.reshape(patches.shape[0], grid_h, grid_w, patches.shape[-1])
+            outputs.append(LayerTokens(grid, prefix if hooks.prefix == "keep" else None))
+        return outputs
+
+    def forward_grids(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(B, h, w, C)`` channels-last grid per hooked layer, in ``spec.hooks.layers`` order."""
+        return [layer.grid for layer in self.forward_tokens(pixels)]
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward_grids(pixels)
+
+
+def resize_images(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """Resize a float batch to ``preprocessing.image_size`` by its resize mode (no-op when it fits)."""
+    target_h, target_w = preprocessing.image_size
+    height, width = pixels.shape[-2:]
+    if (height, width) == (target_h, target_w):
+        return pixels
+    mode = preprocessing.interpolation
+    kwargs = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    if preprocessing.resize == "crop":
+        scale = max(target_h / height, target_w / width)
+        scaled = (max(target_h, round(height * scale)), max(target_w, round(width * scale)))
+        pixels = F.interpolate(pixels, size=scaled, mode=mode, **kwargs)
+        top, left = (scaled[0] - target_h) // 2, (scaled[1] - target_w) // 2
+        pixels = pixels[..., top : top + target_h, left : left + target_w]
+    else:
+        pixels = F.interpolate(pixels, size=(target_h, target_w), mode=mode, **kwargs)
+    # bicubic overshoots; keep pixels in the range the normalisation was fitted on
+    return pixels.clamp(0.0, 1.0)
