@@ -1,0 +1,23 @@
+"""Shared test settings: offline hubs, a fixed thread count, and the path of the real datasets."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach a model hub; the loaders must take their offline paths.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def datasets_root() -> Path:
+    """``$FUSION_DATA``, else ``../shared/datasets`` beside the repository; skips when absent."""
+    root = Path(os.environ.get("FUSION_DATA", REPO.parent / "shared" / "datasets"))
+    if not root.is_dir():
+        pytest.skip(f"real datasets not found at {root}; set FUSION_DATA")
+    return root
