@@ -45,6 +45,8 @@ class EncoderSpec:
         hooks: the layers to read (:class:`~fusion.HookSpec` or a mapping of its fields).
         on_missing: ``"error"`` raises when no weights can be had offline; ``"random"`` warns and
             keeps the random initialisation, stamped as such in every result.
+        model_kwargs: architecture overrides passed to the source's constructor (``depth``,
+            ``embed_dim``, ...): how tests and smoke runs build the real architectures at tiny sizes.
     """
 
     name: str
@@ -54,6 +56,7 @@ class EncoderSpec:
     image_size: int | tuple[int, int] | None = None
     hooks: HookSpec = field(default_factory=HookSpec)
     on_missing: str = "error"
+    model_kwargs: dict | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -72,6 +75,13 @@ class EncoderSpec:
         if self.image_size is not None:
             object.__setattr__(self, "image_size", as_hw(self.image_size, "EncoderSpec.image_size"))
         object.__setattr__(self, "hooks", HookSpec.from_any(self.hooks))
+        if self.model_kwargs is not None:
+            if not hasattr(self.model_kwargs, "items"):
+                raise ValueError(
+                    f"EncoderSpec.model_kwargs for encoder {self.name!r} must be a mapping, "
+                    f"got {type(self.model_kwargs).__name__}"
+                )
+            object.__setattr__(self, "model_kwargs", dict(self.model_kwargs.items()))
 
     @classmethod
     def from_any(cls, value: EncoderSpec | dict) -> EncoderSpec:
