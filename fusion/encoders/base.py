@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -127,10 +128,19 @@ class LayerTokens(NamedTuple):
     prefix: torch.Tensor | None
 
 
+def unknown_model_error(source: str, model: str, known: Iterable[str], hint: str = "") -> ValueError:
+    """A ValueError for a model name ``source`` does not know, suggesting the closest known names."""
+    close = difflib.get_close_matches(model, list(known), n=5, cutoff=0.5)
+    suggestion = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"EncoderSpec.model={model!r} is not a known {source} model{suggestion}{hint}")
+
+
 def check_images(images: torch.Tensor, min_size: int, encoder: str) -> None:
     """Raise a ValueError naming the problem when ``images`` is not a (B, 3, H, W) image batch."""
     if not isinstance(images, torch.Tensor):
-        raise ValueError(f"images for encoder {encoder!r} must be a torch.Tensor, got {type(images).__name__}")
+        raise ValueError(
+            f"images for encoder {encoder!r} must be a torch.Tensor, got {type(images).__name__}"
+        )
     if images.ndim != 4:
         raise ValueError(
             f"images for encoder {encoder!r} must be 4-D (B, 3, H, W), got shape {tuple(images.shape)}"
@@ -195,6 +205,9 @@ class Encoder(nn.Module):
         std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
+        # locked-image tuning: the backbone never trains, and dropout / drop-path stay off
+        self.model.requires_grad_(False)
+        self.model.eval()
 
     # -- what each adapter provides -------------------------------------------------------------
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -214,6 +227,13 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Encoder:
+        """Set training mode; a frozen backbone (no parameter requires grad) stays in eval mode."""
+        super().train(mode)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            self.model.eval()
+        return self
+
     @property
     def image_size(self) -> tuple[int, int]:
         return self.preprocessing.image_size
@@ -244,6 +264,9 @@ class Encoder(nn.Module):
         """
         check_images(pixels, self.patch_size, self.spec.name)
         grid_h, grid_w = self.grid_size(tuple(pixels.shape[-2:]))
+        # a strided patch embedding ignores the last partial patch row/column; crop it so that every
+        # library sees the same pixels (timm asserts on sizes that are not a patch multiple)
+        pixels = pixels[..., : grid_h * self.patch_size, : grid_w * self.patch_size]
         hooks = self.spec.hooks
         wanted = set(self.layer_indices)
         taken: dict[int, torch.Tensor] = {}
