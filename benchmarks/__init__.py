@@ -1,0 +1,1 @@
+"""The benchmark harness: datasets, accuracy probes, feature cache, latency and reports."""
