@@ -225,21 +225,26 @@ def hub_checkpoint(repo_id: str, filenames: Iterable[str] = FOLDER_CHECKPOINTS) 
     return cached_hub_file(repo_id, filenames) or download_hub_file(repo_id, filenames)
 
 
-def url_checkpoint(url: str) -> Path | None:
-    """A checkpoint published at ``url``: from the torch hub cache, else downloaded when online."""
+def url_checkpoint(url: str, cache_dirs: Iterable[str | os.PathLike] = ()) -> Path | None:
+    """A checkpoint published at ``url``: from ``cache_dirs`` or the torch hub cache, else downloaded
+    into the torch hub cache when online; None when it cannot be had."""
     if not url:
         return None
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
-    if cached.is_file():
-        return cached
+    filename = os.path.basename(url.split("?")[0])
+    torch_cache = Path(torch.hub.get_dir()) / "checkpoints"
+    for folder in (*cache_dirs, torch_cache):
+        cached = Path(folder).expanduser() / filename
+        if cached.is_file():
+            return cached
     if hub_offline():
         return None
+    target = torch_cache / filename
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(cached), progress=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(target), progress=False)
     except Exception:  # no network or a dead link: the caller decides what a miss means
         return None
-    return cached
+    return target
 
 
 def weights_missing(spec, looked_for: str, supply: str) -> str:
