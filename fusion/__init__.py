@@ -2,5 +2,6 @@
 
 from fusion.encoders.base import EncoderSpec
 from fusion.hooks import HookSpec
+from fusion.model import EncoderGeometry, FusedEncoder, FusionHead
 
-__all__ = ["EncoderSpec", "HookSpec"]
+__all__ = ["EncoderGeometry", "EncoderSpec", "FusedEncoder", "FusionHead", "HookSpec"]
