@@ -1,0 +1,425 @@
+"""Benchmark reports: ``report.json``, ``report.md`` and ``pareto.png``, for one run or a whole sweep.
+
+A report is one record per strategy (the CLIP-only and DINOv2-only baselines and the fused
+strategies). Each record holds::
+
+    name, role ("baseline" | "fused"), encoders, config, weights {encoder: "pretrained" | "random"},
+    latency {batch_size, batch_sizes, unit, end_to_end {median, p10, p90}, stages {...}, per_batch},
+    ratios {end_to_end, stages}            # against the CLIP-only baseline of the same run
+    memory {kind, peak_mb, ...}, tokens, out_dim, params {total, trainable}, gflops,
+    accuracy {task: {metric, mean, std, per_seed, extra, delta}},   # delta: mean - CLIP-only mean
+    errors [{where, error}]
+
+and the report around them ``schema_version``, ``weights_random``, ``environment`` (device, torch,
+date, command), ``run`` (the resolved config), ``baseline``, ``tasks`` and ``strategies``.
+When any encoder ran on random weights the first line of ``report.md`` says so. Every file is
+written atomically (temporary file + rename), so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+SCHEMA_VERSION = 1
+BASELINE = "clip_only"
+REPORT_FILES = ("report.json", "report.md", "pareto.png")
+ERROR_FILE = "error.json"
+
+
+# -- files ------------------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then rename.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    mode = "wb" if isinstance(data, bytes) else "w"
+    try:
+        with open(temp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | os.PathLike, data: object) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    return atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def load_report(path: str | os.PathLike) -> dict:
+    """Read a ``report.json``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not JSON, or a ``schema_version`` this code does not read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no report at {path}")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"report {path} is not valid JSON: {error}") from error
+    if not isinstance(report, dict) or report.get("schema_version") != SCHEMA_VERSION:
+        found = report.get("schema_version") if isinstance(report, dict) else type(report).__name__
+        raise ValueError(f"report {path} has schema_version={found!r}; accepted: {SCHEMA_VERSION}")
+    return report
+
+
+# -- building ---------------------------------------------------------------------------------------
+def device_name(device: str | torch.device) -> str:
+    """A readable name of ``device``: the GPU's name, or the CPU model and its thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def _now_and_command(command: str | None = None) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def environment(device: str | torch.device = "cpu", command: str | None = None) -> dict:
+    """Where and when a benchmark ran: device, torch and python versions, date, command line
+    (default: this process's ``sys.argv``)."""
+    return {
+        "device": device_name(device),
+        "device_type": torch.device(device).type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **_now_and_command(command),
+    }
+
+
+def random_encoders(strategies: Sequence[Mapping]) -> list[str]:
+    """The encoders that ran on random weights in any strategy, sorted."""
+    return sorted(
+        {name for s in strategies for name, state in (s.get("weights") or {}).items() if state == "random"}
+    )
+
+
+def add_accuracy_deltas(strategies: Sequence[dict], baseline: str = BASELINE) -> None:
+    """Set ``accuracy[task]["delta"]`` (mean minus the baseline's mean) on every record, in place;
+    None where either side has no result."""
+    reference = next((s for s in strategies if s["name"] == baseline), None)
+    for record in strategies:
+        for task, result in (record.get("accuracy") or {}).items():
+            base = ((reference or {}).get("accuracy") or {}).get(task)
+            usable = base is not None and base.get("mean") is not None and result.get("mean") is not None
+            result["delta"] = result["mean"] - base["mean"] if usable else None
+
+
+def build_report(
+    strategies: Sequence[dict],
+    *,
+    run: Mapping | None = None,
+    env: Mapping | None = None,
+    tasks: Sequence[str] = (),
+    baseline: str = BASELINE,
+    deltas: bool = True,
+    **extra: object,
+) -> dict:
+    """Assemble a report from strategy records (see the module docstring); fills accuracy deltas.
+
+    Args:
+        strategies: one record per strategy, the baseline among them.
+        run: the resolved configuration of the run.
+        env: :func:`environment` output (taken now when None).
+        tasks: the task names, in column order (default: every task any record has).
+        baseline: the name of the record that deltas and ratios are against.
+        deltas: compute the accuracy deltas against ``baseline``; False keeps the records' own (a
+            sweep's rows keep those measured within their job).
+        extra: more top-level fields (``jobs``, ``failed_jobs`` for a sweep).
+
+    Raises:
+        ValueError: two records with one name.
+    """
+    strategies = [dict(s) for s in strategies]
+    names = [s["name"] for s in strategies]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"report strategies must have distinct names; repeated: {duplicated}")
+    if deltas:
+        add_accuracy_deltas(strategies, baseline)
+    task_names = list(tasks) or list(dict.fromkeys(t for s in strategies for t in (s.get("accuracy") or {})))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "weights_random": bool(random_encoders(strategies)),
+        "random_encoders": random_encoders(strategies),
+        "environment": dict(env) if env is not None else environment(),
+        "baseline": baseline,
+        "tasks": task_names,
+        "run": dict(run or {}),
+        "strategies": strategies,
+        **extra,
+    }
+
+
+# -- markdown ---------------------------------------------------------------------------------------
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def _signed_pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:+.1f}"
+
+
+def random_notice(report: Mapping) -> str:
+    """The line that opens every report of a run with random encoder weights ('' when none)."""
+    names = report.get("random_encoders") or random_encoders(report["strategies"])
+    if not names:
+        return ""
+    return (
+        f"**RANDOM WEIGHTS: encoder(s) {', '.join(names)} ran on random weights (no pretrained "
+        "checkpoint was found offline); the accuracies below test the pipeline, not the encoders.**"
+    )
+
+
+def accuracy_cell(result: Mapping | None) -> str:
+    """``mean ± std`` in percent, or the error marker."""
+    if result is None:
+        return "—"
+    if result.get("mean") is None:
+        return "error"
+    return f"{_pct(result['mean'])} ± {_pct(result.get('std') or 0.0)}"
+
+
+def render_markdown(report: Mapping) -> str:
+    """The report as markdown: the random-weights notice first (when any), then one table with a row
+    per strategy (accuracy ± std and change against CLIP-only per task, latency, overhead ratio,
+    peak memory, tokens, parameters, GFLOPs), then any errors."""
+    lines = []
+    notice = random_notice(report)
+    if notice:
+        lines += [notice, ""]
+    env, strategies = report["environment"], report["strategies"]
+    first_latency = next((s["latency"] for s in strategies if s.get("latency")), {})
+    lines += [
+        "# encoder-fusion benchmark",
+        "",
+        f"Device: {env.get('device')} · torch {env.get('torch')} · {env.get('date')}  ",
+        f"Command: `{env.get('command')}`  ",
+        f"Latency: batch {first_latency.get('batch_size', '—')}, {first_latency.get('dtype', '—')}, "
+        f"compile {'on' if first_latency.get('compile') else 'off'}; median (p10–p90) in ms; "
+        f"overhead = end-to-end time / {report['baseline']} end-to-end time, measured in the same run.",
+        "",
+    ]
+    tasks = report["tasks"]
+    metrics = {
+        t: next((s["accuracy"][t].get("metric") for s in strategies if t in (s.get("accuracy") or {})), "")
+        for t in tasks
+    }
+    header = ["strategy", "encoders", "weights"]
+    for task in tasks:
+        header += [f"{task} {metrics[task]} (%)", "Δ vs CLIP (pp)"]
+    header += ["latency ms", "overhead", "peak mem MB", "tokens", "params trainable / total", "GFLOPs/img"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in strategies:
+        name = f"**{record['name']}**" if record.get("role") == "fused" else record["name"]
+        weights = ", ".join(f"{k}: {v}" for k, v in (record.get("weights") or {}).items()) or "—"
+        row = [name, " + ".join(record.get("encoders") or []) or "—", weights]
+        for task in tasks:
+            result = (record.get("accuracy") or {}).get(task)
+            row += [accuracy_cell(result), _signed_pct((result or {}).get("delta"))]
+        latency, ratios = record.get("latency") or {}, record.get("ratios") or {}
+        e2e = latency.get("end_to_end")
+        row.append(f"{e2e['median']:.2f} ({e2e['p10']:.2f}–{e2e['p90']:.2f})" if e2e else "—")
+        row.append(f"{ratios['end_to_end']:.2f}x" if ratios.get("end_to_end") is not None else "—")
+        peak = (record.get("memory") or {}).get("peak_mb")
+        row.append(f"{peak:.0f}" if peak is not None else "—")
+        row.append(str(record.get("tokens", "—")))
+        params = record.get("params")
+        row.append(f"{params['trainable'] / 1e6:.2f}M / {params['total'] / 1e6:.2f}M" if params else "—")
+        gflops = record.get("gflops")
+        row.append(f"{gflops:.2f}" if gflops is not None else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    memory_kinds = sorted({(s.get("memory") or {}).get("kind", "") for s in strategies} - {""})
+    if memory_kinds:
+        lines += ["", f"Peak memory: {'; '.join(memory_kinds)}."]
+    errors = [(s["name"], e) for s in strategies for e in s.get("errors") or []]
+    failed = report.get("failed_jobs") or []
+    if errors or failed:
+        lines += ["", "## Errors", ""]
+        lines += [f"- {name} / {e['where']}: {e['error']}" for name, e in errors]
+        lines += [f"- job {job['job']}: {job['error']}" for job in failed]
+    return "\n".join(lines) + "\n"
+
+
+# -- plot -------------------------------------------------------------------------------------------
+def plot_pareto(report: Mapping, path: str | os.PathLike) -> Path:
+    """Save ``pareto.png``: per task, accuracy change against CLIP-only (pp) over the latency
+    overhead (x CLIP-only), one labelled point per strategy, baselines as squares."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = report["tasks"] or ["(no task)"]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for record in report["strategies"]:
+            overhead = (record.get("ratios") or {}).get("end_to_end")
+            delta = ((record.get("accuracy") or {}).get(task) or {}).get("delta")
+            if overhead is None or delta is None:
+                continue
+            baseline = record.get("role") == "baseline"
+            axis.scatter(
+                overhead,
+                100 * delta,
+                marker="s" if baseline else "o",
+                s=70,
+                facecolors="none" if baseline else "tab:blue",
+                edgecolors="black" if baseline else "tab:blue",
+                zorder=3,
+            )
+            axis.annotate(record["name"], (overhead, 100 * delta), textcoords="offset points", xytext=(6, 4))
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.axvline(1.0, color="grey", linewidth=0.8)
+        axis.set_xlabel(f"latency overhead (x {report['baseline']})")
+        axis.set_ylabel(f"{task}: accuracy change vs {report['baseline']} (pp)")
+        axis.set_title(task)
+        axis.grid(alpha=0.3)
+    title = "accuracy gain vs latency overhead (squares: baselines)"
+    if report.get("weights_random"):
+        title = "RANDOM WEIGHTS - " + title
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    temp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.png")
+    try:
+        figure.savefig(temp, dpi=110)
+        os.replace(temp, path)
+    finally:
+        plt.close(figure)
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def write_report(report: Mapping, out_dir: str | os.PathLike) -> Path:
+    """Write ``report.json``, ``report.md`` and ``pareto.png`` into ``out_dir`` (each atomically).
+
+    Returns:
+        The path of ``report.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_pareto(report, out / "pareto.png")
+    atomic_write(out / "report.md", render_markdown(report))
+    # the JSON last: its presence marks a finished job for aggregate() and resumed sweeps
+    return write_json(out / "report.json", report)
+
+
+# -- sweeps -----------------------------------------------------------------------------------------
+def job_label(report: Mapping, job: str) -> str:
+    """How a sweep job's fused strategies are named in the aggregate: its overrides, else its folder."""
+    overrides = (report.get("run") or {}).get("overrides") or []
+    return ",".join(overrides) if overrides else job
+
+
+def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Gather every job of a sweep into one report in the format of a single run.
+
+    Each job folder holding a ``report.json`` contributes its fused strategies (named after the job's
+    overrides) and its baselines (one row per distinct baseline configuration); ratios and deltas stay
+    those measured within each job. Folders with an ``error.json`` (a job that raised), and job folders
+    with neither file (a job that died or is running), are listed under ``failed_jobs``.
+
+    Args:
+        sweep_dir: the multirun folder (``multirun/<date>/<time>`` or ``hydra.sweep.dir``).
+        out_dir: where to write the aggregate (default: ``sweep_dir``).
+
+    Returns:
+        The path of the aggregated ``report.json``.
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` does not exist.
+        ValueError: no job folder in ``sweep_dir``.
+    """
+    sweep = Path(sweep_dir)
+    if not sweep.is_dir():
+        raise FileNotFoundError(f"sweep folder {sweep} does not exist")
+    job_dirs = sorted(
+        (p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_job_dir(p)),
+        key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name),
+    )
+    if not job_dirs:
+        raise ValueError(
+            f"sweep folder {sweep} holds no job folder (one with report.json, {ERROR_FILE} or .hydra/)"
+        )
+    strategies: list[dict] = []
+    seen_baselines: dict[str, str] = {}
+    jobs, failed, reports = [], [], []
+    for job_dir in job_dirs:
+        if (job_dir / "report.json").is_file():
+            try:
+                report = load_report(job_dir / "report.json")
+            except ValueError as error:
+                failed.append({"job": job_dir.name, "error": str(error)})
+                continue
+            reports.append(report)
+            label = job_label(report, job_dir.name)
+            jobs.append({"job": job_dir.name, "label": label, "report": str(job_dir / "report.json")})
+            for record in report["strategies"]:
+                record = {**record, "job": job_dir.name}
+                if record.get("role") == "baseline":
+                    config_key = json.dumps(record.get("config"), sort_keys=True, default=str)
+                    if seen_baselines.get(config_key) is not None:
+                        continue
+                    taken = record["name"] in seen_baselines.values()
+                    seen_baselines[config_key] = record["name"] = (
+                        f"{record['name']} [{label}]" if taken else record["name"]
+                    )
+                else:
+                    record["name"] = f"{record['name']} [{label}]"
+                strategies.append(record)
+        elif (job_dir / ERROR_FILE).is_file():
+            try:
+                error = json.loads((job_dir / ERROR_FILE).read_text(encoding="utf-8")).get("error", "unknown")
+            except ValueError:
+                error = f"{ERROR_FILE} is unreadable"
+            failed.append({"job": job_dir.name, "error": error})
+        else:
+            failed.append({"job": job_dir.name, "error": "no report.json: the job died or is still running"})
+    tasks = list(dict.fromkeys(t for r in reports for t in r.get("tasks", [])))
+    merged = build_report(
+        strategies,
+        run={"sweep_dir": str(sweep), "jobs": len(job_dirs)},
+        # the jobs' device (the aggregating machine may be a login node); this command and date
+        env={**(reports[0]["environment"] if reports else {}), **_now_and_command()},
+        tasks=tasks,
+        deltas=False,
+        jobs=jobs,
+        failed_jobs=failed,
+    )
+    return write_report(merged, out_dir or sweep)
+
+
+def _is_job_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in ("report.json", ERROR_FILE, ".hydra"))
