@@ -27,12 +27,8 @@ class TinyRecipe:
 
 
 _TIMM = {"depth": DEPTH, "embed_dim": WIDTH, "num_heads": HEADS}
-_HF = {
-    "num_hidden_layers": DEPTH,
-    "hidden_size": WIDTH,
-    "num_attention_heads": HEADS,
-    "intermediate_size": 4 * WIDTH,
-}
+_HF = {"num_hidden_layers": DEPTH, "hidden_size": WIDTH, "num_attention_heads": HEADS}
+_HF_MLP = {"intermediate_size": 4 * WIDTH}  # DINOv2 configs take mlp_ratio (default 4) instead
 # (source, kind) -> recipe. open_clip ships no DINOv2 towers, so it has no dino kinds.
 RECIPES: dict[tuple[str, str], TinyRecipe] = {
     ("timm", "clip"): TinyRecipe("vit_base_patch16_clip_224.openai", _TIMM, 64),
@@ -41,12 +37,12 @@ RECIPES: dict[tuple[str, str], TinyRecipe] = {
     ("timm", "siglip"): TinyRecipe("vit_base_patch16_siglip_224.webli", _TIMM, 64),
     ("open_clip", "clip"): TinyRecipe("ViT-B-16", {"width": WIDTH, "layers": DEPTH, "heads": HEADS}, 64),
     ("open_clip", "siglip"): TinyRecipe("ViT-B-16-SigLIP", _TIMM, 64),
-    ("transformers", "clip"): TinyRecipe("clip_vision_model", {**_HF, "patch_size": 16}, 64),
+    ("transformers", "clip"): TinyRecipe("clip_vision_model", {**_HF, **_HF_MLP, "patch_size": 16}, 64),
     ("transformers", "dino"): TinyRecipe("dinov2", {**_HF, "patch_size": 14}, 56),
     ("transformers", "dino_reg"): TinyRecipe(
         "dinov2_with_registers", {**_HF, "patch_size": 14, "num_register_tokens": 4}, 56
     ),
-    ("transformers", "siglip"): TinyRecipe("siglip_vision_model", {**_HF, "patch_size": 16}, 64),
+    ("transformers", "siglip"): TinyRecipe("siglip_vision_model", {**_HF, **_HF_MLP, "patch_size": 16}, 64),
 }
 
 
