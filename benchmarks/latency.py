@@ -1,0 +1,435 @@
+"""Inference latency of fused and single-encoder pipelines, per stage and end to end, in one run.
+
+Every pipeline is a :class:`~fusion.FusedEncoder` (the single-encoder baselines are FusedEncoders of
+one encoder with their own connector to the same output width). For each batch size:
+
+* stages, each timed on the previous stage's (precomputed) output: ``preprocess`` (every encoder's
+  own resize + normalise), ``encoder.<name>`` (its blocks up to the deepest hooked one), then the
+  head: ``fuse`` (alignment, layer combine and encoder merge; one ``grid_fuse`` on the fused route)
+  and ``connector``;
+* ``end_to_end``: the pipeline's forward on raw images. The repeats of all pipelines are
+  interleaved round-robin, so drift on a shared machine hits every pipeline alike and the ratios
+  against the CLIP-only baseline (``fused / clip_only = 1.43x``) stay honest.
+
+Times: warm-up calls, then repeats; median, p10 and p90 in milliseconds. On a GPU, CUDA events; on
+the CPU, ``time.perf_counter`` with a fixed torch thread count. Peak memory: on a GPU
+``torch.cuda.max_memory_allocated`` over the end-to-end calls; on the CPU the process's resident
+set size sampled with psutil every millisecond during the end-to-end calls (``peak_mb``, the whole
+process including every loaded model) and its rise over the level before them (``delta_mb``).
+Also: parameters (total, trainable), output tokens, and GFLOPs per image counted by
+``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts as two).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from fusion import FusedEncoder
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+BASELINE = "clip_only"
+RSS_INTERVAL_S = 0.001
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """How to measure.
+
+    Args:
+        batch_sizes: batch sizes to time; the first is the one reports show.
+        warmup: untimed calls before the repeats (per stage and pipeline).
+        repeats: timed calls.
+        dtype: ``"fp32"``, or ``"bf16"`` (autocast).
+        compile: run every stage and the end-to-end forward through ``torch.compile``.
+        compile_backend: the ``torch.compile`` backend (``"inductor"``).
+        streams: on a GPU, run the encoders on separate CUDA streams in the end-to-end forward.
+        threads: torch CPU threads while timing (None keeps the current count).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        image_size: side of the raw square uint8 images fed to the pipelines.
+        seed: seeds the random images.
+
+    Raises:
+        ValueError: naming the field, the value and what is accepted.
+    """
+
+    batch_sizes: tuple[int, ...] = (1,)
+    warmup: int = 2
+    repeats: int = 10
+    dtype: str = "fp32"
+    compile: bool = False
+    compile_backend: str = "inductor"
+    streams: bool = False
+    threads: int | None = None
+    device: str = "cpu"
+    image_size: int = 224
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        sizes = self.batch_sizes
+        if isinstance(sizes, int) or not isinstance(sizes, Sequence) or not sizes:
+            raise ValueError(f"latency batch_sizes must be a non-empty list of ints, got {sizes!r}")
+        object.__setattr__(self, "batch_sizes", tuple(sizes))
+        for name, value, least in (
+            *(("batch_sizes", size, 1) for size in self.batch_sizes),
+            ("warmup", self.warmup, 0),
+            ("repeats", self.repeats, 1),
+            ("image_size", self.image_size, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"latency {name}={value!r} must be an int >= {least}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"latency threads={self.threads!r} must be None or an int >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"latency dtype={self.dtype!r} is unknown; accepted: {', '.join(DTYPES)}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as error:
+            raise ValueError(f"latency device={self.device!r} is not a device: {error}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"latency device={self.device!r} but CUDA is not available; accepted: cpu")
+        if self.streams and device.type != "cuda":
+            raise ValueError(f"latency streams=true needs a CUDA device, got device={self.device!r}")
+
+
+def stats(samples_ms: Sequence[float]) -> dict:
+    """Median, p10 and p90 (linear interpolation) of timings in milliseconds, and their count."""
+    values = np.asarray(samples_ms, dtype=np.float64)
+    p10, median, p90 = np.percentile(values, [10, 50, 90])
+    return {"median": float(median), "p10": float(p10), "p90": float(p90), "n": int(values.size)}
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's CPU thread count for the block, then restore it."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Timer:
+    """Times one call: CUDA events on a GPU (synchronised), ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        """Run ``fn`` once; its duration in milliseconds."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+
+
+def fuse_stage(head: nn.Module) -> nn.Module:
+    """``head`` without its connector: the same object graph (shared parameters), with the connector
+    swapped for the identity, so the head's own forward runs align + combine + merge only."""
+    stage = copy.copy(head)
+    stage._modules = {**head._modules, "connector": nn.Identity()}
+    return stage
+
+
+def streamed_forward(fused: FusedEncoder, streams: Sequence[torch.cuda.Stream]) -> Callable:
+    """The fused forward with each encoder's preprocess and blocks on its own CUDA stream."""
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        main = torch.cuda.current_stream()
+        grids = []
+        for encoder, stream in zip(fused.encoders, streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                grids.append(encoder.forward_grids(encoder.preprocess(images)))
+        for stream, layers in zip(streams, grids):
+            main.wait_stream(stream)
+            for grid in layers:  # allocated on a side stream, consumed on the main one
+                grid.record_stream(main)
+        return fused.head(grids)
+
+    return forward
+
+
+@dataclass
+class Pipeline:
+    """One pipeline's stages as callables, each taking the previous stage's output."""
+
+    name: str
+    fused: FusedEncoder
+    stages: dict[str, Callable]
+    end_to_end: Callable
+
+    @classmethod
+    def build(cls, name: str, fused: FusedEncoder, options: LatencyOptions) -> Pipeline:
+        """Stage callables of ``fused`` under ``options`` (autocast, compile, streams)."""
+        device = torch.device(options.device)
+        fused = fused.to(device).eval()
+        wrap = (
+            (lambda fn: torch.compile(fn, backend=options.compile_backend, dynamic=False))
+            if options.compile
+            else (lambda fn: fn)
+        )
+        head = fused.head
+        stages: dict[str, Callable] = {
+            "preprocess": wrap(lambda images: [e.preprocess(images) for e in fused.encoders]),
+        }
+        for encoder in fused.encoders:
+            stages[f"encoder.{encoder.spec.name}"] = wrap(encoder.forward_grids)
+        if isinstance(getattr(head, "connector", None), nn.Module):
+            stages["fuse"] = wrap(fuse_stage(head))
+            stages["connector"] = wrap(head.connector)
+        else:
+            stages["head"] = wrap(head)
+        if options.streams and len(fused.encoders) > 1:
+            end_to_end = wrap(streamed_forward(fused, [torch.cuda.Stream(device) for _ in fused.encoders]))
+        else:
+            end_to_end = wrap(fused)
+        return cls(name, fused, stages, end_to_end)
+
+    def stage_inputs(self, images: torch.Tensor) -> dict[str, tuple]:
+        """Each stage's positional arguments, computed once by running the stages in order."""
+        inputs: dict[str, tuple] = {"preprocess": (images,)}
+        pixels = self.stages["preprocess"](images)
+        grids = []
+        for encoder, encoder_pixels in zip(self.fused.encoders, pixels):
+            inputs[f"encoder.{encoder.spec.name}"] = (encoder_pixels,)
+            grids.append(self.stages[f"encoder.{encoder.spec.name}"](encoder_pixels))
+        if "fuse" in self.stages:
+            inputs["fuse"] = (grids,)
+            inputs["connector"] = (self.stages["fuse"](grids),)
+        else:
+            inputs["head"] = (grids,)
+        return inputs
+
+
+def parameter_counts(module: nn.Module) -> dict:
+    """Total and trainable (``requires_grad``) parameter counts; shared tensors counted once."""
+    unique = {id(p): p for p in module.parameters()}.values()
+    return {
+        "total": sum(p.numel() for p in unique),
+        "trainable": sum(p.numel() for p in unique if p.requires_grad),
+    }
+
+
+def tensor_megabytes(module: nn.Module) -> float:
+    """Megabytes held by ``module``'s parameters and buffers."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+# torch's table counts the CUDA attention kernels but not the CPU one, which would drop every
+# attention matmul from a CPU estimate
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def gflops_per_image(forward_one_image: Callable[[], object]) -> float:
+    """GFLOPs of one call of a forward on one image, counted by FlopCounterMode (with the CPU
+    attention kernel counted like the CUDA ones)."""
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    with counter:
+        forward_one_image()
+    return counter.get_total_flops() / 1e9
+
+
+class RssSampler:
+    """Samples this process's resident set size in a background thread; ``peak`` in bytes."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.peak = self.start = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(RSS_INTERVAL_S)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def peak_memory(call: Callable[[], object], device: torch.device, calls: int) -> dict:
+    """Peak memory over ``calls`` calls of ``call`` (see the module docstring for what is measured)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {
+            "kind": "cuda max_memory_allocated",
+            "peak_mb": peak / 2**20,
+            "delta_mb": (peak - before) / 2**20,
+        }
+    with RssSampler() as sampler:
+        for _ in range(calls):
+            call()
+    return {
+        "kind": "cpu process RSS (psutil, sampled every 1 ms)",
+        "peak_mb": sampler.peak / 2**20,
+        "delta_mb": (sampler.peak - sampler.start) / 2**20,
+    }
+
+
+def random_images(batch: int, size: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A fixed batch of random uint8 images (B, 3, size, size)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 3, size, size), generator=generator, dtype=torch.uint8).to(device)
+
+
+def measure_latency(
+    pipelines: Mapping[str, FusedEncoder], options: LatencyOptions, *, baseline: str = BASELINE
+) -> dict[str, dict]:
+    """Time every pipeline, all in this one run, and express them against ``baseline``.
+
+    Args:
+        pipelines: name -> FusedEncoder; must contain ``baseline``.
+        options: what to measure (:class:`LatencyOptions`).
+        baseline: the pipeline the ratios are against (the CLIP-only one).
+
+    Returns:
+        name -> ``{"latency", "ratios", "memory", "tokens", "out_dim", "params", "gflops"}``:
+        ``latency`` holds ``batch_size`` (the first), ``end_to_end`` and ``stages`` statistics at it,
+        ``per_batch`` (every batch size: ``end_to_end``, ``stages``, ``memory``) and the settings;
+        ``ratios`` holds ``end_to_end`` (at the first batch size), ``per_batch`` and a readable
+        ``summary`` (``"fused / clip_only = 1.43x"``).
+
+    Raises:
+        ValueError: no pipelines, or ``baseline`` missing from them.
+    """
+    if not pipelines:
+        raise ValueError("measure_latency needs at least one pipeline")
+    if baseline not in pipelines:
+        raise ValueError(f"latency baseline={baseline!r} is not among the pipelines {sorted(pipelines)}")
+    device = torch.device(options.device)
+    timer = Timer(device)
+    bound = autocast_binder(device, DTYPES[options.dtype])
+    built = {name: Pipeline.build(name, fused, options) for name, fused in pipelines.items()}
+    settings = {
+        "unit": "ms",
+        "device": str(device),
+        "dtype": options.dtype,
+        "compile": options.compile,
+        "streams": options.streams,
+        "threads": options.threads if options.threads is not None else torch.get_num_threads(),
+        "batch_sizes": list(options.batch_sizes),
+        "warmup": options.warmup,
+        "repeats": options.repeats,
+        "image_size": options.image_size,
+    }
+    per_batch: dict[str, dict[str, dict]] = {name: {} for name in built}
+    with fixed_threads(options.threads), torch.inference_mode():
+        for batch in options.batch_sizes:
+            images = random_images(batch, options.image_size, options.seed, device)
+            for name, pipeline in built.items():
+                inputs = bound(pipeline.stage_inputs, images)()
+                per_batch[name][str(batch)] = {
+                    "stages": {
+                        stage: stats(_repeat(timer, bound(fn, *inputs[stage]), options))
+                        for stage, fn in pipeline.stages.items()
+                    }
+                }
+            calls = {name: bound(pipeline.end_to_end, images) for name, pipeline in built.items()}
+            samples = _interleaved(timer, calls, options)
+            for name, call in calls.items():
+                record = per_batch[name][str(batch)]
+                record["end_to_end"] = stats(samples[name])
+                record["memory"] = peak_memory(call, device, max(1, min(3, options.repeats)))
+        one_image = random_images(1, options.image_size, options.seed, device)
+        flops = {name: gflops_per_image(bound(p.fused, one_image)) for name, p in built.items()}
+    first = str(options.batch_sizes[0])
+    results = {}
+    for name, pipeline in built.items():
+        ratios = {
+            size: record["end_to_end"]["median"] / per_batch[baseline][size]["end_to_end"]["median"]
+            for size, record in per_batch[name].items()
+        }
+        main = per_batch[name][first]
+        results[name] = {
+            "latency": {
+                **settings,
+                "batch_size": options.batch_sizes[0],
+                "end_to_end": main["end_to_end"],
+                "stages": main["stages"],
+                "per_batch": per_batch[name],
+            },
+            "ratios": {
+                "baseline": baseline,
+                "end_to_end": ratios[first],
+                "per_batch": ratios,
+                "summary": f"{name} / {baseline} = {ratios[first]:.2f}x",
+            },
+            "memory": {**main["memory"], "weights_mb": tensor_megabytes(pipeline.fused)},
+            "tokens": pipeline.fused.output_tokens(),
+            "out_dim": pipeline.fused.head.out_dim,
+            "params": parameter_counts(pipeline.fused),
+            "gflops": flops[name],
+        }
+    return results
+
+
+def autocast_binder(device: torch.device, dtype: torch.dtype | None) -> Callable[..., Callable[[], object]]:
+    """``bind(fn, *args)`` -> a no-argument call of ``fn(*args)`` under autocast to ``dtype``
+    (plain when ``dtype`` is None)."""
+
+    def bind(fn: Callable, *args: object) -> Callable[[], object]:
+        def call() -> object:
+            if dtype is None:
+                return fn(*args)
+            with torch.autocast(device.type, dtype=dtype):
+                return fn(*args)
+
+        return call
+
+    return bind
+
+
+def _repeat(timer: Timer, call: Callable[[], object], options: LatencyOptions) -> list[float]:
+    for _ in range(options.warmup):
+        call()
+    return [timer(call) for _ in range(options.repeats)]
+
+
+def _interleaved(
+    timer: Timer, calls: Mapping[str, Callable[[], object]], options: LatencyOptions
+) -> dict[str, list[float]]:
+    """End-to-end samples of every pipeline, repeats taken round-robin across pipelines."""
+    for _ in range(options.warmup):
+        for call in calls.values():
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(options.repeats):
+        for name, call in calls.items():
+            samples[name].append(timer(call))
+    return samples

@@ -1,0 +1,148 @@
+"""Latency harness: stages, ratios measured in one run, parameter / token / FLOP counts, options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.latency import LatencyOptions, gflops_per_image, measure_latency, stats
+from fusion import FusedEncoder
+from fusion.encoders import build_encoder
+from fusion.encoders.tiny import tiny_spec
+
+CONNECTOR = {"kind": "mlp", "depth": 2, "out_dim": 24}
+FAST = {"warmup": 1, "repeats": 3, "image_size": 50, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def pipelines() -> dict[str, FusedEncoder]:
+    torch.manual_seed(0)
+    clip = build_encoder(tiny_spec("clip", layers=(-2, -1)))
+    dino = build_encoder(tiny_spec("dino_reg", "dino", layers=(1,)))
+    return {
+        "clip_only": FusedEncoder([clip], connector=CONNECTOR),
+        "dino_only": FusedEncoder([dino], connector=CONNECTOR),
+        "interleave": FusedEncoder(
+            [clip, dino], encoder_merge="interleave", merge_dim=16, connector=CONNECTOR
+        ),
+    }
+
+
+def test_stats_against_hand_worked_percentiles():
+    # 10 samples 1..10 (shuffled): linear interpolation puts p10 at 1.9, the median at 5.5, p90 at 9.1
+    result = stats([7.0, 2.0, 10.0, 1.0, 5.0, 3.0, 9.0, 4.0, 8.0, 6.0])
+    assert result == pytest.approx({"median": 5.5, "p10": 1.9, "p90": 9.1, "n": 10})
+
+
+def test_every_pipeline_stage_and_ratio_in_one_run(pipelines):
+    options = LatencyOptions(batch_sizes=(2, 1), **FAST)
+    threads_before = torch.get_num_threads()
+    results = measure_latency(pipelines, options)
+    assert torch.get_num_threads() == threads_before
+    assert set(results) == set(pipelines)
+    expected_stages = {
+        "clip_only": ["preprocess", "encoder.clip", "fuse", "connector"],
+        "dino_only": ["preprocess", "encoder.dino", "fuse", "connector"],
+        "interleave": ["preprocess", "encoder.clip", "encoder.dino", "fuse", "connector"],
+    }
+    base = results["clip_only"]["latency"]["per_batch"]
+    for name, result in results.items():
+        latency = result["latency"]
+        assert latency["batch_size"] == 2 and latency["threads"] == 1 and latency["dtype"] == "fp32"
+        assert set(latency["per_batch"]) == {"2", "1"}
+        for size, record in latency["per_batch"].items():
+            assert list(record["stages"]) == expected_stages[name]
+            for timing in [record["end_to_end"], *record["stages"].values()]:
+                assert timing["n"] == 3 and 0 < timing["p10"] <= timing["median"] <= timing["p90"]
+            ratio = record["end_to_end"]["median"] / base[size]["end_to_end"]["median"]
+            assert result["ratios"]["per_batch"][size] == pytest.approx(ratio)
+        assert latency["end_to_end"] == latency["per_batch"]["2"]["end_to_end"]
+        assert result["ratios"]["end_to_end"] == result["ratios"]["per_batch"]["2"]
+        assert result["ratios"]["summary"] == f"{name} / clip_only = {result['ratios']['end_to_end']:.2f}x"
+        assert result["memory"]["kind"].startswith("cpu process RSS")
+        assert result["memory"]["peak_mb"] > 0 and result["memory"]["delta_mb"] >= 0
+        assert result["out_dim"] == 24
+    assert results["clip_only"]["ratios"]["end_to_end"] == 1.0
+
+
+def test_params_tokens_and_weights_are_counted_independently(pipelines):
+    results = measure_latency(pipelines, LatencyOptions(**FAST))
+    for name, fused in pipelines.items():
+        head = sum(p.numel() for p in fused.head.parameters())
+        encoders = sum(p.numel() for e in fused.encoders for p in e.parameters())
+        assert results[name]["params"] == {"total": head + encoders, "trainable": head}
+        # the state dict plus each encoder's non-persistent normalisation constants (2 x 3 floats)
+        weights = sum(t.numel() * t.element_size() for t in fused.state_dict().values())
+        weights += len(fused.encoders) * 2 * 3 * 4
+        weights /= 2**20
+        assert results[name]["memory"]["weights_mb"] == pytest.approx(weights, rel=1e-6)
+    # 4x4 grids; interleave emits both encoders' tokens side by side
+    assert results["clip_only"]["tokens"] == 16
+    assert results["interleave"]["tokens"] == 32
+
+
+def vit_flops(width: int, tokens: int, blocks: int, patches: int, patch: int) -> int:
+    """Multiply-adds x 2 of a ViT: patch embedding, then per block qkv (3C), projection (C), MLP
+    (4C in and out) and the two attention products (L x L x C each)."""
+    return 2 * patches * 3 * patch * patch * width + blocks * (24 * tokens * width**2 + 4 * tokens**2 * width)
+
+
+def test_gflops_match_a_hand_count():
+    torch.manual_seed(1)
+    clip = build_encoder(tiny_spec("clip", layers=(1,)))  # runs blocks 0 and 1 only
+    fused = FusedEncoder([clip], layer_merge="last", connector={"kind": "linear", "out_dim": 40})
+    image = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        counted = gflops_per_image(lambda: fused(image))
+    expected = vit_flops(32, 16 + 1, 2, 16, 16) + 2 * 16 * 32 * 40
+    assert counted * 1e9 == pytest.approx(expected, rel=1e-9)
+
+
+def test_bf16_autocast_and_compile_paths_run(pipelines):
+    subset = {k: pipelines[k] for k in ("clip_only", "interleave")}
+    results = measure_latency(
+        subset, LatencyOptions(dtype="bf16", compile=True, compile_backend="eager", **FAST)
+    )
+    for result in results.values():
+        assert result["latency"]["dtype"] == "bf16" and result["latency"]["compile"] is True
+        assert np.isfinite(result["latency"]["end_to_end"]["median"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("dtype", "fp8", r"dtype='fp8' is unknown; accepted: fp32, bf16"),
+        ("batch_sizes", (), r"batch_sizes must be a non-empty list"),
+        ("batch_sizes", (2, 0), r"batch_sizes=0 must be an int >= 1"),
+        ("repeats", 0, r"repeats=0 must be an int >= 1"),
+        ("warmup", -1, r"warmup=-1 must be an int >= 0"),
+        ("threads", 0, r"threads=0 must be None or an int >= 1"),
+        ("streams", True, r"streams=true needs a CUDA device"),
+        ("device", "tpu9", r"device='tpu9' is not a device"),
+    ],
+)
+def test_bad_options_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LatencyOptions(**{field: value})
+
+
+def test_baseline_must_be_measured(pipelines):
+    with pytest.raises(ValueError, match=r"baseline='clip_only' is not among the pipelines \['dino_only'\]"):
+        measure_latency({"dino_only": pipelines["dino_only"]}, LatencyOptions(**FAST))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_events_memory_and_streams(pipelines):
+    options = LatencyOptions(device="cuda", streams=True, dtype="bf16", **FAST)
+    results = measure_latency(pipelines, options)
+    for result in results.values():
+        assert result["memory"]["kind"] == "cuda max_memory_allocated"
+        assert result["memory"]["peak_mb"] > 0
+    with torch.inference_mode():
+        images = torch.randint(0, 256, (2, 3, 50, 50), dtype=torch.uint8, device="cuda")
+        from benchmarks.latency import streamed_forward
+
+        fused = pipelines["interleave"]
+        streams = [torch.cuda.Stream() for _ in fused.encoders]
+        torch.testing.assert_close(streamed_forward(fused, streams)(images), fused(images))
