@@ -1,8 +1,90 @@
 """Fusion kernels: ``grid_fuse`` (align + LayerNorm + weight + merge in one pass).
 
-``kernels.reference`` holds the PyTorch definitions; this package dispatches to them.
+``kernels.reference`` holds the PyTorch definition, ``kernels.grid_fuse`` (the module) the Triton
+kernels; :func:`grid_fuse` here picks one per call:
+
+* ``FUSION_KERNEL=auto`` (the default): Triton for CUDA tensors of a dtype it supports (fp32, bf16,
+  fp16), the reference for everything else (CPU tensors, float64).
+* ``FUSION_KERNEL=triton``: always the Triton kernels (on the CPU this needs ``TRITON_INTERPRET=1``
+  set before triton is imported).
+* ``FUSION_KERNEL=reference``: always the reference.
 """
 
-from kernels.reference import MODES, grid_fuse
+from __future__ import annotations
 
-__all__ = ["MODES", "grid_fuse"]
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from kernels import reference
+from kernels.grid_fuse import SUPPORTED_DTYPES, triton_grid_fuse
+
+# Importing the submodule above bound ``kernels.grid_fuse`` to the module; the function defined
+# below rebinds the name, so ``kernels.grid_fuse(...)`` is the dispatching function while
+# ``from kernels.grid_fuse import ...`` still reaches the module through sys.modules.
+
+MODES = reference.MODES
+KERNEL_ENV = "FUSION_KERNEL"
+BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": reference.grid_fuse,
+    "triton": triton_grid_fuse,
+}
+KERNEL_CHOICES = ("auto", *BACKENDS)
+
+
+def _auto_backend(sources: Sequence[torch.Tensor]) -> str:
+    first = sources[0] if isinstance(sources, Sequence) and len(sources) else None
+    # Anything malformed goes to the reference, whose checks name the problem.
+    if isinstance(first, torch.Tensor) and first.is_cuda and first.dtype in SUPPORTED_DTYPES:
+        return "triton"
+    return "reference"
+
+
+def select_backend(sources: Sequence[torch.Tensor]) -> str:
+    """The backend (a key of :data:`BACKENDS`) that :func:`grid_fuse` uses for these sources.
+
+    Raises:
+        ValueError: ``FUSION_KERNEL`` holds a value other than ``auto``, ``triton`` or ``reference``.
+    """
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNEL_ENV}={choice!r} is unknown; accepted: {', '.join(KERNEL_CHOICES)}")
+    return _auto_backend(sources) if choice == "auto" else choice
+
+
+def grid_fuse(
+    sources: Sequence[torch.Tensor],
+    out_hw: Sequence[int],
+    *,
+    groups: Sequence[int],
+    layer_weights: torch.Tensor | Sequence[float],
+    ln_weight: Sequence[torch.Tensor | None] | None = None,
+    ln_bias: Sequence[torch.Tensor | None] | None = None,
+    mode: str = "bilinear",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Align, LayerNorm, weight and merge channels-last grids on the backend :func:`select_backend`
+    picks; arguments, result and errors as :func:`kernels.reference.grid_fuse`.
+
+    Returns:
+        (B, H*W, sum of group widths) in the sources' dtype, differentiable in sources,
+        layer_weights, ln_weight and ln_bias.
+
+    Raises:
+        ValueError: a bad argument (before any kernel launch) or a bad ``FUSION_KERNEL``.
+    """
+    backend = BACKENDS[select_backend(sources)]
+    return backend(
+        sources,
+        out_hw,
+        groups=groups,
+        layer_weights=layer_weights,
+        ln_weight=ln_weight,
+        ln_bias=ln_bias,
+        mode=mode,
+        eps=eps,
+    )
+
+
+__all__ = ["BACKENDS", "KERNEL_CHOICES", "KERNEL_ENV", "MODES", "grid_fuse", "select_backend"]

@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run on the CPU through Triton's interpreter. Triton reads this when a kernel is
+# decorated, so it must be set before anything imports triton (torch, timm and kernels may).
+# Set TRITON_INTERPRET=0 to test the compiled kernels on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests never reach a model hub; the loaders must take their offline paths.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
