@@ -652,10 +652,10 @@ class SyntheticShapesDataset(ImageDataset):
         )
         inside = np.asarray(shape_canvas, dtype=bool)
         pixels = np.asarray(canvas, dtype=np.float32)
-        # the shape colour is pushed away from the background's mean so it stays visible
-        colour = rng.integers(0, 256, 3).astype(np.float32)
-        if np.abs(colour - pixels.mean(axis=(0, 1))).sum() < 180:
-            colour = 255.0 - colour
+        # of a few random colours, the one farthest from the background it covers keeps the shape visible
+        candidates = rng.integers(0, 256, (6, 3)).astype(np.float32)
+        covered = pixels[inside].mean(axis=0)
+        colour = candidates[np.abs(candidates - covered).sum(axis=1).argmax()]
         shaded = colour + rng.normal(0.0, 8.0, pixels.shape)
         pixels = np.where(inside[..., None], shaded, pixels)
         image = torch.from_numpy(np.clip(pixels, 0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous()
