@@ -22,6 +22,7 @@ from fusion.encoders.weights import (
     weights_missing,
 )
 
+VIT_MODULE = "timm.models.vision_transformer"
 # files a timm hub repo may hold, besides the one its pretrained config names
 TIMM_HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
@@ -87,6 +88,13 @@ def _model_name(spec: EncoderSpec, tag: str | None) -> str:
     arch, model_tag = timm.models.split_model_name_tag(spec.model)
     if not timm.is_model(arch):
         raise unknown_model_error("timm", spec.model, timm.list_models())
+    module = timm.models.model_entrypoint(arch).__module__
+    if module != VIT_MODULE:
+        family = module.rsplit(".", 1)[-1]
+        raise ValueError(
+            f"EncoderSpec.model={spec.model!r} is a timm {family} model; encoder {spec.name!r} accepts "
+            "timm VisionTransformer models (vit_*: DINOv2, CLIP, SigLIP)"
+        )
     tag = tag or model_tag
     name = f"{arch}.{tag}" if tag else arch
     try:
