@@ -126,6 +126,9 @@ def load_timm_checkpoint(trunk: VisionTransformer, path, what: str) -> None:
             f"checkpoint {path} does not fit {what} (is it another architecture?): "
             f"{type(error).__name__}: {str(error)[:200]}"
         ) from error
+    if isinstance(trunk.head, nn.Identity):
+        # the classifier / projection head is not part of the encoder (built with num_classes=0)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     load_checked(trunk, state_dict, str(path), what)
 
 
@@ -181,6 +184,7 @@ def build_timm_encoder(spec: EncoderSpec) -> TimmEncoder:
     if spec.image_size is not None:
         kwargs["img_size"] = spec.image_size
     kwargs.setdefault("dynamic_img_size", True)
+    kwargs.setdefault("num_classes", 0)  # features only: no classifier or CLIP projection head
     try:
         trunk = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as error:

@@ -253,7 +253,8 @@ def resample_position_table(state_dict: dict, model: nn.Module, family: HfFamily
     side = round((table.shape[-2] - prefix) ** 0.5)
     pos = state_dict[key]
     batched = pos if pos.ndim == 3 else pos[None]
-    resampled = resample_abs_pos_embed(batched, (side, side), num_prefix_tokens=prefix)
+    # bicubic without antialias: what Hugging Face's interpolate_pos_encoding does at run time
+    resampled = resample_abs_pos_embed(batched, (side, side), num_prefix_tokens=prefix, antialias=False)
     return {**state_dict, key: resampled if pos.ndim == 3 else resampled[0]}
 
 

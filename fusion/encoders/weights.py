@@ -8,8 +8,8 @@ so a checkpoint that does not fit names its offending keys instead of failing de
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -28,6 +28,7 @@ FOLDER_CHECKPOINTS = (
     "open_clip_model.safetensors",
     "open_clip_pytorch_model.bin",
 )
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # wrappers training scripts put around a state dict
 WRAPPER_KEYS = ("state_dict", "model", "module")
 # prefixes that DataParallel / DDP and full-model checkpoints put before the parameter names
@@ -84,6 +85,28 @@ def find_checkpoint_in_folder(folder: Path) -> Path:
     )
 
 
+def sharded_checkpoint(folder: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` in ``folder`` names (large Hugging Face checkpoints), or [].
+
+    Raises:
+        FileNotFoundError: a shard the index names is absent.
+        ValueError: an index that is not JSON with a ``weight_map``.
+    """
+    for index_name in SHARD_INDEXES:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"checkpoint index {index} is not JSON with a weight_map") from error
+            shards = [folder / name for name in sorted(set(weight_map.values()))]
+            absent = [str(p) for p in shards if not p.is_file()]
+            if absent:
+                raise FileNotFoundError(f"checkpoint index {index} names absent shard(s): {absent[:3]}")
+            return shards
+    return []
+
+
 def _is_torchscript_archive(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -98,7 +121,9 @@ def _read_raw(path: Path) -> object:
         return load_file(str(path), device="cpu")
     if _is_torchscript_archive(path):
         # OpenAI's released CLIP checkpoints are TorchScript archives of the whole model
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, its archives are not
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
@@ -128,7 +153,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Accepts ``.safetensors``; torch pickles (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), also wrapped in
     ``{"state_dict": ...}`` / ``{"model": ...}`` and with a ``module.`` prefix; TorchScript archives
-    (OpenAI CLIP releases); a folder holding one of :data:`FOLDER_CHECKPOINTS`.
+    (OpenAI CLIP releases); a folder holding one of :data:`FOLDER_CHECKPOINTS` or a sharded
+    checkpoint with its ``*.index.json``.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -138,10 +164,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"weights file or folder not found: {path}")
     if path.is_dir():
+        shards = sharded_checkpoint(path)
+        if shards:
+            merged: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                merged.update(read_state_dict(shard))
+            return merged
         path = find_checkpoint_in_folder(path)
     try:
         raw = _read_raw(path)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError) as error:
+    except Exception as error:  # torch and safetensors raise a zoo of types for a damaged file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
             f"checkpoint {path} could not be read: it is corrupt, truncated or not a checkpoint "
