@@ -1,0 +1,351 @@
+"""Structured configs of ``fusion-bench``, registered with Hydra's ConfigStore, and the builders that
+turn a composed config into the objects a run needs.
+
+The schema (:class:`RunConfig`) is the first entry of ``conf/config.yaml``'s defaults, so every group
+file and every command-line override is merged into typed dataclasses: a misspelt key or a wrong
+type fails at composition, naming the key. Strategy, dataset, task and enum-like fields are Enums
+built from the registries of :mod:`fusion` and :mod:`benchmarks` (``align.kind=bilinaer`` fails
+listing the accepted names), so a name a registry gains is accepted here too.
+
+Two encoder roles: ``clip`` (the language-aligned encoder: CLIP or SigLIP, and the baseline every
+ratio and accuracy change is measured against) and ``dino`` (the self-supervised one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from benchmarks.datasets import DATASETS
+from benchmarks.features import STORAGE_DTYPES
+from benchmarks.latency import DTYPES, LatencyOptions
+from benchmarks.tasks import TASKS
+from fusion import EncoderSpec
+from fusion.align import ALIGNERS
+from fusion.connector import CONNECTORS
+from fusion.encoders.base import ON_MISSING, SOURCES
+from fusion.hooks import NORMS, PREFIX_POLICIES
+from fusion.merge import ENCODER_MERGES, LAYER_COMBINES
+
+
+def choices(name: str, names: tuple[str, ...] | list[str]) -> type[Enum]:
+    """An Enum whose members are ``names`` (each member's value is its name)."""
+    return Enum(name, {n: n for n in names})
+
+
+ROLES = ("clip", "dino")
+BASELINES = {"clip": "clip_only", "dino": "dino_only"}
+Role = choices("Role", ROLES)
+Source = choices("Source", SOURCES)
+OnMissing = choices("OnMissing", ON_MISSING)
+Norm = choices("Norm", NORMS)
+Prefix = choices("Prefix", PREFIX_POLICIES)
+AlignKind = choices("AlignKind", ALIGNERS.names())
+LayerMergeKind = choices("LayerMergeKind", LAYER_COMBINES.names())
+EncoderMergeKind = choices("EncoderMergeKind", ENCODER_MERGES.names())
+ConnectorKind = choices("ConnectorKind", CONNECTORS.names())
+TaskName = choices("TaskName", sorted(TASKS))
+DatasetName = choices("DatasetName", sorted(DATASETS))
+LatencyDtype = choices("LatencyDtype", tuple(DTYPES))
+CacheDtype = choices("CacheDtype", tuple(STORAGE_DTYPES))
+HubMode = choices("HubMode", ("auto", "offline", "online"))
+
+
+@dataclass
+class HookConfig:
+    """One encoder's hooked layers (:class:`fusion.HookSpec`)."""
+
+    layers: list[int] = field(default_factory=lambda: [-2])
+    norm: Norm = Norm.pre
+    prefix: Prefix = Prefix.drop
+
+
+@dataclass
+class HooksConfig:
+    """The hooks of both roles (group ``hooks``)."""
+
+    clip: HookConfig = field(default_factory=HookConfig)
+    dino: HookConfig = field(default_factory=HookConfig)
+
+
+@dataclass
+class EncoderConfig:
+    """One encoder (:class:`fusion.EncoderSpec` without its hooks, which come from ``hooks.<role>``)."""
+
+    name: str = MISSING
+    source: Source = MISSING
+    model: str = MISSING
+    weights: str | None = None
+    image_size: int | None = None
+    on_missing: OnMissing = OnMissing.random
+    model_kwargs: dict[str, Any] | None = None
+
+
+@dataclass
+class EncodersConfig:
+    """The pair (group ``encoders``; the singles are its subgroups ``encoders/clip``, ``encoders/dino``)."""
+
+    clip: EncoderConfig = MISSING
+    dino: EncoderConfig = MISSING
+
+
+@dataclass
+class AlignConfig:
+    """Alignment onto the target grid (group ``align``); ``grid`` None takes the first encoder's."""
+
+    kind: AlignKind = AlignKind.bilinear
+    grid: list[int] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerMergeConfig:
+    kind: LayerMergeKind = LayerMergeKind.weighted_ln
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EncoderMergeConfig:
+    kind: EncoderMergeKind = EncoderMergeKind.channel_concat
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FusionConfig:
+    """A fusion strategy (group ``fusion``): which roles it merges and how."""
+
+    name: str = MISSING
+    encoders: list[Role] = field(default_factory=lambda: [Role.clip, Role.dino])
+    layer_merge: LayerMergeConfig = field(default_factory=LayerMergeConfig)
+    encoder_merge: EncoderMergeConfig = field(default_factory=EncoderMergeConfig)
+    merge_dim: int | None = None
+
+
+@dataclass
+class ConnectorConfig:
+    """The projector to the language model's width (group ``connector``)."""
+
+    kind: ConnectorKind = ConnectorKind.mlp
+    out_dim: int | None = 256
+    final_norm: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskConfig:
+    """Which probes run and their training recipe (group ``task``)."""
+
+    names: list[TaskName] = field(default_factory=lambda: [TaskName.classification])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    epochs: int = 10
+    lr: float = 3e-3
+    batch_size: int = 32
+    weight_decay: float = 0.01
+
+
+@dataclass
+class DataConfig:
+    """The dataset (group ``data``); ``root`` None reads ``$FUSION_DATA``; ``image_size`` is the square
+    size images are loaded at (each encoder then applies its own preprocessing)."""
+
+    name: DatasetName = DatasetName.synthetic
+    root: str | None = None
+    limit: int | None = None
+    test_fraction: float = 0.25
+    image_size: int = 224
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LatencyConfig:
+    """:class:`benchmarks.latency.LatencyOptions` (device and image size come from ``bench`` / ``data``)."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    warmup: int = 2
+    repeats: int = 10
+    dtype: LatencyDtype = LatencyDtype.fp32
+    compile: bool = False
+    streams: bool = False
+
+
+@dataclass
+class BenchConfig:
+    """Where and how a run executes (group ``bench``).
+
+    ``hub``: ``auto`` goes offline (``HF_HUB_OFFLINE=1``) when huggingface.co cannot be reached, so
+    a machine without hub access does not wait on retries; ``offline`` always; ``online`` never.
+    """
+
+    device: str = "cpu"
+    threads: int | None = None
+    cache_dir: str | None = None
+    cache_dtype: CacheDtype = CacheDtype.float32
+    extract_batch_size: int = 32
+    progress: bool = True
+    hub: HubMode = HubMode.auto
+    out_dir: str | None = None
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+
+@dataclass
+class RunConfig:
+    """The whole configuration of one ``fusion-bench`` run."""
+
+    encoders: EncodersConfig = MISSING
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    fusion: FusionConfig = MISSING
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    seed: int = 0
+
+
+SCHEMA_NAME = "run_schema"
+
+
+def register_configs() -> None:
+    """Register :class:`RunConfig` as ``run_schema`` (the first default of ``conf/config.yaml``)."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+
+
+register_configs()
+
+
+# -- builders ---------------------------------------------------------------------------------------
+def plain(node: Any) -> Any:
+    """A config node or value as plain Python (interpolations resolved, Enums as their names)."""
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node.name if isinstance(node, Enum) else node
+
+
+def with_options(node: Any) -> dict:
+    """``{"kind": k, **options}`` from a ``{kind, options}`` node: the form the fusion registries take."""
+    data = plain(node)
+    return {"kind": data["kind"], **data.get("options", {})}
+
+
+def encoder_specs(cfg: Any) -> dict[str, EncoderSpec]:
+    """role -> :class:`EncoderSpec` from ``encoders.<role>`` and ``hooks.<role>``.
+
+    Raises:
+        ValueError: a field the spec rejects (the message names it).
+    """
+    return {
+        role: EncoderSpec.from_any({**plain(cfg.encoders[role]), "hooks": plain(cfg.hooks[role])})
+        for role in ROLES
+    }
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One row of a report: a name, whether it is a baseline, the roles it fuses, its head config."""
+
+    name: str
+    role: str
+    encoders: tuple[str, ...]
+    head: dict
+
+    def key(self) -> str:
+        """A short digest of the strategy's config (baselines of different sweep jobs compare by it)."""
+        text = json.dumps([self.encoders, self.head], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def head_config(cfg: Any, roles: tuple[str, ...]) -> dict:
+    """The :class:`fusion.FusionHead` keyword arguments (less geometries) of ``cfg`` for ``roles``.
+
+    A single encoder keeps the alignment, layer combine and connector of the fused strategy, with a
+    plain channel concat (the identity for one encoder) and no ``merge_dim``: the baseline differs from
+    the fused strategy only in the second encoder.
+    """
+    single = len(roles) == 1
+    grid = plain(cfg.align.grid)
+    return {
+        "grid": None if grid is None else list(grid),
+        "align": with_options(cfg.align),
+        "layer_merge": with_options(cfg.fusion.layer_merge),
+        "encoder_merge": {"kind": "channel_concat"} if single else with_options(cfg.fusion.encoder_merge),
+        "connector": {
+            **with_options(cfg.connector),
+            "out_dim": cfg.connector.out_dim,
+            "final_norm": cfg.connector.final_norm,
+        },
+        "merge_dim": None if single else cfg.fusion.merge_dim,
+    }
+
+
+def strategies(cfg: Any) -> list[Strategy]:
+    """The strategies of a run: the CLIP-only and DINOv2-only baselines, then ``cfg.fusion`` unless
+    it is itself a single-encoder strategy (then the baselines are the whole run).
+
+    Raises:
+        ValueError: ``fusion.encoders`` empty or naming a role twice.
+    """
+    roles = tuple(plain(cfg.fusion.encoders))
+    if not roles or len(set(roles)) != len(roles):
+        raise ValueError(f"fusion.encoders={list(roles)} must name each of {list(ROLES)} at most once")
+    runs = [Strategy(BASELINES[r], "baseline", (r,), head_config(cfg, (r,))) for r in ROLES]
+    if len(roles) > 1:
+        runs.append(Strategy(cfg.fusion.name, "fused", roles, head_config(cfg, roles)))
+    names = [s.name for s in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"fusion.name={cfg.fusion.name!r} collides with a baseline name {names}")
+    return runs
+
+
+def latency_options(cfg: Any) -> LatencyOptions:
+    """:class:`LatencyOptions` from ``bench.latency``, ``bench.device``, ``bench.threads`` and the
+    load size ``data.image_size``.
+
+    Raises:
+        ValueError: as :class:`LatencyOptions`.
+    """
+    latency = plain(cfg.bench.latency)
+    return LatencyOptions(
+        batch_sizes=tuple(latency["batch_sizes"]),
+        warmup=latency["warmup"],
+        repeats=latency["repeats"],
+        dtype=latency["dtype"],
+        compile=latency["compile"],
+        streams=latency["streams"],
+        threads=cfg.bench.threads,
+        device=cfg.bench.device,
+        image_size=cfg.data.image_size,
+        seed=cfg.seed,
+    )
+
+
+def probe_settings(cfg: Any) -> dict:
+    """Keyword arguments of :func:`benchmarks.tasks.run_probe` from ``task`` and ``bench.device``."""
+    task = plain(cfg.task)
+    return {
+        "seeds": task["seeds"],
+        "epochs": task["epochs"],
+        "lr": task["lr"],
+        "batch_size": task["batch_size"],
+        "weight_decay": task["weight_decay"],
+        "device": cfg.bench.device,
+    }
+
+
+# keys that say where or how loudly a run happens, not what it computes
+NOT_HASHED = (("bench", "out_dir"), ("bench", "progress"), ("bench", "cache_dir"))
+
+
+def config_hash(cfg: Any) -> str:
+    """A sha256 of the resolved config without its output and cache locations: two jobs with the same
+    hash compute the same result (a resumed sweep skips a job whose hash already has a report)."""
+    data = plain(cfg)
+    data = {key: value for key, value in data.items() if key != "hydra"}
+    for section, key in NOT_HASHED:
+        data.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,297 @@
+"""One benchmark run: build the pair, extract (or read cached) features, train and evaluate the probes of
+every strategy, time every pipeline, write the reports.
+
+The strategies of a run are the CLIP-only and DINOv2-only baselines and the configured fusion (see
+:func:`benchmarks.config.strategies`). A failure in one strategy or one task is recorded in the report
+with its error; only what every strategy needs (the dataset, the encoders) ends the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import socket
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.config import (
+    ROLES,
+    Strategy,
+    config_hash,
+    encoder_specs,
+    latency_options,
+    plain,
+    probe_settings,
+    strategies,
+)
+from benchmarks.datasets import ImageDataset, build_train_test, load_batch
+from benchmarks.features import FeatureCache
+from benchmarks.latency import measure_latency
+from benchmarks.report import BASELINE, build_report, environment, render_markdown, write_report
+from benchmarks.tasks import FeatureSplit, run_probe
+from fusion import EncoderGeometry, FusedEncoder, FusionHead
+from fusion.encoders import Encoder, build_encoder
+
+log = logging.getLogger(__name__)
+
+HUB_HOST = ("huggingface.co", 443)
+HUB_TIMEOUT_S = 3.0
+
+
+def hub_reachable() -> bool:
+    """Whether a TCP connection to huggingface.co opens within a few seconds."""
+    try:
+        socket.create_connection(HUB_HOST, timeout=HUB_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def configure_hub(mode: str) -> None:
+    """Apply ``bench.hub``: ``offline`` (or ``auto`` with the hub out of reach) sets ``HF_HUB_OFFLINE=1``,
+    so weight lookups go straight to the local caches instead of waiting on network retries.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in ("auto", "offline", "online"):
+        raise ValueError(f"bench.hub={mode!r} is unknown; accepted: auto, offline, online")
+    if mode == "online" or os.environ.get("HF_HUB_OFFLINE"):
+        return
+    if mode == "offline" or not hub_reachable():
+        log.info("model hub %s not used (bench.hub=%s): HF_HUB_OFFLINE=1", HUB_HOST[0], mode)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def error_text(error: BaseException) -> str:
+    """``Type: message`` of an exception, as reports show it."""
+    return f"{type(error).__name__}: {error}"
+
+
+@dataclasses.dataclass
+class Split:
+    """One split's raw batch and its per-role grids (None where extraction failed)."""
+
+    dataset: ImageDataset
+    batch: dict
+    grids: dict[str, list[torch.Tensor] | None]
+
+    def features(self, roles: tuple[str, ...], task: str) -> FeatureSplit:
+        """The probe input of ``task`` for the encoders ``roles``."""
+        num_classes = {
+            "classification": self.dataset.num_classes,
+            "dense": self.dataset.num_mask_classes,
+        }.get(task, 0)
+        return FeatureSplit(
+            grids=[self.grids[role] for role in roles],
+            labels=self.batch["labels"],
+            masks=self.batch["masks"],
+            boxes=self.batch["boxes"],
+            num_classes=num_classes,
+        )
+
+
+def build_encoders(cfg: Any) -> dict[str, Encoder]:
+    """role -> built encoder; each seeded with ``cfg.seed`` so random weights (and their cache
+    entries) are the same in every run of one seed."""
+    encoders = {}
+    for role, spec in encoder_specs(cfg).items():
+        torch.manual_seed(cfg.seed)
+        encoders[role] = build_encoder(spec)
+    return encoders
+
+
+def load_splits(cfg: Any, encoders: Mapping[str, Encoder], cache: FeatureCache) -> tuple[dict, dict]:
+    """Build the train / test datasets, load their batches and every role's grids (cached).
+
+    Returns:
+        ``(splits, role_errors)``: ``{"train": Split, "test": Split}`` and role -> the error that
+        stopped its extraction.
+    """
+    data = plain(cfg.data)
+    train, test = build_train_test(
+        data["name"],
+        data["root"],
+        limit=data["limit"],
+        test_fraction=data["test_fraction"],
+        seed=cfg.seed,
+        **data["options"],
+    )
+    splits, role_errors = {}, {}
+    for which, dataset in (("train", train), ("test", test)):
+        batch = load_batch(dataset, range(len(dataset)), data["image_size"])
+        source = {**dataset.identity(), "load_size": data["image_size"]}
+        grids: dict[str, list[torch.Tensor] | None] = {}
+        for role, encoder in encoders.items():
+            if role in role_errors:
+                grids[role] = None
+                continue
+            try:
+                grids[role] = cache.grids(
+                    encoder, source, list(range(len(dataset))), lambda idx, b=batch: b["images"][list(idx)]
+                )
+            except Exception as error:  # recorded against every strategy using this encoder
+                role_errors[role] = f"feature extraction ({which}): {error_text(error)}"
+                log.error("feature extraction of %s failed:\n%s", role, traceback.format_exc())
+                grids[role] = None
+        splits[which] = Split(dataset, batch, grids)
+    return splits, role_errors
+
+
+def head_factory(strategy: Strategy, encoders: Mapping[str, Encoder]):
+    """A ``make_head()`` for :func:`run_probe`: a fresh :class:`FusionHead` for the strategy's encoders."""
+    geometries = [
+        EncoderGeometry(e.spec.name, e.width, e.grid_size(), len(e.layer_indices))
+        for e in (encoders[role] for role in strategy.encoders)
+    ]
+    return lambda: FusionHead(geometries, **strategy.head)
+
+
+def strategy_record(strategy: Strategy, encoders: Mapping[str, Encoder]) -> dict:
+    """The report record of a strategy before results: name, role, encoders, config, weights."""
+    used = [encoders[role] for role in strategy.encoders]
+    return {
+        "name": strategy.name,
+        "role": strategy.role,
+        "encoders": [e.spec.name for e in used],
+        "config": {
+            "key": strategy.key(),
+            "encoders": {role: plain_spec(encoders[role]) for role in strategy.encoders},
+            "head": strategy.head,
+        },
+        "weights": {e.spec.name: e.weights_loaded for e in used},
+        "accuracy": {},
+        "errors": [],
+    }
+
+
+def plain_spec(encoder: Encoder) -> dict:
+    """An encoder's spec as JSON-ready fields."""
+    spec = dataclasses.asdict(encoder.spec)
+    spec["image_size"] = list(encoder.image_size)
+    spec["hooks"]["layers"] = list(spec["hooks"]["layers"])
+    return spec
+
+
+def run_probes(cfg: Any, plan: list[Strategy], records: dict, encoders, splits, role_errors) -> None:
+    """Every task of ``cfg.task.names`` for every strategy; results and errors go into ``records``."""
+    settings = probe_settings(cfg)
+    for strategy in plan:
+        record = records[strategy.name]
+        missing = [role_errors[r] for r in strategy.encoders if r in role_errors]
+        if missing:
+            record["errors"] += [{"where": "features", "error": e} for e in missing]
+            continue
+        make_head = head_factory(strategy, encoders)
+        for task in plain(cfg.task.names):
+            try:
+                train = splits["train"].features(strategy.encoders, task)
+                test = splits["test"].features(strategy.encoders, task)
+                record["accuracy"][task] = run_probe(task, make_head, train, test, **settings)
+            except Exception as error:  # one task's failure must not lose the others
+                log.error("probe %s / %s failed:\n%s", strategy.name, task, traceback.format_exc())
+                record["accuracy"][task] = {"task": task, "mean": None, "std": None}
+                record["errors"].append({"where": f"probe:{task}", "error": error_text(error)})
+
+
+def run_latency(cfg: Any, plan: list[Strategy], records: dict, encoders) -> None:
+    """Time every strategy that builds, all in one run; results and errors go into ``records``."""
+    pipelines = {}
+    for strategy in plan:
+        try:
+            pipelines[strategy.name] = FusedEncoder(
+                [encoders[role] for role in strategy.encoders], **strategy.head
+            )
+        except Exception as error:
+            records[strategy.name]["errors"].append({"where": "latency", "error": error_text(error)})
+    if BASELINE not in pipelines:
+        for name in pipelines:
+            records[name]["errors"].append(
+                {"where": "latency", "error": f"no {BASELINE} pipeline to measure ratios against"}
+            )
+        return
+    try:
+        results = measure_latency(pipelines, latency_options(cfg))
+    except Exception as error:
+        log.error("latency failed:\n%s", traceback.format_exc())
+        for name in pipelines:
+            records[name]["errors"].append({"where": "latency", "error": error_text(error)})
+        return
+    for name, result in results.items():
+        records[name].update(result)
+
+
+def output_dir(cfg: Any, out_dir: str | os.PathLike | None) -> Path:
+    """``out_dir``, else ``bench.out_dir``, else the Hydra run folder, else ``outputs/<date>/<time>``."""
+    chosen = out_dir or cfg.bench.out_dir
+    if chosen is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            chosen = HydraConfig.get().runtime.output_dir
+        else:
+            chosen = Path("outputs") / datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    return Path(chosen)
+
+
+def job_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job (empty outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def run_benchmark(cfg: Any, out_dir: str | os.PathLike | None = None, *, command: str | None = None) -> Path:
+    """Run one benchmark described by a composed config (see ``conf/``) and write its reports.
+
+    Args:
+        cfg: a composed :class:`benchmarks.config.RunConfig` (an OmegaConf node).
+        out_dir: where the reports go (default: ``bench.out_dir``, else the Hydra run folder).
+        command: the command line to stamp into the report (default: this process's).
+
+    Returns:
+        The path of ``report.json``.
+
+    Raises:
+        ValueError, FileNotFoundError: a config, dataset or encoder error that leaves nothing to measure.
+    """
+    configure_hub(plain(cfg.bench.hub))
+    if cfg.bench.threads is not None:
+        torch.set_num_threads(cfg.bench.threads)
+    out = output_dir(cfg, out_dir)
+    plan = strategies(cfg)
+    encoders = build_encoders(cfg)
+    cache = FeatureCache(
+        cfg.bench.cache_dir,
+        dtype=plain(cfg.bench.cache_dtype),
+        batch_size=cfg.bench.extract_batch_size,
+        device=cfg.bench.device,
+        progress=cfg.bench.progress,
+    )
+    splits, role_errors = load_splits(cfg, encoders, cache)
+    records = {s.name: strategy_record(s, encoders) for s in plan}
+    run_probes(cfg, plan, records, encoders, splits, role_errors)
+    run_latency(cfg, plan, records, encoders)
+    run = {
+        **plain(cfg),
+        "overrides": job_overrides(),
+        "config_hash": config_hash(cfg),
+        "data_sizes": {which: len(split.dataset) for which, split in splits.items()},
+        "roles": list(ROLES),
+    }
+    report = build_report(
+        list(records.values()),
+        run=run,
+        env=environment(cfg.bench.device, command),
+        tasks=plain(cfg.task.names),
+    )
+    path = write_report(report, out)
+    print(render_markdown(report))
+    print(f"Report: {path.resolve()}  (report.md, pareto.png beside it)")
+    return path
