@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -260,6 +261,10 @@ def _grid_fuse_backward_scatter_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+# Triton decides at decoration time whether kernels are compiled or interpreted (TRITON_INTERPRET).
+_INTERPRETED = isinstance(_grid_fuse_forward_kernel, InterpretedFunction)
+
+
 class _Grid(NamedTuple):
     """One source as the kernels see it (a tuple argument; None fields compile away)."""
 
@@ -295,10 +300,6 @@ def _launch_settings(width: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def _is_interpreted() -> bool:
-    return isinstance(_grid_fuse_forward_kernel, InterpretedFunction)
-
-
 def _check_kernel_inputs(
     sources: Sequence[torch.Tensor],
     out_hw: Sequence[int],
@@ -321,7 +322,7 @@ def _check_kernel_inputs(
             f"grid_fuse (triton) sources have dtype {first.dtype}; accepted: {accepted} "
             "(use the reference for others)"
         )
-    if first.device.type != "cuda" and not _is_interpreted():
+    if first.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(
             f"grid_fuse (triton) sources are on {first.device}; the Triton kernel needs CUDA tensors, "
             "or TRITON_INTERPRET=1 set before triton is imported to run it on the CPU"
@@ -331,7 +332,13 @@ def _check_kernel_inputs(
             raise ValueError(
                 f"grid_fuse (triton) group {g} has {width} channels; at most {MAX_CHANNELS} are supported"
             )
-    if isinstance(layer_weights, torch.Tensor):
+    if not isinstance(layer_weights, torch.Tensor):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in layer_weights):
+            raise ValueError(
+                "grid_fuse layer_weights must be a 1-D tensor or a list of numbers, "
+                f"got {list(layer_weights)!r}"
+            )
+    else:
         if not layer_weights.is_floating_point():
             raise ValueError(f"grid_fuse layer_weights must be floating point, got {layer_weights.dtype}")
         if layer_weights.device != first.device:

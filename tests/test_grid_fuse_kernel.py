@@ -1,0 +1,523 @@
+"""The Triton ``grid_fuse`` against the reference computed in float64.
+
+The kernels run under Triton's interpreter on the CPU (conftest sets ``TRITON_INTERPRET=1`` before
+triton is imported); with ``TRITON_INTERPRET=0`` on a GPU machine the same tests run the compiled
+kernels on CUDA. The interpreter is slow, so grids stay tiny except along the channels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels import reference
+from kernels.grid_fuse import (
+    MAX_CHANNELS,
+    grid_fuse_backward,
+    grid_fuse_forward,
+    triton_grid_fuse,
+)
+
+# The module; the attribute ``kernels.grid_fuse`` is the dispatching function.
+gf = importlib.import_module("kernels.grid_fuse")
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+EPS = 1e-6
+MODES = reference.MODES
+# (rtol, atol) per dtype. atol is relative to the largest magnitude of the expected tensor:
+# parameter gradients are sums over all tokens, so their scale grows with the token count.
+# fp32: rounding in fp32 accumulation and rsqrt; bf16 / fp16: the final rounding of the result
+# (8 and 11 significant bits) dominates.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (4e-3, 2e-3),
+    torch.bfloat16: (2e-2, 1.6e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so an element they skip fails the comparison."""
+
+    def nan_buffer(shape, dtype, device):
+        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(gf, "_new_buffer", nan_buffer)
+
+
+# -- inputs and the float64 reference ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call: (h, w, C) per source, the group of each, the target grid, batch and affine."""
+
+    grids: tuple[tuple[int, int, int], ...]
+    groups: tuple[int, ...]
+    out_hw: tuple[int, int]
+    batch: int = 2
+    affine: str = "all"  # "all", "none", or "some" (every other source has weight / bias)
+
+
+@dataclass
+class Inputs:
+    sources: list[torch.Tensor]
+    layer_weights: torch.Tensor
+    ln_weight: list[torch.Tensor | None] | None
+    ln_bias: list[torch.Tensor | None] | None
+
+    def leaves(self) -> list[torch.Tensor]:
+        params = [p for p in (self.ln_weight or []) + (self.ln_bias or []) if p is not None]
+        return [*self.sources, self.layer_weights, *params]
+
+    def as_float64(self) -> Inputs:
+        def cast(t):
+            return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+        return Inputs(
+            [cast(x) for x in self.sources],
+            cast(self.layer_weights),
+            None if self.ln_weight is None else [cast(p) for p in self.ln_weight],
+            None if self.ln_bias is None else [cast(p) for p in self.ln_bias],
+        )
+
+
+def make_inputs(case: Case, dtype: torch.dtype, *, grad_sources: bool = True) -> Inputs:
+    """Fresh random inputs: sources with a non-zero mean and spread, random affine and weights."""
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, device=DEVICE) * scale + shift).to(dtype)
+
+    sources = [
+        rand(case.batch, h, w, c, scale=1.5, shift=0.7).requires_grad_(grad_sources) for h, w, c in case.grids
+    ]
+    layer_weights = (torch.rand(len(sources), device=DEVICE) + 0.25).to(dtype).requires_grad_()
+
+    def affine(shift: float, parity: int) -> list[torch.Tensor | None] | None:
+        if case.affine == "none":
+            return None
+        return [
+            None if case.affine == "some" and i % 2 == parity else rand(c, shift=shift).requires_grad_()
+            for i, (_, _, c) in enumerate(case.grids)
+        ]
+
+    return Inputs(sources, layer_weights, affine(1.0, 1), affine(0.0, 0))
+
+
+def call(fn, inputs: Inputs, case: Case, mode: str) -> torch.Tensor:
+    return fn(
+        inputs.sources,
+        case.out_hw,
+        groups=list(case.groups),
+        layer_weights=inputs.layer_weights,
+        ln_weight=inputs.ln_weight,
+        ln_bias=inputs.ln_bias,
+        mode=mode,
+        eps=EPS,
+    )
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(
+        actual.double(), expected, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def check_against_reference(case: Case, mode: str, dtype: torch.dtype, *, grad_sources: bool = True) -> None:
+    """Forward and every gradient of the Triton path against the float64 reference."""
+    inputs = make_inputs(case, dtype, grad_sources=grad_sources)
+    exact = inputs.as_float64()
+    out = call(triton_grid_fuse, inputs, case, mode)
+    expected = call(reference.grid_fuse, exact, case, mode)
+    assert out.dtype == dtype
+    assert out.shape == expected.shape
+    assert_matches(out, expected, dtype, "output")
+
+    grad_out = torch.randn_like(out)
+    wanted = [t for t in inputs.leaves() if t.requires_grad]
+    grads = torch.autograd.grad(out, wanted, grad_out)
+    expected_grads = torch.autograd.grad(
+        expected, [t for t in exact.leaves() if t.requires_grad], grad_out.double()
+    )
+    for index, (got, want, leaf) in enumerate(zip(grads, expected_grads, wanted)):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape
+        assert_matches(got, want, dtype, f"gradient of leaf {index} {tuple(leaf.shape)}")
+
+
+# -- forward and backward across shapes, modes and dtypes ------------------------------------------
+
+# name: (case, modes); every resampling shape runs in every mode, the others in one or two.
+CASES = {
+    "1x1 to 1x1, batch 1": (Case(((1, 1, 5),), (0,), (1, 1), batch=1), ("bilinear",)),
+    "1x1 up to 3x2": (Case(((1, 1, 3), (1, 1, 3)), (0, 0), (3, 2)), MODES),
+    "down to 1x1": (Case(((4, 3, 6),), (0,), (1, 1)), MODES),
+    "non-square up": (Case(((2, 3, 7), (3, 3, 7)), (0, 0), (3, 5), batch=1), MODES),
+    "non-square down, some affine": (
+        Case(((4, 5, 6), (3, 2, 6)), (0, 0), (2, 3), batch=1, affine="some"),
+        MODES,
+    ),
+    "identity, two groups": (Case(((3, 4, 8), (3, 4, 5)), (0, 1), (3, 4), batch=1), ("bilinear",)),
+    "three groups mixed, no affine": (
+        Case(((3, 3, 4), (2, 4, 5), (4, 2, 3), (3, 3, 4)), (0, 1, 2, 0), (3, 3), batch=1, affine="none"),
+        ("bilinear", "nearest"),
+    ),
+    "odd width 383": (Case(((2, 3, 383), (3, 2, 383)), (0, 0), (2, 2), batch=1), ("area",)),
+    "width 1024 and 1536": (Case(((1, 2, 1024), (2, 1, 1536)), (0, 1), (2, 1), batch=1), ("bilinear",)),
+    "width 4096": (Case(((2, 1, 4096),), (0,), (1, 2), batch=1), ("nearest",)),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "mode"),
+    [(case, mode) for case, modes in CASES.values() for mode in modes],
+    ids=[f"{name}-{mode}" for name, (_, modes) in CASES.items() for mode in modes],
+)
+def test_fp32_forward_backward_match_reference(case, mode):
+    check_against_reference(case, mode, torch.float32)
+
+
+HALF_CASES = {
+    "non-square up": ("bilinear", Case(((2, 3, 9), (3, 2, 9)), (0, 0), (3, 4), batch=1)),
+    "down, two groups": ("area", Case(((4, 3, 6), (3, 4, 5)), (0, 1), (2, 2), batch=1)),
+    "up, odd width": ("nearest", Case(((1, 2, 383),), (0,), (2, 3), batch=1, affine="some")),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("mode", "case"), HALF_CASES.values(), ids=HALF_CASES.keys())
+def test_half_precision_forward_backward_match_reference(case, mode, dtype):
+    check_against_reference(case, mode, dtype)
+
+
+@st.composite
+def small_cases(draw):
+    group_count = draw(st.integers(1, 2))
+    widths = [draw(st.integers(1, 6)) for _ in range(group_count)]
+    groups = list(range(group_count)) + draw(st.lists(st.integers(0, group_count - 1), max_size=1))
+    grids = tuple((draw(st.integers(1, 4)), draw(st.integers(1, 4)), widths[g]) for g in groups)
+    out_hw = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    case = Case(
+        grids, tuple(groups), out_hw, draw(st.integers(1, 2)), draw(st.sampled_from(["all", "none", "some"]))
+    )
+    return case, draw(st.sampled_from(MODES))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_cases())
+def test_hypothesis_shapes_match_reference(drawn):
+    case, mode = drawn
+    check_against_reference(case, mode, torch.float32)
+
+
+def test_frozen_sources_get_only_parameter_gradients():
+    """Frozen encoders: no source gradient is asked for, the parameters still get theirs."""
+    case = Case(((3, 2, 5), (2, 2, 5), (2, 2, 4)), (0, 0, 1), (2, 3), batch=1, affine="some")
+    check_against_reference(case, "bilinear", torch.float32, grad_sources=False)
+
+
+def test_softmax_layer_weights_and_plain_numbers():
+    """layer_weights as a softmax output (gradient flows to the logits) and as a list of floats."""
+    case = Case(((2, 3, 6), (3, 3, 6)), (0, 0), (3, 3), batch=1)
+    inputs = make_inputs(case, torch.float32)
+    logits = torch.randn(2, device=DEVICE, requires_grad=True)
+    inputs.layer_weights = torch.softmax(logits, 0)
+    out = call(triton_grid_fuse, inputs, case, "bilinear")
+    exact = inputs.as_float64()
+    exact_logits = logits.detach().double().requires_grad_()
+    exact.layer_weights = torch.softmax(exact_logits, 0)
+    expected = call(reference.grid_fuse, exact, case, "bilinear")
+    grad_out = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, [logits], grad_out)
+    (want,) = torch.autograd.grad(expected, [exact_logits], grad_out.double())
+    assert_matches(got, want, torch.float32, "logit gradient")
+
+    numbers = [0.3, -1.25]
+    inputs.layer_weights, exact.layer_weights = numbers, numbers
+    assert_matches(
+        call(triton_grid_fuse, inputs, case, "bilinear"),
+        call(reference.grid_fuse, exact, case, "bilinear"),
+        torch.float32,
+        "output with numeric layer weights",
+    )
+
+
+def test_strided_and_channel_first_sources():
+    """A prefix-dropped token view is read in place; a channels-first permute is copied first."""
+    batch, c = 2, 7
+    tokens = (torch.randn(batch, 1 + 3 * 2, c, device=DEVICE) + 0.5).requires_grad_()
+    channels_first = (torch.randn(batch, c, 2, 3, device=DEVICE) - 0.3).requires_grad_()
+    exact_leaves = [t.detach().double().requires_grad_() for t in (tokens, channels_first)]
+
+    def sources(tok, cf):
+        return [tok[:, 1:].view(batch, 3, 2, c), cf.permute(0, 2, 3, 1)]
+
+    dropped, permuted = sources(tokens, channels_first)
+    assert not dropped.is_contiguous() and permuted.stride(-1) != 1
+    args = {"groups": [0, 0], "layer_weights": [0.7, 0.4], "mode": "bilinear", "eps": EPS}
+    out = triton_grid_fuse([dropped, permuted], (2, 2), **args)
+    expected = reference.grid_fuse(sources(*exact_leaves), (2, 2), **args)
+    assert_matches(out, expected, torch.float32, "output from strided sources")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [tokens, channels_first], grad_out)
+    expected_grads = torch.autograd.grad(expected, exact_leaves, grad_out.double())
+    for got, want in zip(grads, expected_grads):
+        assert_matches(got, want, torch.float32, "gradient through a strided source")
+
+
+def test_backward_is_deterministic():
+    case = Case(((2, 3, 5), (3, 2, 5)), (0, 0), (3, 3), batch=1)
+    inputs = make_inputs(case, torch.float32)
+    out = call(triton_grid_fuse, inputs, case, "bilinear")
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, inputs.leaves(), grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, inputs.leaves(), grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_forward_writes_every_element_of_a_given_out_buffer():
+    case = Case(((2, 2, 3), (3, 1, 4)), (0, 1), (2, 3), batch=2)
+    inputs = make_inputs(case, torch.float32)
+    out = torch.full((2, 6, 7), float("nan"), device=DEVICE)
+    result, mean, rstd = grid_fuse_forward(
+        inputs.sources,
+        case.out_hw,
+        list(case.groups),
+        inputs.layer_weights,
+        inputs.ln_weight,
+        inputs.ln_bias,
+        mode="area",
+        out=out,
+        save_stats=True,
+    )
+    assert result is out
+    assert mean.shape == rstd.shape == (2, 12)
+    assert_matches(out, call(reference.grid_fuse, inputs.as_float64(), case, "area"), torch.float32, "out")
+
+
+# -- dispatch ------------------------------------------------------------------------------------
+
+
+def small_call(fn=kernels.grid_fuse, **overrides):
+    args = {
+        "sources": [torch.randn(1, 2, 2, 3, device=DEVICE) + 0.1],
+        "out_hw": (3, 2),
+        "groups": [0],
+        "layer_weights": [0.5],
+    }
+    args.update(overrides)
+    return fn(args.pop("sources"), args.pop("out_hw"), **args)
+
+
+@pytest.fixture
+def backend_calls(monkeypatch):
+    """Record which backend each ``kernels.grid_fuse`` call reaches."""
+    calls = []
+    for name, fn in list(kernels.BACKENDS.items()):
+
+        def spy(*args, _name=name, _fn=fn, **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setitem(kernels.BACKENDS, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (None, "triton" if DEVICE == "cuda" else "reference"),
+        ("auto", "triton" if DEVICE == "cuda" else "reference"),
+        ("triton", "triton"),
+        ("reference", "reference"),
+    ],
+)
+def test_fusion_kernel_selects_the_backend(monkeypatch, backend_calls, setting, expected):
+    if setting is None:
+        monkeypatch.delenv("FUSION_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("FUSION_KERNEL", setting)
+    torch.manual_seed(3)
+    out = small_call()
+    assert backend_calls == [expected]
+    torch.manual_seed(3)
+    torch.testing.assert_close(out, small_call(reference.grid_fuse), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_keeps_float64_on_the_reference(monkeypatch, backend_calls):
+    monkeypatch.setenv("FUSION_KERNEL", "auto")
+    small_call(sources=[torch.randn(1, 2, 2, 3, dtype=torch.float64, device=DEVICE)])
+    assert backend_calls == ["reference"]
+
+
+def test_unknown_fusion_kernel_is_rejected(monkeypatch):
+    monkeypatch.setenv("FUSION_KERNEL", "cuda")
+    with pytest.raises(
+        ValueError, match=r"FUSION_KERNEL='cuda' is unknown; accepted: auto, reference, triton"
+    ):
+        small_call()
+
+
+def test_fusion_head_fused_route_matches_the_reference(monkeypatch):
+    """FusedEncoder's trainable head fuses through kernels.grid_fuse: Triton equals the reference."""
+    from fusion.model import EncoderGeometry, FusionHead
+
+    torch.manual_seed(0)
+    head = FusionHead(
+        [EncoderGeometry("clip", 6, (2, 3), 2), EncoderGeometry("dino", 5, (3, 3), 2)], grid=(3, 3)
+    ).to(DEVICE)
+    assert head.fused_route
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    grids = [
+        [torch.randn(1, 2, 3, 6, device=DEVICE) + 0.2 for _ in range(2)],
+        [torch.randn(1, 3, 3, 5, device=DEVICE) - 0.1 for _ in range(2)],
+    ]
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("FUSION_KERNEL", backend)
+        head.zero_grad()
+        out = head(grids)
+        out.square().sum().backward()
+        results[backend] = (out.detach(), [p.grad.clone() for p in head.parameters() if p.grad is not None])
+    assert_matches(results["triton"][0], results["reference"][0].double(), torch.float32, "head output")
+    assert len(results["triton"][1]) == len(results["reference"][1]) > 0
+    for got, want in zip(results["triton"][1], results["reference"][1]):
+        assert_matches(got, want.double(), torch.float32, "head parameter gradient")
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+class NoLaunch:
+    """Stands in for a kernel: any launch fails the test (errors must come before launches)."""
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"a kernel was launched (grid {grid}) despite bad input")
+
+
+def grid(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+BAD_INPUTS = {
+    "mismatched batch": (
+        {"sources": [grid(1, 2, 2, 3), grid(2, 2, 2, 3)], "groups": [0, 0], "layer_weights": [1.0, 1.0]},
+        r"sources\[1\] has batch size 2 but sources\[0\] has 1",
+    ),
+    "group widths differ": (
+        {"sources": [grid(1, 2, 2, 3), grid(1, 2, 2, 4)], "groups": [0, 0], "layer_weights": [1.0, 1.0]},
+        r"sources of group 0 differ in width: sources\[1\] has 4 channels",
+    ),
+    "wrong rank": (
+        {"sources": [grid(1, 4, 3)]},
+        r"sources\[0\] must be a 4-D \(B, h, w, C\) tensor, got \(1, 4, 3\)",
+    ),
+    "layer weights length": (
+        {"layer_weights": [1.0, 2.0]},
+        r"layer_weights has 2 entries but there are 1 sources",
+    ),
+    "layer weights not numbers": (
+        {"layer_weights": ["a"]},
+        r"layer_weights must be a 1-D tensor or a list of numbers, got \['a'\]",
+    ),
+    "unknown mode": ({"mode": "bicubic"}, r"mode='bicubic' is unknown; accepted: bilinear, nearest, area"),
+    "float64": (
+        {"sources": [grid(1, 2, 2, 3, dtype=torch.float64)]},
+        r"sources have dtype torch.float64; accepted: float32, bfloat16, float16",
+    ),
+    "ln weight on another device": (
+        {"ln_weight": [torch.ones(3, device="meta")]},
+        r"ln_weight\[0\] is on meta but the sources are on",
+    ),
+    "layer weights on another device": (
+        {"layer_weights": torch.ones(1, device="meta")},
+        r"layer_weights is on meta but the sources are on",
+    ),
+    "negative eps": ({"eps": -1.0}, r"eps must be a finite number >= 0, got -1.0"),
+    "too wide": (
+        {"sources": [grid(1, 1, 1, MAX_CHANNELS + 1)]},
+        rf"group 0 has {MAX_CHANNELS + 1} channels; at most {MAX_CHANNELS} are supported",
+    ),
+}
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_raises_before_any_launch(monkeypatch, overrides, message):
+    for name in (
+        "_grid_fuse_forward_kernel",
+        "_grid_fuse_backward_rows_kernel",
+        "_grid_fuse_backward_scatter_kernel",
+    ):
+        monkeypatch.setattr(gf, name, NoLaunch())
+    with pytest.raises(ValueError, match=message):
+        small_call(triton_grid_fuse, **overrides)
+
+
+def test_bad_buffers_are_rejected():
+    x = [grid(1, 2, 2, 3)]
+    with pytest.raises(ValueError, match=re.escape("grid_fuse out must have shape (1, 6, 3), got (1, 6, 4)")):
+        grid_fuse_forward(x, (3, 2), [0], [1.0], out=grid(1, 6, 4))
+    with pytest.raises(ValueError, match=r"grid_fuse out is torch.float16 on .*; it must be torch.float32"):
+        grid_fuse_forward(x, (3, 2), [0], [1.0], out=grid(1, 6, 3, dtype=torch.float16))
+    _, mean, rstd = grid_fuse_forward(x, (3, 2), [0], [1.0], save_stats=True)
+    with pytest.raises(
+        ValueError, match=re.escape("grid_fuse grad_out must have shape (1, 6, 3), got (1, 5, 3)")
+    ):
+        grid_fuse_backward(grid(1, 5, 3), x, (3, 2), [0], [1.0], None, None, "bilinear", mean, rstd)
+    with pytest.raises(ValueError, match=re.escape("grid_fuse rstd must have shape (1, 6), got (1, 5)")):
+        grid_fuse_backward(grid(1, 6, 3), x, (3, 2), [0], [1.0], None, None, "bilinear", mean, rstd[:, :5])
+
+
+# -- the benchmark module -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run_writes_ratios(tmp_path, capsys):
+    """A smoke run of the benchmark on a tiny case (torch.compile with its quick 'eager' backend)."""
+    from benchmarks import kernels as bench
+
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--case", "tiny=2x2x8*2+3x3x8*1->2x2", "--batch", "1", "--compile-backend", "eager"]
+    bench.main([*argv, "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["device"]
+    rows = report["rows"]
+    assert {row["pass"] for row in rows} == {"fwd", "fwdbwd"}
+    for row in rows:
+        assert row["median_ms"] > 0 and row["bytes"] > 0
+        assert "speedup_vs_eager" in row and "speedup_vs_compile" in row
+    assert out.with_suffix(".md").read_text().startswith("#")
+    assert "no GPU" in capsys.readouterr().out or DEVICE == "cuda"
+
+
+@pytest.mark.parametrize("spec", ["tiny", "tiny=2x2x8->2x2", "tiny=2x2x8*2->0x2", "=2x2x8*1->2x2"])
+def test_benchmark_rejects_malformed_case_specs(spec):
+    from benchmarks.kernels import parse_case
+
+    with pytest.raises(ValueError, match=re.escape(f"--case {spec!r}")):
+        parse_case(spec)
+
+
+def test_benchmark_case_spec_and_bytes():
+    from benchmarks.kernels import Encoder, bytes_moved, make_problem, parse_case
+
+    case = parse_case("pair=3x2x4*2+1x1x6*1->2x2")
+    assert case.encoders == (Encoder(3, 2, 4, 2), Encoder(1, 1, 6, 1)) and case.out_hw == (2, 2)
+    problem = make_problem(case, 2, torch.float32, torch.device("cpu"))
+    assert problem.groups == [0, 0, 1]
+    inputs = 4 * (2 * (2 * 3 * 2 * 4) + 2 * 6 + 3 + 2 * (2 * 4 + 6))  # sources, layer weights, LN affines
+    out = 4 * 2 * 4 * (4 + 6)
+    assert bytes_moved(problem, out, "fwd") == inputs + out
+    assert bytes_moved(problem, out, "fwdbwd") == 3 * inputs + 2 * out
