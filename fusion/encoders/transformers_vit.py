@@ -39,38 +39,42 @@ PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 class HfFamily:
     """How to read one family of Hugging Face vision towers.
 
-    ``model_class`` is built from the vision config; ``pre_norm`` / ``final_norm`` / ``blocks`` are
-    attribute paths inside it; ``extra_prefix`` counts prefix tokens beyond CLS (registers).
+    Attributes:
+        model_class: the transformers class built from the vision config.
+        blocks, final_norm, pre_norm: attribute paths inside the model (pre_norm None: none).
+        has_cls: a CLS token leads the sequence (SigLIP has none).
+        interpolate_flag: the embeddings take ``interpolate_pos_encoding`` (CLIP, SigLIP); DINOv2's
+            always interpolate.
+        mean, std, interpolation, resize: the image processor's defaults.
+        register_attr: the config attribute counting register tokens, if any.
     """
 
     model_class: str
     blocks: str
     final_norm: str
-    pre_norm: str | None
-    has_cls: bool
-    interpolate_flag: bool  # the embeddings take interpolate_pos_encoding (CLIP, SigLIP)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    interpolation: str
-    resize: str
+    pre_norm: str | None = None
+    has_cls: bool = True
+    interpolate_flag: bool = True
+    interpolation: str = "bicubic"
+    resize: str = "crop"
     register_attr: str | None = None
 
 
 CLIP = HfFamily(
-    "CLIPVisionModel", "encoder.layers", "post_layernorm", "pre_layrnorm", True, True,
-    CLIP_MEAN, CLIP_STD, "bicubic", "crop",
-)  # fmt: skip
+    "CLIPVisionModel", "encoder.layers", "post_layernorm", CLIP_MEAN, CLIP_STD, pre_norm="pre_layrnorm"
+)
 DINOV2 = HfFamily(
-    "Dinov2Model", "encoder.layer", "layernorm", None, True, False,
-    IMAGENET_MEAN, IMAGENET_STD, "bicubic", "crop",
-)  # fmt: skip
+    "Dinov2Model", "encoder.layer", "layernorm", IMAGENET_MEAN, IMAGENET_STD, interpolate_flag=False
+)
 DINOV2_REG = HfFamily(
-    "Dinov2WithRegistersModel", "encoder.layer", "layernorm", None, True, False,
-    IMAGENET_MEAN, IMAGENET_STD, "bicubic", "crop", register_attr="num_register_tokens",
+    "Dinov2WithRegistersModel", "encoder.layer", "layernorm", IMAGENET_MEAN, IMAGENET_STD,
+    interpolate_flag=False, register_attr="num_register_tokens",
 )  # fmt: skip
 SIGLIP = HfFamily(
-    "SiglipVisionModel", "encoder.layers", "post_layernorm", None, False, True,
-    HALF, HALF, "bilinear", "squash",
+    "SiglipVisionModel", "encoder.layers", "post_layernorm", HALF, HALF,
+    has_cls=False, interpolation="bilinear", resize="squash",
 )  # fmt: skip
 # model_type of a config -> family; the full two-tower types read their vision_config
 FAMILIES: dict[str, HfFamily] = {
@@ -284,8 +288,12 @@ def preprocessing_of(
         found = None
     if found is not None:
         processor = json.loads(Path(found).read_text())
-    crop = processor.get("crop_size") or {}
-    default_size = (crop["height"], crop["width"]) if "height" in crop else (vision.image_size,) * 2
+    crop = processor.get("crop_size") if processor.get("do_center_crop", True) else None
+    crop = crop or processor.get("size") or vision.image_size  # older processors store plain ints
+    if isinstance(crop, dict):
+        crop = (crop["height"], crop["width"]) if "height" in crop else crop.get("shortest_edge")
+    crop = crop or vision.image_size
+    default_size = crop if isinstance(crop, (list, tuple)) else (crop, crop)
     return Preprocessing(
         image_size=image_size or tuple(default_size),
         mean=tuple(float(v) for v in processor.get("image_mean", family.mean)),
