@@ -1,0 +1,374 @@
+"""The shared probe: train the fusion head plus a small task head on cached features, evaluate it.
+
+A probe task (classification, dense, localization) says which targets it reads, how to prepare them
+for the fused grid, which head sits on the fused tokens, its loss and its metrics; :func:`run_probe`
+does the rest identically for all: a fresh fusion head per seed, AdamW with a cosine schedule on the
+train split, one pass over the test split, mean and std over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+Grids = list[list[torch.Tensor]]  # [encoder][layer] -> (N, h, w, C)
+
+
+@dataclass
+class FeatureSplit:
+    """Cached features of one split and its targets.
+
+    Attributes:
+        grids: ``grids[e][l]`` is the float ``(N, h, w, C)`` grid of layer ``l`` of encoder ``e``,
+            sample dimension first, the same N everywhere.
+        labels: long ``(N,)`` class ids, -1 for none; or None.
+        masks: long ``(N, H, W)`` masks at image resolution, -1 for ignored pixels; or None.
+        boxes: float ``(N, 4)`` normalised xyxy boxes, NaN rows for none; or None.
+        num_classes: classes of ``labels`` (classification) or of ``masks`` (dense); 0 when unused.
+
+    Raises:
+        ValueError: grids that are not a non-empty list of lists of 4-D float tensors with one N,
+            or targets whose shape does not fit N.
+    """
+
+    grids: Grids
+    labels: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+    num_classes: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grids, (list, tuple)) or not self.grids:
+            raise ValueError("FeatureSplit.grids must be a non-empty list (one entry per encoder)")
+        sizes = set()
+        for e, layers in enumerate(self.grids):
+            if not isinstance(layers, (list, tuple)) or not layers:
+                raise ValueError(f"FeatureSplit.grids[{e}] must be a non-empty list of (N, h, w, C) tensors")
+            for i, grid in enumerate(layers):
+                if not isinstance(grid, torch.Tensor) or grid.ndim != 4 or not grid.is_floating_point():
+                    shape = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
+                    raise ValueError(
+                        f"FeatureSplit.grids[{e}][{i}] must be a float (N, h, w, C) tensor, got {shape}"
+                    )
+                sizes.add(grid.shape[0])
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(
+                f"FeatureSplit.grids must share one non-zero sample count N, got {sorted(sizes)}"
+            )
+        n = sizes.pop()
+        expected = {"labels": (n,), "masks": (n, None, None), "boxes": (n, 4)}
+        for field, shape in expected.items():
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if (
+                not isinstance(value, torch.Tensor)
+                or value.ndim != len(shape)
+                or any(want is not None and got != want for got, want in zip(value.shape, shape))
+            ):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                want = ", ".join("*" if s is None else str(s) for s in shape)
+                raise ValueError(f"FeatureSplit.{field} must have shape ({want}) for N={n}, got {got}")
+        if (
+            not isinstance(self.num_classes, int)
+            or isinstance(self.num_classes, bool)
+            or self.num_classes < 0
+        ):
+            raise ValueError(f"FeatureSplit.num_classes must be an int >= 0, got {self.num_classes!r}")
+
+    def __len__(self) -> int:
+        return self.grids[0][0].shape[0]
+
+    def select(self, index: torch.Tensor) -> Grids:
+        """The grids of the samples ``index``, in the same nesting."""
+        return [[grid[index] for grid in layers] for layers in self.grids]
+
+
+class ProbeTask:
+    """What one probe task adds to the shared loop. Subclasses set the class attributes and methods.
+
+    Attributes:
+        NAME: registry name. METRIC: the main metric's name. TARGET: the :class:`FeatureSplit`
+        field it reads. INPUT: ``"tokens"`` (the head gets ``(B, N, D)``) or ``"grid"`` (it gets
+        ``fusion.to_grid(tokens)``, ``(B, H, W, D')``).
+    """
+
+    NAME: ClassVar[str]
+    METRIC: ClassVar[str]
+    TARGET: ClassVar[str]
+    INPUT: ClassVar[str] = "tokens"
+
+    def check(self, split: FeatureSplit, which: str) -> None:
+        """Raise ValueError when ``split`` lacks or has invalid targets for this task."""
+        if getattr(split, self.TARGET) is None:
+            raise ValueError(f"the {self.NAME} probe needs {which} FeatureSplit.{self.TARGET}, got None")
+
+    def targets(self, split: FeatureSplit, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """The per-sample targets in the form the loss and metrics take."""
+        return getattr(split, self.TARGET)
+
+    def valid(self, targets: torch.Tensor) -> torch.Tensor:
+        """Bool ``(N,)``: samples with something to learn from (others are left out)."""
+        raise NotImplementedError
+
+    def build_head(self, width: int, grid_hw: tuple[int, int], num_classes: int) -> nn.Module:
+        """The task head on fused features of ``width`` channels on a ``grid_hw`` grid."""
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scores(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
+        """Metrics over a whole split: the main one under ``METRIC``, others beside it."""
+        raise NotImplementedError
+
+    def baseline(
+        self, train_targets: torch.Tensor, test_targets: torch.Tensor, num_classes: int
+    ) -> dict[str, float]:
+        """The metrics of the best constant prediction learnt from the train targets (no features)."""
+        raise NotImplementedError
+
+
+TASKS: dict[str, ProbeTask] = {}
+
+
+def register_task(cls: type[ProbeTask]) -> type[ProbeTask]:
+    """Class decorator: make ``run_probe(cls.NAME, ...)`` use this task."""
+    TASKS[cls.NAME] = cls()
+    return cls
+
+
+class ProbeModel(nn.Module):
+    """The fusion head followed by the task head."""
+
+    def __init__(self, fusion: nn.Module, head: nn.Module, head_input: str) -> None:
+        super().__init__()
+        self.fusion, self.head, self.head_input = fusion, head, head_input
+
+    def forward(self, grids: Grids) -> torch.Tensor:
+        tokens = self.fusion(grids)
+        return self.head(self.fusion.to_grid(tokens) if self.head_input == "grid" else tokens)
+
+
+def _positive(value, name: str, kind: type) -> None:
+    if not isinstance(value, kind) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"run_probe {name} must be a positive {kind.__name__}, got {value!r}")
+
+
+def _check_matching(train: FeatureSplit, test: FeatureSplit) -> None:
+    """Train and test must have the same encoders, layers and channel widths."""
+    layout = lambda s: [[tuple(g.shape[3:]) for g in layers] for layers in s.grids]
+    if layout(train) != layout(test):
+        raise ValueError(
+            f"train and test FeatureSplit grids differ in encoders/layers/channels: "
+            f"{layout(train)} vs {layout(test)}"
+        )
+
+
+def fit(
+    model: ProbeModel,
+    task: ProbeTask,
+    split: FeatureSplit,
+    targets: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[float]:
+    """Train ``model`` with AdamW and a linear-warm-up cosine schedule; returns the mean loss per epoch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    n = len(targets)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total, warmup = epochs * steps_per_epoch, max(1, epochs * steps_per_epoch // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)),
+    )
+    history = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        running = 0.0
+        for start in range(0, n, batch_size):
+            batch = order[start : start + batch_size]
+            loss = task.loss(model(split.select(batch)), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            running += loss.item() * len(batch)
+        history.append(running / n)
+    return history
+
+
+@torch.no_grad()
+def predict(model: ProbeModel, split: FeatureSplit, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The model's outputs on every sample of ``split``, in order (eval mode)."""
+    model.eval()
+    n = len(split)
+    outputs = [
+        model(split.select(torch.arange(start, min(start + batch_size, n), device=device)))
+        for start in range(0, n, batch_size)
+    ]
+    return torch.cat(outputs)
+
+
+def _to_device(split: FeatureSplit, device: torch.device, keep: torch.Tensor) -> FeatureSplit:
+    """The samples ``keep`` of ``split`` with grids as float32 on ``device``."""
+    return FeatureSplit(
+        grids=[[g[keep].to(device=device, dtype=torch.float32) for g in layers] for layers in split.grids],
+        num_classes=split.num_classes,
+    )
+
+
+def _summary(values: Sequence[float]) -> dict:
+    """Mean, sample std (0.0 for one value) and the values themselves."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "per_seed": values}
+
+
+def run_probe(
+    task: str,
+    make_head: Callable[[], nn.Module],
+    train: FeatureSplit,
+    test: FeatureSplit,
+    *,
+    seeds: Sequence[int] = (0,),
+    epochs: int = 30,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    weight_decay: float = 0.01,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Train and evaluate one probe for each seed.
+
+    For each seed, with the global RNG seeded to it (and restored afterwards): ``make_head()``
+    builds a fresh fusion head (a :class:`fusion.model.FusionHead`: ``forward(grids) -> (B, N, D)``
+    and ``to_grid(tokens) -> (B, H, W, D')``), a task head is put on top of it, both train with AdamW
+    on ``train`` and are evaluated on ``test``. Samples without a target (label -1, NaN box, mask all
+    ignored) are left out of both. Results depend only on the inputs and the seeds.
+
+    Args:
+        task: ``classification``, ``dense`` or ``localization`` (see ``TASKS``).
+        make_head: builds an untrained fusion head for the encoders of the features.
+        train, test: the features and targets of the two splits.
+        seeds, epochs, lr, batch_size, weight_decay: the training recipe.
+        device: where to train.
+
+    Returns:
+        ``{"task", "metric", "mean", "std", "per_seed", "seeds", "extra", "train_size", "test_size",
+        "epochs", "lr", "batch_size", "weight_decay"}``; ``std`` is the sample std over seeds (0.0 with
+        one seed); ``extra`` holds the other metrics as ``{"mean", "std", "per_seed"}``, the
+        ``baseline`` metrics of the best constant prediction, and ``train_loss`` (last-epoch loss per
+        seed).
+
+    Raises:
+        ValueError: unknown task; missing or invalid targets; mismatched train/test grids; bad
+            seeds, epochs, lr, batch_size or weight_decay; a split without any usable sample.
+    """
+    if task not in TASKS:
+        raise ValueError(f"probe task={task!r} is unknown; accepted: {', '.join(sorted(TASKS))}")
+    probe = TASKS[task]
+    if not callable(make_head):
+        raise ValueError(f"run_probe make_head must be a callable returning a FusionHead, got {make_head!r}")
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"run_probe seeds must be a non-empty list of ints, got {seeds!r}")
+    _positive(epochs, "epochs", int)
+    _positive(batch_size, "batch_size", int)
+    _positive(float(lr) if isinstance(lr, int) else lr, "lr", float)
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"run_probe weight_decay must be a number >= 0, got {weight_decay!r}")
+    probe.check(train, "train")
+    probe.check(test, "test")
+    _check_matching(train, test)
+    device = torch.device(device)
+
+    per_seed: list[dict[str, float]] = []
+    losses: list[float] = []
+    prepared: dict[tuple[int, int], tuple] = {}
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    for seed in seeds:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            fusion = make_head()
+            if not isinstance(fusion, nn.Module):
+                raise ValueError(
+                    f"run_probe make_head() must return an nn.Module, got {type(fusion).__name__}"
+                )
+            fusion = fusion.to(device)
+            # one sample through the fusion head tells the head's input width and the fused grid
+            with torch.no_grad():
+                fusion.eval()
+                probe_input = [
+                    [g[:1].to(device=device, dtype=torch.float32) for g in ls] for ls in train.grids
+                ]
+                tokens = fusion(probe_input)
+                shaped = fusion.to_grid(tokens) if probe.INPUT == "grid" else tokens
+                grid_hw = tuple(fusion.to_grid(tokens).shape[1:3])
+            if grid_hw not in prepared:
+                prepared[grid_hw] = _prepare(probe, train, test, grid_hw, device)
+            train_split, train_targets, test_split, test_targets = prepared[grid_hw]
+            num_classes = train.num_classes
+            model = ProbeModel(fusion, probe.build_head(shaped.shape[-1], grid_hw, num_classes), probe.INPUT)
+            model = model.to(device)
+            generator = torch.Generator().manual_seed(seed)
+            history = fit(
+                model,
+                probe,
+                train_split,
+                train_targets,
+                epochs=epochs,
+                lr=float(lr),
+                batch_size=batch_size,
+                weight_decay=float(weight_decay),
+                generator=generator,
+                device=device,
+            )
+            outputs = predict(model, test_split, batch_size, device)
+            per_seed.append(probe.scores(outputs, test_targets, num_classes))
+            losses.append(history[-1])
+
+    metrics = {name: _summary([s[name] for s in per_seed]) for name in per_seed[0]}
+    main = metrics.pop(probe.METRIC)
+    _, train_targets, _, test_targets = next(iter(prepared.values()))
+    return {
+        "task": probe.NAME,
+        "metric": probe.METRIC,
+        **main,
+        "seeds": seeds,
+        "extra": {
+            **metrics,
+            "baseline": probe.baseline(train_targets.cpu(), test_targets.cpu(), train.num_classes),
+            "train_loss": losses,
+        },
+        "train_size": len(train_targets),
+        "test_size": len(test_targets),
+        "epochs": epochs,
+        "lr": float(lr),
+        "batch_size": batch_size,
+        "weight_decay": float(weight_decay),
+    }
+
+
+def _prepare(probe: ProbeTask, train: FeatureSplit, test: FeatureSplit, grid_hw: tuple[int, int], device):
+    """Targets for the fused grid, and both splits reduced to the samples that have one, on ``device``."""
+    prepared = []
+    for which, split in (("train", train), ("test", test)):
+        targets = probe.targets(split, grid_hw)
+        keep = probe.valid(targets)
+        if not bool(keep.any()):
+            raise ValueError(f"the {which} split has no sample with a usable {probe.TARGET} target")
+        prepared += [_to_device(split, device, keep), targets[keep].to(device)]
+    return tuple(prepared)
