@@ -66,11 +66,12 @@ class LocalizationTask(ProbeTask):
 
     def check(self, split: FeatureSplit, which: str) -> None:
         super().check(split, which)
-        boxes = split.boxes
-        known = boxes[~boxes.isnan().any(dim=1)]
-        if bool(boxes.isnan().any(dim=1).ne(boxes.isnan().all(dim=1)).any()) or not bool(
-            ((known >= 0) & (known <= 1)).all() and (known[:, 2:] >= known[:, :2]).all()
-        ):
+        missing = split.boxes.isnan()
+        partial = bool((missing.any(dim=1) & ~missing.all(dim=1)).any())
+        known = split.boxes[~missing.any(dim=1)]
+        in_range = bool(((known >= 0) & (known <= 1)).all())
+        ordered = bool((known[:, 2:] >= known[:, :2]).all())
+        if partial or not (in_range and ordered):
             raise ValueError(
                 f"{which} FeatureSplit.boxes must be normalised xyxy rows in [0, 1] with x1 >= x0, y1 >= y0 "
                 "(or all-NaN rows for no box)"

@@ -155,9 +155,10 @@ class ProbeModel(nn.Module):
         return self.head(self.fusion.to_grid(tokens) if self.head_input == "grid" else tokens)
 
 
-def _positive(value, name: str, kind: type) -> None:
-    if not isinstance(value, kind) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"run_probe {name} must be a positive {kind.__name__}, got {value!r}")
+def _positive(value, name: str, kinds: tuple[type, ...]) -> None:
+    if not isinstance(value, kinds) or isinstance(value, bool) or not value > 0:
+        kind = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"run_probe {name} must be a positive {kind}, got {value!r}")
 
 
 def _check_matching(train: FeatureSplit, test: FeatureSplit) -> None:
@@ -225,7 +226,10 @@ def predict(model: ProbeModel, split: FeatureSplit, batch_size: int, device: tor
 def _to_device(split: FeatureSplit, device: torch.device, keep: torch.Tensor) -> FeatureSplit:
     """The samples ``keep`` of ``split`` with grids as float32 on ``device``."""
     return FeatureSplit(
-        grids=[[g[keep].to(device=device, dtype=torch.float32) for g in layers] for layers in split.grids],
+        grids=[
+            [g[keep.to(g.device)].to(device=device, dtype=torch.float32) for g in layers]
+            for layers in split.grids
+        ],
         num_classes=split.num_classes,
     )
 
@@ -271,7 +275,7 @@ def run_probe(
         "epochs", "lr", "batch_size", "weight_decay"}``; ``std`` is the sample std over seeds (0.0 with
         one seed); ``extra`` holds the other metrics as ``{"mean", "std", "per_seed"}``, the
         ``baseline`` metrics of the best constant prediction, and ``train_loss`` (last-epoch loss per
-        seed).
+        seed); ``train_size`` and ``test_size`` count the samples used (those with a target).
 
     Raises:
         ValueError: unknown task; missing or invalid targets; mismatched train/test grids; bad
@@ -285,9 +289,9 @@ def run_probe(
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"run_probe seeds must be a non-empty list of ints, got {seeds!r}")
-    _positive(epochs, "epochs", int)
-    _positive(batch_size, "batch_size", int)
-    _positive(float(lr) if isinstance(lr, int) else lr, "lr", float)
+    _positive(epochs, "epochs", (int,))
+    _positive(batch_size, "batch_size", (int,))
+    _positive(lr, "lr", (int, float))
     if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"run_probe weight_decay must be a number >= 0, got {weight_decay!r}")
     probe.check(train, "train")
@@ -299,46 +303,18 @@ def run_probe(
     losses: list[float] = []
     prepared: dict[tuple[int, int], tuple] = {}
     fork_devices = [device.index or 0] if device.type == "cuda" else []
+    recipe = {
+        "epochs": epochs,
+        "lr": float(lr),
+        "batch_size": batch_size,
+        "weight_decay": float(weight_decay),
+    }
     for seed in seeds:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
-            fusion = make_head()
-            if not isinstance(fusion, nn.Module):
-                raise ValueError(
-                    f"run_probe make_head() must return an nn.Module, got {type(fusion).__name__}"
-                )
-            fusion = fusion.to(device)
-            # one sample through the fusion head tells the head's input width and the fused grid
-            with torch.no_grad():
-                fusion.eval()
-                probe_input = [
-                    [g[:1].to(device=device, dtype=torch.float32) for g in ls] for ls in train.grids
-                ]
-                tokens = fusion(probe_input)
-                shaped = fusion.to_grid(tokens) if probe.INPUT == "grid" else tokens
-                grid_hw = tuple(fusion.to_grid(tokens).shape[1:3])
-            if grid_hw not in prepared:
-                prepared[grid_hw] = _prepare(probe, train, test, grid_hw, device)
-            train_split, train_targets, test_split, test_targets = prepared[grid_hw]
-            num_classes = train.num_classes
-            model = ProbeModel(fusion, probe.build_head(shaped.shape[-1], grid_hw, num_classes), probe.INPUT)
-            model = model.to(device)
-            generator = torch.Generator().manual_seed(seed)
-            history = fit(
-                model,
-                probe,
-                train_split,
-                train_targets,
-                epochs=epochs,
-                lr=float(lr),
-                batch_size=batch_size,
-                weight_decay=float(weight_decay),
-                generator=generator,
-                device=device,
-            )
-            outputs = predict(model, test_split, batch_size, device)
-            per_seed.append(probe.scores(outputs, test_targets, num_classes))
-            losses.append(history[-1])
+            scores, loss = _train_and_test(probe, make_head, train, test, prepared, seed, recipe, device)
+        per_seed.append(scores)
+        losses.append(loss)
 
     metrics = {name: _summary([s[name] for s in per_seed]) for name in per_seed[0]}
     main = metrics.pop(probe.METRIC)
@@ -355,11 +331,49 @@ def run_probe(
         },
         "train_size": len(train_targets),
         "test_size": len(test_targets),
-        "epochs": epochs,
-        "lr": float(lr),
-        "batch_size": batch_size,
-        "weight_decay": float(weight_decay),
+        **recipe,
     }
+
+
+def _train_and_test(
+    probe: ProbeTask,
+    make_head: Callable[[], nn.Module],
+    train: FeatureSplit,
+    test: FeatureSplit,
+    prepared: dict,
+    seed: int,
+    recipe: dict,
+    device: torch.device,
+) -> tuple[dict[str, float], float]:
+    """One seed: a fresh fusion head and task head, trained, then scored on test. ``prepared``
+    caches the splits' targets per fused grid size. Returns the scores and the last epoch's loss."""
+    fusion = make_head()
+    if not isinstance(fusion, nn.Module):
+        raise ValueError(f"run_probe make_head() must return an nn.Module, got {type(fusion).__name__}")
+    fusion = fusion.to(device)
+    # one sample through the fusion head tells the fused grid and the task head's input width
+    with torch.no_grad():
+        fusion.eval()
+        tokens = fusion([[g[:1].to(device=device, dtype=torch.float32) for g in ls] for ls in train.grids])
+        grid = fusion.to_grid(tokens)
+    grid_hw = tuple(grid.shape[1:3])
+    width = (grid if probe.INPUT == "grid" else tokens).shape[-1]
+    if grid_hw not in prepared:
+        prepared[grid_hw] = _prepare(probe, train, test, grid_hw, device)
+    train_split, train_targets, test_split, test_targets = prepared[grid_hw]
+    head = probe.build_head(width, grid_hw, train.num_classes)
+    model = ProbeModel(fusion, head, probe.INPUT).to(device)
+    history = fit(
+        model,
+        probe,
+        train_split,
+        train_targets,
+        **recipe,
+        generator=torch.Generator().manual_seed(seed),
+        device=device,
+    )
+    outputs = predict(model, test_split, recipe["batch_size"], device)
+    return probe.scores(outputs, test_targets, train.num_classes), history[-1]
 
 
 def _prepare(probe: ProbeTask, train: FeatureSplit, test: FeatureSplit, grid_hw: tuple[int, int], device):
