@@ -41,14 +41,16 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.reference import MODES, check_grid_fuse_inputs
+from kernels.reference import check_grid_fuse_inputs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One token's channels are held in registers; beyond this a row no longer fits one program.
 MAX_CHANNELS = 16384
-# Kernel-side code of each resample mode (a constexpr, so each mode compiles its own kernel).
-_MODE_CODES = {mode: code for code, mode in enumerate(MODES)}
-_BILINEAR, _NEAREST, _AREA = (_MODE_CODES[m] for m in ("bilinear", "nearest", "area"))
+# Kernel-side codes of the resample modes (a constexpr: each mode compiles its own kernel).
+BILINEAR = tl.constexpr(0)
+NEAREST = tl.constexpr(1)
+AREA = tl.constexpr(2)
+_MODE_CODES = {"bilinear": BILINEAR.value, "nearest": NEAREST.value, "area": AREA.value}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +62,7 @@ _BILINEAR, _NEAREST, _AREA = (_MODE_CODES[m] for m in ("bilinear", "nearest", "a
 def _axis_taps(o, n_in, n_out, scale, MODE: tl.constexpr):
     """Taps of output index ``o`` along one axis: (first input index, tap count, weight of the first
     tap, weight of each later tap)."""
-    if MODE == 0:  # bilinear, align_corners=False, clamped like PyTorch
+    if MODE == BILINEAR:  # align_corners=False, clamped like PyTorch
         src = tl.maximum(scale * (tl.cast(o, tl.float32) + 0.5) - 0.5, 0.0)
         first = tl.minimum(tl.cast(src, tl.int64), n_in - 1)  # src >= 0, so truncation is floor
         lam = src - tl.cast(first, tl.float32)
@@ -69,12 +71,12 @@ def _axis_taps(o, n_in, n_out, scale, MODE: tl.constexpr):
         count = tl.where(two, 2, 1)
         w_first = tl.where(two, 1.0 - lam, 1.0)
         w_rest = lam
-    elif MODE == 1:  # nearest: PyTorch's legacy floor(o * scale) with a float32 scale
+    elif MODE == NEAREST:  # PyTorch's legacy floor(o * scale) with a float32 scale
         first = tl.minimum(tl.floor(tl.cast(o, tl.float32) * scale).to(tl.int64), n_in - 1)
         count = tl.full((), 1, tl.int64)
         w_first = tl.full((), 1.0, tl.float32)
         w_rest = tl.full((), 0.0, tl.float32)
-    else:  # area: adaptive_avg_pool2d windows, integer arithmetic
+    else:  # AREA: adaptive_avg_pool2d windows, integer arithmetic
         first = (o * n_in) // n_out
         count = ((o + 1) * n_in + n_out - 1) // n_out - first
         w_first = 1.0 / tl.cast(count, tl.float32)
@@ -93,13 +95,13 @@ def _axis_weight(o, i, n_in, n_out, scale, MODE: tl.constexpr):
 def _axis_readers(i, n_in, n_out, MODE: tl.constexpr):
     """A window [lo, hi] of the output indices whose taps may include input index ``i``: exact for
     area, one index wider on each side for the float-scaled modes."""
-    if MODE == 0:  # bilinear reads i from outputs with source index in [i-1, i+1)
+    if MODE == BILINEAR:  # reads i from outputs whose source index is in [i-1, i+1)
         lo = tl.maximum(tl.maximum((2 * i - 1) * n_out - n_in, 0) // (2 * n_in) - 1, 0)
         hi = ((2 * i + 3) * n_out + n_in - 1) // (2 * n_in)
-    elif MODE == 1:  # nearest: floor(o * in / out) == i
+    elif MODE == NEAREST:  # floor(o * in / out) == i
         lo = tl.maximum((i * n_out) // n_in - 1, 0)
         hi = ((i + 1) * n_out + n_in - 1) // n_in
-    else:  # area: floor(o * in / out) <= i < ceil((o + 1) * in / out)
+    else:  # AREA: floor(o * in / out) <= i < ceil((o + 1) * in / out)
         lo = (i * n_out) // n_in
         hi = ((i + 1) * n_out + n_in - 1) // n_in - 1
     return lo, tl.minimum(hi, n_out - 1)
