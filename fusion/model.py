@@ -87,11 +87,18 @@ class FusionHead(nn.Module):
         merge_dim: when set, each encoder's combined grid is projected by a Linear to this width
             before the merge; merges other than ``channel_concat`` need it when widths differ.
 
-    With ``channel_concat``, no ``merge_dim`` and an alignment ``kernels.grid_fuse`` supports
-    (bilinear, nearest, area), alignment, layer combine and encoder merge of every encoder run as
-    ONE ``kernels.grid_fuse`` call (``fused_route`` is True); otherwise each encoder's layers are
-    aligned by its aligner and combined by one ``grid_fuse`` call on the aligned grids. Both routes
-    compute the same function.
+    Every layer combine layer-normalises each aligned layer over channels (``last`` and ``mean``
+    included, without affine; see :mod:`fusion.merge`), so encoders of different scale meet on
+    equal footing. With ``channel_concat``, no ``merge_dim`` and an alignment that
+    ``kernels.grid_fuse`` supports (bilinear, nearest, area), alignment, layer combine and encoder
+    merge of every encoder run as ONE ``kernels.grid_fuse`` call (``fused_route`` is True);
+    otherwise each encoder's layers are aligned by its aligner and combined by one ``grid_fuse``
+    call on the aligned grids. Both routes compute the same function.
+
+    Attributes:
+        grid: the target grid (H, W); geometries: the encoders' geometries; fused_route: whether
+            forward takes the one-call ``grid_fuse`` route; aligners, combines, projections, merge,
+            connector: the stages, one aligner / combine / projection per encoder.
 
     Raises:
         ValueError: no geometries, repeated names, a bad grid or ``merge_dim``, unknown strategy

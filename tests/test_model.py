@@ -532,6 +532,17 @@ def test_custom_encoders_of_different_widths(images, tiny_encoders):
     assert added(images).shape == (2, 12, 8)
 
 
+def test_encoders_of_every_source_fuse(images):
+    specs = [
+        tiny_spec("clip", source="open_clip", layers=(-2, -1)),
+        tiny_spec("dino_reg", "dino", source="transformers", layers=(1, 3)),
+    ]
+    model = FusedEncoder(specs, encoder_merge="interleave", merge_dim=8)
+    assert model.head.grid == (4, 4)
+    out = model(images)
+    assert out.shape == (2, 32, 8) and torch.isfinite(out).all()
+
+
 def test_weights_status(tiny_encoders):
     assert FusedEncoder(tiny_encoders).weights_status() == {"clip": "random", "dino": "random"}
 
