@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from kernels.grid_fuse import (
 # The module; the attribute ``kernels.grid_fuse`` is the dispatching function.
 gf = importlib.import_module("kernels.grid_fuse")
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() and not gf._INTERPRETED else "cpu"
 EPS = 1e-6
 MODES = reference.MODES
 # (rtol, atol) per dtype. atol is relative to the largest magnitude of the expected tensor:
