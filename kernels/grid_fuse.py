@@ -129,7 +129,7 @@ def _grid_fuse_forward_kernel(
     Y_ptr,  # output, shape (B*H*W, y_cols); this group's channels start at column y_col
     y_cols,
     y_col,
-    sources,  # tuple of L _Grid: source x (B, h, w, C), channel stride 1; LN params (C,) or None;
+    sources,  # tuple of L _Grid: source x (B, h, w, C), channel stride 1; LN params (C,);
     # layer weight (1,) fp32; mean and rstd rows (B*H*W,) fp32
     H,
     W,
@@ -156,11 +156,8 @@ def _grid_fuse_forward_kernel(
         if STORE_STATS:
             tl.store(src.mean + token, mean)
             tl.store(src.rstd + token, rstd)
-        y = centred * rstd
-        if src.ln_weight is not None:
-            y = y * tl.load(src.ln_weight + cols, mask=mask, other=0.0).to(tl.float32)
-        if src.ln_bias is not None:
-            y = y + tl.load(src.ln_bias + cols, mask=mask, other=0.0).to(tl.float32)
+        y = centred * rstd * tl.load(src.ln_weight + cols, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(src.ln_bias + cols, mask=mask, other=0.0).to(tl.float32)
         acc += tl.load(src.layer_weight) * y
     tl.store(Y_ptr + token * y_cols + y_col + cols, acc.to(Y_ptr.dtype.element_ty), mask=mask)
 
@@ -210,8 +207,7 @@ def _grid_fuse_backward_rows_kernel(
                 p_acc += tl.where(lanes[:, None] == i, (dy * xhat)[None, :], 0.0)
             if NEED_SOURCES:
                 g = dy * tl.load(src.layer_weight)
-                if src.ln_weight is not None:
-                    g = g * tl.load(src.ln_weight + cols, mask=mask, other=0.0).to(tl.float32)
+                g = g * tl.load(src.ln_weight + cols, mask=mask, other=0.0).to(tl.float32)
                 c1 = tl.sum(g * xhat, axis=0) / C
                 c2 = tl.sum(g, axis=0) / C
                 dr = (g - (xhat * c1 + c2)) * rstd
@@ -268,7 +264,7 @@ _INTERPRETED = isinstance(_grid_fuse_forward_kernel, InterpretedFunction)
 
 
 class _Grid(NamedTuple):
-    """One source as the kernels see it (a tuple argument; None fields compile away)."""
+    """One source as the kernels see it (a tuple argument of tensors and numbers, never None)."""
 
     x: torch.Tensor
     stride_b: int
@@ -279,10 +275,10 @@ class _Grid(NamedTuple):
     scale_h: float
     scale_w: float
     layer_weight: torch.Tensor
-    ln_weight: torch.Tensor | None
-    ln_bias: torch.Tensor | None
-    mean: torch.Tensor | None
-    rstd: torch.Tensor | None
+    ln_weight: torch.Tensor
+    ln_bias: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
 
 
 def _new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -418,13 +414,28 @@ def _grids(
             scale_h=_pytorch_scale(sources[i].shape[1], out_hw[0]),
             scale_w=_pytorch_scale(sources[i].shape[2], out_hw[1]),
             layer_weight=weights[i],
-            ln_weight=_param(ln_weight, i),
-            ln_bias=_param(ln_bias, i),
-            mean=None if mean is None else mean[i],
-            rstd=None if rstd is None else rstd[i],
+            ln_weight=_param_or_fill(ln_weight, i, 1.0, sources[i]),
+            ln_bias=_param_or_fill(ln_bias, i, 0.0, sources[i]),
+            # unread unless the kernel stores or reads statistics (a constexpr decides)
+            mean=weights if mean is None else mean[i],
+            rstd=weights if rstd is None else rstd[i],
         )
         for i in group.members
     )
+
+
+def _param_or_fill(
+    params: Sequence[torch.Tensor | None] | None, i: int, fill: float, source: torch.Tensor
+) -> torch.Tensor:
+    """The affine parameter of source i, or the identity (ones / zeros) where it has none.
+
+    Compiled Triton (3.6 at least) cannot specialise a None inside a tuple-of-NamedTuple
+    argument, so the kernels always get a tensor; C extra floats per source cost nothing.
+    """
+    p = _param(params, i)
+    if p is not None:
+        return p
+    return torch.full((source.shape[-1],), fill, dtype=torch.float32, device=source.device)
 
 
 def _check_eps(eps: float) -> None:
