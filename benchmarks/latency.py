@@ -7,9 +7,11 @@ one encoder with their own connector to the same output width). For each batch s
   own resize + normalise), ``encoder.<name>`` (its blocks up to the deepest hooked one), then the
   head: ``fuse`` (alignment, layer combine and encoder merge; one ``grid_fuse`` on the fused route)
   and ``connector``;
-* ``end_to_end``: the pipeline's forward on raw images. The repeats of all pipelines are
-  interleaved round-robin, so drift on a shared machine hits every pipeline alike and the ratios
-  against the CLIP-only baseline (``fused / clip_only = 1.43x``) stay honest.
+* ``end_to_end``: the pipeline's forward on raw images.
+
+The repeats of every stage and end-to-end call of every pipeline are taken round-robin, so drift or
+a noisy neighbour on a shared machine hits every pipeline alike and the ratios against the CLIP-only
+baseline (``fused / clip_only = 1.43x``) stay honest.
 
 Times: warm-up calls, then repeats; median, p10 and p90 in milliseconds. On a GPU, CUDA events; on
 the CPU, ``time.perf_counter`` with a fixed torch thread count. Peak memory: on a GPU
@@ -352,20 +354,21 @@ def measure_latency(
     with fixed_threads(options.threads), torch.inference_mode():
         for batch in options.batch_sizes:
             images = random_images(batch, options.image_size, options.seed, device)
+            calls: dict[tuple[str, str], Callable[[], object]] = {}
             for name, pipeline in built.items():
                 inputs = bound(pipeline.stage_inputs, images)()
-                per_batch[name][str(batch)] = {
-                    "stages": {
-                        stage: stats(_repeat(timer, bound(fn, *inputs[stage]), options))
-                        for stage, fn in pipeline.stages.items()
-                    }
-                }
-            calls = {name: bound(pipeline.end_to_end, images) for name, pipeline in built.items()}
+                calls.update(
+                    {(name, stage): bound(fn, *inputs[stage]) for stage, fn in pipeline.stages.items()}
+                )
+                calls[name, "end_to_end"] = bound(pipeline.end_to_end, images)
             samples = _interleaved(timer, calls, options)
-            for name, call in calls.items():
-                record = per_batch[name][str(batch)]
-                record["end_to_end"] = stats(samples[name])
-                record["memory"] = peak_memory(call, device, max(1, min(3, options.repeats)))
+            for name in built:
+                stages = {stage: stats(samples[name, stage]) for stage in built[name].stages}
+                per_batch[name][str(batch)] = {
+                    "stages": stages,
+                    "end_to_end": stats(samples[name, "end_to_end"]),
+                    "memory": peak_memory(calls[name, "end_to_end"], device, max(1, min(3, options.repeats))),
+                }
         one_image = random_images(1, options.image_size, options.seed, device)
         flops = {name: gflops_per_image(bound(p.fused, one_image)) for name, p in built.items()}
     first = str(options.batch_sizes[0])
@@ -415,20 +418,15 @@ def autocast_binder(device: torch.device, dtype: torch.dtype | None) -> Callable
     return bind
 
 
-def _repeat(timer: Timer, call: Callable[[], object], options: LatencyOptions) -> list[float]:
-    for _ in range(options.warmup):
-        call()
-    return [timer(call) for _ in range(options.repeats)]
-
-
 def _interleaved(
-    timer: Timer, calls: Mapping[str, Callable[[], object]], options: LatencyOptions
-) -> dict[str, list[float]]:
-    """End-to-end samples of every pipeline, repeats taken round-robin across pipelines."""
+    timer: Timer, calls: Mapping[tuple[str, str], Callable[[], object]], options: LatencyOptions
+) -> dict[tuple[str, str], list[float]]:
+    """Samples of every call (each stage and the end-to-end forward of every pipeline), the repeats
+    taken round-robin across all of them."""
     for _ in range(options.warmup):
         for call in calls.values():
             call()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
     for _ in range(options.repeats):
         for name, call in calls.items():
             samples[name].append(timer(call))

@@ -258,7 +258,7 @@ def render_markdown(report: Mapping) -> str:
         params = record.get("params")
         row.append(f"{params['trainable'] / 1e6:.2f}M / {params['total'] / 1e6:.2f}M" if params else "—")
         gflops = record.get("gflops")
-        row.append(f"{gflops:.2f}" if gflops is not None else "—")
+        row.append(f"{gflops:.3g}" if gflops is not None else "—")
         lines.append("| " + " | ".join(row) + " |")
     memory_kinds = sorted({(s.get("memory") or {}).get("kind", "") for s in strategies} - {""})
     if memory_kinds:
@@ -273,9 +273,9 @@ def render_markdown(report: Mapping) -> str:
 
 
 # -- plot -------------------------------------------------------------------------------------------
-def plot_pareto(report: Mapping, path: str | os.PathLike) -> Path:
-    """Save ``pareto.png``: per task, accuracy change against CLIP-only (pp) over the latency
-    overhead (x CLIP-only), one labelled point per strategy, baselines as squares."""
+def pareto_figure(report: Mapping):
+    """The Pareto figure: per task, accuracy change against the baseline (pp) over the latency
+    overhead (x baseline), one labelled point per strategy, baselines as hollow squares."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,6 +298,7 @@ def plot_pareto(report: Mapping, path: str | os.PathLike) -> Path:
                 facecolors="none" if baseline else "tab:blue",
                 edgecolors="black" if baseline else "tab:blue",
                 zorder=3,
+                label=record["name"],
             )
             axis.annotate(record["name"], (overhead, 100 * delta), textcoords="offset points", xytext=(6, 4))
         axis.axhline(0.0, color="grey", linewidth=0.8)
@@ -311,6 +312,14 @@ def plot_pareto(report: Mapping, path: str | os.PathLike) -> Path:
         title = "RANDOM WEIGHTS - " + title
     figure.suptitle(title)
     figure.tight_layout()
+    return figure
+
+
+def plot_pareto(report: Mapping, path: str | os.PathLike) -> Path:
+    """Save :func:`pareto_figure` as a PNG at ``path``, atomically."""
+    figure = pareto_figure(report)
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     temp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.png")
     try:

@@ -8,13 +8,15 @@ with its error; only what every strategy needs (the dataset, the encoders) ends 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import os
 import socket
+import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,18 @@ def configure_hub(mode: str) -> None:
     if mode == "offline" or not hub_reachable():
         log.info("model hub %s not used (bench.hub=%s): HF_HUB_OFFLINE=1", HUB_HOST[0], mode)
         os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@contextlib.contextmanager
+def phase(name: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Log a phase of the run and record its wall time (seconds) under ``name``."""
+    log.info("%s ...", name)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = round(time.perf_counter() - start, 2)
+        log.info("%s took %.1f s", name, seconds[name])
 
 
 def error_text(error: BaseException) -> str:
@@ -266,7 +280,9 @@ def run_benchmark(cfg: Any, out_dir: str | os.PathLike | None = None, *, command
         torch.set_num_threads(cfg.bench.threads)
     out = output_dir(cfg, out_dir)
     plan = strategies(cfg)
-    encoders = build_encoders(cfg)
+    seconds: dict[str, float] = {}
+    with phase("encoders", seconds):
+        encoders = build_encoders(cfg)
     cache = FeatureCache(
         cfg.bench.cache_dir,
         dtype=plain(cfg.bench.cache_dtype),
@@ -274,16 +290,20 @@ def run_benchmark(cfg: Any, out_dir: str | os.PathLike | None = None, *, command
         device=cfg.bench.device,
         progress=cfg.bench.progress,
     )
-    splits, role_errors = load_splits(cfg, encoders, cache)
+    with phase("data and features", seconds):
+        splits, role_errors = load_splits(cfg, encoders, cache)
     records = {s.name: strategy_record(s, encoders) for s in plan}
-    run_probes(cfg, plan, records, encoders, splits, role_errors)
-    run_latency(cfg, plan, records, encoders)
+    with phase("probes", seconds):
+        run_probes(cfg, plan, records, encoders, splits, role_errors)
+    with phase("latency", seconds):
+        run_latency(cfg, plan, records, encoders)
     run = {
         **plain(cfg),
         "overrides": job_overrides(),
         "config_hash": config_hash(cfg),
         "data_sizes": {which: len(split.dataset) for which, split in splits.items()},
         "roles": list(ROLES),
+        "phase_seconds": seconds,
     }
     report = build_report(
         list(records.values()),

@@ -1,0 +1,220 @@
+"""Reports: JSON schema, the markdown table and its random-weights first line, the Pareto plot, sweeps."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import matplotlib.pyplot as plt
+import pytest
+
+from benchmarks.report import (
+    SCHEMA_VERSION,
+    aggregate,
+    atomic_write,
+    build_report,
+    environment,
+    load_report,
+    pareto_figure,
+    render_markdown,
+    write_json,
+    write_report,
+)
+from benchmarks.run import job_overrides
+
+
+def record(name, role, encoders, accuracy, median, ratio, weights="random", errors=()):
+    """A strategy record as run.py writes it, with hand-chosen numbers."""
+    return {
+        "name": name,
+        "role": role,
+        "encoders": list(encoders),
+        "config": {"key": name, "head": {"kind": name}},
+        "weights": {e: weights for e in encoders},
+        "accuracy": {
+            task: {"task": task, "metric": metric, "mean": mean, "std": std, "per_seed": [mean]}
+            for task, (metric, mean, std) in accuracy.items()
+        },
+        "latency": {
+            "batch_size": 4,
+            "dtype": "fp32",
+            "compile": False,
+            "end_to_end": {"median": median, "p10": median * 0.9, "p90": median * 1.2, "n": 5},
+        },
+        "ratios": {"end_to_end": ratio},
+        "memory": {"kind": "cpu process RSS", "peak_mb": 812.4},
+        "tokens": 196,
+        "params": {"total": 93_000_000, "trainable": 1_250_000},
+        "gflops": 23.4,
+        "errors": list(errors),
+    }
+
+
+def three_strategies(weights="random"):
+    return [
+        record(
+            "clip_only", "baseline", ["clip"], {"classification": ("top1", 0.625, 0.025)}, 40.0, 1.0, weights
+        ),
+        record(
+            "dino_only", "baseline", ["dino"], {"classification": ("top1", 0.5, 0.05)}, 20.0, 0.5, weights
+        ),
+        record(
+            "comm",
+            "fused",
+            ["clip", "dino"],
+            {"classification": ("top1", 0.7, 0.0)},
+            57.2,
+            1.43,
+            weights,
+            errors=[{"where": "probe:dense", "error": "ValueError: no masks"}],
+        ),
+    ]
+
+
+ENV = {"device": "test cpu", "torch": "x", "date": "2026-01-01", "command": "fusion-bench fusion=comm"}
+
+
+def test_build_report_fills_deltas_and_flags_random_weights():
+    report = build_report(three_strategies(), run={"seed": 0}, env=ENV)
+    assert report["schema_version"] == SCHEMA_VERSION
+    assert report["weights_random"] is True and report["random_encoders"] == ["clip", "dino"]
+    assert report["tasks"] == ["classification"]
+    deltas = {s["name"]: s["accuracy"]["classification"]["delta"] for s in report["strategies"]}
+    assert deltas == pytest.approx({"clip_only": 0.0, "dino_only": -0.125, "comm": 0.075})
+    pretrained = build_report(three_strategies("pretrained"), env=ENV)
+    assert pretrained["weights_random"] is False and pretrained["random_encoders"] == []
+    with pytest.raises(ValueError, match=r"distinct names; repeated: \['comm'\]"):
+        build_report([*three_strategies(), three_strategies()[2]], env=ENV)
+
+
+def test_markdown_first_line_table_and_errors():
+    text = render_markdown(build_report(three_strategies(), env=ENV))
+    lines = text.splitlines()
+    assert lines[0].startswith("**RANDOM WEIGHTS: encoder(s) clip, dino ran on random weights")
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) == 2 + 3  # header, rule, one row per strategy
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:5] == ["strategy", "encoders", "weights", "classification top1 (%)", "Δ vs CLIP (pp)"]
+    comm = dict(zip(header, [c.strip() for c in table[4].strip("|").split("|")]))
+    assert comm["strategy"] == "**comm**"
+    assert comm["classification top1 (%)"] == "70.0 ± 0.0"
+    assert comm["Δ vs CLIP (pp)"] == "+7.5"
+    assert comm["latency ms"] == "57.20 (51.48–68.64)"
+    assert comm["overhead"] == "1.43x"
+    assert comm["peak mem MB"] == "812" and comm["tokens"] == "196"
+    assert comm["params trainable / total"] == "1.25M / 93.00M"
+    dino = dict(zip(header, [c.strip() for c in table[3].strip("|").split("|")]))
+    assert dino["classification top1 (%)"] == "50.0 ± 5.0" and dino["Δ vs CLIP (pp)"] == "-12.5"
+    assert "- comm / probe:dense: ValueError: no masks" in lines
+    pretrained = render_markdown(build_report(three_strategies("pretrained"), env=ENV))
+    assert pretrained.splitlines()[0] == "# encoder-fusion benchmark"
+    assert "RANDOM" not in pretrained
+
+
+def test_pareto_points_are_the_strategies():
+    report = build_report(three_strategies(), env=ENV)
+    figure = pareto_figure(report)
+    try:
+        (axis,) = figure.axes
+        points = {
+            c.get_label(): tuple(c.get_offsets()[0])
+            for c in axis.collections
+            if not c.get_label().startswith("_")
+        }
+        expected = {"clip_only": (1.0, 0.0), "dino_only": (0.5, -12.5), "comm": (1.43, 7.5)}
+        assert set(points) == set(expected)
+        for name, point in expected.items():
+            assert points[name] == pytest.approx(point)
+        assert sorted(t.get_text() for t in axis.texts) == ["clip_only", "comm", "dino_only"]
+        assert figure.texts[0].get_text().startswith("RANDOM WEIGHTS")
+    finally:
+        plt.close(figure)
+
+
+def test_write_report_is_complete_and_leaves_no_temporaries(tmp_path):
+    report = build_report(three_strategies(), run={"seed": 3}, env=ENV)
+    path = write_report(report, tmp_path / "run")
+    assert path == tmp_path / "run" / "report.json"
+    assert load_report(path) == json.loads(json.dumps(report))
+    assert (tmp_path / "run" / "report.md").read_text().startswith("**RANDOM WEIGHTS")
+    png = (tmp_path / "run" / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["pareto.png", "report.json", "report.md"]
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    target = tmp_path / "deep" / "x.json"
+    for _ in range(3):
+        payload = {"values": [random.random() for _ in range(100)]}
+        write_json(target, payload)
+        assert json.loads(target.read_text()) == payload
+    atomic_write(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    assert [p.name for p in target.parent.iterdir()] == ["x.json"]
+
+
+def test_load_report_rejects_what_it_cannot_read(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no report at"):
+        load_report(tmp_path / "missing.json")
+    (tmp_path / "old.json").write_text(json.dumps({"schema_version": 0}))
+    with pytest.raises(ValueError, match=r"schema_version=0; accepted: 1"):
+        load_report(tmp_path / "old.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_report(tmp_path / "bad.json")
+
+
+def sweep_job(sweep, number, fused_name, overrides, hooks="penultimate"):
+    strategies = three_strategies()
+    strategies[2]["name"] = fused_name
+    for s in strategies[:2]:
+        s["config"] = {"key": f"{s['name']}-{hooks}"}
+    report = build_report(strategies, run={"overrides": overrides}, env=ENV)
+    write_report(report, sweep / str(number))
+
+
+def test_aggregate_lists_every_job_and_every_failure(tmp_path):
+    sweep = tmp_path / "multirun"
+    sweep_job(sweep, 0, "comm", ["fusion=comm", "hooks=penultimate"])
+    sweep_job(sweep, 1, "prismatic", ["fusion=prismatic", "hooks=penultimate"])
+    sweep_job(sweep, 2, "comm", ["fusion=comm", "hooks=last3"], hooks="last3")
+    write_json(sweep / "3" / "error.json", {"error": "ValueError: align.grid=[5, 5] does not divide 14"})
+    (sweep / "4" / ".hydra").mkdir(parents=True)  # a job that died before writing anything
+    path = aggregate(sweep)
+    report = load_report(path)
+    names = [s["name"] for s in report["strategies"]]
+    # baselines once per distinct configuration; every fused row named by its job's overrides
+    assert names == [
+        "clip_only",
+        "dino_only",
+        "comm [fusion=comm,hooks=penultimate]",
+        "prismatic [fusion=prismatic,hooks=penultimate]",
+        "clip_only [fusion=comm,hooks=last3]",
+        "dino_only [fusion=comm,hooks=last3]",
+        "comm [fusion=comm,hooks=last3]",
+    ]
+    fused = [s for s in report["strategies"] if s["role"] == "fused"]
+    assert len(fused) == 3 and all(
+        s["accuracy"]["classification"]["delta"] == pytest.approx(0.075) for s in fused
+    )
+    assert [j["job"] for j in report["failed_jobs"]] == ["3", "4"]
+    assert "does not divide 14" in report["failed_jobs"][0]["error"]
+    assert "died or is still running" in report["failed_jobs"][1]["error"]
+    text = (sweep / "report.md").read_text()
+    assert text.startswith("**RANDOM WEIGHTS")
+    assert "- job 3: ValueError: align.grid=[5, 5] does not divide 14" in text
+    assert (sweep / "pareto.png").is_file()
+
+
+def test_aggregate_rejects_a_folder_without_jobs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        aggregate(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="holds no job folder"):
+        aggregate(tmp_path)
+
+
+def test_environment_names_device_and_command():
+    env = environment("cpu", command="fusion-bench experiment=smoke")
+    assert env["command"] == "fusion-bench experiment=smoke" and env["device_type"] == "cpu"
+    assert "cores" in env["device"] and env["torch"]
+    assert job_overrides() == []  # outside Hydra
