@@ -1,0 +1,271 @@
+"""Every config in conf/ composes through Hydra's compose API and builds what it describes; misspelt
+keys, wrong types and unknown names fail at composition, naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.plugins.launcher import Launcher
+from hydra.utils import get_class
+from PIL import Image
+
+from benchmarks.config import (
+    ROLES,
+    config_hash,
+    encoder_specs,
+    head_config,
+    latency_options,
+    plain,
+    probe_settings,
+    strategies,
+)
+from benchmarks.datasets import build_train_test
+from benchmarks.tasks import TASKS
+from fusion import EncoderGeometry, FusionHead
+from fusion.encoders import build_encoder
+from fusion.encoders.tiny import RECIPES, tiny_spec
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PLUGIN_LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")
+
+
+def options(group: str) -> list[str]:
+    """The option names of a config group folder."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def make(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_every_group_has_its_documented_options():
+    assert {"clip_b16", "clip_l14_336", "siglip_b16", "tiny_clip"} <= set(options("encoders/clip"))
+    dinos = {f"dinov2_{s}14{r}" for s in "sbl" for r in ("", "_reg4")}
+    assert dinos | {"tiny_dino_reg"} <= set(options("encoders/dino"))
+    assert {"clip_b16_dinov2_s14_reg4", "tiny"} <= set(options("encoders"))
+    assert {"penultimate", "last3", "comm_all"} <= set(options("hooks"))
+    assert {
+        "comm",
+        "prismatic",
+        "eagle",
+        "mmvp_interleave",
+        "cambrian_like",
+        "clip_only",
+        "dino_only",
+    } <= set(options("fusion"))
+    assert {"classification", "dense", "localization", "all"} <= set(options("task"))
+    assert {"synthetic", "imagefolder", "tinyimagenet", "coco128"} <= set(options("data"))
+    assert "smoke" in options("experiment")
+
+
+def test_the_default_is_the_documented_cpu_job():
+    cfg = make()
+    specs = encoder_specs(cfg)
+    assert (specs["clip"].source, specs["clip"].model, specs["clip"].on_missing) == (
+        "open_clip",
+        "ViT-B-16",
+        "random",
+    )
+    assert (specs["dino"].model, specs["dino"].on_missing) == ("vit_small_patch14_reg4_dinov2", "random")
+    assert plain(cfg.data.name) == "synthetic" and cfg.bench.device == "cpu"
+    assert [s.name for s in strategies(cfg)] == ["clip_only", "dino_only", "eagle"]
+
+
+def tiny_recipe_kind(spec) -> str:
+    if "siglip" in spec.model.lower():
+        return "siglip"
+    return "dino" if "dinov2" in spec.model else "clip"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_single_encoder_builds_its_real_architecture(role):
+    """Each single with the source's tiny width and depth (so a ViT-L costs nothing), everything else
+    as configured: the library, the model name, the pretrained tag, the input size and patch grid."""
+    for name in options(f"encoders/{role}"):
+        spec = encoder_specs(make(f"encoders/{role}={name}"))[role]
+        kind = tiny_recipe_kind(spec)
+        shrunk = {**RECIPES[spec.source, kind].model_kwargs, **(spec.model_kwargs or {})}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # random weights, offline: warned by design
+            encoder = build_encoder(dataclasses.replace(spec, model_kwargs=shrunk))
+        assert encoder.spec.name == role and encoder.image_size == spec.image_size
+        # the patch the option's name promises (clip_l14_336: 14); tiny ones as their recipe
+        named = re.search(r"[bsl](\d\d)", name)
+        patch = int(named.group(1)) if named else (14 if kind == "dino" else 16)
+        assert encoder.patch_size == patch
+        assert encoder.grid_size() == (spec.image_size[0] // patch, spec.image_size[1] // patch)
+
+
+def test_tiny_singles_are_the_tiny_spec_recipes():
+    specs = encoder_specs(make("encoders=tiny"))
+    for role, kind in (("clip", "clip"), ("dino", "dino_reg")):
+        expected = tiny_spec(kind, role, layers=(-2,))
+        assert dataclasses.replace(specs[role], weights=expected.weights) == expected
+
+
+def test_every_pair_composes_a_clip_and_a_dino():
+    for pair in options("encoders"):
+        specs = encoder_specs(make(f"encoders={pair}"))
+        assert specs["clip"].name == "clip" and specs["dino"].name == "dino"
+        assert ("dinov2" in specs["dino"].model) and ("dinov2" not in specs["clip"].model)
+
+
+@pytest.mark.parametrize("hooks", options("hooks"))
+def test_every_hooks_preset_resolves_on_a_12_block_encoder(hooks):
+    cfg = make(f"hooks={hooks}")
+    for role, spec in encoder_specs(cfg).items():
+        resolved = spec.hooks.resolve(12, role)
+        assert len(resolved) == len(cfg.hooks[role].layers) and max(resolved) <= 11
+
+
+def head_for(cfg, roles, grids):
+    """A FusionHead of ``roles`` over tiny geometries with as many layers as the hooks name."""
+    geometries = [
+        EncoderGeometry(role, 32 + 8 * i, grid, len(cfg.hooks[role].layers))
+        for i, (role, grid) in enumerate(zip(roles, grids))
+    ]
+    return geometries, FusionHead(geometries, **head_config(cfg, roles))
+
+
+@pytest.mark.parametrize(
+    ("group", "name"),
+    [("fusion", f) for f in options("fusion")]
+    + [("align", a) for a in options("align")]
+    + [("connector", c) for c in options("connector")],
+)
+def test_every_strategy_option_builds_a_head_that_runs(group, name):
+    cfg = make("experiment=smoke", f"{group}={name}")
+    for strategy in strategies(cfg):
+        grids = [(4, 4), (4, 4)][: len(strategy.encoders)]
+        geometries, head = head_for(cfg, strategy.encoders, grids)
+        inputs = [[torch.randn(2, *g.grid, g.width) for _ in range(g.num_layers)] for g in geometries]
+        tokens = head(inputs)
+        assert tokens.shape == (2, head.output_tokens, cfg.connector.out_dim)
+        assert torch.isfinite(tokens).all()
+
+
+def test_fusion_presets_bring_their_papers_choices_and_the_command_line_wins():
+    assert list(make("fusion=comm").hooks.clip.layers) == list(range(-12, 0))
+    assert list(make("fusion=comm", "hooks=last3").hooks.clip.layers) == [-3, -2, -1]
+    assert plain(make("fusion=prismatic").connector.kind) == "fused_gelu_mlp"
+    comm = make("fusion=comm", "connector.out_dim=96")
+    assert comm.fusion.merge_dim == 96  # merges needing one width project to the connector's
+    assert [s.name for s in strategies(make("fusion=clip_only"))] == ["clip_only", "dino_only"]
+
+
+@pytest.mark.parametrize("task", options("task"))
+def test_every_task_option_names_registered_probes(task):
+    cfg = make(f"task={task}")
+    names = plain(cfg.task.names)
+    assert names and set(names) <= set(TASKS)
+    settings = probe_settings(cfg)
+    assert settings["seeds"] == [0, 1] and settings["device"] == "cpu"
+
+
+def write_imagefolder(root: Path) -> Path:
+    for label, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (20 + i, 18), colour).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("data", options("data"))
+def test_every_data_option_builds_its_dataset(data, tmp_path, request):
+    # Tiny-ImageNet has 200 classes: two images each leave one per class for the test split
+    limit = 400 if data == "tinyimagenet" else 12
+    overrides = ["experiment=smoke", f"data={data}", f"data.limit={limit}"]
+    if data == "imagefolder":
+        overrides.append(f"data.root={write_imagefolder(tmp_path / 'folder')}")
+    elif data != "synthetic":
+        overrides.append(f"data.root={request.getfixturevalue('datasets_root')}")
+    cfg = make(*overrides)
+    spec = plain(cfg.data)
+    train, test = build_train_test(
+        spec["name"],
+        spec["root"],
+        limit=spec["limit"],
+        test_fraction=spec["test_fraction"],
+        **spec["options"],
+    )
+    assert train.name == data and len(train) + len(test) <= limit and len(test) >= 1
+
+
+@pytest.mark.parametrize("bench", options("bench"))
+def test_every_bench_option_gives_latency_options(bench):
+    cfg = make(f"bench={bench}")
+    if cfg.bench.device.startswith("cuda") and not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda' but CUDA is not available"):
+            latency_options(cfg)
+        return
+    options_ = latency_options(cfg)
+    assert options_.batch_sizes == tuple(cfg.bench.latency.batch_sizes)
+    assert options_.image_size == cfg.data.image_size
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_builds_its_encoders_and_strategies(experiment):
+    cfg = make(f"experiment={experiment}")
+    for role, spec in encoder_specs(cfg).items():
+        encoder = build_encoder(spec)
+        assert encoder.spec.name == role
+    assert len(strategies(cfg)) == 3
+    latency_options(cfg)
+
+
+@pytest.mark.parametrize("launcher", sorted({*PLUGIN_LAUNCHERS, *options("hydra/launcher")}))
+def test_every_launcher_composes_and_instantiates(launcher):
+    cfg = make(f"hydra/launcher={launcher}", hydra=True)
+    params = plain(cfg.hydra.launcher)
+    launcher_class = get_class(params.pop("_target_"))
+    # built directly: Hydra's instantiate policy refuses its own BasicLauncher from a config
+    assert isinstance(launcher_class(**params), Launcher)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("fusion.layer_merge.kindd=last", r"Could not override 'fusion.layer_merge.kindd'"),
+        ("task.epochs=abc", r"Error merging override task.epochs=abc"),
+        ("align.kind=bilinaer", r"Error merging override align.kind=bilinaer"),
+        ("encoders/clip=clip_b61", r"Could not find 'encoders/clip/clip_b61'"),
+        ("fusion=commm", r"Could not find 'fusion/commm'"),
+    ],
+)
+def test_mistakes_fail_at_composition_naming_the_key(override, message):
+    with pytest.raises(ConfigCompositionException, match=message) as caught:
+        make(override)
+    if override.startswith("align.kind"):
+        cause = str(caught.value.__cause__)
+        assert "expected one of [bilinear, bicubic, nearest, area, pixel_unshuffle, learned]" in cause
+        assert "full_key: align.kind" in cause
+
+
+def test_a_misspelt_key_in_a_group_file_fails_too(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "connector" / "typo.yaml").write_text("kind: mlp\nout_dimm: 64\n")
+    with (
+        initialize_config_dir(config_dir=str(conf), version_base="1.3"),
+        pytest.raises(ConfigCompositionException, match="connector/typo") as caught,
+    ):
+        compose("config", overrides=["connector=typo"])
+    assert "Key 'out_dimm' not in 'ConnectorConfig'" in str(caught.value)
+
+
+def test_config_hash_ignores_where_results_go_but_not_what_they_are():
+    base = make("experiment=smoke")
+    assert config_hash(base) == config_hash(make("experiment=smoke", "bench.out_dir=/elsewhere"))
+    assert config_hash(base) == config_hash(make("experiment=smoke", "bench.cache_dir=/cache"))
+    assert config_hash(base) != config_hash(make("experiment=smoke", "hooks=last3"))
+    assert config_hash(base) != config_hash(make("experiment=smoke", "seed=1"))
