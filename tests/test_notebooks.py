@@ -127,6 +127,14 @@ def check_figures(notebook: Path, docs_dir: Path) -> None:
         assert path.stat().st_size < FIGURE_LIMIT_BYTES, f"{name} is {path.stat().st_size} bytes"
 
 
+def check_reproduced(text: str) -> None:
+    """The weighted_ln heads the sweep notebook trains again for their layer weights reproduce the
+    report's accuracies: clip_only, dino_only and comm of the COMM job, on three tasks."""
+    pairs = re.findall(r"accuracy: report ([\d.]+), retrained ([\d.]+)", text)
+    assert len(pairs) == 9, text
+    assert all(reported == retrained for reported, retrained in pairs), pairs
+
+
 def docs_env(tmp_path: Path) -> dict[str, str]:
     """``FUSION_DOCS_DIR`` as set by the caller (regenerating docs/), else a temporary folder."""
     return {"FUSION_DOCS_DIR": os.environ.get("FUSION_DOCS_DIR") or str(tmp_path / "docs")}
@@ -204,21 +212,25 @@ def test_sweep_analysis_runs_its_own_sweep_then_reads_a_given_one(tmp_path):
     env.pop("FUSION_REPORT", None)
     first = execute_notebook(SWEEP_ANALYSIS, tmp_path / "work", env={**env, "FUSION_REPORT": ""})
     assert image_outputs(first) >= 3
+    check_reproduced(outputs_text(first))
     check_figures(SWEEP_ANALYSIS, Path(env["FUSION_DOCS_DIR"]))
-    # the sweep it ran (a temporary folder, here under tmp_path) is read back through FUSION_REPORT
+    # the sweep it ran (a temporary folder, here under tmp_path) is there to be read again: this time
+    # one job's folder, the COMM job whose strategies use weighted_ln
     sweeps = sorted(tmp_path.glob("fusion-sweep-*"))
     assert len(sweeps) == 1 and (sweeps[0] / "report.json").is_file()
+    comm_job = next(
+        path.parent
+        for path in sweeps[0].glob("*/report.json")
+        if any(s["name"] == "comm" for s in json.loads(path.read_text(encoding="utf-8"))["strategies"])
+    )
     docs_again = tmp_path / "docs-again"
     again = execute_notebook(
         SWEEP_ANALYSIS,
         tmp_path / "work-again",
-        env={"FUSION_REPORT": str(sweeps[0]), "FUSION_DOCS_DIR": str(docs_again)},
+        env={"FUSION_REPORT": str(comm_job), "FUSION_DOCS_DIR": str(docs_again)},
     )
     text = outputs_text(again)
-    assert f"report: {sweeps[0] / 'report.json'}" in text
+    assert f"report: {comm_job / 'report.json'}" in text
     assert "fusion-bench" not in text and "fusion-report" not in text, "nothing should run again"
-    # the weighted_ln heads trained again for their layer weights reproduce the report's accuracies
-    pairs = re.findall(r"accuracy: report ([\d.]+), retrained ([\d.]+)", text)
-    assert len(pairs) >= 3, text
-    assert all(reported == retrained for reported, retrained in pairs), pairs
+    check_reproduced(text)
     check_figures(SWEEP_ANALYSIS, docs_again)
