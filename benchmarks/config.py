@@ -152,13 +152,15 @@ class TaskConfig:
 @dataclass
 class DataConfig:
     """The dataset (group ``data``); ``root`` None reads ``$FUSION_DATA``; ``image_size`` is the square
-    size images are loaded at (each encoder then applies its own preprocessing)."""
+    size images are loaded at (each encoder then applies its own preprocessing); ``require`` keeps only
+    images carrying these annotations (``label``, ``mask``, ``box``)."""
 
     name: DatasetName = DatasetName.synthetic
     root: str | None = None
     limit: int | None = None
     test_fraction: float = 0.25
     image_size: int = 224
+    require: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
 
 

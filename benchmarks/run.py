@@ -135,6 +135,7 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], cache: FeatureCache) 
         limit=data["limit"],
         test_fraction=data["test_fraction"],
         seed=cfg.seed,
+        require=data["require"],
         **data["options"],
     )
     splits, role_errors = {}, {}
