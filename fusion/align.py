@@ -126,6 +126,10 @@ class Aligner(nn.Module):
         self.out_grid = tuple(out_grid)
         self.out_dim = in_dim
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Align ``x`` (B, h, w, in_dim) onto the target grid: (B, H, W, out_dim)."""
+        raise NotImplementedError
+
 
 class Interpolate(Aligner):
     """``F.interpolate`` of the grid; subclasses name the mode."""

@@ -63,6 +63,7 @@ class Connector(nn.Module):
         raise NotImplementedError
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Project tokens (B, N, in_dim) to (B, N, out_dim)."""
         return self.norm(self.layers(tokens))
 
 

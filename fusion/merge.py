@@ -241,6 +241,10 @@ class EncoderMerge(nn.Module):
             )
         return self.widths[0]
 
+    def forward(self, grids: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Merge one (B, H, W, C_e) grid per encoder into tokens (B, output_tokens, out_dim)."""
+        raise NotImplementedError
+
     def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """Map tokens (B, N, D') of this merge's layout back onto the grid: (B, H, W, D')."""
         return tokens.reshape(tokens.shape[0], *self.grid, tokens.shape[-1])

@@ -236,6 +236,7 @@ class Encoder(nn.Module):
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """The (height, width) this encoder resizes every image to."""
         return self.preprocessing.image_size
 
     def grid_size(self, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -288,6 +289,7 @@ class Encoder(nn.Module):
         return [layer.grid for layer in self.forward_tokens(pixels)]
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Same as :meth:`forward_grids`."""
         return self.forward_grids(pixels)
 
 
