@@ -1,5 +1,8 @@
 """Console scripts: ``fusion-bench`` (a Hydra main over ``conf/``) and ``fusion-report SWEEP_DIR``.
 
+``torchrun --nproc-per-node N -m benchmarks.cli [overrides]`` shards the feature extraction over N
+processes (add ``bench.extract_only=true`` to only fill the cache before a sweep).
+
 ``fusion-bench`` runs one benchmark, or a sweep with ``-m``; each job writes ``report.json`` (its
 finished marker) or, when it fails, ``error.json`` into its folder. A job whose folder already holds a
 report of the same resolved config (``run.config_hash``) is skipped, so re-running an interrupted
@@ -38,7 +41,8 @@ def finished_report(out_dir: Path, cfg: DictConfig) -> Path | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def bench_main(cfg: DictConfig) -> str:
-    """``fusion-bench``: run the composed benchmark; returns the path of its ``report.json``.
+    """``fusion-bench``: run the composed benchmark; returns the path of its ``report.json`` ('' when
+    only features were extracted).
 
     A failure is written to ``error.json`` in the job folder (so ``fusion-report`` lists it) and
     re-raised.
@@ -58,6 +62,8 @@ def bench_main(cfg: DictConfig) -> str:
             {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
         )
         raise
+    if path is None:  # features only (bench.extract_only, or a torchrun rank other than 0)
+        return ""
     (out / ERROR_FILE).unlink(missing_ok=True)
     return str(path)
 
@@ -79,3 +85,7 @@ def report_main(argv: list[str] | None = None) -> int:
     print((path.parent / "report.md").read_text(encoding="utf-8"))
     print(f"Report: {path.resolve()}")
     return 0
+
+
+if __name__ == "__main__":  # python -m benchmarks.cli ..., or torchrun ... -m benchmarks.cli ...
+    bench_main()

@@ -182,6 +182,8 @@ class BenchConfig:
 
     ``hub``: ``auto`` goes offline (``HF_HUB_OFFLINE=1``) when huggingface.co cannot be reached, so
     a machine without hub access does not wait on retries; ``offline`` always; ``online`` never.
+    ``extract_only``: fill the feature cache and stop (under ``torchrun``, sharded over the processes),
+    so that a sweep after it runs no encoder.
     """
 
     device: str = "cpu"
@@ -192,6 +194,7 @@ class BenchConfig:
     progress: bool = True
     hub: HubMode = HubMode.auto
     out_dir: str | None = None
+    extract_only: bool = False
     latency: LatencyConfig = field(default_factory=LatencyConfig)
 
 
@@ -340,7 +343,7 @@ def probe_settings(cfg: Any) -> dict:
 
 
 # keys that say where or how loudly a run happens, not what it computes
-NOT_HASHED = (("bench", "out_dir"), ("bench", "progress"), ("bench", "cache_dir"))
+NOT_HASHED = (("bench", "out_dir"), ("bench", "progress"), ("bench", "cache_dir"), ("bench", "extract_only"))
 
 
 def config_hash(cfg: Any) -> str:

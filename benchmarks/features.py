@@ -34,6 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -135,6 +136,21 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def distributed_shard() -> tuple[int, int] | None:
+    """``(rank, world_size)`` when ``torch.distributed`` runs more than one process, else None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (a MIN all-reduce)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 class FeatureCache:
     """Hooked grids of frozen encoders on disk, one entry per key (see the module docstring).
 
@@ -212,13 +228,21 @@ class FeatureCache:
             One float32 tensor ``(len(indices), h, w, C)`` per hooked layer, in the order of
             ``encoder.spec.hooks.layers``.
 
+        Under ``torch.distributed`` with several processes (``torchrun``), every process must call this
+        with the same arguments: each extracts a contiguous slice of ``indices``, rank 0 assembles the
+        entry from the slices, and every process returns the whole.
+
         Raises:
             ValueError: empty ``indices``, or images the encoder rejects.
+            RuntimeError: (distributed) the extraction failed on some process.
         """
         if len(indices) == 0:
             raise ValueError("FeatureCache.grids: indices is empty; give at least one sample index")
         key = self.key(encoder, source, indices)
         entry = self.entry_dir(key)
+        shard = distributed_shard()
+        if shard is not None:
+            return self._grids_sharded(encoder, key, entry, indices, load_images, *shard)
         with contextlib.suppress(CorruptEntry):
             return self._read(entry, key)
         with file_lock(entry.with_name(entry.name + ".lock")):
@@ -231,16 +255,68 @@ class FeatureCache:
             self._write(entry, key, grids)
         return [g.float() for g in grids]
 
+    def _grids_sharded(
+        self,
+        encoder: Encoder,
+        key: Mapping,
+        entry: Path,
+        indices: Sequence[int],
+        load_images: ImageLoader,
+        rank: int,
+        world: int,
+    ) -> list[torch.Tensor]:
+        try:
+            cached = self._read(entry, key)
+        except CorruptEntry:
+            cached = None
+        if all_ranks(cached is not None):  # decided together: no process may skip a barrier alone
+            return cached
+        bounds = [len(indices) * r // world for r in range(world + 1)]
+        staging = entry.with_name(f".{entry.name}.staging")
+        part = staging / f"rank{rank:05d}.safetensors"
+        failed = False
+        if bounds[rank + 1] > bounds[rank]:
+            try:
+                grids = self._extract(encoder, indices[bounds[rank] : bounds[rank + 1]], load_images, rank)
+                staging.mkdir(parents=True, exist_ok=True)
+                temp = part.with_name(f".{part.name}.{uuid.uuid4().hex[:8]}.tmp")
+                save_file({f"layer{i}": g.contiguous() for i, g in enumerate(grids)}, temp)
+                os.replace(temp, part)
+            except Exception:  # every rank must reach the vote below, or the others wait forever
+                log.exception("feature extraction of rank %d failed", rank)
+                failed = True
+        if not all_ranks(not failed):
+            raise RuntimeError(
+                f"feature extraction of {encoder.spec.name!r} failed on at least one of {world} processes; "
+                "see each rank's log"
+            )
+        if rank == 0:
+            with file_lock(entry.with_name(entry.name + ".lock")):
+                try:
+                    self._read(entry, key)  # another writer finished it meanwhile
+                except CorruptEntry:
+                    parts = [
+                        load_file(staging / f"rank{r:05d}.safetensors")
+                        for r in range(world)
+                        if bounds[r + 1] > bounds[r]
+                    ]
+                    grids = [torch.cat([p[f"layer{i}"] for p in parts]) for i in range(len(parts[0]))]
+                    self._write(entry, key, grids)
+                shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        return self._read(entry, key)
+
     # -- internals ------------------------------------------------------------------------------
     def _extract(
-        self, encoder: Encoder, indices: Sequence[int], load_images: ImageLoader
+        self, encoder: Encoder, indices: Sequence[int], load_images: ImageLoader, rank: int | None = None
     ) -> list[torch.Tensor]:
         storage = STORAGE_DTYPES[self.dtype]
         outputs: list[torch.Tensor] = []
         encoder = encoder.to(self.device).eval()
+        where = "" if rank is None else f" rank {rank}"
         bar = tqdm(
             total=len(indices),
-            desc=f"features {encoder.spec.name} ({encoder.spec.model})",
+            desc=f"features {encoder.spec.name} ({encoder.spec.model}){where}",
             unit="img",
             disable=not self.progress,
         )
@@ -258,6 +334,9 @@ class FeatureCache:
 
     def _write(self, entry: Path, key: Mapping, grids: list[torch.Tensor]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        # held under the entry's lock: temporaries of this entry are a killed writer's leftovers
+        for stale in self.root.glob(f".{entry.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         temp = entry.with_name(f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         temp.mkdir()
         try:

@@ -346,17 +346,20 @@ def write_report(report: Mapping, out_dir: str | os.PathLike) -> Path:
 
 
 # -- sweeps -----------------------------------------------------------------------------------------
-def job_label(report: Mapping, job: str) -> str:
-    """How a sweep job's fused strategies are named in the aggregate: its overrides, else its folder."""
-    overrides = (report.get("run") or {}).get("overrides") or []
-    return ",".join(overrides) if overrides else job
+def job_labels(reports: Mapping[str, Mapping]) -> dict[str, str]:
+    """How each job's rows are named in the aggregate: the overrides in which it differs from the other
+    jobs (those shared by every job say nothing), else its folder name."""
+    overrides = {job: list((r.get("run") or {}).get("overrides") or []) for job, r in reports.items()}
+    shared = set.intersection(*(set(o) for o in overrides.values())) if overrides else set()
+    return {job: ",".join(o for o in given if o not in shared) or job for job, given in overrides.items()}
 
 
 def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
     """Gather every job of a sweep into one report in the format of a single run.
 
-    Each job folder holding a ``report.json`` contributes its fused strategies (named after the job's
-    overrides) and its baselines (one row per distinct baseline configuration); ratios and deltas stay
+    Each job folder holding a ``report.json`` contributes its fused strategies, named after the
+    overrides that set the job apart, and its baselines, once per distinct baseline configuration
+    (labelled by job only where one baseline name has several configurations); ratios and deltas stay
     those measured within each job. Folders with an ``error.json`` (a job that raised), and job folders
     with neither file (a job that died or is running), are listed under ``failed_jobs``.
 
@@ -382,52 +385,59 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         raise ValueError(
             f"sweep folder {sweep} holds no job folder (one with report.json, {ERROR_FILE} or .hydra/)"
         )
-    strategies: list[dict] = []
-    seen_baselines: dict[str, str] = {}
-    jobs, failed, reports = [], [], []
+    reports: dict[str, dict] = {}
+    failed = []
     for job_dir in job_dirs:
-        if (job_dir / "report.json").is_file():
-            try:
-                report = load_report(job_dir / "report.json")
-            except ValueError as error:
-                failed.append({"job": job_dir.name, "error": str(error)})
-                continue
-            reports.append(report)
-            label = job_label(report, job_dir.name)
-            jobs.append({"job": job_dir.name, "label": label, "report": str(job_dir / "report.json")})
-            for record in report["strategies"]:
-                record = {**record, "job": job_dir.name}
-                if record.get("role") == "baseline":
-                    config_key = json.dumps(record.get("config"), sort_keys=True, default=str)
-                    if seen_baselines.get(config_key) is not None:
-                        continue
-                    taken = record["name"] in seen_baselines.values()
-                    seen_baselines[config_key] = record["name"] = (
-                        f"{record['name']} [{label}]" if taken else record["name"]
-                    )
-                else:
-                    record["name"] = f"{record['name']} [{label}]"
-                strategies.append(record)
-        elif (job_dir / ERROR_FILE).is_file():
-            try:
-                error = json.loads((job_dir / ERROR_FILE).read_text(encoding="utf-8")).get("error", "unknown")
-            except ValueError:
-                error = f"{ERROR_FILE} is unreadable"
-            failed.append({"job": job_dir.name, "error": error})
-        else:
-            failed.append({"job": job_dir.name, "error": "no report.json: the job died or is still running"})
-    tasks = list(dict.fromkeys(t for r in reports for t in r.get("tasks", [])))
+        try:
+            if (job_dir / "report.json").is_file():
+                reports[job_dir.name] = load_report(job_dir / "report.json")
+            elif (job_dir / ERROR_FILE).is_file():
+                error = json.loads((job_dir / ERROR_FILE).read_text(encoding="utf-8"))
+                failed.append({"job": job_dir.name, "error": error.get("error", "unknown")})
+            else:
+                failed.append(
+                    {"job": job_dir.name, "error": "no report.json: the job died or is still running"}
+                )
+        except ValueError as error:
+            failed.append({"job": job_dir.name, "error": f"unreadable result: {error}"})
+    labels = job_labels(reports)
+    baseline_configs: dict[str, set[str]] = {}
+    for report in reports.values():
+        for record in report["strategies"]:
+            if record.get("role") == "baseline":
+                baseline_configs.setdefault(record["name"], set()).add(_config_key(record))
+    strategies, kept = [], set()
+    for job, report in reports.items():
+        for record in report["strategies"]:
+            record = {**record, "job": job}
+            if record.get("role") == "baseline":
+                key = (record["name"], _config_key(record))
+                if key in kept:
+                    continue
+                kept.add(key)
+                if len(baseline_configs[record["name"]]) == 1:
+                    strategies.append(record)
+                    continue
+            strategies.append({**record, "name": f"{record['name']} [{labels[job]}]"})
+    tasks = list(dict.fromkeys(t for r in reports.values() for t in r.get("tasks", [])))
+    first = next(iter(reports.values()), {})
     merged = build_report(
         strategies,
         run={"sweep_dir": str(sweep), "jobs": len(job_dirs)},
         # the jobs' device (the aggregating machine may be a login node); this command and date
-        env={**(reports[0]["environment"] if reports else {}), **_now_and_command()},
+        env={**first.get("environment", {}), **_now_and_command()},
         tasks=tasks,
         deltas=False,
-        jobs=jobs,
+        jobs=[
+            {"job": job, "label": labels[job], "report": str(sweep / job / "report.json")} for job in reports
+        ],
         failed_jobs=failed,
     )
     return write_report(merged, out_dir or sweep)
+
+
+def _config_key(record: Mapping) -> str:
+    return json.dumps(record.get("config"), sort_keys=True, default=str)
 
 
 def _is_job_dir(path: Path) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from benchmarks.config import (
     ROLES,
@@ -81,6 +82,23 @@ def phase(name: str, seconds: dict[str, float]) -> Iterator[None]:
     finally:
         seconds[name] = round(time.perf_counter() - start, 2)
         log.info("%s took %.1f s", name, seconds[name])
+
+
+def init_distributed() -> int | None:
+    """Join the process group ``torchrun`` describes (gloo, so CPU processes can shard extraction);
+    returns this process's rank, or None when running alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank()
+
+
+def extraction_device(device: str) -> str:
+    """Under ``torchrun`` on GPUs, each process extracts on its own (``LOCAL_RANK``) device."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
 
 
 def error_text(error: BaseException) -> str:
@@ -262,8 +280,14 @@ def job_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def run_benchmark(cfg: Any, out_dir: str | os.PathLike | None = None, *, command: str | None = None) -> Path:
+def run_benchmark(
+    cfg: Any, out_dir: str | os.PathLike | None = None, *, command: str | None = None
+) -> Path | None:
     """Run one benchmark described by a composed config (see ``conf/``) and write its reports.
+
+    Under ``torchrun`` every process extracts a slice of the features; rank 0 alone then runs the
+    probes and the latency and writes the reports. With ``bench.extract_only`` every process stops
+    once the features are cached.
 
     Args:
         cfg: a composed :class:`benchmarks.config.RunConfig` (an OmegaConf node).
@@ -271,7 +295,8 @@ def run_benchmark(cfg: Any, out_dir: str | os.PathLike | None = None, *, command
         command: the command line to stamp into the report (default: this process's).
 
     Returns:
-        The path of ``report.json``.
+        The path of ``report.json``; None when no report was written (``extract_only``, or a rank
+        other than 0).
 
     Raises:
         ValueError, FileNotFoundError: a config, dataset or encoder error that leaves nothing to measure.
@@ -284,15 +309,22 @@ def run_benchmark(cfg: Any, out_dir: str | os.PathLike | None = None, *, command
     seconds: dict[str, float] = {}
     with phase("encoders", seconds):
         encoders = build_encoders(cfg)
+    rank = init_distributed()
     cache = FeatureCache(
         cfg.bench.cache_dir,
         dtype=plain(cfg.bench.cache_dtype),
         batch_size=cfg.bench.extract_batch_size,
-        device=cfg.bench.device,
-        progress=cfg.bench.progress,
+        device=extraction_device(cfg.bench.device),
+        progress=cfg.bench.progress and not rank,
     )
     with phase("data and features", seconds):
         splits, role_errors = load_splits(cfg, encoders, cache)
+    if rank is not None:
+        dist.destroy_process_group()
+    if cfg.bench.extract_only or rank:
+        where = "" if rank is None else f" (rank {rank})"
+        print(f"Features cached in {cache.root}{where}; errors: {role_errors or 'none'}")
+        return None
     records = {s.name: strategy_record(s, encoders) for s in plan}
     with phase("probes", seconds):
         run_probes(cfg, plan, records, encoders, splits, role_errors)

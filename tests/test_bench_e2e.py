@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import benchmarks.features as features
+from benchmarks.cli import report_main
 from benchmarks.report import load_report
 from benchmarks.run import run_benchmark
 
@@ -150,3 +154,132 @@ def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
         "dense",
         "localization",
     ]
+
+
+def bench_process(*args: str, cache: Path) -> tuple[list[str], dict]:
+    """The fusion-bench command line (through its Hydra main) and an environment caching in ``cache``."""
+    return [sys.executable, "-c", BENCH, *args], {
+        **os.environ,
+        "FUSION_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def test_a_sweep_killed_midway_resumes_and_aggregates(tmp_path):
+    sweep = tmp_path / "sweep"
+    command, env = bench_process(
+        "-m",
+        "experiment=smoke",
+        "fusion=comm,prismatic,mmvp_interleave",
+        f"hydra.sweep.dir={sweep}",
+        cache=tmp_path / "cache",
+    )
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (sweep / "0" / "report.json").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "job 0 never finished"
+            time.sleep(0.1)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not (sweep / "2" / "report.json").exists(), "the sweep was not interrupted midway"
+    finished = (sweep / "0" / "report.json").read_bytes()
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Skipping: {sweep / '0' / 'report.json'} already holds this config's result" in second.stdout
+    assert (sweep / "0" / "report.json").read_bytes() == finished  # not run again
+    assert all((sweep / str(job) / "report.json").is_file() for job in range(3))
+
+    assert report_main([str(sweep)]) == 0
+    report = load_report(sweep / "report.json")
+    fused = [s["name"] for s in report["strategies"] if s["role"] == "fused"]
+    assert fused == [
+        "comm [fusion=comm]",
+        "prismatic [fusion=prismatic]",
+        "mmvp_interleave [fusion=mmvp_interleave]",
+    ]
+    # each preset brings its own hooks or projector, so each job has its own pair of baselines
+    baselines = [s["name"] for s in report["strategies"] if s["role"] == "baseline"]
+    assert sorted(baselines) == sorted(
+        f"{b} [fusion={f}]"
+        for b in ("clip_only", "dino_only")
+        for f in ("comm", "prismatic", "mmvp_interleave")
+    )
+    assert report["failed_jobs"] == []
+    assert (sweep / "report.md").read_text().startswith("**RANDOM WEIGHTS")
+
+
+def test_parallel_jobs_on_submitit_local_share_one_cache(tmp_path):
+    sweep = tmp_path / "sweep"
+    command, env = bench_process(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "experiment=smoke",
+        "fusion=eagle,mmvp_interleave",
+        f"hydra.sweep.dir={sweep}",
+        cache=tmp_path / "cache",
+    )
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        check_report(sweep / job / "report.json", ["classification"], ["eagle", "mmvp_interleave"][int(job)])
+    # both jobs read the same encoders on the same data: one entry per encoder and split, each whole
+    entries = sorted(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    assert len(entries) == 4
+    for entry in entries:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        for shard in manifest["shards"]:
+            assert features.file_sha256(entry / shard["file"]) == shard["sha256"]
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+
+
+def read_entries(cache: Path) -> dict[str, list]:
+    from safetensors.torch import load_file
+
+    return {
+        entry.name: [load_file(shard) for shard in sorted(entry.glob("shard-*.safetensors"))]
+        for entry in sorted(p for p in cache.iterdir() if p.is_dir())
+    }
+
+
+def test_two_process_extraction_equals_one_process(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    common = ["experiment=smoke", "task=all", "bench.extract_only=true"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    torchrun += ["-m", "benchmarks.cli"]
+    two = subprocess.run(
+        [*torchrun, *common, f"bench.cache_dir={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'run2'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "(rank 0)" in two.stdout and "(rank 1)" in two.stdout
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.cli",
+            *common,
+            f"bench.cache_dir={tmp_path / 'one'}",
+            f"hydra.run.dir={tmp_path / 'run1'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded, single = read_entries(tmp_path / "two"), read_entries(tmp_path / "one")
+    assert list(sharded) == list(single) and len(single) == 4
+    for name, shards in single.items():
+        for mine, theirs in zip(shards, sharded[name], strict=True):
+            assert mine.keys() == theirs.keys()
+            for layer in mine:
+                torch.testing.assert_close(theirs[layer], mine[layer], rtol=1e-5, atol=1e-5)
+    assert not list((tmp_path / "two").glob(".*staging*"))

@@ -175,23 +175,29 @@ def sweep_job(sweep, number, fused_name, overrides, hooks="penultimate"):
 
 def test_aggregate_lists_every_job_and_every_failure(tmp_path):
     sweep = tmp_path / "multirun"
-    sweep_job(sweep, 0, "comm", ["fusion=comm", "hooks=penultimate"])
-    sweep_job(sweep, 1, "prismatic", ["fusion=prismatic", "hooks=penultimate"])
-    sweep_job(sweep, 2, "comm", ["fusion=comm", "hooks=last3"], hooks="last3")
+    sweep_job(sweep, 0, "comm", ["experiment=smoke", "fusion=comm", "hooks=penultimate"])
+    sweep_job(sweep, 1, "prismatic", ["experiment=smoke", "fusion=prismatic", "hooks=penultimate"])
+    sweep_job(sweep, 2, "comm", ["experiment=smoke", "fusion=comm", "hooks=last3"], hooks="last3")
     write_json(sweep / "3" / "error.json", {"error": "ValueError: align.grid=[5, 5] does not divide 14"})
     (sweep / "4" / ".hydra").mkdir(parents=True)  # a job that died before writing anything
     path = aggregate(sweep)
     report = load_report(path)
     names = [s["name"] for s in report["strategies"]]
-    # baselines once per distinct configuration; every fused row named by its job's overrides
+    # baselines once per distinct configuration, labelled since clip_only has two; fused rows named by
+    # the overrides that set their job apart (experiment=smoke is shared by all, so left out)
     assert names == [
-        "clip_only",
-        "dino_only",
+        "clip_only [fusion=comm,hooks=penultimate]",
+        "dino_only [fusion=comm,hooks=penultimate]",
         "comm [fusion=comm,hooks=penultimate]",
         "prismatic [fusion=prismatic,hooks=penultimate]",
         "clip_only [fusion=comm,hooks=last3]",
         "dino_only [fusion=comm,hooks=last3]",
         "comm [fusion=comm,hooks=last3]",
+    ]
+    assert [j["label"] for j in report["jobs"]] == [
+        "fusion=comm,hooks=penultimate",
+        "fusion=prismatic,hooks=penultimate",
+        "fusion=comm,hooks=last3",
     ]
     fused = [s for s in report["strategies"] if s["role"] == "fused"]
     assert len(fused) == 3 and all(
@@ -204,6 +210,21 @@ def test_aggregate_lists_every_job_and_every_failure(tmp_path):
     assert text.startswith("**RANDOM WEIGHTS")
     assert "- job 3: ValueError: align.grid=[5, 5] does not divide 14" in text
     assert (sweep / "pareto.png").is_file()
+
+
+def test_aggregate_keeps_one_plain_baseline_when_all_jobs_share_it(tmp_path):
+    sweep = tmp_path / "sweep"
+    for number, fused in enumerate(("comm", "eagle", "mmvp_interleave")):
+        sweep_job(sweep, number, fused, ["experiment=smoke", f"fusion={fused}"])
+    report = load_report(aggregate(sweep, tmp_path / "out"))
+    assert [s["name"] for s in report["strategies"]] == [
+        "clip_only",
+        "dino_only",
+        "comm [fusion=comm]",
+        "eagle [fusion=eagle]",
+        "mmvp_interleave [fusion=mmvp_interleave]",
+    ]
+    assert report["failed_jobs"] == [] and (tmp_path / "out" / "report.md").is_file()
 
 
 def test_aggregate_rejects_a_folder_without_jobs(tmp_path):
