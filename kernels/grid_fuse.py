@@ -2,28 +2,37 @@
 
 The four layers, from the bottom up:
 
-* ``_grid_fuse_forward_kernel``: one program per output token and group. For every source of the
-  group it computes the resample taps of that token in registers, gathers the C channels of the
-  source tokens it needs, takes the LayerNorm statistics in fp32, applies the affine and the layer
-  weight and accumulates; the group's sum is stored straight into the group's channel slice of the
-  ``(B, H*W, sum C)`` output. Nothing else touches global memory, except the per-token mean and
-  rstd (two fp32 numbers per source and token) when a backward pass will need them.
-* ``_grid_fuse_backward_rows_kernel``: per output token, the gradient of the resampled token
-  (``dr``) of every source in the group, plus fp32 partial sums for the parameter gradients, one
-  row of partials per program, reduced afterwards with ``torch.sum``.
-* ``_grid_fuse_backward_scatter_kernel``: turns ``dr`` into the gradient of a resampled source by
-  gathering: one program per source token walks the few output tokens whose taps read it. A source
-  whose grid already matches the target gets ``dr`` as its gradient directly and skips this pass.
+* ``_grid_fuse_forward_kernel``: ONE launch for all groups. Each program takes a tile of
+  ``BLOCK_T`` output tokens and, for every group, every source of that group: it computes the
+  resample taps of its tokens in registers, gathers the channels it needs, takes the LayerNorm
+  statistics in fp32, applies the affine and the layer weight and accumulates; each group's sum is
+  stored straight into its channel slice of the ``(B, H*W, sum C)`` output. Nothing else touches
+  global memory, except the per-token mean and rstd (two fp32 numbers per source and token) when a
+  backward pass will need them.
+* ``_grid_fuse_backward_rows_kernel``: one launch, a fixed number of programs each walking a run of
+  token tiles: the gradient of each resampled token (``dr``) and per-program fp32 partial sums for
+  the parameter gradients, carried in registers across the run.
+* ``_grid_fuse_param_grads_kernel``: one program per source reduces the partial sums in a fixed
+  order and writes the gradients of its LayerNorm weight and bias and of its layer weight.
+* ``_grid_fuse_backward_gather_kernel``: one launch for every resampled source: turns ``dr`` into
+  the source gradient by gathering (one program per source token walks the few output tokens whose
+  taps read it). A source whose grid already matches the target gets ``dr`` as its gradient directly.
 * host functions :func:`grid_fuse_forward` / :func:`grid_fuse_backward` (validation, buffers,
-  block sizes), :class:`GridFuseFunction` and the functional :func:`triton_grid_fuse`.
+  tile sizes), :class:`GridFuseFunction` and the functional :func:`triton_grid_fuse`, which
+  validates once per call and launches 1 kernel forward, 2 or 3 backward.
+
+Which sources belong to which group, which already have the target grid and which have a LayerNorm
+weight or bias are compile-time constants (a small tuple and bit masks), so the kernels hold no
+run-time branches for them and the host never materialises an identity affine.
 
 The backward pass uses no atomics: for a given shape and device its result is bit-for-bit
 reproducible.
 
 Resampling follows PyTorch's ``F.interpolate`` exactly: ``bilinear`` with ``align_corners=False``
-(source index ``scale*(o+0.5)-0.5`` clamped at 0, scale = in/out), ``nearest`` (legacy
-``floor(o*scale)`` with a float32 scale), ``area`` (adaptive average pooling windows
-``[floor(o*in/out), ceil((o+1)*in/out))``). A grid that already has the target size is copied as is.
+(source index ``scale*(o+0.5)-0.5`` clamped at 0, taps ``i0`` and ``i0+1`` clamped to the grid,
+weights ``1-lambda`` and ``lambda``), ``nearest`` (legacy ``floor(o*scale)``), ``area`` (adaptive
+average pooling windows ``[floor(o*in/out), ceil((o+1)*in/out))``), with PyTorch's float32
+``scale = in / out``. A grid that already has the target size is copied as is.
 """
 
 from __future__ import annotations
@@ -59,36 +68,46 @@ _MODE_CODES = {"bilinear": BILINEAR.value, "nearest": NEAREST.value, "area": ARE
 
 
 @triton.jit
-def _axis_taps(o, n_in, n_out, scale, MODE: tl.constexpr):
-    """Taps of output index ``o`` along one axis: (first input index, tap count, weight of the first
-    tap, weight of each later tap)."""
-    if MODE == BILINEAR:  # align_corners=False, clamped like PyTorch
-        src = tl.maximum(scale * (tl.cast(o, tl.float32) + 0.5) - 0.5, 0.0)
-        first = tl.minimum(tl.cast(src, tl.int64), n_in - 1)  # src >= 0, so truncation is floor
-        lam = src - tl.cast(first, tl.float32)
-        # The second tap falls away at the last row (PyTorch adds it to the first) or when lam is 0.
-        two = (first < n_in - 1) & (lam != 0.0)
-        count = tl.where(two, 2, 1)
-        w_first = tl.where(two, 1.0 - lam, 1.0)
-        w_rest = lam
-    elif MODE == NEAREST:  # PyTorch's legacy floor(o * scale) with a float32 scale
-        first = tl.minimum(tl.floor(tl.cast(o, tl.float32) * scale).to(tl.int64), n_in - 1)
-        count = tl.full((), 1, tl.int64)
-        w_first = tl.full((), 1.0, tl.float32)
-        w_rest = tl.full((), 0.0, tl.float32)
-    else:  # AREA: adaptive_avg_pool2d windows, integer arithmetic
-        first = (o * n_in) // n_out
-        count = ((o + 1) * n_in + n_out - 1) // n_out - first
-        w_first = 1.0 / tl.cast(count, tl.float32)
-        w_rest = w_first
-    return first, count, w_first, w_rest
+def _scale(n_in, n_out):
+    """PyTorch's resample scale: ``float(n_in) / n_out`` rounded once to float32."""
+    return tl.math.div_rn(tl.cast(n_in, tl.float32), tl.cast(n_out, tl.float32))
 
 
 @triton.jit
-def _axis_weight(o, i, n_in, n_out, scale, MODE: tl.constexpr):
+def _bilinear_axis(o, n_in, n_out):
+    """Bilinear taps of output indices ``o`` along one axis: (i0, i1, lambda); i1 == i0 on the last
+    input row, where PyTorch reads the same element twice."""
+    src = tl.maximum(_scale(n_in, n_out) * (tl.cast(o, tl.float32) + 0.5) - 0.5, 0.0)
+    i0 = tl.minimum(tl.cast(src, tl.int64), n_in - 1)  # src >= 0, so truncation is floor
+    lam = src - tl.cast(i0, tl.float32)
+    i1 = tl.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0, i1, lam
+
+
+@triton.jit
+def _nearest_axis(o, n_in, n_out):
+    """PyTorch's legacy nearest index ``min(floor(o * scale), n_in - 1)``."""
+    return tl.minimum(tl.floor(tl.cast(o, tl.float32) * _scale(n_in, n_out)).to(tl.int64), n_in - 1)
+
+
+@triton.jit
+def _area_axis(o, n_in, n_out):
+    """adaptive_avg_pool2d window of output index ``o``: (first input index, count)."""
+    first = (o * n_in) // n_out
+    return first, ((o + 1) * n_in + n_out - 1) // n_out - first
+
+
+@triton.jit
+def _axis_weight(o, i, n_in, n_out, MODE: tl.constexpr):
     """Weight with which output index ``o`` reads input index ``i`` along one axis (0 if it does not)."""
-    first, count, w_first, w_rest = _axis_taps(o, n_in, n_out, scale, MODE)
-    return tl.where(i == first, w_first, tl.where((i > first) & (i < first + count), w_rest, 0.0))
+    if MODE == BILINEAR:
+        i0, i1, lam = _bilinear_axis(o, n_in, n_out)
+        return tl.where(i == i0, 1.0 - lam, 0.0) + tl.where(i == i1, lam, 0.0)
+    elif MODE == NEAREST:
+        return tl.where(i == _nearest_axis(o, n_in, n_out), 1.0, 0.0)
+    else:
+        first, count = _area_axis(o, n_in, n_out)
+        return tl.where((i >= first) & (i < first + count), 1.0 / tl.cast(count, tl.float32), 0.0)
 
 
 @triton.jit
@@ -108,150 +127,285 @@ def _axis_readers(i, n_in, n_out, MODE: tl.constexpr):
 
 
 @triton.jit
-def _resample_token(src, b, oy, ox, H, W, cols, mask, MODE: tl.constexpr):
-    """Channels of output token (oy, ox) of batch item b resampled from grid ``src``, in fp32."""
-    y0, ny, wy0, wy1 = _axis_taps(oy, src.height, H, src.scale_h, MODE)
-    x0, nx, wx0, wx1 = _axis_taps(ox, src.width, W, src.scale_w, MODE)
-    base = src.x + b * src.stride_b
-    acc = tl.zeros(cols.shape, dtype=tl.float32)
-    for ty in range(0, ny):
-        wy = tl.where(ty == 0, wy0, wy1)
-        row = base + (y0 + ty) * src.stride_y
-        for tx in range(0, nx):
-            wx = tl.where(tx == 0, wx0, wx1)
-            v = tl.load(row + (x0 + tx) * src.stride_x + cols, mask=mask, other=0.0)
-            acc += (wy * wx) * v.to(tl.float32)
+def _load_rows(row_ptrs, cols, mask):
+    """A (BLOCK_T, BLOCK_C) tile: channels ``cols`` of the tokens at ``row_ptrs``, in fp32."""
+    return tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _resample_tile(
+    x_ptr, stride_b, stride_y, stride_x, h, w, b, oy, ox, H, W, cols, mask,
+    MODE: tl.constexpr, IDENTITY: tl.constexpr,
+):  # fmt: skip
+    """Channels of the output tokens (b, oy, ox) (vectors of BLOCK_T) resampled from one source
+    grid, as a (BLOCK_T, BLOCK_C) fp32 tile. Bilinear and nearest read a fixed number of taps, so
+    all loads of a tile are independent and in flight together."""
+    base = x_ptr + b * stride_b
+    if IDENTITY:
+        acc = _load_rows(base + oy * stride_y + ox * stride_x, cols, mask)
+    elif MODE == BILINEAR:  # PyTorch's formula, the same element twice at the last row / column
+        y0, y1, ly = _bilinear_axis(oy, h, H)
+        x0, x1, lx = _bilinear_axis(ox, w, W)
+        row0 = base + y0 * stride_y
+        row1 = base + y1 * stride_y
+        lx = lx[:, None]
+        top = _load_rows(row0 + x0 * stride_x, cols, mask) * (1.0 - lx)
+        top += _load_rows(row0 + x1 * stride_x, cols, mask) * lx
+        bottom = _load_rows(row1 + x0 * stride_x, cols, mask) * (1.0 - lx)
+        bottom += _load_rows(row1 + x1 * stride_x, cols, mask) * lx
+        acc = top * (1.0 - ly[:, None]) + bottom * ly[:, None]
+    elif MODE == NEAREST:
+        iy = _nearest_axis(oy, h, H)
+        ix = _nearest_axis(ox, w, W)
+        acc = _load_rows(base + iy * stride_y + ix * stride_x, cols, mask)
+    else:  # AREA: windows differ per token; walk the largest one of the tile, masking the rest
+        y0, ny = _area_axis(oy, h, H)
+        x0, nx = _area_axis(ox, w, W)
+        acc = tl.zeros(mask.shape, dtype=tl.float32)
+        for ty in range(0, tl.max(ny, axis=0)):
+            row = base + (y0 + ty) * stride_y
+            for tx in range(0, tl.max(nx, axis=0)):
+                inside = (ty < ny) & (tx < nx)
+                acc += _load_rows(row + (x0 + tx) * stride_x, cols, mask & inside[:, None])
+        acc = acc / (ny * nx).to(tl.float32)[:, None]
     return acc
 
 
 @triton.jit
 def _grid_fuse_forward_kernel(
-    Y_ptr,  # output, shape (B*H*W, y_cols); this group's channels start at column y_col
-    y_cols,
-    y_col,
-    sources,  # tuple of L _Grid: source x (B, h, w, C), channel stride 1; LN params (C,);
-    # layer weight (1,) fp32; mean and rstd rows (B*H*W,) fp32
+    Y_ptr,  # output (B*H*W, y_cols) in the sources' dtype; group g fills columns COLS[g] on
+    X,  # S source pointers in slot order, each (B, h, w, C_g) with channel stride 1
+    SB, SY, SX,  # S batch / row / column strides of each source, in elements
+    HS, WS,  # S source grid heights and widths
+    LW_ptr,  # (S,) layer weights, any float dtype, indexed by source (not slot), stride lw_stride
+    lw_stride,
+    LN_W, LN_B,  # S pointers (C_g,): LayerNorm affine per slot; any tensor where the HAS_ bit is 0
+    MEAN_ptr, RSTD_ptr,  # (S, rows) fp32 each, by source index: written when STORE_STATS
+    COLS, WIDTHS,  # G first output columns and widths of the groups
+    rows,
     H,
     W,
-    C,
+    y_cols,
     eps,
+    GROUP_OF: tl.constexpr,  # S group indices, one per slot, non-decreasing
+    SOURCE_OF: tl.constexpr,  # S source indices, one per slot
+    IDENTITY: tl.constexpr,  # bit k: slot k already has the target grid
+    HAS_W: tl.constexpr,  # bit k: slot k has a LayerNorm weight
+    HAS_B: tl.constexpr,  # bit k: slot k has a LayerNorm bias
     MODE: tl.constexpr,
     STORE_STATS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
-):
-    token = tl.program_id(0).to(tl.int64)
-    b = token // (H * W)
-    oy = (token % (H * W)) // W
-    ox = token % W
+):  # fmt: skip
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = tokens < rows
+    b = tokens // (H * W)
+    oy = (tokens % (H * W)) // W
+    ox = tokens % W
     cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
-
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in tl.static_range(len(sources)):
-        src = sources[i]
-        r = _resample_token(src, b, oy, ox, H, W, cols, mask, MODE)
-        mean = tl.sum(r, axis=0) / C
-        centred = tl.where(mask, r - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / C + eps)
-        if STORE_STATS:
-            tl.store(src.mean + token, mean)
-            tl.store(src.rstd + token, rstd)
-        y = centred * rstd * tl.load(src.ln_weight + cols, mask=mask, other=0.0).to(tl.float32)
-        y += tl.load(src.ln_bias + cols, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.load(src.layer_weight) * y
-    tl.store(Y_ptr + token * y_cols + y_col + cols, acc.to(Y_ptr.dtype.element_ty), mask=mask)
+    for g in tl.static_range(len(WIDTHS)):
+        C = WIDTHS[g]
+        mask = live[:, None] & (cols < C)[None, :]
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for k in tl.static_range(len(X)):
+            if GROUP_OF[k] == g:
+                r = _resample_tile(
+                    X[k], SB[k], SY[k], SX[k], HS[k], WS[k], b, oy, ox, H, W, cols, mask,
+                    MODE, (IDENTITY >> k) & 1,
+                )  # fmt: skip
+                mean = tl.sum(r, axis=1) / C
+                centred = tl.where(mask, r - mean[:, None], 0.0)
+                rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)
+                if STORE_STATS:
+                    tl.store(MEAN_ptr + SOURCE_OF[k] * rows + tokens, mean, mask=live)
+                    tl.store(RSTD_ptr + SOURCE_OF[k] * rows + tokens, rstd, mask=live)
+                y = centred * rstd[:, None]
+                if (HAS_W >> k) & 1:
+                    y *= tl.load(LN_W[k] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+                if (HAS_B >> k) & 1:
+                    y += tl.load(LN_B[k] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+                acc += tl.load(LW_ptr + SOURCE_OF[k] * lw_stride).to(tl.float32) * y
+        y_ptrs = Y_ptr + tokens[:, None] * y_cols + COLS[g] + cols[None, :]
+        tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _grid_fuse_backward_rows_kernel(
-    DY_ptr,  # grad of the output, shape (B*H*W, y_cols); this group's channels start at y_col
-    y_cols,
-    y_col,
-    sources,  # tuple of L _Grid, as in the forward (mean and rstd rows are read here)
-    DR_ptrs,  # tuple of L pointers, each (B*H*W, C): grad of the resampled token of each source
-    P_ptr,  # (n_programs, L, C) fp32: partial sums over tokens of dy * xhat, per source
-    Q_ptr,  # (n_programs, C) fp32: partial sums over tokens of dy
-    N,
+    DY_ptr,  # gradient of the output, (B*H*W, y_cols); group g in columns COLS[g] on
+    X, SB, SY, SX, HS, WS, LW_ptr, lw_stride, LN_W,  # as in the forward
+    MEAN_ptr, RSTD_ptr,  # (S, rows) fp32 each, by source index, from the forward
+    COLS, WIDTHS,
+    DR,  # S pointers (rows, C_g) per slot: gradient of the resampled tokens (of the source itself
+    # for identity slots), in that buffer's dtype; any tensor where the NEED_DR bit is 0
+    P_ptr,  # (programs, S, c_max) fp32 per program and slot: sum over its tokens of dy * xhat
+    Q_ptr,  # (programs, G, c_max) fp32 per program and group: sum over its tokens of dy
+    rows,
     H,
     W,
-    C,
-    rows_per_program,
-    MODE: tl.constexpr,
-    NEED_SOURCES: tl.constexpr,
+    y_cols,
+    c_max,
+    tiles_per_program,
+    GROUP_OF: tl.constexpr,
+    SOURCE_OF: tl.constexpr,
+    IDENTITY: tl.constexpr,
+    HAS_W: tl.constexpr,
+    NEED_DR: tl.constexpr,  # bit k: write dr of slot k
     NEED_PARAMS: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
-):
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
-    start = pid * rows_per_program
-    end = tl.minimum(start + rows_per_program, N)
     cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
-    lanes = tl.arange(0, BLOCK_L)
-    # One accumulator row per source: static loops cannot carry a list of separate tensors.
-    p_acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
-    q_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-
-    for token in range(start, end):
-        b = token // (H * W)
-        oy = (token % (H * W)) // W
-        ox = token % W
-        dy = tl.load(DY_ptr + token * y_cols + y_col + cols, mask=mask, other=0.0).to(tl.float32)
-        q_acc += dy
-        for i in tl.static_range(len(sources)):
-            src = sources[i]
-            r = _resample_token(src, b, oy, ox, H, W, cols, mask, MODE)
-            rstd = tl.load(src.rstd + token)
-            xhat = tl.where(mask, (r - tl.load(src.mean + token)) * rstd, 0.0)
+    # Groups in the outer (static) loop: the parameter partial sums of one group's sources stay in
+    # registers across this program's run of tiles (carried as a tuple), so each program writes one
+    # row of partials per source, and only one group's sums are live at a time.
+    # (Triton kernels build tuples by concatenation: starred unpacking is not supported there.)
+    for g in tl.static_range(len(WIDTHS)):
+        C = WIDTHS[g]
+        col_mask = cols < C
+        p_acc = ()
+        for k in tl.static_range(len(X)):
+            if GROUP_OF[k] == g:
+                p_acc = p_acc + (tl.zeros((BLOCK_C,), dtype=tl.float32),)  # noqa: RUF005
+        q_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t in range(0, tiles_per_program):
+            tokens = (pid * tiles_per_program + t) * BLOCK_T + tl.arange(0, BLOCK_T)
+            live = tokens < rows
+            b = tokens // (H * W)
+            oy = (tokens % (H * W)) // W
+            ox = tokens % W
+            mask = live[:, None] & col_mask[None, :]
+            dy_ptrs = DY_ptr + tokens[:, None] * y_cols + COLS[g] + cols[None, :]
+            dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
             if NEED_PARAMS:
-                p_acc += tl.where(lanes[:, None] == i, (dy * xhat)[None, :], 0.0)
-            if NEED_SOURCES:
-                g = dy * tl.load(src.layer_weight)
-                g = g * tl.load(src.ln_weight + cols, mask=mask, other=0.0).to(tl.float32)
-                c1 = tl.sum(g * xhat, axis=0) / C
-                c2 = tl.sum(g, axis=0) / C
-                dr = (g - (xhat * c1 + c2)) * rstd
-                dr_ptr = DR_ptrs[i]
-                tl.store(dr_ptr + token * C + cols, dr.to(dr_ptr.dtype.element_ty), mask=mask)
-
-    if NEED_PARAMS:
-        p_ptrs = P_ptr + (pid * len(sources) + lanes[:, None]) * C + cols[None, :]
-        tl.store(p_ptrs, p_acc, mask=(lanes[:, None] < len(sources)) & mask[None, :])
-        tl.store(Q_ptr + pid * C + cols, q_acc, mask=mask)
+                q_acc += tl.sum(dy, axis=0)
+            new_p = ()
+            for k in tl.static_range(len(X)):
+                if GROUP_OF[k] == g:
+                    r = _resample_tile(
+                        X[k], SB[k], SY[k], SX[k], HS[k], WS[k], b, oy, ox, H, W, cols, mask,
+                        MODE, (IDENTITY >> k) & 1,
+                    )  # fmt: skip
+                    mean = tl.load(MEAN_ptr + SOURCE_OF[k] * rows + tokens, mask=live, other=0.0)
+                    rstd = tl.load(RSTD_ptr + SOURCE_OF[k] * rows + tokens, mask=live, other=0.0)
+                    xhat = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
+                    if NEED_PARAMS:
+                        new_p = new_p + (p_acc[len(new_p)] + tl.sum(dy * xhat, axis=0),)  # noqa: RUF005
+                    if (NEED_DR >> k) & 1:
+                        gy = dy * tl.load(LW_ptr + SOURCE_OF[k] * lw_stride).to(tl.float32)
+                        if (HAS_W >> k) & 1:
+                            gamma = tl.load(LN_W[k] + cols, mask=col_mask, other=0.0).to(tl.float32)
+                            gy = gy * gamma[None, :]
+                        c1 = tl.sum(gy * xhat, axis=1) / C
+                        c2 = tl.sum(gy, axis=1) / C
+                        dr = (gy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                        dr_ptr = DR[k]
+                        dr_ptrs = dr_ptr + tokens[:, None] * C + cols[None, :]
+                        tl.store(dr_ptrs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
+            if NEED_PARAMS:
+                p_acc = new_p
+        if NEED_PARAMS:
+            first = 0
+            for k in tl.static_range(len(X)):
+                if GROUP_OF[k] < g:
+                    first += 1
+            for m in tl.static_range(len(p_acc)):
+                tl.store(P_ptr + (pid * len(X) + first + m) * c_max + cols, p_acc[m], mask=col_mask)
+            tl.store(Q_ptr + (pid * len(WIDTHS) + g) * c_max + cols, q_acc, mask=col_mask)
 
 
 @triton.jit
-def _grid_fuse_backward_scatter_kernel(
-    DX_ptr,  # grad of the source, shape (B, h, w, C), contiguous
-    DR_ptr,  # grad of the resampled tokens, shape (B, H*W, C) fp32
-    h,
-    w,
+def _grid_fuse_param_grads_kernel(
+    P_ptr,  # (programs, S, c_max) fp32 partials from the rows kernel
+    Q_ptr,  # (programs, G, c_max) fp32 partials from the rows kernel
+    LW_ptr,  # (S,) layer weights by source index, stride lw_stride
+    lw_stride,
+    LN_W, LN_B,  # S pointers (C_g,) per slot; any tensor where the HAS_ bit is 0
+    DLW_ptr,  # (S,) gradient of the layer weights, by source index
+    DLN_W, DLN_B,  # S pointers (C_g,) per slot: gradients of the LayerNorm weight and bias
+    WIDTHS,
+    programs,
+    c_max,
+    GROUP_OF: tl.constexpr,
+    SOURCE_OF: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # With p = sum_tokens dy * xhat and q = sum_tokens dy (dy the group's output gradient):
+    # d ln_weight = a p, d ln_bias = a q, d a = <gamma, p> + <beta, q> (gamma 1, beta 0 if absent).
+    slot = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    lanes = tl.arange(0, BLOCK_R)
+    for k in tl.static_range(len(LN_W)):
+        if slot == k:
+            col_mask = cols < WIDTHS[GROUP_OF[k]]
+            p = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            q = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            for start in range(0, programs, BLOCK_R):
+                r = start + lanes
+                mask = (r < programs)[:, None] & col_mask[None, :]
+                p += tl.load(
+                    P_ptr + (r[:, None] * len(LN_W) + k) * c_max + cols[None, :], mask=mask, other=0.0
+                )
+                q += tl.load(
+                    Q_ptr + (r[:, None] * len(WIDTHS) + GROUP_OF[k]) * c_max + cols[None, :],
+                    mask=mask,
+                    other=0.0,
+                )
+            p_sum = tl.sum(p, axis=0)
+            q_sum = tl.sum(q, axis=0)
+            a = tl.load(LW_ptr + SOURCE_OF[k] * lw_stride).to(tl.float32)
+            if (HAS_W >> k) & 1:
+                gamma = tl.load(LN_W[k] + cols, mask=col_mask, other=0.0).to(tl.float32)
+                d_a = tl.sum(gamma * p_sum, axis=0)
+                tl.store(DLN_W[k] + cols, (a * p_sum).to(DLN_W[k].dtype.element_ty), mask=col_mask)
+            else:
+                d_a = tl.sum(p_sum, axis=0)
+            if (HAS_B >> k) & 1:
+                beta = tl.load(LN_B[k] + cols, mask=col_mask, other=0.0).to(tl.float32)
+                d_a += tl.sum(beta * q_sum, axis=0)
+                tl.store(DLN_B[k] + cols, (a * q_sum).to(DLN_B[k].dtype.element_ty), mask=col_mask)
+            tl.store(DLW_ptr + SOURCE_OF[k], d_a.to(DLW_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _grid_fuse_backward_gather_kernel(
+    DX,  # K pointers, each a source gradient (B, h_k, w_k, C_k), contiguous
+    DR,  # K pointers, each (B*H*W, C_k) fp32: gradient of that source's resampled tokens
+    HS, WS, CS,  # K source heights, widths and channel counts
+    batch,
     H,
     W,
-    C,
-    scale_h,
-    scale_w,
     MODE: tl.constexpr,
     BLOCK_C: tl.constexpr,
-):
+):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
-    b = token // (h * w)
-    iy = (token % (h * w)) // w
-    ix = token % w
+    which = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
-    y_lo, y_hi = _axis_readers(iy, h, H, MODE)
-    x_lo, x_hi = _axis_readers(ix, w, W, MODE)
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    # The exact weights are 0 for window entries that do not read this token; they skip the load.
-    for oy in range(y_lo, y_hi + 1):
-        wy = _axis_weight(oy, iy, h, H, scale_h, MODE)
-        for ox in range(x_lo, x_hi + 1):
-            weight = wy * _axis_weight(ox, ix, w, W, scale_w, MODE)
-            if weight != 0.0:
-                g_ptrs = DR_ptr + ((b * H + oy) * W + ox) * C + cols
-                acc += weight * tl.load(g_ptrs, mask=mask, other=0.0)
-    tl.store(DX_ptr + token * C + cols, acc.to(DX_ptr.dtype.element_ty), mask=mask)
+    for k in tl.static_range(len(DX)):
+        h = HS[k]
+        w = WS[k]
+        if (which == k) & (token < batch * h * w):
+            b = token // (h * w)
+            iy = (token % (h * w)) // w
+            ix = token % w
+            mask = cols < CS[k]
+            y_lo, y_hi = _axis_readers(iy, h, H, MODE)
+            x_lo, x_hi = _axis_readers(ix, w, W, MODE)
+            acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            # The exact weights are 0 for window entries that do not read this token; they skip the load.
+            for oy in range(y_lo, y_hi + 1):
+                wy = _axis_weight(oy, iy, h, H, MODE)
+                for ox in range(x_lo, x_hi + 1):
+                    weight = wy * _axis_weight(ox, ix, w, W, MODE)
+                    if weight != 0.0:
+                        g_ptrs = DR[k] + ((b * H + oy) * W + ox) * CS[k] + cols
+                        acc += weight * tl.load(g_ptrs, mask=mask, other=0.0)
+            dx_ptr = DX[k]
+            tl.store(dx_ptr + token * CS[k] + cols, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,24 +415,15 @@ def _grid_fuse_backward_scatter_kernel(
 
 # Triton decides at decoration time whether kernels are compiled or interpreted (TRITON_INTERPRET).
 _INTERPRETED = isinstance(_grid_fuse_forward_kernel, InterpretedFunction)
-
-
-class _Grid(NamedTuple):
-    """One source as the kernels see it (a tuple argument of tensors and numbers, never None)."""
-
-    x: torch.Tensor
-    stride_b: int
-    stride_y: int
-    stride_x: int
-    height: int
-    width: int
-    scale_h: float
-    scale_w: float
-    layer_weight: torch.Tensor
-    ln_weight: torch.Tensor
-    ln_bias: torch.Tensor
-    mean: torch.Tensor
-    rstd: torch.Tensor
+# Bytes of one source that a forward program aims to read: small rows get several tokens per tile.
+_TILE_BYTES = 8192
+_MAX_BLOCK_T = 16
+# Elements of a tile per thread: 16 in the forward keeps loads 16 bytes wide (2 per row in bf16,
+# 4 in fp32); the backward kernels hold more live values (partial sums of a group's sources, dy,
+# xhat), so they take 8 per thread and at most 8 warps (16 warps cap a thread at 128 registers,
+# which spilled) to stay clear of register spills.
+_FORWARD_ELEMENTS = 16
+_BACKWARD_ELEMENTS = 8
 
 
 def _new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -286,16 +431,110 @@ def _new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) 
     return torch.empty(tuple(shape), dtype=dtype, device=device)
 
 
-def _pytorch_scale(n_in: int, n_out: int) -> float:
-    """``n_in / n_out`` rounded to float32, as PyTorch's resample kernels compute their scale."""
-    return torch.tensor(n_in / n_out, dtype=torch.float32).item()
+def _warps(elements: int, per_thread: int = _FORWARD_ELEMENTS) -> int:
+    """Warps for a tile of ``elements`` values: about ``per_thread`` each, between 1 and 16 warps."""
+    return max(1, min(16, elements // (32 * per_thread)))
 
 
-def _launch_settings(width: int) -> tuple[int, int]:
-    """BLOCK_C (the width rounded up to a power of two) and the number of warps for it."""
-    block = triton.next_power_of_2(width)
-    num_warps = 16 if block >= 8192 else 8 if block >= 2048 else 4 if block >= 256 else 2
-    return block, num_warps
+@dataclass(frozen=True)
+class _Plan:
+    """How one ``grid_fuse`` call maps onto the kernels (everything but the tensors).
+
+    Slots are the sources sorted by group (stable); the kernels visit groups in order and the
+    sources of a group in slot order, so a per-slot tuple lines up with that visit order.
+    """
+
+    out_hw: tuple[int, int]
+    source_of: tuple[int, ...]  # slot -> source index
+    group_of: tuple[int, ...]  # slot -> group
+    widths: tuple[int, ...]  # per group
+    columns: tuple[int, ...]  # first output column per group
+    identity: int  # bit k: slot k already has the target grid
+    has_weight: int  # bit k: slot k has a LayerNorm weight
+    has_bias: int  # bit k: slot k has a LayerNorm bias
+    mode: int
+    block_t: int  # forward tile: tokens x channels, and its warps
+    block_c: int
+    num_warps: int
+    backward_block_t: int  # backward row tile (half the tokens: it holds more live values)
+    backward_warps: int
+
+
+def _bits(flags: Sequence[bool]) -> int:
+    return sum(1 << k for k, flag in enumerate(flags) if flag)
+
+
+def _make_plan(
+    sources: Sequence[torch.Tensor],
+    out_hw: Sequence[int],
+    groups: Sequence[int],
+    widths: Sequence[int],
+    ln_weight: Sequence[torch.Tensor | None] | None,
+    ln_bias: Sequence[torch.Tensor | None] | None,
+    mode: str,
+) -> _Plan:
+    source_of = tuple(sorted(range(len(sources)), key=groups.__getitem__))
+    out_hw = (int(out_hw[0]), int(out_hw[1]))
+    block_c = triton.next_power_of_2(max(widths))
+    block_t = max(1, min(_MAX_BLOCK_T, _TILE_BYTES // (block_c * sources[0].element_size())))
+    return _Plan(
+        out_hw=out_hw,
+        source_of=source_of,
+        group_of=tuple(groups[i] for i in source_of),
+        widths=tuple(widths),
+        columns=tuple(itertools.accumulate(widths, initial=0))[:-1],
+        identity=_bits([tuple(sources[i].shape[1:3]) == out_hw for i in source_of]),
+        has_weight=_bits([ln_weight is not None and ln_weight[i] is not None for i in source_of]),
+        has_bias=_bits([ln_bias is not None and ln_bias[i] is not None for i in source_of]),
+        mode=_MODE_CODES[mode],
+        block_t=block_t,
+        block_c=block_c,
+        num_warps=_warps(block_t * block_c),
+        backward_block_t=max(1, block_t // 2),
+        backward_warps=min(8, _warps(max(1, block_t // 2) * block_c, _BACKWARD_ELEMENTS)),
+    )
+
+
+def _source_args(sources: Sequence[torch.Tensor], plan: _Plan) -> tuple[tuple, ...]:
+    """The per-slot source arguments of the kernels: pointers, strides, heights, widths."""
+    xs = tuple(sources[i] for i in plan.source_of)
+    return (
+        xs,
+        tuple(x.stride(0) for x in xs),
+        tuple(x.stride(1) for x in xs),
+        tuple(x.stride(2) for x in xs),
+        tuple(x.shape[1] for x in xs),
+        tuple(x.shape[2] for x in xs),
+    )
+
+
+def _affine_args(
+    params: Sequence[torch.Tensor | None] | None, plan: _Plan, placeholder: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Per-slot LayerNorm parameters; ``placeholder`` (never read: a HAS_ bit is 0) where absent.
+
+    Compiled Triton cannot specialise a None inside a tuple argument, hence the placeholder.
+    """
+    if params is None:
+        return (placeholder,) * len(plan.source_of)
+    out = []
+    for i in plan.source_of:
+        p = params[i]
+        out.append(placeholder if p is None else p if p.is_contiguous() else p.contiguous())
+    return tuple(out)
+
+
+def _layer_weight_table(layer_weights: torch.Tensor | Sequence[float], device: torch.device) -> torch.Tensor:
+    """The layer weights as an (S,) tensor on the sources' device (kernels read any float dtype
+    and any stride, so a tensor is used as is)."""
+    if isinstance(layer_weights, torch.Tensor):
+        return layer_weights.detach()
+    return torch.tensor([float(v) for v in layer_weights], dtype=torch.float32, device=device)
+
+
+def _channels_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any batch/row/column strides but need channel stride 1; copy otherwise."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _check_kernel_inputs(
@@ -358,86 +597,6 @@ def _check_kernel_inputs(
     return widths
 
 
-def _layer_weight_table(layer_weights: torch.Tensor | Sequence[float], device: torch.device) -> torch.Tensor:
-    """The layer weights as a contiguous fp32 (S,) tensor on the sources' device."""
-    if isinstance(layer_weights, torch.Tensor):
-        return layer_weights.detach().to(device=device, dtype=torch.float32).contiguous()
-    return torch.tensor([float(v) for v in layer_weights], dtype=torch.float32, device=device)
-
-
-def _channels_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """The kernels take any batch/row/column strides but need channel stride 1; copy otherwise."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _param(params: Sequence[torch.Tensor | None] | None, i: int) -> torch.Tensor | None:
-    p = None if params is None else params[i]
-    return None if p is None else p.detach().contiguous()
-
-
-@dataclass(frozen=True)
-class _Group:
-    """One output slot: its sources (indices into ``sources``), width and first output column."""
-
-    members: tuple[int, ...]
-    width: int
-    column: int
-
-
-def _plan_groups(groups: Sequence[int], widths: Sequence[int]) -> list[_Group]:
-    columns = [0, *itertools.accumulate(widths)]
-    return [
-        _Group(tuple(i for i, gi in enumerate(groups) if gi == g), width, columns[g])
-        for g, width in enumerate(widths)
-    ]
-
-
-def _grids(
-    sources: Sequence[torch.Tensor],
-    group: _Group,
-    out_hw: Sequence[int],
-    weights: torch.Tensor,
-    ln_weight: Sequence[torch.Tensor | None] | None,
-    ln_bias: Sequence[torch.Tensor | None] | None,
-    mean: torch.Tensor | None,
-    rstd: torch.Tensor | None,
-) -> tuple[_Grid, ...]:
-    """The kernel-side description of each source of ``group``."""
-    return tuple(
-        _Grid(
-            x=sources[i],
-            stride_b=sources[i].stride(0),
-            stride_y=sources[i].stride(1),
-            stride_x=sources[i].stride(2),
-            height=sources[i].shape[1],
-            width=sources[i].shape[2],
-            scale_h=_pytorch_scale(sources[i].shape[1], out_hw[0]),
-            scale_w=_pytorch_scale(sources[i].shape[2], out_hw[1]),
-            layer_weight=weights[i],
-            ln_weight=_param_or_fill(ln_weight, i, 1.0, sources[i]),
-            ln_bias=_param_or_fill(ln_bias, i, 0.0, sources[i]),
-            # unread unless the kernel stores or reads statistics (a constexpr decides)
-            mean=weights if mean is None else mean[i],
-            rstd=weights if rstd is None else rstd[i],
-        )
-        for i in group.members
-    )
-
-
-def _param_or_fill(
-    params: Sequence[torch.Tensor | None] | None, i: int, fill: float, source: torch.Tensor
-) -> torch.Tensor:
-    """The affine parameter of source i, or the identity (ones / zeros) where it has none.
-
-    Compiled Triton (3.6 at least) cannot specialise a None inside a tuple-of-NamedTuple
-    argument, so the kernels always get a tensor; C extra floats per source cost nothing.
-    """
-    p = _param(params, i)
-    if p is not None:
-        return p
-    return torch.full((source.shape[-1],), fill, dtype=torch.float32, device=source.device)
-
-
 def _check_eps(eps: float) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
         raise ValueError(f"grid_fuse eps must be a finite number >= 0, got {eps!r}")
@@ -455,6 +614,67 @@ def _check_buffer(name: str, tensor: torch.Tensor, shape: tuple[int, ...], like:
         raise ValueError(f"grid_fuse {name} must be contiguous, got strides {tensor.stride()}")
 
 
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _row_programs(tiles: int, device: torch.device) -> int:
+    """Programs of the backward row kernel: two per multiprocessor fill the GPU, and the fp32
+    partials (one row per program and source) stay small next to the data."""
+    if device.type != "cuda":
+        return max(1, min(tiles, 4))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(tiles, 2 * _SM_COUNTS[index]))
+
+
+def _forward(
+    plan: _Plan,
+    sources: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    ln_weight: Sequence[torch.Tensor | None] | None,
+    ln_bias: Sequence[torch.Tensor | None] | None,
+    eps: float,
+    out: torch.Tensor,
+    save_stats: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One launch of the forward kernel on checked inputs; returns (mean, rstd) or (None, None)."""
+    first = sources[0]
+    height, width = plan.out_hw
+    rows = first.shape[0] * height * width
+    mean = rstd = None
+    if save_stats:
+        mean, rstd = _new_buffer((2, len(sources), rows), torch.float32, first.device).unbind(0)
+    _grid_fuse_forward_kernel[(triton.cdiv(rows, plan.block_t),)](
+        out,
+        *_source_args(sources, plan),
+        weights,
+        weights.stride(0),
+        _affine_args(ln_weight, plan, first),
+        _affine_args(ln_bias, plan, first),
+        out if mean is None else mean,  # unread placeholders without STORE_STATS
+        out if rstd is None else rstd,
+        plan.columns,
+        plan.widths,
+        rows,
+        height,
+        width,
+        out.shape[-1],
+        eps,
+        GROUP_OF=plan.group_of,
+        SOURCE_OF=plan.source_of,
+        IDENTITY=plan.identity,
+        HAS_W=plan.has_weight,
+        HAS_B=plan.has_bias,
+        MODE=plan.mode,
+        STORE_STATS=save_stats,
+        BLOCK_T=plan.block_t,
+        BLOCK_C=plan.block_c,
+        num_warps=plan.num_warps,
+    )
+    return mean, rstd
+
+
 def grid_fuse_forward(
     sources: Sequence[torch.Tensor],
     out_hw: Sequence[int],
@@ -468,7 +688,7 @@ def grid_fuse_forward(
     out: torch.Tensor | None = None,
     save_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Run the forward kernel once per group.
+    """Check the inputs and run the forward kernel (one launch for all groups).
 
     Args:
         sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, eps: as
@@ -490,34 +710,14 @@ def grid_fuse_forward(
     _check_eps(eps)
     sources = [_channels_contiguous(x) for x in sources]
     first = sources[0]
-    height, width = out_hw
-    rows = first.shape[0] * height * width
-    out_shape = (first.shape[0], height * width, sum(widths))
+    out_shape = (first.shape[0], out_hw[0] * out_hw[1], sum(widths))
     if out is None:
         out = _new_buffer(out_shape, first.dtype, first.device)
     else:
         _check_buffer("out", out, out_shape, first)
-    mean = rstd = None
-    if save_stats:
-        mean = _new_buffer((len(sources), rows), torch.float32, first.device)
-        rstd = _new_buffer((len(sources), rows), torch.float32, first.device)
+    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode)
     weights = _layer_weight_table(layer_weights, first.device)
-    for group in _plan_groups(groups, widths):
-        block, num_warps = _launch_settings(group.width)
-        _grid_fuse_forward_kernel[(rows,)](
-            out,
-            out_shape[-1],
-            group.column,
-            _grids(sources, group, out_hw, weights, ln_weight, ln_bias, mean, rstd),
-            height,
-            width,
-            group.width,
-            float(eps),
-            MODE=_MODE_CODES[mode],
-            STORE_STATS=save_stats,
-            BLOCK_C=block,
-            num_warps=num_warps,
-        )
+    mean, rstd = _forward(plan, sources, weights, ln_weight, ln_bias, float(eps), out, save_stats)
     return out, mean, rstd
 
 
@@ -530,11 +730,127 @@ class GridFuseGrads(NamedTuple):
     ln_bias: list[torch.Tensor | None]
 
 
-def _row_programs(rows: int, device: torch.device) -> int:
-    """Programs for the backward row kernel: enough to fill the GPU, few enough that the fp32
-    partials (one row per program) stay small next to the data."""
-    cap = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(cap, triton.cdiv(rows, 8)))
+def _backward(
+    plan: _Plan,
+    grad_out: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    ln_weight: Sequence[torch.Tensor | None] | None,
+    ln_bias: Sequence[torch.Tensor | None] | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    need_sources: Sequence[bool],
+    need_params: bool,
+) -> GridFuseGrads:
+    """The backward launches on checked inputs: rows, then gather (resampled sources whose
+    gradient is asked for) and parameter reduction (when ``need_params``)."""
+    first = sources[0]
+    device = first.device
+    height, width = plan.out_hw
+    rows = first.shape[0] * height * width
+    count = len(sources)
+    grads = GridFuseGrads([None] * count, None, [None] * count, [None] * count)
+    dr, resampled = [], []
+    for k, i in enumerate(plan.source_of):
+        x = sources[i]
+        if not need_sources[i]:
+            dr.append(first)  # placeholder, unread: its NEED_DR bit is 0
+        elif plan.identity >> k & 1:  # identity: dr is the source gradient
+            grads.sources[i] = _new_buffer(x.shape, x.dtype, device)
+            dr.append(grads.sources[i])
+        else:
+            dr.append(_new_buffer((rows, x.shape[-1]), torch.float32, device))
+            resampled.append(k)
+    tiles = triton.cdiv(rows, plan.backward_block_t)
+    tiles_per_program = triton.cdiv(tiles, _row_programs(tiles, device))
+    programs = triton.cdiv(tiles, tiles_per_program)
+    c_max = max(plan.widths)
+    partial_p = partial_q = grad_out  # unread placeholders without NEED_PARAMS
+    if need_params:
+        partial_p = _new_buffer((programs, count, c_max), torch.float32, device)
+        partial_q = _new_buffer((programs, len(plan.widths), c_max), torch.float32, device)
+    xs, *geometry = _source_args(sources, plan)
+    ln_w = _affine_args(ln_weight, plan, first)
+    _grid_fuse_backward_rows_kernel[(programs,)](
+        grad_out,
+        xs,
+        *geometry,
+        weights,
+        weights.stride(0),
+        ln_w,
+        mean,
+        rstd,
+        plan.columns,
+        plan.widths,
+        tuple(dr),
+        partial_p,
+        partial_q,
+        rows,
+        height,
+        width,
+        grad_out.shape[-1],
+        c_max,
+        tiles_per_program,
+        GROUP_OF=plan.group_of,
+        SOURCE_OF=plan.source_of,
+        IDENTITY=plan.identity,
+        HAS_W=plan.has_weight,
+        NEED_DR=_bits([need_sources[i] for i in plan.source_of]),
+        NEED_PARAMS=need_params,
+        MODE=plan.mode,
+        BLOCK_T=plan.backward_block_t,
+        BLOCK_C=plan.block_c,
+        num_warps=plan.backward_warps,
+    )
+    if resampled:
+        for k in resampled:
+            x = xs[k]
+            grads.sources[plan.source_of[k]] = _new_buffer(x.shape, x.dtype, device)
+        _grid_fuse_backward_gather_kernel[(max(xs[k][..., 0].numel() for k in resampled), len(resampled))](
+            tuple(grads.sources[plan.source_of[k]] for k in resampled),
+            tuple(dr[k] for k in resampled),
+            tuple(xs[k].shape[1] for k in resampled),
+            tuple(xs[k].shape[2] for k in resampled),
+            tuple(xs[k].shape[3] for k in resampled),
+            first.shape[0],
+            height,
+            width,
+            MODE=plan.mode,
+            BLOCK_C=plan.block_c,
+            num_warps=_warps(plan.block_c, _BACKWARD_ELEMENTS),
+        )
+    if need_params:
+        weight_dtype = weights.dtype if weights.is_floating_point() else torch.float32
+        d_weights = _new_buffer((count,), weight_dtype, device)
+        d_ln = []
+        for params, out in ((ln_weight, grads.ln_weight), (ln_bias, grads.ln_bias)):
+            for i in plan.source_of:
+                p = None if params is None else params[i]
+                out[i] = None if p is None else _new_buffer(p.shape, p.dtype, device)
+            d_ln.append(tuple(first if out[i] is None else out[i] for i in plan.source_of))
+        block_r = max(1, min(triton.next_power_of_2(programs), 4096 // plan.block_c))
+        _grid_fuse_param_grads_kernel[(count,)](
+            partial_p,
+            partial_q,
+            weights,
+            weights.stride(0),
+            ln_w,
+            _affine_args(ln_bias, plan, first),
+            d_weights,
+            *d_ln,
+            plan.widths,
+            programs,
+            c_max,
+            GROUP_OF=plan.group_of,
+            SOURCE_OF=plan.source_of,
+            HAS_W=plan.has_weight,
+            HAS_B=plan.has_bias,
+            BLOCK_R=block_r,
+            BLOCK_C=plan.block_c,
+            num_warps=_warps(block_r * plan.block_c, _BACKWARD_ELEMENTS),
+        )
+        grads = grads._replace(layer_weights=d_weights)
+    return grads
 
 
 def grid_fuse_backward(
@@ -549,7 +865,7 @@ def grid_fuse_backward(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     *,
-    need_sources: bool = True,
+    need_sources: bool | Sequence[bool] = True,
     need_params: bool = True,
 ) -> GridFuseGrads:
     """Gradients of ``grid_fuse`` given the gradient of its output; deterministic (no atomics).
@@ -558,206 +874,108 @@ def grid_fuse_backward(
         grad_out: (B, H*W, sum C), the gradient of the forward output.
         sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode: as in the forward.
         mean, rstd: the (S, B*H*W) fp32 statistics :func:`grid_fuse_forward` saved.
-        need_sources: compute the source gradients.
+        need_sources: compute the source gradients: one flag for all, or one per source.
         need_params: compute the gradients of layer_weights, ln_weight and ln_bias.
 
     Returns:
         :class:`GridFuseGrads`: source gradients in the sources' dtype and layout (B, h, w, C);
-        layer-weight gradient as fp32 (S,); LN gradients in each parameter's dtype, None where the
-        parameter is None or the gradient was not asked for.
+        layer-weight gradient (S,) in layer_weights' dtype (fp32 for a list of numbers); LN
+        gradients in each parameter's dtype; None where the parameter is None or the gradient was
+        not asked for.
 
     Raises:
         ValueError: bad arguments as in :func:`grid_fuse_forward`, or a grad_out, mean or rstd of
-            the wrong shape, dtype or device.
+            the wrong shape, dtype or device, or need_sources of the wrong length.
     """
     widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
     sources = [_channels_contiguous(x) for x in sources]
     first = sources[0]
-    height, width = out_hw
-    rows = first.shape[0] * height * width
-    out_shape = (first.shape[0], height * width, sum(widths))
+    rows = first.shape[0] * out_hw[0] * out_hw[1]
+    out_shape = (first.shape[0], out_hw[0] * out_hw[1], sum(widths))
     if not isinstance(grad_out, torch.Tensor) or tuple(grad_out.shape) != out_shape:
         got = tuple(grad_out.shape) if isinstance(grad_out, torch.Tensor) else type(grad_out).__name__
         raise ValueError(f"grid_fuse grad_out must have shape {out_shape}, got {got}")
     if grad_out.device != first.device:
         raise ValueError(f"grid_fuse grad_out is on {grad_out.device}; the sources are on {first.device}")
-    grad_out = grad_out.contiguous()
     stats_like = torch.empty(0, dtype=torch.float32, device=first.device)
     _check_buffer("mean", mean, (len(sources), rows), stats_like)
     _check_buffer("rstd", rstd, (len(sources), rows), stats_like)
-
-    weights = _layer_weight_table(layer_weights, first.device)
-    count = len(sources)
-    grads = GridFuseGrads([None] * count, None, [None] * count, [None] * count)
-    weight_grads: list[torch.Tensor | None] = [None] * count
-    for group in _plan_groups(groups, widths):
-        block, num_warps = _launch_settings(group.width)
-        grad_rows: list[torch.Tensor | None] = [None] * len(group.members)
-        if need_sources:
-            for k, i in enumerate(group.members):
-                x = sources[i]
-                if tuple(x.shape[1:3]) == tuple(out_hw):  # identity: dr is the source gradient
-                    grads.sources[i] = grad_rows[k] = _new_buffer(x.shape, x.dtype, x.device)
-                else:
-                    grad_rows[k] = _new_buffer((rows, group.width), torch.float32, x.device)
-        programs = _row_programs(rows, first.device)
-        rows_per_program = triton.cdiv(rows, programs)
-        programs = triton.cdiv(rows, rows_per_program)
-        partial_p = partial_q = None
-        if need_params:
-            partial_p = _new_buffer((programs, len(group.members), group.width), torch.float32, first.device)
-            partial_q = _new_buffer((programs, group.width), torch.float32, first.device)
-        _grid_fuse_backward_rows_kernel[(programs,)](
-            grad_out,
-            out_shape[-1],
-            group.column,
-            _grids(sources, group, out_hw, weights, ln_weight, ln_bias, mean, rstd),
-            tuple(grad_rows),
-            partial_p,
-            partial_q,
-            rows,
-            height,
-            width,
-            group.width,
-            rows_per_program,
-            MODE=_MODE_CODES[mode],
-            NEED_SOURCES=need_sources,
-            NEED_PARAMS=need_params,
-            BLOCK_L=triton.next_power_of_2(len(group.members)),
-            BLOCK_C=block,
-            num_warps=num_warps,
+    if isinstance(need_sources, bool):
+        need_sources = [need_sources] * len(sources)
+    elif len(need_sources) != len(sources):
+        raise ValueError(
+            f"grid_fuse need_sources has {len(need_sources)} flags; give one bool or one per source "
+            f"({len(sources)})"
         )
-        if need_sources:
-            for k, i in enumerate(group.members):
-                if grads.sources[i] is None:
-                    grads.sources[i] = _scatter(grad_rows[k], sources[i], out_hw, mode, block, num_warps)
-        if need_params:
-            _param_grads(
-                group, partial_p.sum(0), partial_q.sum(0), weights, ln_weight, ln_bias, grads, weight_grads
-            )
-    if need_params:
-        grads = grads._replace(layer_weights=torch.stack(weight_grads))
-    return grads
-
-
-def _scatter(
-    grad_rows: torch.Tensor, x: torch.Tensor, out_hw: Sequence[int], mode: str, block: int, num_warps: int
-) -> torch.Tensor:
-    """The source gradient from the gradient of its resampled tokens (a gather per source token)."""
-    batch, h, w, channels = x.shape
-    grad = _new_buffer(x.shape, x.dtype, x.device)
-    _grid_fuse_backward_scatter_kernel[(batch * h * w,)](
-        grad,
-        grad_rows,
-        h,
-        w,
-        out_hw[0],
-        out_hw[1],
-        channels,
-        _pytorch_scale(h, out_hw[0]),
-        _pytorch_scale(w, out_hw[1]),
-        MODE=_MODE_CODES[mode],
-        BLOCK_C=block,
-        num_warps=num_warps,
+    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode)
+    weights = _layer_weight_table(layer_weights, first.device)
+    return _backward(
+        plan,
+        grad_out.contiguous(),
+        sources,
+        weights,
+        ln_weight,
+        ln_bias,
+        mean,
+        rstd,
+        need_sources,
+        need_params,
     )
-    return grad
-
-
-def _param_grads(
-    group: _Group,
-    p: torch.Tensor,
-    q: torch.Tensor,
-    weights: torch.Tensor,
-    ln_weight: Sequence[torch.Tensor | None] | None,
-    ln_bias: Sequence[torch.Tensor | None] | None,
-    grads: GridFuseGrads,
-    weight_grads: list[torch.Tensor | None],
-) -> None:
-    """Finish the parameter gradients of one group from its reduced partial sums.
-
-    With ``p_i = sum_tokens dy * xhat_i`` and ``q = sum_tokens dy`` (dy the group's output grad):
-    d ln_weight_i = a_i p_i, d ln_bias_i = a_i q, d a_i = <gamma_i, p_i> + <beta_i, q>.
-    """
-    for k, i in enumerate(group.members):
-        gamma, beta = _param(ln_weight, i), _param(ln_bias, i)
-        a = weights[i]
-        if gamma is not None:
-            grads.ln_weight[i] = (a * p[k]).to(gamma.dtype)
-        if beta is not None:
-            grads.ln_bias[i] = (a * q).to(beta.dtype)
-        scaled = p[k].sum() if gamma is None else (gamma.float() * p[k]).sum()
-        weight_grads[i] = scaled if beta is None else scaled + (beta.float() * q).sum()
-
-
-@dataclass(frozen=True)
-class _Config:
-    """The non-tensor arguments of one ``grid_fuse`` call."""
-
-    out_hw: tuple[int, int]
-    groups: tuple[int, ...]
-    mode: str
-    eps: float
 
 
 class GridFuseFunction(torch.autograd.Function):
-    """Autograd wrapper: ``apply(config, layer_weights, *sources, *ln_weight, *ln_bias)`` where the
-    LN lists hold one entry (tensor or None) per source."""
+    """Autograd wrapper: ``apply(plan, eps, layer_weights, *sources, *ln_weight, *ln_bias)`` where
+    ``plan`` comes from checked inputs and the LN lists hold one entry (tensor or None) per source."""
 
     @staticmethod
-    def forward(ctx: Any, config: _Config, layer_weights: torch.Tensor, *tensors: torch.Tensor | None):
-        count = len(config.groups)
-        sources, ln_w, ln_b = tensors[:count], tensors[count : 2 * count], tensors[2 * count :]
-        out, mean, rstd = grid_fuse_forward(
-            sources,
-            config.out_hw,
-            config.groups,
-            layer_weights,
-            ln_w,
-            ln_b,
-            config.mode,
-            config.eps,
-            save_stats=any(ctx.needs_input_grad),
+    def forward(
+        ctx: Any, plan: _Plan, eps: float, layer_weights: torch.Tensor, *tensors: torch.Tensor | None
+    ):
+        count = len(plan.source_of)
+        sources = [_channels_contiguous(x) for x in tensors[:count]]
+        ln_w, ln_b = tensors[count : 2 * count], tensors[2 * count :]
+        first = sources[0]
+        out = _new_buffer(
+            (first.shape[0], plan.out_hw[0] * plan.out_hw[1], sum(plan.widths)), first.dtype, first.device
         )
-        ctx.config = config
-        ctx.save_for_backward(layer_weights, mean, rstd, *tensors)
+        save = any(ctx.needs_input_grad)
+        mean, rstd = _forward(plan, sources, layer_weights, ln_w, ln_b, eps, out, save)
+        ctx.plan = plan
+        if save:
+            ctx.save_for_backward(layer_weights, mean, rstd, *sources, *ln_w, *ln_b)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor):
-        config: _Config = ctx.config
-        count = len(config.groups)
+        plan: _Plan = ctx.plan
+        count = len(plan.source_of)
         layer_weights, mean, rstd, *tensors = ctx.saved_tensors
         sources, ln_w, ln_b = tensors[:count], tensors[count : 2 * count], tensors[2 * count :]
         needs = ctx.needs_input_grad
-        need_sources = any(needs[2 : 2 + count])
-        grads = grid_fuse_backward(
-            grad_out,
+        grads = _backward(
+            plan,
+            grad_out.contiguous(),
             sources,
-            config.out_hw,
-            config.groups,
             layer_weights,
             ln_w,
             ln_b,
-            config.mode,
             mean,
             rstd,
-            need_sources=need_sources,
-            need_params=needs[1] or any(needs[2 + count :]),
+            needs[3 : 3 + count],
+            needs[2] or any(needs[3 + count :]),
         )
 
-        def wanted(values: Sequence[torch.Tensor | None] | None, offset: int) -> list[torch.Tensor | None]:
-            return [v if needs[offset + k] else None for k, v in enumerate(values or [None] * count)]
+        def wanted(values: Sequence[torch.Tensor | None], offset: int) -> list[torch.Tensor | None]:
+            return [v if needs[offset + k] else None for k, v in enumerate(values)]
 
-        d_weights = None
-        if needs[1]:
-            d_weights = grads.layer_weights.to(layer_weights.dtype)
         return (
             None,
-            d_weights,
-            *wanted(grads.sources, 2),
-            *wanted(grads.ln_weight, 2 + count),
-            *wanted(grads.ln_bias, 2 + 2 * count),
+            None,
+            grads.layer_weights if needs[2] else None,
+            *wanted(grads.sources, 3),
+            *wanted(grads.ln_weight, 3 + count),
+            *wanted(grads.ln_bias, 3 + 2 * count),
         )
 
 
@@ -778,12 +996,15 @@ def triton_grid_fuse(
     Raises:
         ValueError: before any launch, for every bad argument :func:`grid_fuse_forward` rejects.
     """
-    _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
+    widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
     _check_eps(eps)
     count = len(sources)
-    if not isinstance(layer_weights, torch.Tensor):
-        layer_weights = _layer_weight_table(layer_weights, sources[0].device)
+    weights = (
+        _layer_weight_table(layer_weights, sources[0].device)
+        if not isinstance(layer_weights, torch.Tensor)
+        else layer_weights
+    )
+    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode)
     ln_w = list(ln_weight) if ln_weight is not None else [None] * count
     ln_b = list(ln_bias) if ln_bias is not None else [None] * count
-    config = _Config((int(out_hw[0]), int(out_hw[1])), tuple(groups), mode, float(eps))
-    return GridFuseFunction.apply(config, layer_weights, *sources, *ln_w, *ln_b)
+    return GridFuseFunction.apply(plan, float(eps), weights, *sources, *ln_w, *ln_b)
