@@ -12,7 +12,6 @@ sweep with the same ``hydra.sweep.dir`` only runs what is missing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -22,7 +21,7 @@ from omegaconf import DictConfig
 
 import benchmarks.config  # noqa: F401  (registers the structured config schema)
 from benchmarks.config import config_hash
-from benchmarks.report import ERROR_FILE, aggregate, write_json
+from benchmarks.report import ERROR_FILE, aggregate, load_report, write_json
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -30,11 +29,9 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def finished_report(out_dir: Path, cfg: DictConfig) -> Path | None:
     """``out_dir/report.json`` when it exists and was written for this very config; else None."""
     path = out_dir / "report.json"
-    if not path.is_file():
-        return None
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
+        report = load_report(path)
+    except (FileNotFoundError, ValueError):  # none yet, or unreadable: the job runs (again)
         return None
     return path if report.get("run", {}).get("config_hash") == config_hash(cfg) else None
 

@@ -35,7 +35,7 @@ from benchmarks.config import (
 )
 from benchmarks.datasets import ImageDataset, build_train_test, load_batch
 from benchmarks.features import FeatureCache
-from benchmarks.latency import measure_latency
+from benchmarks.latency import fixed_threads, measure_latency
 from benchmarks.report import BASELINE, build_report, environment, render_markdown, write_report
 from benchmarks.tasks import FeatureSplit, run_probe
 from fusion import EncoderGeometry, FusedEncoder, FusionHead
@@ -302,8 +302,11 @@ def run_benchmark(
         ValueError, FileNotFoundError: a config, dataset or encoder error that leaves nothing to measure.
     """
     configure_hub(plain(cfg.bench.hub))
-    if cfg.bench.threads is not None:
-        torch.set_num_threads(cfg.bench.threads)
+    with fixed_threads(cfg.bench.threads):
+        return _run(cfg, out_dir, command)
+
+
+def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Path | None:
     out = output_dir(cfg, out_dir)
     plan = strategies(cfg)
     seconds: dict[str, float] = {}

@@ -32,6 +32,22 @@ def make(*overrides: str):
         return compose("config", overrides=["experiment=smoke", *overrides])
 
 
+def bench_process(*args: str, cache: Path) -> tuple[list[str], dict]:
+    """The fusion-bench command line (through its Hydra main) and an environment caching in ``cache``."""
+    return [sys.executable, "-c", BENCH, *args], {
+        **os.environ,
+        "FUSION_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def run_ok(command: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``command`` in the repository; it must succeed."""
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def check_report(path: Path, tasks: list[str], fused: str) -> dict:
     """The report's files and the fields every record must carry; returns the report."""
     report = load_report(path)
@@ -59,16 +75,10 @@ def check_report(path: Path, tasks: list[str], fused: str) -> dict:
 
 
 def test_fusion_bench_smoke_through_the_hydra_main(tmp_path):
-    env = {**os.environ, "FUSION_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", BENCH, "experiment=smoke", "task=all", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    command, env = bench_process(
+        "experiment=smoke", "task=all", f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok(command, env)
     assert f"Report: {tmp_path / 'run' / 'report.json'}" in result.stdout
     assert "| **eagle** | clip + dino |" in result.stdout  # the table is printed too
     report = check_report(
@@ -156,15 +166,6 @@ def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
     ]
 
 
-def bench_process(*args: str, cache: Path) -> tuple[list[str], dict]:
-    """The fusion-bench command line (through its Hydra main) and an environment caching in ``cache``."""
-    return [sys.executable, "-c", BENCH, *args], {
-        **os.environ,
-        "FUSION_CACHE": str(cache),
-        "HF_HUB_OFFLINE": "1",
-    }
-
-
 def test_a_sweep_killed_midway_resumes_and_aggregates(tmp_path):
     sweep = tmp_path / "sweep"
     command, env = bench_process(
@@ -186,8 +187,7 @@ def test_a_sweep_killed_midway_resumes_and_aggregates(tmp_path):
     assert not (sweep / "2" / "report.json").exists(), "the sweep was not interrupted midway"
     finished = (sweep / "0" / "report.json").read_bytes()
 
-    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = run_ok(command, env)
     assert f"Skipping: {sweep / '0' / 'report.json'} already holds this config's result" in second.stdout
     assert (sweep / "0" / "report.json").read_bytes() == finished  # not run again
     assert all((sweep / str(job) / "report.json").is_file() for job in range(3))
@@ -221,8 +221,7 @@ def test_parallel_jobs_on_submitit_local_share_one_cache(tmp_path):
         f"hydra.sweep.dir={sweep}",
         cache=tmp_path / "cache",
     )
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ok(command, env, timeout=400)
     for job in ("0", "1"):
         check_report(sweep / job / "report.json", ["classification"], ["eagle", "mmvp_interleave"][int(job)])
     # both jobs read the same encoders on the same data: one entry per encoder and split, each whole
@@ -249,32 +248,12 @@ def test_two_process_extraction_equals_one_process(tmp_path):
     common = ["experiment=smoke", "task=all", "bench.extract_only=true"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     torchrun += ["-m", "benchmarks.cli"]
-    two = subprocess.run(
-        [*torchrun, *common, f"bench.cache_dir={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'run2'}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    module = [sys.executable, "-m", "benchmarks.cli"]
+    two = run_ok(
+        [*torchrun, *common, f"bench.cache_dir={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'r2'}"], env
     )
-    assert two.returncode == 0, two.stderr[-3000:]
     assert "(rank 0)" in two.stdout and "(rank 1)" in two.stdout
-    one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.cli",
-            *common,
-            f"bench.cache_dir={tmp_path / 'one'}",
-            f"hydra.run.dir={tmp_path / 'run1'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    run_ok([*module, *common, f"bench.cache_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'r1'}"], env)
     sharded, single = read_entries(tmp_path / "two"), read_entries(tmp_path / "one")
     assert list(sharded) == list(single) and len(single) == 4
     for name, shards in single.items():
