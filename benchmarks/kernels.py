@@ -17,6 +17,14 @@ the bytes that must move, the achieved GB/s and its share of the device-to-devic
 measured in the same run (a large ``Tensor.copy_``), and speed-ups as ratios of medians against the
 eager reference and against ``torch.compile(reference)``.
 
+``torch.compile`` is honest per problem: every (case, batch, dtype) gets a fresh compiled function
+after ``torch._dynamo.reset()``, so dynamo's recompile limit can never turn the "compile" column into
+eager; the ``graphs`` column counts the graphs dynamo compiled for that problem and pass (0 would mean
+the compiled column ran eager; it then reads ``EAGER?``). On CUDA the ``host ms`` column is the pure
+host time of one call (Python, dispatch, launches), measured while the GPU is held busy by
+``torch.cuda._sleep`` so no call waits for the device; where it is close to the median the call is
+host-bound and the median measures the host, not the kernels.
+
 Bytes that must move: ``fwd`` reads every source and parameter once and writes the output once;
 ``fwdbwd`` adds the backward pass, which reads every source again and the output gradient once and
 writes every source and parameter gradient once. ``fwd`` runs under ``torch.no_grad`` (inference);
@@ -200,15 +208,51 @@ def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
 
 
 def implementations(device: torch.device, compile_backend: str) -> dict[str, Callable[..., torch.Tensor]]:
-    """What is timed: Triton (CUDA only), the eager reference and torch.compile of the reference."""
+    """What is timed: Triton (CUDA only), the eager reference and a FRESH torch.compile of the
+    reference (dynamo is reset first: one compiled function per problem, never past its recompile
+    limit, which would silently fall back to eager)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     impls: dict[str, Callable[..., torch.Tensor]] = {}
     if device.type == "cuda":
         from kernels.grid_fuse import triton_grid_fuse
 
         impls["triton"] = triton_grid_fuse
     impls["eager"] = reference.grid_fuse
+    torch._dynamo.reset()
+    counters.clear()
     impls["compile"] = torch.compile(reference.grid_fuse, backend=compile_backend)
     return impls
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled since :func:`implementations` last reset it."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+# GPU cycles of ``torch.cuda._sleep`` that keep the device busy while host time is measured
+# (about 0.1 s on a 2 GHz GPU: longer than the calls take to issue).
+_SLEEP_CYCLES = 200_000_000
+_HOST_CALLS = 10
+
+
+def host_ms(step: Callable[[], object], device: torch.device) -> float | None:
+    """Pure host time of one call of ``step`` in milliseconds (CUDA only; None on the CPU): the
+    calls are issued while the GPU sleeps, so none of them waits for the device."""
+    if device.type != "cuda":
+        return None
+    step()
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(_SLEEP_CYCLES)
+    start = time.perf_counter()
+    for _ in range(_HOST_CALLS):
+        step()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize(device)
+    return elapsed / _HOST_CALLS * 1e3
 
 
 def run(
@@ -222,26 +266,30 @@ def run(
 ) -> dict:
     """Time every implementation on every case, batch, dtype and pass; return the report dict."""
     copy_gbps = copy_bandwidth_gbps(device, quick)
-    impls = implementations(device, compile_backend)
     rows = []
     for case in cases:
         for batch in batches:
             for dtype_name in dtypes:
                 problem = make_problem(case, batch, DTYPES[dtype_name], device)
+                impls = implementations(device, compile_backend)
                 with torch.no_grad():
                     expected = problem.call(reference.grid_fuse)
                     errors = {
                         impl: (problem.call(fn).float() - expected.float()).abs().max().item()
                         for impl, fn in impls.items()
                     }
+                no_grad_graphs = compiled_graphs()  # the check above compiled the no-grad forward
                 grad_out = torch.randn_like(expected)
                 out_bytes = expected.numel() * expected.element_size()
                 for pass_name in passes:
                     moved = bytes_moved(problem, out_bytes, pass_name)
-                    times = {
-                        impl: median_ms(make_step(fn, problem, pass_name, grad_out), device, quick)
-                        for impl, fn in impls.items()
-                    }
+                    graphs_before = compiled_graphs()
+                    steps = {impl: make_step(fn, problem, pass_name, grad_out) for impl, fn in impls.items()}
+                    times = {impl: median_ms(step, device, quick) for impl, step in steps.items()}
+                    graphs = compiled_graphs() - graphs_before
+                    if pass_name == "fwd":
+                        graphs += no_grad_graphs
+                    hosts = {impl: host_ms(step, device) for impl, step in steps.items()}
                     for impl, ms in times.items():
                         gbps = moved / (ms * 1e6)
                         rows.append(
@@ -252,12 +300,14 @@ def run(
                                 "pass": pass_name,
                                 "impl": impl,
                                 "median_ms": ms,
+                                "host_ms": hosts[impl],
                                 "bytes": moved,
                                 "gbps": gbps,
                                 "copy_share": gbps / copy_gbps,
                                 "speedup_vs_eager": times["eager"] / ms,
                                 "speedup_vs_compile": times["compile"] / ms,
                                 "max_abs_err_vs_eager": errors[impl],
+                                "compile_graphs": graphs if impl == "compile" else None,
                             }
                         )
     return {
@@ -289,17 +339,23 @@ def markdown(report: dict) -> str:
         f"- command: `{report['command']}`",
         f"- torch: {report['torch']}, torch.compile backend: {report['compile_backend']}",
         f"- device-to-device copy bandwidth: {report['copy_gbps']:.1f} GB/s",
+        "- compile: a fresh torch.compile per (case, batch, dtype) after torch._dynamo.reset(); "
+        "graphs = graphs dynamo compiled for that problem and pass",
+        "- host ms: pure host time of one call, issued while the GPU sleeps (CUDA only)",
         "",
-        "| case | batch | dtype | pass | impl | median ms | MB moved | GB/s | % of copy "
-        "| x eager | x compile |",
-        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| case | batch | dtype | pass | impl | median ms | host ms | MB moved | GB/s | % of copy "
+        "| x eager | x compile | graphs |",
+        "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
+        host = "-" if r.get("host_ms") is None else f"{r['host_ms']:.3f}"
+        graphs = r.get("compile_graphs")
+        graphs_cell = "" if graphs is None else str(graphs) if graphs > 0 else "0 (EAGER?)"
         lines.append(
             f"| {r['case']} | {r['batch']} | {r['dtype']} | {r['pass']} | {r['impl']} | "
-            f"{r['median_ms']:.3f} | {r['bytes'] / 1e6:.1f} | {r['gbps']:.1f} | "
+            f"{r['median_ms']:.3f} | {host} | {r['bytes'] / 1e6:.1f} | {r['gbps']:.1f} | "
             f"{100 * r['copy_share']:.1f} | "
-            f"{r['speedup_vs_eager']:.2f} | {r['speedup_vs_compile']:.2f} |"
+            f"{r['speedup_vs_eager']:.2f} | {r['speedup_vs_compile']:.2f} | {graphs_cell} |"
         )
     return "\n".join(lines) + "\n"
 

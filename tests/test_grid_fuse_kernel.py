@@ -219,6 +219,73 @@ def test_hypothesis_shapes_match_reference(drawn):
     check_against_reference(case, mode, torch.float32)
 
 
+def test_unsorted_groups_mixed_grids_and_partial_affine_in_one_launch():
+    """Groups listed out of order (the kernels visit them sorted), identity and resampled sources in
+    one group, weight without bias and bias without weight: all in ONE forward launch."""
+    case = Case(
+        ((3, 2, 6), (2, 3, 5), (2, 3, 6), (4, 4, 5), (1, 2, 3)), (1, 0, 1, 0, 2), (2, 3), affine="some"
+    )
+    launches = []
+    kernel = gf._grid_fuse_forward_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gf, "_grid_fuse_forward_kernel", Counting())
+        for mode in MODES:
+            check_against_reference(case, mode, torch.float32)
+    assert len(launches) == len(MODES)
+
+
+def test_statistics_rows_follow_the_source_order():
+    """mean / rstd row i belongs to sources[i] even when the kernels reorder sources by group."""
+    case = Case(((2, 2, 4), (3, 1, 7), (2, 2, 4)), (1, 0, 1), (2, 2))
+    inputs = make_inputs(case, torch.float32)
+    _, mean, rstd = grid_fuse_forward(
+        inputs.sources, case.out_hw, list(case.groups), inputs.layer_weights, mode="bilinear", save_stats=True
+    )
+    for i, x in enumerate(inputs.sources):
+        aligned = reference.resample(x.detach().double(), case.out_hw, "bilinear").reshape(-1, x.shape[-1])
+        var, centre = torch.var_mean(aligned, dim=-1, unbiased=False)
+        assert_matches(mean[i], centre, torch.float32, f"mean of sources[{i}]")
+        assert_matches(rstd[i], (var + EPS).rsqrt(), torch.float32, f"rstd of sources[{i}]")
+
+
+def test_backward_gives_only_the_source_gradients_asked_for():
+    """need_sources per source: the frozen ones get None, the others match the reference."""
+    case = Case(((2, 3, 5), (3, 3, 5), (2, 2, 4)), (0, 0, 1), (3, 3), batch=1)
+    inputs = make_inputs(case, torch.float32)
+    detached = [x.detach() for x in inputs.sources]
+    out, mean, rstd = grid_fuse_forward(
+        detached, case.out_hw, list(case.groups), inputs.layer_weights.detach(), save_stats=True
+    )
+    grad_out = torch.randn_like(out)
+    grads = grid_fuse_backward(
+        grad_out, detached, case.out_hw, list(case.groups), inputs.layer_weights.detach(), None, None,
+        "bilinear", mean, rstd, need_sources=[False, True, True], need_params=False,
+    )  # fmt: skip
+    assert grads.sources[0] is None and grads.layer_weights is None
+    exact = [x.detach().double().requires_grad_() for x in inputs.sources]
+    expected = reference.grid_fuse(
+        exact,
+        case.out_hw,
+        groups=list(case.groups),
+        layer_weights=inputs.layer_weights.detach().double(),
+        eps=EPS,
+    )
+    want = torch.autograd.grad(expected, exact[1:], grad_out.double())
+    for got, w in zip(grads.sources[1:], want):
+        assert_matches(got, w, torch.float32, "requested source gradient")
+    with pytest.raises(ValueError, match=r"need_sources has 2 flags; give one bool or one per source \(3\)"):
+        grid_fuse_backward(
+            grad_out, detached, case.out_hw, list(case.groups), [1.0, 1.0, 1.0], None, None, "bilinear",
+            mean, rstd, need_sources=[True, False],
+        )  # fmt: skip
+
+
 def test_frozen_sources_get_only_parameter_gradients():
     """Frozen encoders: no source gradient is asked for, the parameters still get theirs."""
     case = Case(((3, 2, 5), (2, 2, 5), (2, 2, 4)), (0, 0, 1), (2, 3), batch=1, affine="some")
@@ -495,6 +562,11 @@ def test_benchmark_quick_run_writes_ratios(tmp_path, capsys):
     for row in rows:
         assert row["median_ms"] > 0 and row["bytes"] > 0
         assert "speedup_vs_eager" in row and "speedup_vs_compile" in row
+        assert "host_ms" in row
+        # a fresh compiled function per problem: the compile column ran a real dynamo graph
+        assert (
+            (row["compile_graphs"] or 0) >= 1 if row["impl"] == "compile" else row["compile_graphs"] is None
+        )
     assert out.with_suffix(".md").read_text().startswith("#")
     assert "no GPU" in capsys.readouterr().out or DEVICE == "cuda"
 
