@@ -263,10 +263,24 @@ def run(
     device: torch.device,
     quick: bool = False,
     compile_backend: str = "inductor",
+    on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Time every implementation on every case, batch, dtype and pass; return the report dict."""
+    """Time every implementation on every case, batch, dtype and pass; return the report dict.
+
+    ``on_progress`` receives the report so far after every (case, batch, dtype), so a run cut short
+    keeps every problem it finished.
+    """
     copy_gbps = copy_bandwidth_gbps(device, quick)
     rows = []
+    report = {
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.kernels " + shlex.join(sys.argv[1:]),
+        "copy_gbps": copy_gbps,
+        "torch": torch.__version__,
+        "compile_backend": compile_backend,
+        "rows": rows,
+    }
     for case in cases:
         for batch in batches:
             for dtype_name in dtypes:
@@ -310,15 +324,9 @@ def run(
                                 "compile_graphs": graphs if impl == "compile" else None,
                             }
                         )
-    return {
-        "device": device_name(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.kernels " + shlex.join(sys.argv[1:]),
-        "copy_gbps": copy_gbps,
-        "torch": torch.__version__,
-        "compile_backend": compile_backend,
-        "rows": rows,
-    }
+                if on_progress is not None:
+                    on_progress(report)
+    return report
 
 
 def device_name(device: torch.device) -> str:
@@ -402,14 +410,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
         batches, dtypes = [min(batches)], dtypes[:1]
     if device.type != "cuda":
         print("no GPU found: timing the eager reference and torch.compile(reference) on the CPU only")
+
+    def save(report: dict) -> None:
+        if args.out is not None:
+            atomic_write(args.out, json.dumps(report, indent=2) + "\n")
+            atomic_write(args.out.with_suffix(".md"), markdown(report))
+
     report = run(
-        cases, batches, dtypes, args.passes, device, quick=args.quick, compile_backend=args.compile_backend
+        cases,
+        batches,
+        dtypes,
+        args.passes,
+        device,
+        quick=args.quick,
+        compile_backend=args.compile_backend,
+        on_progress=save,
     )
-    table = markdown(report)
-    print(table)
-    if args.out is not None:
-        atomic_write(args.out, json.dumps(report, indent=2) + "\n")
-        atomic_write(args.out.with_suffix(".md"), table)
+    print(markdown(report))
     return report
 
 

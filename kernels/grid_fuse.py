@@ -931,6 +931,7 @@ class GridFuseFunction(torch.autograd.Function):
     def forward(
         ctx: Any, plan: _Plan, eps: float, layer_weights: torch.Tensor, *tensors: torch.Tensor | None
     ):
+        """Run the forward kernel; keep the LayerNorm statistics only when a gradient is needed."""
         count = len(plan.source_of)
         sources = [_channels_contiguous(x) for x in tensors[:count]]
         ln_w, ln_b = tensors[count : 2 * count], tensors[2 * count :]
@@ -948,6 +949,7 @@ class GridFuseFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor):
+        """Gradients for the inputs that need one (None elsewhere), from the backward kernels."""
         plan: _Plan = ctx.plan
         count = len(plan.source_of)
         layer_weights, mean, rstd, *tensors = ctx.saved_tensors

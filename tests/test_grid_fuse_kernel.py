@@ -202,7 +202,9 @@ def test_half_precision_forward_backward_match_reference(case, mode, dtype):
 @st.composite
 def small_cases(draw):
     group_count = draw(st.integers(1, 2))
-    widths = [draw(st.integers(1, 6)) for _ in range(group_count)]
+    # From 3 channels: LayerNorm over 1 or 2 channels is degenerate (its output is +-1 whatever the
+    # input), and its fp32 gradient amplifies rounding without bound; the fixed cases cover width 3.
+    widths = [draw(st.integers(3, 7)) for _ in range(group_count)]
     groups = list(range(group_count)) + draw(st.lists(st.integers(0, group_count - 1), max_size=1))
     grids = tuple((draw(st.integers(1, 4)), draw(st.integers(1, 4)), widths[g]) for g in groups)
     out_hw = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
