@@ -22,8 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kernels.reference import resample
 
 
 class Registry:
@@ -137,11 +138,8 @@ class Interpolate(Aligner):
     mode = "bilinear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:3]) == self.out_grid:
-            return x
-        extra = {"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
-        moved = F.interpolate(x.permute(0, 3, 1, 2), size=self.out_grid, mode=self.mode, **extra)
-        return moved.permute(0, 2, 3, 1)
+        """Resample ``x`` (B, h, w, C) to (B, H, W, C); the identity when the grid already fits."""
+        return resample(x, self.out_grid, self.mode)
 
 
 @ALIGNERS.register("bilinear")

@@ -99,10 +99,11 @@ def check_grid_fuse_inputs(
 
 
 def resample(x: torch.Tensor, out_hw: Sequence[int], mode: str) -> torch.Tensor:
-    """Resample a channels-last grid (B, h, w, C) to (B, H, W, C); identity when it already fits."""
+    """Resample a channels-last grid (B, h, w, C) to (B, H, W, C) with ``F.interpolate``'s ``mode``
+    (``align_corners=False`` where it applies); identity when it already fits."""
     if tuple(x.shape[1:3]) == tuple(out_hw):
         return x
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     moved = F.interpolate(x.permute(0, 3, 1, 2), size=tuple(out_hw), mode=mode, **kwargs)
     return moved.permute(0, 2, 3, 1)
 
