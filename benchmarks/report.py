@@ -10,6 +10,12 @@ strategies). Each record holds::
     accuracy {task: {metric, mean, std, per_seed, extra, delta}},   # delta: mean - CLIP-only mean
     errors [{where, error}]
 
+where ``extra`` holds the task's other metrics ``{mean, std, per_seed}``, ``baseline`` (the metrics
+of the best constant prediction) and ``train_loss``, and, for a strategy whose fusion head learns
+layer weights (a ``weighted_ln`` layer merge), ``layer_weights`` ``{encoder: [weight per hooked
+layer]}``: the softmax weights of the trained heads, mean over seeds, in the order of the encoder's
+``config.encoders[role].hooks.layers`` (each list sums to 1), and ``layer_weights_per_seed``
+``{encoder: [[weight per hooked layer] per seed]}`` (see :func:`benchmarks.tasks.run_probe`).
 and the report around them ``schema_version``, ``weights_random``, ``environment`` (device, torch,
 date, command), ``run`` (the resolved config), ``baseline``, ``tasks`` and ``strategies``.
 When any encoder ran on random weights the first line of ``report.md`` says so. Every file is
@@ -275,14 +281,20 @@ def render_markdown(report: Mapping) -> str:
 # -- plot -------------------------------------------------------------------------------------------
 def pareto_figure(report: Mapping):
     """The Pareto figure: per task, accuracy change against the baseline (pp) over the latency
-    overhead (x baseline), one labelled point per strategy, baselines as hollow squares."""
-    import matplotlib
+    overhead (x baseline), one labelled point per strategy, baselines as hollow squares.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Returns:
+        A :class:`matplotlib.figure.Figure` on its own Agg canvas, outside pyplot: drawing it changes
+        neither the process's matplotlib backend nor pyplot's figures (a notebook keeps showing its
+        own), and nothing needs closing.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     tasks = report["tasks"] or ["(no task)"]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False)
+    figure = Figure(figsize=(5.5 * len(tasks), 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(tasks), squeeze=False)
     for axis, task in zip(axes[0], tasks):
         for record in report["strategies"]:
             overhead = (record.get("ratios") or {}).get("end_to_end")
@@ -318,15 +330,12 @@ def pareto_figure(report: Mapping):
 def plot_pareto(report: Mapping, path: str | os.PathLike) -> Path:
     """Save :func:`pareto_figure` as a PNG at ``path``, atomically."""
     figure = pareto_figure(report)
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     temp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.png")
     try:
         figure.savefig(temp, dpi=110)
         os.replace(temp, path)
     finally:
-        plt.close(figure)
         temp.unlink(missing_ok=True)
     return path
 

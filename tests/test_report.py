@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import matplotlib
 import matplotlib.pyplot as plt
 import pytest
 
@@ -114,21 +115,71 @@ def test_markdown_first_line_table_and_errors():
 def test_pareto_points_are_the_strategies():
     report = build_report(three_strategies(), env=ENV)
     figure = pareto_figure(report)
+    (axis,) = figure.axes
+    points = {
+        c.get_label(): tuple(c.get_offsets()[0])
+        for c in axis.collections
+        if not c.get_label().startswith("_")
+    }
+    expected = {"clip_only": (1.0, 0.0), "dino_only": (0.5, -12.5), "comm": (1.43, 7.5)}
+    assert set(points) == set(expected)
+    for name, point in expected.items():
+        assert points[name] == pytest.approx(point)
+    assert sorted(t.get_text() for t in axis.texts) == ["clip_only", "comm", "dino_only"]
+    assert figure.texts[0].get_text().startswith("RANDOM WEIGHTS")
+
+
+def test_writing_a_report_leaves_matplotlib_and_pyplot_as_they_were(tmp_path, monkeypatch):
+    """A notebook that writes a report (``aggregate``) keeps its backend and its open figures."""
+    original = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend other than Agg, so a switch to Agg would show
     try:
-        (axis,) = figure.axes
-        points = {
-            c.get_label(): tuple(c.get_offsets()[0])
-            for c in axis.collections
-            if not c.get_label().startswith("_")
-        }
-        expected = {"clip_only": (1.0, 0.0), "dino_only": (0.5, -12.5), "comm": (1.43, 7.5)}
-        assert set(points) == set(expected)
-        for name, point in expected.items():
-            assert points[name] == pytest.approx(point)
-        assert sorted(t.get_text() for t in axis.texts) == ["clip_only", "comm", "dino_only"]
-        assert figure.texts[0].get_text().startswith("RANDOM WEIGHTS")
+        mine = plt.figure()
+        before = plt.get_fignums()
+
+        def no_switch(*args, **kwargs):
+            raise AssertionError(f"matplotlib.use{args} called while writing a report")
+
+        monkeypatch.setattr(matplotlib, "use", no_switch)
+        monkeypatch.setattr(plt, "switch_backend", no_switch)
+        write_report(build_report(three_strategies(), env=ENV), tmp_path)
+        monkeypatch.undo()
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == before and plt.gcf() is mine  # no pyplot figure made or closed
+        assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
-        plt.close(figure)
+        plt.close("all")
+        matplotlib.use(original)
+
+
+def test_report_json_carries_layer_weights_of_weighted_ln_strategies(tmp_path):
+    """run_probe's layer weights, in a record as run.py stores it, reach report.json unchanged, and
+    an aggregated sweep keeps them."""
+    generator = random.Random(11)
+    strategies = three_strategies()
+    learned = {}
+    for record_, layers in zip(strategies, ({"clip": 3}, {"dino": 2}, {"clip": 3, "dino": 4})):
+        per_seed = {}
+        for encoder, count in layers.items():
+            seeds = []
+            for _ in range(2):
+                raw = [generator.random() for _ in range(count)]
+                seeds.append([value / sum(raw) for value in raw])
+            per_seed[encoder] = seeds
+        mean = {e: [(a + b) / 2 for a, b in zip(*seeds)] for e, seeds in per_seed.items()}
+        record_["accuracy"]["classification"]["extra"] = {
+            "layer_weights": mean,
+            "layer_weights_per_seed": per_seed,
+        }
+        learned[record_["name"]] = mean
+    path = write_report(build_report(strategies, env=ENV), tmp_path / "sweep" / "0")
+    for saved in load_report(path)["strategies"]:
+        assert saved["accuracy"]["classification"]["extra"]["layer_weights"] == learned[saved["name"]]
+    merged = load_report(aggregate(tmp_path / "sweep"))  # the fused row is named "comm [0]" there
+    assert {
+        s["name"].partition(" [")[0]: s["accuracy"]["classification"]["extra"]["layer_weights"]
+        for s in merged["strategies"]
+    } == learned
 
 
 def test_write_report_is_complete_and_leaves_no_temporaries(tmp_path):

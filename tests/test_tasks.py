@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import statistics
 
 import numpy as np
@@ -100,6 +101,71 @@ def test_fixed_seeds_give_identical_results_and_leave_global_rng_alone(honesty_f
     assert single["std"] == 0.0 and len(single["per_seed"]) == 1
 
 
+def layered_probe(layer_merge, seeds):
+    """A classification probe on two encoders with several hooked layers each (the label in layer 1
+    of the first only), keeping every fusion head ``make_head`` builds; returns (result, heads)."""
+    generator = torch.Generator().manual_seed(7)
+    classes, sizes = 3, {"train": 90, "test": 45}
+    labels = {split: torch.randint(0, classes, (n,), generator=generator) for split, n in sizes.items()}
+    splits = {
+        split: FeatureSplit(
+            grids=[
+                [
+                    torch.randn(len(y), 3, 5, 8, generator=generator),
+                    carrying(y, classes, (3, 5), 8, 0.5, generator),
+                    torch.randn(len(y), 3, 5, 8, generator=generator),
+                ],
+                [torch.randn(len(y), 2, 3, 5, generator=generator) for _ in range(2)],
+            ],
+            labels=y,
+            num_classes=classes,
+        )
+        for split, y in labels.items()
+    }
+    geometries = [EncoderGeometry("mixed", 8, (3, 5), 3), EncoderGeometry("noise", 5, (2, 3), 2)]
+    make_head = head_factory(geometries, (3, 5), layer_merge=layer_merge)
+    heads = []
+
+    def tracked():
+        heads.append(make_head())
+        return heads[-1]
+
+    result = run_probe("classification", tracked, splits["train"], splits["test"], seeds=seeds, epochs=12)
+    return result, heads
+
+
+def test_weighted_ln_layer_weights_are_those_of_the_trained_heads():
+    result, heads = layered_probe("weighted_ln", seeds=(2, 9, 4))
+    assert len(heads) == 3
+    extra = result["extra"]
+    per_seed = [head.layer_weights() for head in heads]  # the heads as run_probe left them, trained
+    assert extra["layer_weights_per_seed"] == {
+        name: [weights[name] for weights in per_seed] for name in ("mixed", "noise")
+    }
+    for index, name in enumerate(("mixed", "noise")):
+        # an independent reference: the softmax of each trained head's logits, in float64
+        softmaxes = torch.stack([torch.softmax(h.combines[index].logits.double(), 0) for h in heads])
+        torch.testing.assert_close(
+            torch.tensor(extra["layer_weights"][name], dtype=torch.float64), softmaxes.mean(0)
+        )
+        assert len(extra["layer_weights"][name]) == (3, 2)[index]
+        assert sum(extra["layer_weights"][name]) == pytest.approx(1.0, abs=1e-6)
+        assert all(
+            sum(seed) == pytest.approx(1.0, abs=1e-6) for seed in extra["layer_weights_per_seed"][name]
+        )
+    # read after training: the logits left zero (uniform weights), the label-carrying layer favoured
+    mixed = extra["layer_weights"]["mixed"]
+    assert max(mixed) - min(mixed) > 1e-3, mixed
+    assert mixed.index(max(mixed)) == 1, mixed
+    json.dumps(result)  # report.json carries the result as it is
+
+
+def test_no_layer_weights_without_a_learned_layer_merge():
+    result, heads = layered_probe("last", seeds=(0,))
+    assert heads[0].layer_weights() == {}
+    assert "layer_weights" not in result["extra"] and "layer_weights_per_seed" not in result["extra"]
+
+
 @pytest.fixture(scope="module")
 def synthetic_grids():
     """Synthetic shapes, 8x8 grids: features that carry the cell's mask class, and pure noise."""
@@ -184,10 +250,17 @@ def test_probes_end_to_end_on_coco128(datasets_root, tiny_encoders, task):
         task, head_factory(geometries_of(tiny_encoders), (4, 4)), *splits, seeds=(0, 1), epochs=3
     )
     assert result["task"] == task and len(result["per_seed"]) == 2
+    metrics = {k: m for k, m in result["extra"].items() if not k.startswith("layer_weights")}
     values = [result["mean"], *result["per_seed"]] + [
-        v for m in result["extra"].values() if isinstance(m, dict) for v in m.get("per_seed", m.values())
+        v for m in metrics.values() if isinstance(m, dict) for v in m.get("per_seed", m.values())
     ]
     assert all(0.0 <= v <= 1.0 for v in values), result
+    # the default weighted_ln combine: one weight per hooked layer of each encoder, summing to 1
+    learned = result["extra"]["layer_weights"]
+    assert {name: len(w) for name, w in learned.items()} == {
+        e.spec.name: len(e.layer_indices) for e in tiny_encoders
+    }
+    assert all(sum(w) == pytest.approx(1.0, abs=1e-6) for w in learned.values())
     assert (result["train_size"], result["test_size"]) == (18, 6)
 
 

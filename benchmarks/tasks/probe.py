@@ -274,8 +274,12 @@ def run_probe(
         ``{"task", "metric", "mean", "std", "per_seed", "seeds", "extra", "train_size", "test_size",
         "epochs", "lr", "batch_size", "weight_decay"}``; ``std`` is the sample std over seeds (0.0 with
         one seed); ``extra`` holds the other metrics as ``{"mean", "std", "per_seed"}``, the
-        ``baseline`` metrics of the best constant prediction, and ``train_loss`` (last-epoch loss per
-        seed); ``train_size`` and ``test_size`` count the samples used (those with a target).
+        ``baseline`` metrics of the best constant prediction, ``train_loss`` (last-epoch loss per
+        seed) and, when the trained fusion heads learn layer weights (``weighted_ln`` combines, read
+        through ``head.layer_weights()`` after training), ``layer_weights`` ``{encoder: [weight per
+        hooked layer]}``, the mean over seeds of each seed's softmax weights, and
+        ``layer_weights_per_seed`` ``{encoder: [[weight per hooked layer] per seed]}``; ``train_size``
+        and ``test_size`` count the samples used (those with a target).
 
     Raises:
         ValueError: unknown task; missing or invalid targets; mismatched train/test grids; bad
@@ -301,6 +305,7 @@ def run_probe(
 
     per_seed: list[dict[str, float]] = []
     losses: list[float] = []
+    learned: list[dict[str, list[float]]] = []
     prepared: dict[tuple[int, int], tuple] = {}
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     recipe = {
@@ -312,9 +317,12 @@ def run_probe(
     for seed in seeds:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
-            scores, loss = _train_and_test(probe, make_head, train, test, prepared, seed, recipe, device)
+            scores, loss, weights = _train_and_test(
+                probe, make_head, train, test, prepared, seed, recipe, device
+            )
         per_seed.append(scores)
         losses.append(loss)
+        learned.append(weights)
 
     metrics = {name: _summary([s[name] for s in per_seed]) for name in per_seed[0]}
     main = metrics.pop(probe.METRIC)
@@ -328,6 +336,7 @@ def run_probe(
             **metrics,
             "baseline": probe.baseline(train_targets.cpu(), test_targets.cpu(), train.num_classes),
             "train_loss": losses,
+            **_layer_weight_summary(learned),
         },
         "train_size": len(train_targets),
         "test_size": len(test_targets),
@@ -344,9 +353,10 @@ def _train_and_test(
     seed: int,
     recipe: dict,
     device: torch.device,
-) -> tuple[dict[str, float], float]:
+) -> tuple[dict[str, float], float, dict[str, list[float]]]:
     """One seed: a fresh fusion head and task head, trained, then scored on test. ``prepared``
-    caches the splits' targets per fused grid size. Returns the scores and the last epoch's loss."""
+    caches the splits' targets per fused grid size. Returns the scores, the last epoch's loss and the
+    trained fusion head's learned layer weights (``{}`` when it learns none)."""
     fusion = make_head()
     if not isinstance(fusion, nn.Module):
         raise ValueError(f"run_probe make_head() must return an nn.Module, got {type(fusion).__name__}")
@@ -373,7 +383,33 @@ def _train_and_test(
         device=device,
     )
     outputs = predict(model, test_split, recipe["batch_size"], device)
-    return probe.scores(outputs, test_targets, train.num_classes), history[-1]
+    return probe.scores(outputs, test_targets, train.num_classes), history[-1], _learned_weights(fusion)
+
+
+def _learned_weights(fusion: nn.Module) -> dict[str, list[float]]:
+    """``fusion.layer_weights()`` of a trained :class:`fusion.model.FusionHead`; ``{}`` for a head
+    without that method (``make_head`` may build any module with the FusionHead forward contract)."""
+    layer_weights = getattr(fusion, "layer_weights", None)
+    return dict(layer_weights()) if callable(layer_weights) else {}
+
+
+def _layer_weight_summary(learned: Sequence[dict[str, list[float]]]) -> dict:
+    """``{"layer_weights": {encoder: mean over seeds}, "layer_weights_per_seed": {encoder: [per seed]}}``
+    from each seed's learned weights; ``{}`` when no seed's head learned any."""
+    if not any(learned):
+        return {}
+    encoders = list(learned[0])
+    shapes = [{name: len(weights) for name, weights in seed.items()} for seed in learned]
+    if any(shape != shapes[0] for shape in shapes):
+        raise ValueError(
+            f"run_probe make_head() must build heads with the same learned layer weights for every "
+            f"seed; got encoder -> layer counts {shapes}"
+        )
+    per_seed = {name: [[float(w) for w in seed[name]] for seed in learned] for name in encoders}
+    mean = {
+        name: [math.fsum(column) / len(column) for column in zip(*seeds)] for name, seeds in per_seed.items()
+    }
+    return {"layer_weights": mean, "layer_weights_per_seed": per_seed}
 
 
 def _prepare(probe: ProbeTask, train: FeatureSplit, test: FeatureSplit, grid_hw: tuple[int, int], device):
