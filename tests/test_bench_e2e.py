@@ -74,6 +74,25 @@ def check_report(path: Path, tasks: list[str], fused: str) -> dict:
     return report
 
 
+def check_layer_weights(record: dict, tasks: list[str]) -> None:
+    """A weighted_ln strategy's results carry, per task, one softmax weight per hooked layer of each of
+    its encoders, summing to 1, the mean of the per-seed weights; a strategy learning none carries none."""
+    weighted = record["config"]["head"]["layer_merge"]["kind"] == "weighted_ln"
+    hooked = {spec["name"]: len(spec["hooks"]["layers"]) for spec in record["config"]["encoders"].values()}
+    for task in tasks:
+        extra = record["accuracy"][task]["extra"]
+        if not weighted:
+            assert "layer_weights" not in extra, (record["name"], task)
+            continue
+        learned, per_seed = extra["layer_weights"], extra["layer_weights_per_seed"]
+        assert {name: len(w) for name, w in learned.items()} == hooked, (record["name"], task)
+        for name, weights in learned.items():
+            assert sum(weights) == pytest.approx(1.0, abs=1e-6)
+            seeds = torch.tensor(per_seed[name], dtype=torch.float64)
+            assert len(seeds) == len(record["accuracy"][task]["seeds"])
+            torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), seeds.mean(0))
+
+
 def test_fusion_bench_smoke_through_the_hydra_main(tmp_path):
     command, env = bench_process(
         "experiment=smoke", "task=all", f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache"
@@ -89,6 +108,9 @@ def test_fusion_bench_smoke_through_the_hydra_main(tmp_path):
         for task, metric in (("classification", "top1"), ("dense", "miou"), ("localization", "mean_iou")):
             result_ = record["accuracy"][task]
             assert result_["metric"] == metric and 0.0 <= result_["mean"] <= 1.0
+        check_layer_weights(record, ["classification", "dense", "localization"])
+    # eagle and its baselines take the last hooked layer: no strategy learns layer weights
+    assert not any("layer_weights" in s["accuracy"]["dense"]["extra"] for s in report["strategies"])
     assert report["run"]["overrides"] == ["experiment=smoke", "task=all"]  # Hydra's own are not the job's
     assert list((tmp_path / "cache").iterdir()), "features were cached under $FUSION_CACHE"
 
@@ -141,6 +163,8 @@ def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
     for record in report["strategies"]:
         assert not record["errors"], record["errors"]
         assert record["accuracy"]["dense"]["metric"] == "miou"
+        check_layer_weights(record, ["classification", "dense", "localization"])
+    assert all("layer_weights" in s["accuracy"]["dense"]["extra"] for s in report["strategies"])
     tiny = run_benchmark(
         make(
             "data=tinyimagenet",
