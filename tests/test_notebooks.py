@@ -127,12 +127,46 @@ def check_figures(notebook: Path, docs_dir: Path) -> None:
         assert path.stat().st_size < FIGURE_LIMIT_BYTES, f"{name} is {path.stat().st_size} bytes"
 
 
-def check_reproduced(text: str) -> None:
-    """The weighted_ln heads the sweep notebook trains again for their layer weights reproduce the
-    report's accuracies: clip_only, dino_only and comm of the COMM job, on three tasks."""
-    pairs = re.findall(r"accuracy: report ([\d.]+), retrained ([\d.]+)", text)
-    assert len(pairs) == 9, text
-    assert all(reported == retrained for reported, retrained in pairs), pairs
+# appended to the sweep notebook: what its layer-weights figure drew, panel by panel, as one JSON line
+PLOTTED_CELL = """
+import json
+
+print("PLOTTED " + json.dumps([
+    {
+        "strategy": name,
+        "encoder": encoder,
+        "tasks": [label.get_text() for label in axis.get_yticklabels()],
+        "weights": axis.images[0].get_array().tolist(),
+    }
+    for axis, (name, encoder) in zip(axes.flat, panels)
+]))
+"""
+
+
+def sweep_notebook_with_plot_readout() -> nbformat.NotebookNode:
+    """The sweep notebook with :data:`PLOTTED_CELL` appended."""
+    notebook = nbformat.read(SWEEP_ANALYSIS, as_version=4)
+    notebook.cells.append(new_code_cell(PLOTTED_CELL))
+    return notebook
+
+
+def check_plotted_layer_weights(text: str, panels: int) -> None:
+    """The layer weights the sweep notebook drew are those of the report it read, exactly: every
+    (strategy, encoder) with layer weights in report.json has its panel, one row per task with
+    weights, in the report's task order; ``panels`` panels in all."""
+    report = json.loads(Path(re.search(r"^report: (.+)$", text, re.M).group(1)).read_text(encoding="utf-8"))
+    plotted = json.loads(re.search(r"^PLOTTED (.+)$", text, re.M).group(1))
+    expected = {}
+    for record in report["strategies"]:
+        for task in report["tasks"]:
+            extra = (record["accuracy"].get(task) or {}).get("extra") or {}
+            for encoder, weights in (extra.get("layer_weights") or {}).items():
+                expected.setdefault((record["name"], encoder), {})[task] = weights
+    assert len(plotted) == len(expected) == panels, (plotted, expected)
+    for panel in plotted:
+        rows = expected[(panel["strategy"], panel["encoder"])]
+        assert panel["tasks"] == list(rows), panel
+        assert panel["weights"] == list(rows.values()), panel
 
 
 def docs_env(tmp_path: Path) -> dict[str, str]:
@@ -210,9 +244,13 @@ def test_quickstart_falls_back_to_synthetic_images_without_coco(tmp_path):
 def test_sweep_analysis_runs_its_own_sweep_then_reads_a_given_one(tmp_path):
     env = {**docs_env(tmp_path), "TMPDIR": str(tmp_path)}
     env.pop("FUSION_REPORT", None)
-    first = execute_notebook(SWEEP_ANALYSIS, tmp_path / "work", env={**env, "FUSION_REPORT": ""})
+    first = execute_notebook(
+        sweep_notebook_with_plot_readout(), tmp_path / "work", env={**env, "FUSION_REPORT": ""}
+    )
     assert image_outputs(first) >= 3
-    check_reproduced(outputs_text(first))
+    # the COMM job's three strategies use weighted_ln (prismatic's take the last layer): CLIP alone,
+    # DINOv2 alone and both encoders of the fused one
+    check_plotted_layer_weights(outputs_text(first), panels=4)
     check_figures(SWEEP_ANALYSIS, Path(env["FUSION_DOCS_DIR"]))
     # the sweep it ran (a temporary folder, here under tmp_path) is there to be read again: this time
     # one job's folder, the COMM job whose strategies use weighted_ln
@@ -225,12 +263,12 @@ def test_sweep_analysis_runs_its_own_sweep_then_reads_a_given_one(tmp_path):
     )
     docs_again = tmp_path / "docs-again"
     again = execute_notebook(
-        SWEEP_ANALYSIS,
+        sweep_notebook_with_plot_readout(),
         tmp_path / "work-again",
         env={"FUSION_REPORT": str(comm_job), "FUSION_DOCS_DIR": str(docs_again)},
     )
     text = outputs_text(again)
     assert f"report: {comm_job / 'report.json'}" in text
     assert "fusion-bench" not in text and "fusion-report" not in text, "nothing should run again"
-    check_reproduced(text)
+    check_plotted_layer_weights(text, panels=4)
     check_figures(SWEEP_ANALYSIS, docs_again)
