@@ -139,15 +139,10 @@ def build_encoders(cfg: Any) -> dict[str, Encoder]:
     return encoders
 
 
-def load_splits(cfg: Any, encoders: Mapping[str, Encoder], cache: FeatureCache) -> tuple[dict, dict]:
-    """Build the train / test datasets, load their batches and every role's grids (cached).
-
-    Returns:
-        ``(splits, role_errors)``: ``{"train": Split, "test": Split}`` and role -> the error that
-        stopped its extraction.
-    """
+def build_datasets(cfg: Any) -> tuple[ImageDataset, ImageDataset]:
+    """The train and test datasets that ``cfg.data`` and ``cfg.seed`` describe."""
     data = plain(cfg.data)
-    train, test = build_train_test(
+    return build_train_test(
         data["name"],
         data["root"],
         limit=data["limit"],
@@ -156,10 +151,21 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], cache: FeatureCache) 
         require=data["require"],
         **data["options"],
     )
+
+
+def load_splits(cfg: Any, encoders: Mapping[str, Encoder], cache: FeatureCache) -> tuple[dict, dict]:
+    """Build the train / test datasets, load their batches and every role's grids (cached).
+
+    Returns:
+        ``(splits, role_errors)``: ``{"train": Split, "test": Split}`` and role -> the error that
+        stopped its extraction.
+    """
+    train, test = build_datasets(cfg)
+    load_size = cfg.data.image_size
     splits, role_errors = {}, {}
     for which, dataset in (("train", train), ("test", test)):
-        batch = load_batch(dataset, range(len(dataset)), data["image_size"])
-        source = {**dataset.identity(), "load_size": data["image_size"]}
+        batch = load_batch(dataset, range(len(dataset)), load_size)
+        source = {**dataset.identity(), "load_size": load_size}
         grids: dict[str, list[torch.Tensor] | None] = {}
         for role, encoder in encoders.items():
             if role in role_errors:

@@ -26,7 +26,7 @@ from benchmarks.config import (
     probe_settings,
     strategies,
 )
-from benchmarks.datasets import build_train_test
+from benchmarks.run import build_datasets
 from benchmarks.tasks import TASKS
 from fusion import EncoderGeometry, FusionHead
 from fusion.encoders import build_encoder
@@ -188,14 +188,7 @@ def test_every_data_option_builds_its_dataset(data, tmp_path, request):
     elif data != "synthetic":
         overrides.append(f"data.root={request.getfixturevalue('datasets_root')}")
     cfg = make(*overrides)
-    spec = plain(cfg.data)
-    train, test = build_train_test(
-        spec["name"],
-        spec["root"],
-        limit=spec["limit"],
-        test_fraction=spec["test_fraction"],
-        **spec["options"],
-    )
+    train, test = build_datasets(cfg)
     assert train.name == data and len(train) + len(test) <= limit and len(test) >= 1
 
 

@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 import transformers
+from checkpoints import perturb
 from safetensors.torch import save_file
 
 from fusion.encoders import EncoderSpec, build_encoder
@@ -43,15 +44,6 @@ HF_TYPES = {
     "siglip": ("siglip_vision_model", {"patch_size": 16, "intermediate_size": 64}),
 }
 HF_KWARGS = {"num_hidden_layers": DEPTH, "hidden_size": 32, "num_attention_heads": 2}
-
-
-def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter off its initial value, so a checkpoint that is not loaded shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model.eval()
 
 
 def split_reference(grids, prefixes, num_prefix):

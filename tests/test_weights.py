@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 import transformers
+from checkpoints import perturb
 from safetensors.torch import save_file
 
 from fusion.encoders import EncoderSpec, build_encoder
@@ -30,15 +31,6 @@ TINY = {
     "open_clip": ("ViT-B-16", {"width": 32, "layers": 2, "heads": 2}),
     "transformers": ("dinov2", {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2}),
 }
-
-
-def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter off its initial value, so a checkpoint that is not loaded shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model.eval()
 
 
 def timm_grids(model, pixels, indices=(0, 1)):
