@@ -232,7 +232,17 @@ def run_probes(cfg: Any, plan: list[Strategy], records: dict, encoders, splits, 
             try:
                 train = splits["train"].features(strategy.encoders, task)
                 test = splits["test"].features(strategy.encoders, task)
-                record["accuracy"][task] = run_probe(task, make_head, train, test, **settings)
+                started = time.perf_counter()
+                result = run_probe(task, make_head, train, test, **settings)
+                record["accuracy"][task] = result
+                log.info(
+                    "probe %s / %s: %s %.3f in %.1f s",
+                    strategy.name,
+                    task,
+                    result["metric"],
+                    result["mean"],
+                    time.perf_counter() - started,
+                )
             except Exception as error:  # one task's failure must not lose the others
                 log.error("probe %s / %s failed:\n%s", strategy.name, task, traceback.format_exc())
                 record["accuracy"][task] = {"task": task, "mean": None, "std": None}
