@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from benchmarks.report import atomic_write
+from benchmarks.report import atomic_path, atomic_write
 from fusion.encoders import Encoder
 from fusion.encoders.weights import local_weights_path
 
@@ -278,10 +278,8 @@ class FeatureCache:
         if bounds[rank + 1] > bounds[rank]:
             try:
                 grids = self._extract(encoder, indices[bounds[rank] : bounds[rank + 1]], load_images, rank)
-                staging.mkdir(parents=True, exist_ok=True)
-                temp = part.with_name(f".{part.name}.{uuid.uuid4().hex[:8]}.tmp")
-                save_file({f"layer{i}": g.contiguous() for i, g in enumerate(grids)}, temp)
-                os.replace(temp, part)
+                with atomic_path(part) as temp:
+                    save_file({f"layer{i}": g.contiguous() for i, g in enumerate(grids)}, temp)
             except Exception:  # every rank must reach the vote below, or the others wait forever
                 log.exception("feature extraction of rank %d failed", rank)
                 failed = True

@@ -24,13 +24,14 @@ written atomically (temporary file + rename), so a reader never sees half a repo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -42,24 +43,34 @@ ERROR_FILE = "error.json"
 
 
 # -- files ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder (same suffix, so writers infer the format); when
+    the block succeeds it is renamed onto ``path``, and it never outlives the block."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then rename.
 
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     mode = "wb" if isinstance(data, bytes) else "w"
-    try:
-        with open(temp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_path(path) as temp, open(
+        temp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})
+    ) as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Path(path)
     return path
 
 
@@ -330,14 +341,9 @@ def pareto_figure(report: Mapping):
 def plot_pareto(report: Mapping, path: str | os.PathLike) -> Path:
     """Save :func:`pareto_figure` as a PNG at ``path``, atomically."""
     figure = pareto_figure(report)
-    path = Path(path)
-    temp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.png")
-    try:
+    with atomic_path(path) as temp:
         figure.savefig(temp, dpi=110)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def write_report(report: Mapping, out_dir: str | os.PathLike) -> Path:
