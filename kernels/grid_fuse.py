@@ -8,18 +8,22 @@ The four layers, from the bottom up:
   statistics in fp32, applies the affine and the layer weight and accumulates; each group's sum is
   stored straight into its channel slice of the ``(B, H*W, sum C)`` output. Nothing else touches
   global memory, except the per-token mean and rstd (two fp32 numbers per source and token) when a
-  backward pass will need them.
+  backward pass will need them. Loads are split from their use (``_load_taps`` /
+  ``_combine_taps``) so a program issues the next source's loads before it reduces the current
+  one: the bytes in flight, not arithmetic, bound this kernel.
 * ``_grid_fuse_backward_rows_kernel``: one launch, a fixed number of programs each walking a run of
   token tiles: the gradient of each resampled token (``dr``) and per-program fp32 partial sums for
-  the parameter gradients, carried in registers across the run.
+  the parameter gradients, carried in registers across the run as token tiles and summed over
+  tokens once at its end.
 * ``_grid_fuse_param_grads_kernel``: one program per source reduces the partial sums in a fixed
   order and writes the gradients of its LayerNorm weight and bias and of its layer weight.
 * ``_grid_fuse_backward_gather_kernel``: one launch for every resampled source: turns ``dr`` into
   the source gradient by gathering (one program per source token walks the few output tokens whose
   taps read it). A source whose grid already matches the target gets ``dr`` as its gradient directly.
 * host functions :func:`grid_fuse_forward` / :func:`grid_fuse_backward` (validation, buffers,
-  tile sizes), :class:`GridFuseFunction` and the functional :func:`triton_grid_fuse`, which
-  validates once per call and launches 1 kernel forward, 2 or 3 backward.
+  tiles: :class:`Tiles`, :func:`default_tiles`), :class:`GridFuseFunction` and the functional
+  :func:`triton_grid_fuse`, which validates once per call and launches 1 kernel forward, 2 or 3
+  backward.
 
 Which sources belong to which group, which already have the target grid and which have a LayerNorm
 weight or bias are compile-time constants (a small tuple and bit masks), so the kernels hold no
@@ -127,37 +131,48 @@ def _axis_readers(i, n_in, n_out, MODE: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(row_ptrs, cols, mask):
-    """A (BLOCK_T, BLOCK_C) tile: channels ``cols`` of the tokens at ``row_ptrs``, in fp32."""
-    return tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _add_pairs(a0, a1, b0, b1):
+    """Combine of a two-value sum reduction (``tl.reduce`` of a pair of tensors)."""
+    return a0 + b0, a1 + b1
 
 
 @triton.jit
-def _resample_tile(
+def _load_rows(row_ptrs, cols, mask):
+    """A (BLOCK_T, BLOCK_C) tile: channels ``cols`` of the tokens at ``row_ptrs``, in the source's
+    dtype (16-bit tiles stay packed in registers until they are combined)."""
+    return tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_taps(
     x_ptr, stride_b, stride_y, stride_x, h, w, b, oy, ox, H, W, cols, mask,
     MODE: tl.constexpr, IDENTITY: tl.constexpr,
 ):  # fmt: skip
-    """Channels of the output tokens (b, oy, ox) (vectors of BLOCK_T) resampled from one source
-    grid, as a (BLOCK_T, BLOCK_C) fp32 tile. Bilinear and nearest read a fixed number of taps, so
-    all loads of a tile are independent and in flight together."""
+    """Issue the loads of one source grid for the output tokens (b, oy, ox) (vectors of BLOCK_T):
+    a tuple of (BLOCK_T, BLOCK_C) tiles that :func:`_combine_taps` turns into the resampled tile.
+
+    Identity and nearest read one tile, bilinear four (a fixed number, so all loads are independent
+    and in flight together), area walks each tile's largest window and returns the fp32 mean.
+    Splitting load from combine lets a kernel issue the next source's loads before it reduces the
+    current one."""
     base = x_ptr + b * stride_b
     if IDENTITY:
-        acc = _load_rows(base + oy * stride_y + ox * stride_x, cols, mask)
+        return (_load_rows(base + oy * stride_y + ox * stride_x, cols, mask),)
     elif MODE == BILINEAR:  # PyTorch's formula, the same element twice at the last row / column
-        y0, y1, ly = _bilinear_axis(oy, h, H)
-        x0, x1, lx = _bilinear_axis(ox, w, W)
+        y0, y1, _ = _bilinear_axis(oy, h, H)
+        x0, x1, _ = _bilinear_axis(ox, w, W)
         row0 = base + y0 * stride_y
         row1 = base + y1 * stride_y
-        lx = lx[:, None]
-        top = _load_rows(row0 + x0 * stride_x, cols, mask) * (1.0 - lx)
-        top += _load_rows(row0 + x1 * stride_x, cols, mask) * lx
-        bottom = _load_rows(row1 + x0 * stride_x, cols, mask) * (1.0 - lx)
-        bottom += _load_rows(row1 + x1 * stride_x, cols, mask) * lx
-        acc = top * (1.0 - ly[:, None]) + bottom * ly[:, None]
+        return (
+            _load_rows(row0 + x0 * stride_x, cols, mask),
+            _load_rows(row0 + x1 * stride_x, cols, mask),
+            _load_rows(row1 + x0 * stride_x, cols, mask),
+            _load_rows(row1 + x1 * stride_x, cols, mask),
+        )
     elif MODE == NEAREST:
         iy = _nearest_axis(oy, h, H)
         ix = _nearest_axis(ox, w, W)
-        acc = _load_rows(base + iy * stride_y + ix * stride_x, cols, mask)
+        return (_load_rows(base + iy * stride_y + ix * stride_x, cols, mask),)
     else:  # AREA: windows differ per token; walk the largest one of the tile, masking the rest
         y0, ny = _area_axis(oy, h, H)
         x0, nx = _area_axis(ox, w, W)
@@ -166,9 +181,36 @@ def _resample_tile(
             row = base + (y0 + ty) * stride_y
             for tx in range(0, tl.max(nx, axis=0)):
                 inside = (ty < ny) & (tx < nx)
-                acc += _load_rows(row + (x0 + tx) * stride_x, cols, mask & inside[:, None])
-        acc = acc / (ny * nx).to(tl.float32)[:, None]
-    return acc
+                acc += _load_rows(row + (x0 + tx) * stride_x, cols, mask & inside[:, None]).to(tl.float32)
+        return (acc / (ny * nx).to(tl.float32)[:, None],)
+
+
+@triton.jit
+def _combine_taps(taps, h, w, oy, ox, H, W, MODE: tl.constexpr, IDENTITY: tl.constexpr):
+    """The resampled (BLOCK_T, BLOCK_C) fp32 tile from the tiles :func:`_load_taps` returned."""
+    if IDENTITY:
+        return taps[0].to(tl.float32)
+    elif MODE == BILINEAR:
+        _, _, ly = _bilinear_axis(oy, h, H)
+        _, _, lx = _bilinear_axis(ox, w, W)
+        lx = lx[:, None]
+        top = taps[0].to(tl.float32) * (1.0 - lx) + taps[1].to(tl.float32) * lx
+        bottom = taps[2].to(tl.float32) * (1.0 - lx) + taps[3].to(tl.float32) * lx
+        return top * (1.0 - ly[:, None]) + bottom * ly[:, None]
+    else:  # NEAREST: the tile itself; AREA: already the fp32 window mean
+        return taps[0].to(tl.float32)
+
+
+@triton.jit
+def _load_slot(
+    k: tl.constexpr, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
+    GROUP_OF: tl.constexpr, IDENTITY: tl.constexpr, MODE: tl.constexpr,
+):  # fmt: skip
+    """:func:`_load_taps` of slot ``k`` (a compile-time index), masked to its group's width."""
+    mask = live[:, None] & (cols < WIDTHS[GROUP_OF[k]])[None, :]
+    return _load_taps(
+        X[k], SB[k], SY[k], SX[k], HS[k], WS[k], b, oy, ox, H, W, cols, mask, MODE, (IDENTITY >> k) & 1
+    )
 
 
 @triton.jit
@@ -194,6 +236,7 @@ def _grid_fuse_forward_kernel(
     HAS_B: tl.constexpr,  # bit k: slot k has a LayerNorm bias
     MODE: tl.constexpr,
     STORE_STATS: tl.constexpr,
+    PREFETCH: tl.constexpr,  # issue the next slot's loads before reducing the current one
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -203,16 +246,29 @@ def _grid_fuse_forward_kernel(
     oy = (tokens % (H * W)) // W
     ox = tokens % W
     cols = tl.arange(0, BLOCK_C)
+    if PREFETCH:
+        pending = _load_slot(
+            0, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols, GROUP_OF, IDENTITY, MODE
+        )
     for g in tl.static_range(len(WIDTHS)):
         C = WIDTHS[g]
         mask = live[:, None] & (cols < C)[None, :]
         acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
         for k in tl.static_range(len(X)):
             if GROUP_OF[k] == g:
-                r = _resample_tile(
-                    X[k], SB[k], SY[k], SX[k], HS[k], WS[k], b, oy, ox, H, W, cols, mask,
-                    MODE, (IDENTITY >> k) & 1,
-                )  # fmt: skip
+                if PREFETCH:  # this slot's loads are in flight; start the next slot's (any group)
+                    taps = pending
+                    if k + 1 < len(X):
+                        pending = _load_slot(
+                            k + 1, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
+                            GROUP_OF, IDENTITY, MODE,
+                        )  # fmt: skip
+                else:
+                    taps = _load_slot(
+                        k, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
+                        GROUP_OF, IDENTITY, MODE,
+                    )  # fmt: skip
+                r = _combine_taps(taps, HS[k], WS[k], oy, ox, H, W, MODE, (IDENTITY >> k) & 1)
                 mean = tl.sum(r, axis=1) / C
                 centred = tl.where(mask, r - mean[:, None], 0.0)
                 rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)
@@ -246,20 +302,23 @@ def _grid_fuse_backward_rows_kernel(
     c_max,
     tiles_per_program,
     GROUP_OF: tl.constexpr,
+    FIRST_SLOT: tl.constexpr,  # G: the first slot of each group
     SOURCE_OF: tl.constexpr,
     IDENTITY: tl.constexpr,
     HAS_W: tl.constexpr,
     NEED_DR: tl.constexpr,  # bit k: write dr of slot k
     NEED_PARAMS: tl.constexpr,
     MODE: tl.constexpr,
+    PREFETCH: tl.constexpr,  # issue the next slot's loads before reducing the current one
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     # Groups in the outer (static) loop: the parameter partial sums of one group's sources stay in
-    # registers across this program's run of tiles (carried as a tuple), so each program writes one
-    # row of partials per source, and only one group's sums are live at a time.
+    # registers across this program's run of tiles, so each program writes one row of partials per
+    # source and only one group's sums are live at a time. They are (BLOCK_T, BLOCK_C) tiles: the
+    # token axis is summed once after the run, not once per tile.
     # (Triton kernels build tuples by concatenation: starred unpacking is not supported there.)
     for g in tl.static_range(len(WIDTHS)):
         C = WIDTHS[g]
@@ -267,8 +326,8 @@ def _grid_fuse_backward_rows_kernel(
         p_acc = ()
         for k in tl.static_range(len(X)):
             if GROUP_OF[k] == g:
-                p_acc = p_acc + (tl.zeros((BLOCK_C,), dtype=tl.float32),)  # noqa: RUF005
-        q_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+                p_acc = p_acc + (tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32),)  # noqa: RUF005
+        q_acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
         for t in range(0, tiles_per_program):
             tokens = (pid * tiles_per_program + t) * BLOCK_T + tl.arange(0, BLOCK_T)
             live = tokens < rows
@@ -279,40 +338,52 @@ def _grid_fuse_backward_rows_kernel(
             dy_ptrs = DY_ptr + tokens[:, None] * y_cols + COLS[g] + cols[None, :]
             dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
             if NEED_PARAMS:
-                q_acc += tl.sum(dy, axis=0)
+                q_acc += dy
+            if PREFETCH:  # the group's first slot is loaded with dy, each slot then the next one
+                pending = _load_slot(
+                    FIRST_SLOT[g], X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
+                    GROUP_OF, IDENTITY, MODE,
+                )  # fmt: skip
             new_p = ()
             for k in tl.static_range(len(X)):
                 if GROUP_OF[k] == g:
-                    r = _resample_tile(
-                        X[k], SB[k], SY[k], SX[k], HS[k], WS[k], b, oy, ox, H, W, cols, mask,
-                        MODE, (IDENTITY >> k) & 1,
-                    )  # fmt: skip
+                    if PREFETCH:
+                        taps = pending
+                        # nested: the compile-time `and` would index GROUP_OF past the last slot
+                        if k + 1 < len(X):  # noqa: SIM102
+                            if GROUP_OF[k + 1] == g:
+                                pending = _load_slot(
+                                    k + 1, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W,
+                                    cols, GROUP_OF, IDENTITY, MODE,
+                                )  # fmt: skip
+                    else:
+                        taps = _load_slot(
+                            k, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
+                            GROUP_OF, IDENTITY, MODE,
+                        )  # fmt: skip
                     mean = tl.load(MEAN_ptr + SOURCE_OF[k] * rows + tokens, mask=live, other=0.0)
                     rstd = tl.load(RSTD_ptr + SOURCE_OF[k] * rows + tokens, mask=live, other=0.0)
+                    r = _combine_taps(taps, HS[k], WS[k], oy, ox, H, W, MODE, (IDENTITY >> k) & 1)
                     xhat = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
                     if NEED_PARAMS:
-                        new_p = new_p + (p_acc[len(new_p)] + tl.sum(dy * xhat, axis=0),)  # noqa: RUF005
+                        new_p = new_p + (p_acc[len(new_p)] + dy * xhat,)  # noqa: RUF005
                     if (NEED_DR >> k) & 1:
                         gy = dy * tl.load(LW_ptr + SOURCE_OF[k] * lw_stride).to(tl.float32)
                         if (HAS_W >> k) & 1:
                             gamma = tl.load(LN_W[k] + cols, mask=col_mask, other=0.0).to(tl.float32)
                             gy = gy * gamma[None, :]
-                        c1 = tl.sum(gy * xhat, axis=1) / C
-                        c2 = tl.sum(gy, axis=1) / C
-                        dr = (gy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                        c1, c2 = tl.reduce((gy * xhat, gy), 1, _add_pairs)  # one pass, both sums
+                        dr = (gy - (xhat * (c1 / C)[:, None] + (c2 / C)[:, None])) * rstd[:, None]
                         dr_ptr = DR[k]
                         dr_ptrs = dr_ptr + tokens[:, None] * C + cols[None, :]
                         tl.store(dr_ptrs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
             if NEED_PARAMS:
                 p_acc = new_p
         if NEED_PARAMS:
-            first = 0
-            for k in tl.static_range(len(X)):
-                if GROUP_OF[k] < g:
-                    first += 1
             for m in tl.static_range(len(p_acc)):
-                tl.store(P_ptr + (pid * len(X) + first + m) * c_max + cols, p_acc[m], mask=col_mask)
-            tl.store(Q_ptr + (pid * len(WIDTHS) + g) * c_max + cols, q_acc, mask=col_mask)
+                row = pid * len(X) + FIRST_SLOT[g] + m
+                tl.store(P_ptr + row * c_max + cols, tl.sum(p_acc[m], axis=0), mask=col_mask)
+            tl.store(Q_ptr + (pid * len(WIDTHS) + g) * c_max + cols, tl.sum(q_acc, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -415,15 +486,82 @@ def _grid_fuse_backward_gather_kernel(
 
 # Triton decides at decoration time whether kernels are compiled or interpreted (TRITON_INTERPRET).
 _INTERPRETED = isinstance(_grid_fuse_forward_kernel, InterpretedFunction)
-# Bytes of one source that a forward program aims to read: small rows get several tokens per tile.
-_TILE_BYTES = 8192
+# Tile shapes. A forward tile holds _FORWARD_TILE elements whatever the dtype: every value is fp32
+# once loaded, so a program's registers follow its element count, and how many bytes a
+# multiprocessor keeps in flight follows how many programs fit beside each other. Elements per
+# thread: 16 in the forward (one or two 16-byte loads per row and source), 8 in the backward rows
+# kernel, which holds more live values (dy, xhat, the partial sums of a group's sources).
+_FORWARD_TILE = 2048
 _MAX_BLOCK_T = 16
-# Elements of a tile per thread: 16 in the forward keeps loads 16 bytes wide (2 per row in bf16,
-# 4 in fp32); the backward kernels hold more live values (partial sums of a group's sources, dy,
-# xhat), so they take 8 per thread and at most 8 warps (16 warps cap a thread at 128 registers,
-# which spilled) to stay clear of register spills.
 _FORWARD_ELEMENTS = 16
 _BACKWARD_ELEMENTS = 8
+# Backward rows programs per multiprocessor (4 fit at its 8 elements per thread, 128 registers),
+# each walking at least _MIN_TILES_PER_PROGRAM tiles so that the fp32 partial sums (one row per
+# program and source) stay small next to the data when the batch is small.
+_ROW_PROGRAMS_PER_SM = 4
+_MIN_TILES_PER_PROGRAM = 8
+# Prefetching holds a second source's taps in registers; beyond this many channels (more than 32
+# values per thread and tap) that spills, so wide groups load each source where it is used.
+_PREFETCH_MAX_CHANNELS = 4096
+_BLOCK_T_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+_WARP_CHOICES = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """How the kernels tile the tokens. :func:`default_tiles` picks one for a channel count;
+    ``benchmarks.kernels --sweep-tiles`` times others against it.
+
+    Attributes:
+        block_t: output tokens per forward program.
+        num_warps: warps per forward program.
+        prefetch: the forward and backward rows kernels issue the next source's loads before they
+            reduce the current one (more bytes in flight, more registers).
+        backward_block_t: tokens per tile of the backward rows kernel.
+        backward_warps: warps per backward rows program.
+        rows_per_sm: backward rows programs per multiprocessor (each walks a run of tiles).
+    """
+
+    block_t: int
+    num_warps: int
+    prefetch: bool
+    backward_block_t: int
+    backward_warps: int
+    rows_per_sm: int
+
+    def __post_init__(self) -> None:
+        for name, accepted in (
+            ("block_t", _BLOCK_T_CHOICES),
+            ("num_warps", _WARP_CHOICES),
+            ("backward_block_t", _BLOCK_T_CHOICES),
+            ("backward_warps", _WARP_CHOICES),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in accepted:
+                raise ValueError(f"Tiles.{name} must be one of {accepted}, got {value!r}")
+        if not isinstance(self.prefetch, bool):
+            raise ValueError(f"Tiles.prefetch must be a bool, got {self.prefetch!r}")
+        if (
+            isinstance(self.rows_per_sm, bool)
+            or not isinstance(self.rows_per_sm, int)
+            or self.rows_per_sm < 1
+        ):
+            raise ValueError(f"Tiles.rows_per_sm must be an int >= 1, got {self.rows_per_sm!r}")
+
+
+def default_tiles(channels: int) -> Tiles:
+    """The tiles for groups of at most ``channels`` channels (any dtype)."""
+    block_c = triton.next_power_of_2(channels)
+    block_t = max(1, min(_MAX_BLOCK_T, _FORWARD_TILE // block_c))
+    backward_block_t = max(1, block_t // 2)
+    return Tiles(
+        block_t=block_t,
+        num_warps=_warps(block_t * block_c),
+        prefetch=block_c <= _PREFETCH_MAX_CHANNELS,
+        backward_block_t=backward_block_t,
+        backward_warps=min(8, _warps(backward_block_t * block_c, _BACKWARD_ELEMENTS)),
+        rows_per_sm=_ROW_PROGRAMS_PER_SM,
+    )
 
 
 def _new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -453,11 +591,8 @@ class _Plan:
     has_weight: int  # bit k: slot k has a LayerNorm weight
     has_bias: int  # bit k: slot k has a LayerNorm bias
     mode: int
-    block_t: int  # forward tile: tokens x channels, and its warps
-    block_c: int
-    num_warps: int
-    backward_block_t: int  # backward row tile (half the tokens: it holds more live values)
-    backward_warps: int
+    block_c: int  # channels of a tile: the widest group, rounded up to a power of two
+    tiles: Tiles
 
 
 def _bits(flags: Sequence[bool]) -> int:
@@ -472,11 +607,11 @@ def _make_plan(
     ln_weight: Sequence[torch.Tensor | None] | None,
     ln_bias: Sequence[torch.Tensor | None] | None,
     mode: str,
+    tiles: Tiles | None = None,
 ) -> _Plan:
     source_of = tuple(sorted(range(len(sources)), key=groups.__getitem__))
     out_hw = (int(out_hw[0]), int(out_hw[1]))
     block_c = triton.next_power_of_2(max(widths))
-    block_t = max(1, min(_MAX_BLOCK_T, _TILE_BYTES // (block_c * sources[0].element_size())))
     return _Plan(
         out_hw=out_hw,
         source_of=source_of,
@@ -487,11 +622,8 @@ def _make_plan(
         has_weight=_bits([ln_weight is not None and ln_weight[i] is not None for i in source_of]),
         has_bias=_bits([ln_bias is not None and ln_bias[i] is not None for i in source_of]),
         mode=_MODE_CODES[mode],
-        block_t=block_t,
         block_c=block_c,
-        num_warps=_warps(block_t * block_c),
-        backward_block_t=max(1, block_t // 2),
-        backward_warps=min(8, _warps(max(1, block_t // 2) * block_c, _BACKWARD_ELEMENTS)),
+        tiles=tiles or default_tiles(block_c),
     )
 
 
@@ -597,6 +729,14 @@ def _check_kernel_inputs(
     return widths
 
 
+def _checked_tiles(tiles: Tiles | None) -> Tiles | None:
+    if tiles is not None and not isinstance(tiles, Tiles):
+        raise ValueError(
+            f"grid_fuse tiles must be a kernels.grid_fuse.Tiles or None, got {type(tiles).__name__}"
+        )
+    return tiles
+
+
 def _check_eps(eps: float) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
         raise ValueError(f"grid_fuse eps must be a finite number >= 0, got {eps!r}")
@@ -617,15 +757,16 @@ def _check_buffer(name: str, tensor: torch.Tensor, shape: tuple[int, ...], like:
 _SM_COUNTS: dict[int, int] = {}
 
 
-def _row_programs(tiles: int, device: torch.device) -> int:
-    """Programs of the backward row kernel: two per multiprocessor fill the GPU, and the fp32
-    partials (one row per program and source) stay small next to the data."""
+def _row_programs(tiles: int, per_sm: int, device: torch.device) -> int:
+    """Programs of the backward rows kernel: ``per_sm`` per multiprocessor, each walking at least
+    _MIN_TILES_PER_PROGRAM of the ``tiles`` (on the CPU interpreter: up to 4, so that runs of
+    several tiles and several partial rows are exercised)."""
     if device.type != "cuda":
         return max(1, min(tiles, 4))
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNTS:
         _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return max(1, min(tiles, 2 * _SM_COUNTS[index]))
+    return max(1, min(triton.cdiv(tiles, _MIN_TILES_PER_PROGRAM), per_sm * _SM_COUNTS[index]))
 
 
 def _forward(
@@ -645,7 +786,7 @@ def _forward(
     mean = rstd = None
     if save_stats:
         mean, rstd = _new_buffer((2, len(sources), rows), torch.float32, first.device).unbind(0)
-    _grid_fuse_forward_kernel[(triton.cdiv(rows, plan.block_t),)](
+    _grid_fuse_forward_kernel[(triton.cdiv(rows, plan.tiles.block_t),)](
         out,
         *_source_args(sources, plan),
         weights,
@@ -668,9 +809,10 @@ def _forward(
         HAS_B=plan.has_bias,
         MODE=plan.mode,
         STORE_STATS=save_stats,
-        BLOCK_T=plan.block_t,
+        PREFETCH=plan.tiles.prefetch,
+        BLOCK_T=plan.tiles.block_t,
         BLOCK_C=plan.block_c,
-        num_warps=plan.num_warps,
+        num_warps=plan.tiles.num_warps,
     )
     return mean, rstd
 
@@ -687,6 +829,7 @@ def grid_fuse_forward(
     *,
     out: torch.Tensor | None = None,
     save_stats: bool = False,
+    tiles: Tiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Check the inputs and run the forward kernel (one launch for all groups).
 
@@ -696,6 +839,7 @@ def grid_fuse_forward(
             (channels with stride 1 are read in place, others are copied first).
         out: optional contiguous (B, H*W, sum C) buffer of the sources' dtype to write into.
         save_stats: also return the per-token LayerNorm mean and rstd the backward pass needs.
+        tiles: the token tiling (:class:`Tiles`); ``default_tiles`` of the widest group if None.
 
     Returns:
         ``(out, mean, rstd)``: out is (B, H*W, sum C) in the sources' dtype; mean and rstd are
@@ -704,7 +848,7 @@ def grid_fuse_forward(
     Raises:
         ValueError: bad arguments (see :func:`kernels.reference.check_grid_fuse_inputs`), a dtype
             other than fp32/bf16/fp16, tensors on different devices, a CPU tensor without the
-            Triton interpreter, a group wider than ``MAX_CHANNELS``, or a malformed ``out``.
+            Triton interpreter, a group wider than ``MAX_CHANNELS``, a malformed ``out`` or ``tiles``.
     """
     widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
     _check_eps(eps)
@@ -715,7 +859,7 @@ def grid_fuse_forward(
         out = _new_buffer(out_shape, first.dtype, first.device)
     else:
         _check_buffer("out", out, out_shape, first)
-    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode)
+    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, _checked_tiles(tiles))
     weights = _layer_weight_table(layer_weights, first.device)
     mean, rstd = _forward(plan, sources, weights, ln_weight, ln_bias, float(eps), out, save_stats)
     return out, mean, rstd
@@ -761,9 +905,9 @@ def _backward(
         else:
             dr.append(_new_buffer((rows, x.shape[-1]), torch.float32, device))
             resampled.append(k)
-    tiles = triton.cdiv(rows, plan.backward_block_t)
-    tiles_per_program = triton.cdiv(tiles, _row_programs(tiles, device))
-    programs = triton.cdiv(tiles, tiles_per_program)
+    n_tiles = triton.cdiv(rows, plan.tiles.backward_block_t)
+    tiles_per_program = triton.cdiv(n_tiles, _row_programs(n_tiles, plan.tiles.rows_per_sm, device))
+    programs = triton.cdiv(n_tiles, tiles_per_program)
     c_max = max(plan.widths)
     partial_p = partial_q = grad_out  # unread placeholders without NEED_PARAMS
     if need_params:
@@ -792,15 +936,17 @@ def _backward(
         c_max,
         tiles_per_program,
         GROUP_OF=plan.group_of,
+        FIRST_SLOT=tuple(plan.group_of.index(g) for g in range(len(plan.widths))),
         SOURCE_OF=plan.source_of,
         IDENTITY=plan.identity,
         HAS_W=plan.has_weight,
         NEED_DR=_bits([need_sources[i] for i in plan.source_of]),
         NEED_PARAMS=need_params,
         MODE=plan.mode,
-        BLOCK_T=plan.backward_block_t,
+        PREFETCH=plan.tiles.prefetch,
+        BLOCK_T=plan.tiles.backward_block_t,
         BLOCK_C=plan.block_c,
-        num_warps=plan.backward_warps,
+        num_warps=plan.tiles.backward_warps,
     )
     if resampled:
         for k in resampled:
@@ -867,6 +1013,7 @@ def grid_fuse_backward(
     *,
     need_sources: bool | Sequence[bool] = True,
     need_params: bool = True,
+    tiles: Tiles | None = None,
 ) -> GridFuseGrads:
     """Gradients of ``grid_fuse`` given the gradient of its output; deterministic (no atomics).
 
@@ -876,6 +1023,7 @@ def grid_fuse_backward(
         mean, rstd: the (S, B*H*W) fp32 statistics :func:`grid_fuse_forward` saved.
         need_sources: compute the source gradients: one flag for all, or one per source.
         need_params: compute the gradients of layer_weights, ln_weight and ln_bias.
+        tiles: the token tiling (:class:`Tiles`); ``default_tiles`` of the widest group if None.
 
     Returns:
         :class:`GridFuseGrads`: source gradients in the sources' dtype and layout (B, h, w, C);
@@ -907,7 +1055,7 @@ def grid_fuse_backward(
             f"grid_fuse need_sources has {len(need_sources)} flags; give one bool or one per source "
             f"({len(sources)})"
         )
-    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode)
+    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, _checked_tiles(tiles))
     weights = _layer_weight_table(layer_weights, first.device)
     return _backward(
         plan,
@@ -991,9 +1139,11 @@ def triton_grid_fuse(
     ln_bias: Sequence[torch.Tensor | None] | None = None,
     mode: str = "bilinear",
     eps: float = 1e-6,
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
     """``grid_fuse`` on the Triton kernels, differentiable; same arguments and result as
     :func:`kernels.reference.grid_fuse` (fp32 accumulation, output in the sources' dtype).
+    ``tiles`` overrides the token tiling of both passes (:class:`Tiles`; :func:`default_tiles` if None).
 
     Raises:
         ValueError: before any launch, for every bad argument :func:`grid_fuse_forward` rejects.
@@ -1006,7 +1156,7 @@ def triton_grid_fuse(
         if not isinstance(layer_weights, torch.Tensor)
         else layer_weights
     )
-    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode)
+    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, _checked_tiles(tiles))
     ln_w = list(ln_weight) if ln_weight is not None else [None] * count
     ln_b = list(ln_bias) if ln_bias is not None else [None] * count
     return GridFuseFunction.apply(plan, float(eps), weights, *sources, *ln_w, *ln_b)

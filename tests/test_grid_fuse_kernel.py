@@ -21,6 +21,8 @@ import kernels
 from kernels import reference
 from kernels.grid_fuse import (
     MAX_CHANNELS,
+    Tiles,
+    default_tiles,
     grid_fuse_backward,
     grid_fuse_forward,
     triton_grid_fuse,
@@ -112,7 +114,7 @@ def make_inputs(case: Case, dtype: torch.dtype, *, grad_sources: bool = True) ->
     return Inputs(sources, layer_weights, affine(1.0, 1), affine(0.0, 0))
 
 
-def call(fn, inputs: Inputs, case: Case, mode: str) -> torch.Tensor:
+def call(fn, inputs: Inputs, case: Case, mode: str, **options) -> torch.Tensor:
     return fn(
         inputs.sources,
         case.out_hw,
@@ -122,6 +124,7 @@ def call(fn, inputs: Inputs, case: Case, mode: str) -> torch.Tensor:
         ln_bias=inputs.ln_bias,
         mode=mode,
         eps=EPS,
+        **options,
     )
 
 
@@ -133,11 +136,13 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
     )
 
 
-def check_against_reference(case: Case, mode: str, dtype: torch.dtype, *, grad_sources: bool = True) -> None:
+def check_against_reference(
+    case: Case, mode: str, dtype: torch.dtype, *, grad_sources: bool = True, tiles: Tiles | None = None
+) -> None:
     """Forward and every gradient of the Triton path against the float64 reference."""
     inputs = make_inputs(case, dtype, grad_sources=grad_sources)
     exact = inputs.as_float64()
-    out = call(triton_grid_fuse, inputs, case, mode)
+    out = call(triton_grid_fuse, inputs, case, mode, tiles=tiles)
     expected = call(reference.grid_fuse, exact, case, mode)
     assert out.dtype == dtype
     assert out.shape == expected.shape
@@ -219,6 +224,58 @@ def small_cases(draw):
 def test_hypothesis_shapes_match_reference(drawn):
     case, mode = drawn
     check_against_reference(case, mode, torch.float32)
+
+
+# Tilings other than the default, each must give the same result: one token or many per program,
+# few or many warps, prefetching on and off, backward tiles of several tokens, one rows program
+# per multiprocessor. (The benchmark sweeps these on a GPU.)
+TILINGS = [
+    Tiles(block_t=1, num_warps=1, prefetch=False, backward_block_t=1, backward_warps=1, rows_per_sm=1),
+    Tiles(block_t=8, num_warps=2, prefetch=True, backward_block_t=4, backward_warps=2, rows_per_sm=2),
+    Tiles(block_t=2, num_warps=4, prefetch=False, backward_block_t=8, backward_warps=8, rows_per_sm=8),
+]
+TILING_CASE = Case(
+    ((3, 2, 6), (2, 3, 6), (3, 3, 6), (3, 3, 5), (1, 2, 5)), (0, 0, 0, 1, 1), (3, 3), affine="some"
+)
+
+
+@pytest.mark.parametrize("tiles", TILINGS, ids=lambda t: f"T{t.block_t}w{t.num_warps}p{int(t.prefetch)}")
+@pytest.mark.parametrize("mode", MODES)
+def test_every_tiling_matches_reference(tiles, mode):
+    check_against_reference(TILING_CASE, mode, torch.float32, tiles=tiles)
+
+
+def test_default_tiles_hold_a_fixed_tile_whatever_the_dtype():
+    """2048 elements per forward tile (16 per thread), half the tokens in the backward (8 per
+    thread, at most 8 warps); prefetching up to 4096 channels, where it no longer spills."""
+    assert default_tiles(1024) == Tiles(2, 4, True, 1, 4, 4)
+    assert default_tiles(768) == default_tiles(1024)
+    assert default_tiles(64) == Tiles(16, 2, True, 8, 2, 4)
+    assert default_tiles(4096) == Tiles(1, 8, True, 1, 8, 4)
+    assert default_tiles(16384) == Tiles(1, 16, False, 1, 8, 4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("block_t", 3, r"Tiles.block_t must be one of \(1, 2, 4"),
+        ("num_warps", 32, r"Tiles.num_warps must be one of \(1, 2, 4, 8, 16\), got 32"),
+        ("backward_warps", True, r"Tiles.backward_warps must be one of"),
+        ("prefetch", 1, r"Tiles.prefetch must be a bool, got 1"),
+        ("rows_per_sm", 0, r"Tiles.rows_per_sm must be an int >= 1, got 0"),
+    ],
+)
+def test_bad_tiles_are_rejected(field, value, message):
+    fields = {**default_tiles(1024).__dict__, field: value}
+    with pytest.raises(ValueError, match=message):
+        Tiles(**fields)
+
+
+def test_tiles_must_be_a_tiles_object():
+    case = Case(((2, 2, 4),), (0,), (2, 2))
+    inputs = make_inputs(case, torch.float32)
+    with pytest.raises(ValueError, match=r"tiles must be a kernels\.grid_fuse\.Tiles or None, got dict"):
+        call(triton_grid_fuse, inputs, case, "bilinear", tiles={"block_t": 2})
 
 
 def test_unsorted_groups_mixed_grids_and_partial_affine_in_one_launch():
