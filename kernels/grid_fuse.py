@@ -817,6 +817,24 @@ def _forward(
     return mean, rstd
 
 
+def _forward_new(
+    plan: _Plan,
+    sources: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    ln_weight: Sequence[torch.Tensor | None] | None,
+    ln_bias: Sequence[torch.Tensor | None] | None,
+    eps: float,
+    save_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`_forward` into a new output buffer; returns (out, mean, rstd)."""
+    first = sources[0]
+    out = _new_buffer(
+        (first.shape[0], plan.out_hw[0] * plan.out_hw[1], sum(plan.widths)), first.dtype, first.device
+    )
+    mean, rstd = _forward(plan, sources, weights, ln_weight, ln_bias, eps, out, save_stats)
+    return out, mean, rstd
+
+
 def grid_fuse_forward(
     sources: Sequence[torch.Tensor],
     out_hw: Sequence[int],
@@ -1083,12 +1101,8 @@ class GridFuseFunction(torch.autograd.Function):
         count = len(plan.source_of)
         sources = [_channels_contiguous(x) for x in tensors[:count]]
         ln_w, ln_b = tensors[count : 2 * count], tensors[2 * count :]
-        first = sources[0]
-        out = _new_buffer(
-            (first.shape[0], plan.out_hw[0] * plan.out_hw[1], sum(plan.widths)), first.dtype, first.device
-        )
         save = any(ctx.needs_input_grad)
-        mean, rstd = _forward(plan, sources, layer_weights, ln_w, ln_b, eps, out, save)
+        out, mean, rstd = _forward_new(plan, sources, layer_weights, ln_w, ln_b, eps, save)
         ctx.plan = plan
         if save:
             ctx.save_for_backward(layer_weights, mean, rstd, *sources, *ln_w, *ln_b)
@@ -1129,6 +1143,78 @@ class GridFuseFunction(torch.autograd.Function):
         )
 
 
+# Plans of recent triton_grid_fuse calls by call signature. A repeated call (one model, fixed
+# shapes: the common case) skips the input checks and the plan, which cost more host time than the
+# launch itself at small batch.
+_PLAN_CACHE: dict[tuple, _Plan] = {}
+_PLAN_CACHE_SIZE = 64
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _call_key(
+    sources: Sequence[torch.Tensor],
+    out_hw: Sequence[int],
+    groups: Sequence[int],
+    layer_weights: torch.Tensor | Sequence[float],
+    ln_weight: Sequence[torch.Tensor | None] | None,
+    ln_bias: Sequence[torch.Tensor | None] | None,
+    mode: str,
+    tiles: Tiles | None,
+) -> tuple | None:
+    """A hashable summary of everything the input checks and the plan read (shapes, strides,
+    dtypes, devices, the types and values of sizes and groups); None for arguments of a kind only
+    the full checks handle, which then accept them or raise."""
+
+    def params_key(params: Sequence[torch.Tensor | None] | None) -> tuple | None:
+        return None if params is None else tuple(None if p is None else _tensor_key(p) for p in params)
+
+    try:
+        if isinstance(layer_weights, torch.Tensor):
+            weights_key = _tensor_key(layer_weights)
+        else:
+            weights_key = ("values", *map(type, layer_weights))
+        key = (
+            tuple(_tensor_key(x) for x in sources),
+            tuple((type(v), v) for v in out_hw),
+            tuple((type(g), g) for g in groups),
+            weights_key,
+            params_key(ln_weight),
+            params_key(ln_bias),
+            (type(mode), mode),
+            tiles,
+        )
+        hash(key)
+    except (AttributeError, TypeError):  # not tensors / not sequences / unhashable: full checks
+        return None
+    return key
+
+
+def _planned(
+    sources: Sequence[torch.Tensor],
+    out_hw: Sequence[int],
+    groups: Sequence[int],
+    layer_weights: torch.Tensor | Sequence[float],
+    ln_weight: Sequence[torch.Tensor | None] | None,
+    ln_bias: Sequence[torch.Tensor | None] | None,
+    mode: str,
+    tiles: Tiles | None,
+) -> _Plan:
+    """The checked plan of a call, from the cache when an identical call signature passed before."""
+    key = _call_key(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, tiles)
+    plan = None if key is None else _PLAN_CACHE.get(key)
+    if plan is None:
+        widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
+        plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, _checked_tiles(tiles))
+        if key is not None:
+            if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+                del _PLAN_CACHE[next(iter(_PLAN_CACHE))]  # the oldest entry
+            _PLAN_CACHE[key] = plan
+    return plan
+
+
 def triton_grid_fuse(
     sources: Sequence[torch.Tensor],
     out_hw: Sequence[int],
@@ -1145,18 +1231,26 @@ def triton_grid_fuse(
     :func:`kernels.reference.grid_fuse` (fp32 accumulation, output in the sources' dtype).
     ``tiles`` overrides the token tiling of both passes (:class:`Tiles`; :func:`default_tiles` if None).
 
+    Host cost: a call whose signature (shapes, strides, dtypes, devices, groups, affine pattern,
+    mode) matches one of the last 64 skips the checks; with no gradient wanted (``torch.no_grad``
+    or no input requiring grad) the forward kernel is launched without an autograd node.
+
     Raises:
         ValueError: before any launch, for every bad argument :func:`grid_fuse_forward` rejects.
     """
-    widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
+    plan = _planned(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, tiles)
     _check_eps(eps)
     count = len(sources)
     weights = (
-        _layer_weight_table(layer_weights, sources[0].device)
-        if not isinstance(layer_weights, torch.Tensor)
-        else layer_weights
+        layer_weights
+        if isinstance(layer_weights, torch.Tensor)
+        else _layer_weight_table(layer_weights, sources[0].device)
     )
-    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, _checked_tiles(tiles))
     ln_w = list(ln_weight) if ln_weight is not None else [None] * count
     ln_b = list(ln_bias) if ln_bias is not None else [None] * count
+    if not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (weights, *sources, *ln_w, *ln_b)
+    ):
+        sources = [_channels_contiguous(x) for x in sources]
+        return _forward_new(plan, sources, weights, ln_w, ln_b, float(eps), save_stats=False)[0]
     return GridFuseFunction.apply(plan, float(eps), weights, *sources, *ln_w, *ln_b)

@@ -588,6 +588,51 @@ def test_bad_input_raises_before_any_launch(monkeypatch, overrides, message):
         small_call(triton_grid_fuse, **overrides)
 
 
+def test_repeated_call_skips_the_checks_but_not_a_changed_argument(monkeypatch):
+    """The second call of a signature reuses the checked plan (and still matches the reference);
+    a call that differs in any checked property, even True for 1 in groups, is checked again."""
+    checks = []
+    check = gf._check_kernel_inputs
+    monkeypatch.setattr(gf, "_check_kernel_inputs", lambda *a: checks.append(1) or check(*a))
+    monkeypatch.setattr(gf, "_PLAN_CACHE", {})
+    case = Case(((2, 3, 5), (3, 3, 5)), (0, 0), (3, 3), batch=1)
+    check_against_reference(case, "bilinear", torch.float32)
+    assert len(checks) == 1
+    check_against_reference(case, "bilinear", torch.float32)  # fresh tensors, same signature
+    assert len(checks) == 1
+    check_against_reference(Case(case.grids, case.groups, (2, 3), batch=1), "bilinear", torch.float32)
+    assert len(checks) == 2
+    small_call(triton_grid_fuse)
+    with pytest.raises(ValueError, match=r"groups must hold one int per source \(1\), got \[False\]"):
+        small_call(triton_grid_fuse, groups=[False])
+    with pytest.raises(ValueError, match="layer_weights must be a 1-D tensor or a list of numbers"):
+        small_call(triton_grid_fuse, layer_weights=[True])
+    with pytest.raises(ValueError, match=r"out_hw must be a pair of positive ints"):
+        small_call(triton_grid_fuse, out_hw=(3.0, 2))
+
+
+def test_plan_cache_stays_bounded(monkeypatch):
+    monkeypatch.setattr(gf, "_PLAN_CACHE", {})
+    for width in range(1, gf._PLAN_CACHE_SIZE + 6):
+        small_call(triton_grid_fuse, sources=[grid(1, 1, 1, width)])
+    assert len(gf._PLAN_CACHE) == gf._PLAN_CACHE_SIZE
+
+
+def test_no_autograd_node_when_no_gradient_is_wanted():
+    """Inference (no_grad, or no input requiring grad) launches the forward alone; with a leaf that
+    requires grad the result is differentiable."""
+    case = Case(((2, 2, 4), (3, 3, 4)), (0, 0), (2, 2))
+    inputs = make_inputs(case, torch.float32)
+    with torch.no_grad():
+        assert call(triton_grid_fuse, inputs, case, "area").grad_fn is None
+    frozen = Inputs([x.detach() for x in inputs.sources], inputs.layer_weights.detach(), None, None)
+    out = call(triton_grid_fuse, frozen, case, "area")
+    assert out.grad_fn is None
+    expected = call(reference.grid_fuse, frozen.as_float64(), case, "area")
+    assert_matches(out, expected, torch.float32, "inference output")
+    assert call(triton_grid_fuse, inputs, case, "area").grad_fn is not None
+
+
 def test_bad_buffers_are_rejected():
     x = [grid(1, 2, 2, 3)]
     with pytest.raises(ValueError, match=re.escape("grid_fuse out must have shape (1, 6, 3), got (1, 6, 4)")):
@@ -628,6 +673,32 @@ def test_benchmark_quick_run_writes_ratios(tmp_path, capsys):
         )
     assert out.with_suffix(".md").read_text().startswith("#")
     assert "no GPU" in capsys.readouterr().out or DEVICE == "cuda"
+
+
+def test_tiling_sweep_varies_one_field_at_a_time(tmp_path):
+    """The tiling sweep (interpreted on the CPU: plumbing only) writes one row per candidate, the
+    default first with ratio 1, each other candidate one field away from it, every output right."""
+    from benchmarks import kernel_tiles
+
+    out = tmp_path / "tiles.json"
+    argv = ["--device", DEVICE, "--quick", "--case", "tiny=2x2x8*2+3x3x8*1->3x3", "--batch", "1"]
+    kernel_tiles.main([*argv, "--dtype", "fp32", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    default = default_tiles(8).__dict__
+    varied = {
+        "fwd": {"block_t", "num_warps", "prefetch"},
+        "fwdbwd": {"backward_block_t", "backward_warps", "rows_per_sm", "prefetch"},
+    }
+    for pass_name, fields in varied.items():
+        mine = [row for row in rows if row["pass"] == pass_name]
+        assert mine[0]["tiling"] == "default" and mine[0]["speedup_vs_default"] == 1.0
+        assert len(mine) > len(fields)  # each field has at least one valid neighbour here
+        for row in mine[1:]:
+            changed = {k for k, v in row["tiles"].items() if v != default[k]}
+            assert len(changed) == 1 and changed <= fields, row["tiling"]
+            assert row["tiling"] == f"{changed.pop()}={row['tiles'][row['tiling'].split('=')[0]]}"
+        assert all(row["max_abs_err_vs_eager"] < 1e-4 for row in mine)
+    assert out.with_suffix(".md").read_text().startswith("# grid_fuse tiling sweep")
 
 
 @pytest.mark.parametrize("spec", ["tiny", "tiny=2x2x8->2x2", "tiny=2x2x8*2->0x2", "=2x2x8*1->2x2"])
