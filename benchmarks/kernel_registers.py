@@ -1,0 +1,249 @@
+"""Registers, spills and occupancy of the Triton ``grid_fuse`` kernels, compiled for an NVIDIA GPU
+on any machine (no GPU needed).
+
+    python -m benchmarks.kernel_registers --arch 90 --dtype bf16 fp32 \\
+        --out benchmarks/results/grid_fuse_registers_sm90.json
+
+Each kernel that a forward (with and without the statistics a backward needs) and a backward call
+launch is compiled, not launched, for ``sm_<arch>`` through a compile-only Triton driver, and the
+PTX goes through the ``ptxas`` that ships with Triton (``-v``). Per kernel the table gives warps,
+registers per thread, spill bytes, how many programs fit on one multiprocessor (registers, warps
+and blocks; the limits of sm_80 to sm_90) and, for the forward and backward rows kernels, how many
+bytes of source tiles those programs have requested at once: ``programs x tile bytes``, twice that
+with prefetching. That last column is a model, not a measurement: it says why a tiling may or may
+not keep enough bytes in flight to reach the copy bandwidth; ``benchmarks.kernel_tiles`` measures.
+
+Run it with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.kernels import CASES, DTYPES, BenchCase, parse_case
+from benchmarks.report import atomic_write
+
+# Per multiprocessor, sm_80 to sm_90: 64K 32-bit registers, 64 resident warps, 32 resident blocks.
+REGISTERS_PER_SM = 65536
+WARPS_PER_SM = 64
+BLOCKS_PER_SM = 32
+KERNELS = (
+    "_grid_fuse_forward_kernel",
+    "_grid_fuse_backward_rows_kernel",
+    "_grid_fuse_backward_gather_kernel",
+    "_grid_fuse_param_grads_kernel",
+)
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """One compiled kernel variant and what ptxas reports for it."""
+
+    case: str
+    dtype: str
+    kernel: str
+    variant: str
+    num_warps: int
+    block_t: int | None
+    block_c: int | None
+    prefetch: bool | None
+    registers: int
+    spill_bytes: int
+    programs_per_sm: int
+    tile_kb_in_flight_per_sm: float | None
+
+
+class _CompileOnlyDriver:
+    """The part of Triton's driver interface that compiling needs, for a GPU that is not there."""
+
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def set_current_device(self, device: int) -> None:
+        pass
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_benchmarker(self):
+        return None
+
+
+def _ptxas(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill store + load bytes) from Triton's bundled ptxas."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        result = subprocess.run(
+            [str(ptxas), f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", source.name,
+             "-o", os.devnull],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    registers = re.search(r"Used (\d+) registers", result.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    if registers is None:
+        raise RuntimeError(f"ptxas -v reported no register count:\n{result.stderr}")
+    return int(registers.group(1)), sum(map(int, spills.groups())) if spills else 0
+
+
+def programs_per_sm(registers: int, num_warps: int) -> int:
+    """Resident programs per multiprocessor for a kernel of this many registers and warps
+    (registers are allocated per warp in units of 256, i.e. 8 per thread)."""
+    per_warp = -(-registers // 8) * 8 * 32
+    return min(WARPS_PER_SM // num_warps, BLOCKS_PER_SM, REGISTERS_PER_SM // (per_warp * num_warps))
+
+
+def compile_case(case: BenchCase, dtype_name: str, arch: int) -> list[KernelInfo]:
+    """Compile every kernel a forward and backward of ``case`` launches; one row per variant."""
+    gf = importlib.import_module("kernels.grid_fuse")
+    if gf._INTERPRETED:
+        raise RuntimeError("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
+    from triton.runtime import driver
+
+    dtype = DTYPES[dtype_name]
+    compiled: list[tuple[str, dict, object]] = []
+    originals = {name: getattr(gf, name).run for name in KERNELS}
+
+    def compile_only(name):
+        def run(*args, grid, warmup, **kwargs):
+            kernel = originals[name](*args, grid=grid, warmup=True, **kwargs)
+            compiled.append((name, kwargs, kernel))
+            return kernel
+
+        return run
+
+    driver.set_active(_CompileOnlyDriver(arch))
+    previous = gf._INTERPRETED
+    gf._INTERPRETED = True  # let CPU tensors through the host checks: nothing is launched
+    try:
+        for name in KERNELS:
+            getattr(gf, name).run = compile_only(name)
+        sources, groups = [], []
+        for group, encoder in enumerate(case.encoders):
+            for _ in range(encoder.layers):
+                sources.append(torch.randn(1, encoder.height, encoder.width, encoder.channels, dtype=dtype))
+                groups.append(group)
+        params = [torch.ones(x.shape[-1], dtype=dtype) for x in sources]
+        weights = torch.ones(len(sources), dtype=dtype)
+        args = (sources, case.out_hw, groups, weights, params, params, "bilinear")
+        variants = []
+        gf.grid_fuse_forward(*args)
+        variants.append("inference")
+        out, mean, rstd = gf.grid_fuse_forward(*args, save_stats=True)
+        variants.append("training")
+        gf.grid_fuse_backward(torch.ones_like(out), *args, mean, rstd)
+        variants += ["training"] * (len(compiled) - len(variants))
+    finally:
+        for name in KERNELS:
+            del getattr(gf, name).run  # back to the class's method
+        gf._INTERPRETED = previous
+    tiles = gf.default_tiles(max(encoder.channels for encoder in case.encoders))
+    rows = []
+    for (name, kwargs, kernel), variant in zip(compiled, variants):
+        registers, spills = _ptxas(kernel.asm["ptx"], arch)
+        warps = kernel.metadata.num_warps
+        fit = programs_per_sm(registers, warps)
+        block_t, block_c = kwargs.get("BLOCK_T"), kwargs.get("BLOCK_C")
+        prefetch = kwargs.get("PREFETCH")
+        in_flight = None
+        if block_t is not None:
+            tile_bytes = block_t * min(block_c, max(e.channels for e in case.encoders)) * dtype.itemsize
+            in_flight = fit * tile_bytes * (2 if prefetch else 1) / 1024
+            if "rows" in name:  # at most rows_per_sm programs share a multiprocessor
+                in_flight = min(fit, tiles.rows_per_sm) * tile_bytes * (2 if prefetch else 1) / 1024
+        rows.append(
+            KernelInfo(
+                case.name,
+                dtype_name,
+                name.removeprefix("_grid_fuse_").removesuffix("_kernel"),
+                variant,
+                warps,
+                block_t,
+                block_c,
+                prefetch,
+                registers,
+                spills,
+                fit,
+                in_flight,
+            )
+        )
+    return rows
+
+
+def markdown(rows: Sequence[KernelInfo], arch: int, command: str) -> str:
+    lines = [
+        f"# grid_fuse kernels compiled for sm_{arch}",
+        "",
+        f"- command: `{command}`",
+        "- programs / SM: resident programs by registers, warps and blocks; tile KB / SM: source "
+        "tile bytes those programs request at once (twice with prefetch) - a model, not a timing",
+        "",
+        "| case | dtype | kernel | variant | warps | BLOCK_T | BLOCK_C | prefetch | registers | spill B "
+        "| programs / SM | tile KB / SM |",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        kb = "" if r.tile_kb_in_flight_per_sm is None else f"{r.tile_kb_in_flight_per_sm:.0f}"
+        lines.append(
+            f"| {r.case} | {r.dtype} | {r.kernel} | {r.variant} | {r.num_warps} | {r.block_t or ''} | "
+            f"{r.block_c or ''} | {'' if r.prefetch is None else r.prefetch} | {r.registers} | "
+            f"{r.spill_bytes} | {r.programs_per_sm} | {kb} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> list[KernelInfo]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernel_registers", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    parser.add_argument("--case", dest="cases", nargs="+", metavar="NAME|NAME=HxWxC*L+...->HxW")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here and as markdown beside it")
+    args = parser.parse_args(argv)
+    if args.arch < 80:
+        parser.error(f"--arch {args.arch}: the limits used here hold for sm_80 and newer; give 80 or more")
+    cases = [CASES[spec] if spec in CASES else parse_case(spec) for spec in args.cases or list(CASES)]
+    command = "python -m benchmarks.kernel_registers " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows: list[KernelInfo] = []
+    for case in cases:
+        for dtype_name in args.dtype:
+            rows += compile_case(case, dtype_name, args.arch)
+            if args.out is not None:
+                atomic_write(args.out, json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+                atomic_write(args.out.with_suffix(".md"), markdown(rows, args.arch, command))
+    print(markdown(rows, args.arch, command))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The compile-only register report of the grid_fuse kernels (benchmarks.kernel_registers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.kernel_registers import programs_per_sm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("registers", "warps", "expected"),
+    [
+        (96, 4, 5),  # 96 * 32 * 4 = 12288 registers a program: 5 fit in 65536
+        (128, 4, 4),
+        (129, 4, 3),  # allocated in steps of 8 per thread: 136 * 32 * 4 = 17408
+        (255, 8, 1),
+        (32, 1, 32),  # the 32-block limit, not registers (64) or warps (64)
+        (16, 16, 4),  # the 64-warp limit
+    ],
+)
+def test_programs_per_sm_hand_worked(registers, warps, expected):
+    assert programs_per_sm(registers, warps) == expected
+
+
+def test_report_compiles_every_kernel_for_sm90_without_a_gpu(tmp_path):
+    """A tiny case with one resampled and one identity group: forward (inference and training),
+    backward rows, gather and parameter kernels all compile for sm_90a and report registers."""
+    out = tmp_path / "registers.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "benchmarks.kernel_registers", "--case", "tiny=3x3x40*2+4x4x40*1->4x4"]
+    subprocess.run(
+        [*command, "--dtype", "bf16", "--out", str(out)], cwd=ROOT, env=env, check=True, timeout=300
+    )
+    rows = json.loads(out.read_text())
+    kernels = [(row["kernel"], row["variant"]) for row in rows]
+    assert kernels == [
+        ("forward", "inference"),
+        ("forward", "training"),
+        ("backward_rows", "training"),
+        ("backward_gather", "training"),
+        ("param_grads", "training"),
+    ]
+    for row in rows:
+        assert 16 <= row["registers"] <= 255 and row["spill_bytes"] == 0
+        assert row["programs_per_sm"] == programs_per_sm(row["registers"], row["num_warps"])
+    forward = rows[0]
+    tile_kb = forward["block_t"] * 40 * 2 / 1024  # tokens x channels x 2 bytes
+    assert forward["tile_kb_in_flight_per_sm"] == pytest.approx(forward["programs_per_sm"] * tile_kb * 2)
+    assert out.with_suffix(".md").read_text().startswith("# grid_fuse kernels compiled for sm_90")
+
+
+def test_report_refuses_interpreted_kernels():
+    """In this process TRITON_INTERPRET=1 (conftest): compiling must be refused with the reason."""
+    from benchmarks.kernel_registers import CASES, compile_case
+
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET is set"):
+        compile_case(CASES["clip-B16+dinov2-B14"], "bf16", 90)
