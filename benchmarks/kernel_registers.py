@@ -122,8 +122,25 @@ def programs_per_sm(registers: int, num_warps: int) -> int:
     return min(WARPS_PER_SM // num_warps, BLOCKS_PER_SM, REGISTERS_PER_SM // (per_warp * num_warps))
 
 
-def compile_case(case: BenchCase, dtype_name: str, arch: int) -> list[KernelInfo]:
-    """Compile every kernel a forward and backward of ``case`` launches; one row per variant."""
+def parse_tiles(spec: str):
+    """``BLOCK_T,WARPS,PREFETCH,BACKWARD_BLOCK_T,BACKWARD_WARPS,ROWS_PER_SM`` (PREFETCH 0 or 1) as
+    a :class:`kernels.grid_fuse.Tiles`.
+
+    Raises:
+        ValueError: a spec of another form, or values ``Tiles`` does not accept.
+    """
+    from kernels.grid_fuse import Tiles
+
+    parts = spec.split(",")
+    if len(parts) != 6 or not all(p.isdigit() for p in parts) or parts[2] not in ("0", "1"):
+        raise ValueError(f"--tiles {spec!r} must be six integers like 2,4,1,1,4,4 (the third 0 or 1)")
+    t, w, prefetch, bt, bw, per_sm = (int(p) for p in parts)
+    return Tiles(t, w, bool(prefetch), bt, bw, per_sm)
+
+
+def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> list[KernelInfo]:
+    """Compile every kernel a forward and backward of ``case`` launches with ``tiles``
+    (:func:`kernels.grid_fuse.default_tiles` if None); one row per variant."""
     gf = importlib.import_module("kernels.grid_fuse")
     if gf._INTERPRETED:
         raise RuntimeError("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
@@ -156,17 +173,17 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int) -> list[KernelInfo
         weights = torch.ones(len(sources), dtype=dtype)
         args = (sources, case.out_hw, groups, weights, params, params, "bilinear")
         variants = []
-        gf.grid_fuse_forward(*args)
+        gf.grid_fuse_forward(*args, tiles=tiles)
         variants.append("inference")
-        out, mean, rstd = gf.grid_fuse_forward(*args, save_stats=True)
+        out, mean, rstd = gf.grid_fuse_forward(*args, save_stats=True, tiles=tiles)
         variants.append("training")
-        gf.grid_fuse_backward(torch.ones_like(out), *args, mean, rstd)
+        gf.grid_fuse_backward(torch.ones_like(out), *args, mean, rstd, tiles=tiles)
         variants += ["training"] * (len(compiled) - len(variants))
     finally:
         for name in KERNELS:
             del getattr(gf, name).run  # back to the class's method
         gf._INTERPRETED = previous
-    tiles = gf.default_tiles(max(encoder.channels for encoder in case.encoders))
+    tiles = tiles or gf.default_tiles(max(encoder.channels for encoder in case.encoders))
     rows = []
     for (name, kwargs, kernel), variant in zip(compiled, variants):
         registers, spills = _ptxas(kernel.asm["ptx"], arch)
@@ -199,11 +216,21 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int) -> list[KernelInfo
     return rows
 
 
+def toolchain() -> str:
+    """Triton's version and the release line of its bundled ptxas."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    release = subprocess.run([str(ptxas), "--version"], capture_output=True, text=True, check=True)
+    return f"triton {triton.__version__}, ptxas {release.stdout.strip().splitlines()[-1]}"
+
+
 def markdown(rows: Sequence[KernelInfo], arch: int, command: str) -> str:
     lines = [
         f"# grid_fuse kernels compiled for sm_{arch}",
         "",
         f"- command: `{command}`",
+        f"- toolchain: {toolchain()} (no GPU: compiled, never launched)",
         "- programs / SM: resident programs by registers, warps and blocks; tile KB / SM: source "
         "tile bytes those programs request at once (twice with prefetch) - a model, not a timing",
         "",
@@ -228,8 +255,18 @@ def main(argv: Sequence[str] | None = None) -> list[KernelInfo]:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--case", dest="cases", nargs="+", metavar="NAME|NAME=HxWxC*L+...->HxW")
+    parser.add_argument(
+        "--tiles",
+        metavar="T,W,P,BT,BW,R",
+        help="compile this tiling instead of the default: block_t, num_warps, prefetch (0/1), "
+        "backward_block_t, backward_warps, rows_per_sm",
+    )
     parser.add_argument("--out", type=Path, help="write the rows as JSON here and as markdown beside it")
     args = parser.parse_args(argv)
+    try:
+        tiles = None if args.tiles is None else parse_tiles(args.tiles)
+    except ValueError as error:
+        parser.error(str(error))
     if args.arch < 80:
         parser.error(f"--arch {args.arch}: the limits used here hold for sm_80 and newer; give 80 or more")
     cases = [CASES[spec] if spec in CASES else parse_case(spec) for spec in args.cases or list(CASES)]
@@ -237,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> list[KernelInfo]:
     rows: list[KernelInfo] = []
     for case in cases:
         for dtype_name in args.dtype:
-            rows += compile_case(case, dtype_name, args.arch)
+            rows += compile_case(case, dtype_name, args.arch, tiles)
             if args.out is not None:
                 atomic_write(args.out, json.dumps([asdict(r) for r in rows], indent=2) + "\n")
                 atomic_write(args.out.with_suffix(".md"), markdown(rows, args.arch, command))

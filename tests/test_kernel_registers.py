@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kernel_registers import programs_per_sm
+from benchmarks.kernel_registers import parse_tiles, programs_per_sm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,7 @@ def test_report_compiles_every_kernel_for_sm90_without_a_gpu(tmp_path):
     out = tmp_path / "registers.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "benchmarks.kernel_registers", "--case", "tiny=3x3x40*2+4x4x40*1->4x4"]
+    command += ["--tiles", "2,2,1,1,2,4"]
     subprocess.run(
         [*command, "--dtype", "bf16", "--out", str(out)], cwd=ROOT, env=env, check=True, timeout=300
     )
@@ -52,9 +53,30 @@ def test_report_compiles_every_kernel_for_sm90_without_a_gpu(tmp_path):
         assert 16 <= row["registers"] <= 255 and row["spill_bytes"] == 0
         assert row["programs_per_sm"] == programs_per_sm(row["registers"], row["num_warps"])
     forward = rows[0]
+    assert (forward["block_t"], forward["num_warps"], rows[2]["block_t"]) == (2, 2, 1)  # the --tiles
     tile_kb = forward["block_t"] * 40 * 2 / 1024  # tokens x channels x 2 bytes
     assert forward["tile_kb_in_flight_per_sm"] == pytest.approx(forward["programs_per_sm"] * tile_kb * 2)
     assert out.with_suffix(".md").read_text().startswith("# grid_fuse kernels compiled for sm_90")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("2,4,1,1,4", "must be six integers like 2,4,1,1,4,4"),
+        ("2,4,yes,1,4,4", "must be six integers"),
+        ("2,4,2,1,4,4", "the third 0 or 1"),
+        ("3,4,1,1,4,4", r"Tiles.block_t must be one of"),
+    ],
+)
+def test_bad_tiles_spec_is_rejected(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_tiles(spec)
+
+
+def test_tiles_spec_round_trip():
+    tiles = parse_tiles("4,8,0,2,8,2")
+    assert (tiles.block_t, tiles.num_warps, tiles.prefetch) == (4, 8, False)
+    assert (tiles.backward_block_t, tiles.backward_warps, tiles.rows_per_sm) == (2, 8, 2)
 
 
 def test_report_refuses_interpreted_kernels():
