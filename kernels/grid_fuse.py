@@ -44,10 +44,12 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -486,6 +488,33 @@ def _grid_fuse_backward_gather_kernel(
 
 # Triton decides at decoration time whether kernels are compiled or interpreted (TRITON_INTERPRET).
 _INTERPRETED = isinstance(_grid_fuse_forward_kernel, InterpretedFunction)
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = [*re.findall(r"\d+", text), "0", "0"][:2]
+    return int(major), int(minor)
+
+
+def interpreter_problem(interpreted: bool, triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run these kernels in this environment, or None: before
+    Triton 3.7 it converts one-element arrays to ints in a way numpy 2.4 rejects, so every kernel
+    with a loop over a run-time count fails with a bare TypeError."""
+    if interpreted and _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4):
+        return (
+            f"TRITON_INTERPRET=1 with triton {triton_version} and numpy {numpy_version}: Triton's "
+            "interpreter before 3.7 fails under numpy >= 2.4; install numpy<2.4 or triton>=3.7 "
+            "(compiled kernels on a GPU are not affected)"
+        )
+    return None
+
+
+_INTERPRETER_PROBLEM = interpreter_problem(_INTERPRETED, triton.__version__, np.__version__)
+
+
+def _check_interpreter() -> None:
+    """Raise, before a launch, instead of the interpreter's bare TypeError (see above)."""
+    if _INTERPRETER_PROBLEM is not None:
+        raise RuntimeError(f"grid_fuse (triton): {_INTERPRETER_PROBLEM}")
 # Tile shapes. A forward tile holds _FORWARD_TILE elements whatever the dtype: every value is fp32
 # once loaded, so a program's registers follow its element count, and how many bytes a
 # multiprocessor keeps in flight follows how many programs fit beside each other. Elements per
@@ -780,6 +809,7 @@ def _forward(
     save_stats: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One launch of the forward kernel on checked inputs; returns (mean, rstd) or (None, None)."""
+    _check_interpreter()
     first = sources[0]
     height, width = plan.out_hw
     rows = first.shape[0] * height * width
@@ -867,6 +897,7 @@ def grid_fuse_forward(
         ValueError: bad arguments (see :func:`kernels.reference.check_grid_fuse_inputs`), a dtype
             other than fp32/bf16/fp16, tensors on different devices, a CPU tensor without the
             Triton interpreter, a group wider than ``MAX_CHANNELS``, a malformed ``out`` or ``tiles``.
+        RuntimeError: the Triton interpreter cannot run here (:func:`interpreter_problem`).
     """
     widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
     _check_eps(eps)
@@ -906,6 +937,7 @@ def _backward(
 ) -> GridFuseGrads:
     """The backward launches on checked inputs: rows, then gather (resampled sources whose
     gradient is asked for) and parameter reduction (when ``need_params``)."""
+    _check_interpreter()
     first = sources[0]
     device = first.device
     height, width = plan.out_hw
@@ -1237,6 +1269,7 @@ def triton_grid_fuse(
 
     Raises:
         ValueError: before any launch, for every bad argument :func:`grid_fuse_forward` rejects.
+        RuntimeError: the Triton interpreter cannot run here (:func:`interpreter_problem`).
     """
     plan = _planned(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, tiles)
     _check_eps(eps)

@@ -633,6 +633,29 @@ def test_no_autograd_node_when_no_gradient_is_wanted():
     assert call(triton_grid_fuse, inputs, case, "area").grad_fn is not None
 
 
+@pytest.mark.parametrize(
+    ("interpreted", "triton_version", "numpy_version", "broken"),
+    [
+        (True, "3.6.0", "2.4.6", True),
+        (True, "3.6.0", "2.3.5", False),
+        (True, "3.7.0", "2.4.0", False),
+        (True, "3.10.1+git1234", "2.5.0", False),
+        (False, "3.6.0", "2.4.6", False),  # compiled kernels are not affected
+    ],
+)
+def test_interpreter_problem_is_named(interpreted, triton_version, numpy_version, broken):
+    problem = gf.interpreter_problem(interpreted, triton_version, numpy_version)
+    assert (problem is not None) == broken
+    if broken:
+        assert "install numpy<2.4 or triton>=3.7" in problem
+
+
+def test_broken_interpreter_is_reported_before_any_launch(monkeypatch):
+    monkeypatch.setattr(gf, "_INTERPRETER_PROBLEM", "the reason")
+    with pytest.raises(RuntimeError, match="grid_fuse \\(triton\\): the reason"):
+        small_call(triton_grid_fuse)
+
+
 def test_bad_buffers_are_rejected():
     x = [grid(1, 2, 2, 3)]
     with pytest.raises(ValueError, match=re.escape("grid_fuse out must have shape (1, 6, 3), got (1, 6, 4)")):
