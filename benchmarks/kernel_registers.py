@@ -95,23 +95,31 @@ class _CompileOnlyDriver:
         return None
 
 
-def _ptxas(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers per thread, spill store + load bytes) from Triton's bundled ptxas."""
-    import triton
+def _ptxas_path(arch: int) -> str:
+    """The ptxas Triton itself uses for ``sm_<arch>`` (the one matching the PTX version it emits)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return get_ptxas(arch).path
+
+
+def _ptxas(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill store + load bytes) from Triton's ptxas.
+
+    Raises:
+        RuntimeError: ptxas rejected the PTX or reported no register count (its output attached).
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
         source.write(ptx)
         source.flush()
         result = subprocess.run(
-            [str(ptxas), f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", source.name,
-             "-o", os.devnull],
-            capture_output=True, text=True, check=True,
+            [_ptxas_path(arch), f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v",
+             source.name, "-o", os.devnull],
+            capture_output=True, text=True, check=False,
         )  # fmt: skip
     registers = re.search(r"Used (\d+) registers", result.stderr)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
-    if registers is None:
-        raise RuntimeError(f"ptxas -v reported no register count:\n{result.stderr}")
+    if result.returncode != 0 or registers is None:
+        raise RuntimeError(f"ptxas -v failed (exit {result.returncode}):\n{result.stderr}")
     return int(registers.group(1)), sum(map(int, spills.groups())) if spills else 0
 
 
@@ -216,12 +224,11 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> lis
     return rows
 
 
-def toolchain() -> str:
-    """Triton's version and the release line of its bundled ptxas."""
+def toolchain(arch: int) -> str:
+    """Triton's version and the release line of the ptxas it uses for ``sm_<arch>``."""
     import triton
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    release = subprocess.run([str(ptxas), "--version"], capture_output=True, text=True, check=True)
+    release = subprocess.run([_ptxas_path(arch), "--version"], capture_output=True, text=True, check=True)
     return f"triton {triton.__version__}, ptxas {release.stdout.strip().splitlines()[-1]}"
 
 
@@ -230,7 +237,7 @@ def markdown(rows: Sequence[KernelInfo], arch: int, command: str) -> str:
         f"# grid_fuse kernels compiled for sm_{arch}",
         "",
         f"- command: `{command}`",
-        f"- toolchain: {toolchain()} (no GPU: compiled, never launched)",
+        f"- toolchain: {toolchain(arch)} (no GPU: compiled, never launched)",
         "- programs / SM: resident programs by registers, warps and blocks; tile KB / SM: source "
         "tile bytes those programs request at once (twice with prefetch) - a model, not a timing",
         "",

@@ -85,3 +85,10 @@ def test_report_refuses_interpreted_kernels():
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET is set"):
         compile_case(CASES["clip-B16+dinov2-B14"], "bf16", 90)
+
+
+def test_ptxas_rejection_is_reported_with_its_output():
+    from benchmarks.kernel_registers import _ptxas
+
+    with pytest.raises(RuntimeError, match=r"ptxas -v failed \(exit [1-9]\d*\):\n.*"):
+        _ptxas("this is not PTX", 90)
