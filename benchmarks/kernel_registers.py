@@ -233,6 +233,7 @@ def toolchain(arch: int) -> str:
 
 
 def markdown(rows: Sequence[KernelInfo], arch: int, command: str) -> str:
+    """The rows as a markdown table under a header naming the command and the toolchain."""
     lines = [
         f"# grid_fuse kernels compiled for sm_{arch}",
         "",
@@ -256,6 +257,7 @@ def markdown(rows: Sequence[KernelInfo], arch: int, command: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[KernelInfo]:
+    """Compile the cases from command-line arguments; print the table; return the rows."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.kernel_registers", description=__doc__.split("\n")[0]
     )

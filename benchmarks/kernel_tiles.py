@@ -167,6 +167,7 @@ def markdown(report: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The sweep's command line; exits with a message for a bad batch or a missing GPU."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.kernel_tiles", description=__doc__.split("\n")[0]
     )
