@@ -5,24 +5,35 @@
 #   2. the tiling sweep (default tiling against its neighbours, ratios from one run),
 #   3. the benchmark against eager PyTorch and torch.compile.
 # Usage: benchmarks/gpu_kernels.sh OUT_DIR   (limits in seconds: TESTS_S, TILES_S, BENCH_S)
-# Every step writes into OUT_DIR as it goes; a step cut short keeps what it finished.
+# Every step writes into OUT_DIR as it goes (7 files: gpu.txt, tests.txt, log.txt, tiles.json/.md,
+# kernels.json/.md); a step cut short keeps what it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: benchmarks/gpu_kernels.sh OUT_DIR}"
 mkdir -p "$out"
-export TRITON_INTERPRET=0
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" || true
+export TRITON_INTERPRET="${TRITON_INTERPRET:-0}"  # 1 only to try the script on a CPU
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$out/gpu.txt" 2>/dev/null || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt"
 
-timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_grid_fuse_kernel.py \
-    > "$out/tests.txt" 2>&1
-echo "tests exit $?" >> "$out/gpu.txt"
+# The tests compile a few hundred kernel variants; 8 pytest processes share the work (and the
+# Triton cache), each on every 8th test.
+ids="$out/test_ids.txt"
+python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_grid_fuse_kernel.py | grep '::' > "$ids"
+for shard in 0 1 2 3 4 5 6 7; do
+    awk -v s="$shard" 'NR % 8 == s' "$ids" > "$out/tests_$shard.ids"
+    timeout "${TESTS_S:-240}" xargs -d '\n' -a "$out/tests_$shard.ids" \
+        python3 -m pytest -q -p no:cacheprovider > "$out/tests_$shard.log" 2>&1 &
+done
+wait
+cat "$out"/tests_*.log > "$out/tests.txt"
+rm -f "$out"/tests_*.log "$out"/tests_*.ids "$ids"
+echo "tests: $(grep -hE '^[0-9]+ (passed|failed)|(passed|failed|error)' "$out/tests.txt" | tail -n 8 | tr '\n' ' ')" >> "$out/gpu.txt"
 
 timeout "${TILES_S:-150}" python3 -m benchmarks.kernel_tiles --batch 128 32 \
-    --case clip-L14-336+dinov2-L14 clip-B16+dinov2-B14 --out "$out/tiles.json" > "$out/tiles.txt" 2>&1
+    --case clip-L14-336+dinov2-L14 clip-B16+dinov2-B14 --out "$out/tiles.json" > /dev/null 2>> "$out/log.txt"
 echo "tiles exit $?" >> "$out/gpu.txt"
 
 timeout "${BENCH_S:-180}" python3 -m benchmarks.kernels --batch 128 32 8 1 --out "$out/kernels.json" \
-    > "$out/kernels.txt" 2>&1
+    > /dev/null 2>> "$out/log.txt"
 echo "kernels exit $?" >> "$out/gpu.txt"
 cat "$out/gpu.txt"
