@@ -39,6 +39,7 @@ from benchmarks.report import atomic_write
 REGISTERS_PER_SM = 65536
 WARPS_PER_SM = 64
 BLOCKS_PER_SM = 32
+SM_COUNT = 132  # H100 SXM: sizes the backward grids the way the host code does on that GPU
 KERNELS = (
     "_grid_fuse_forward_kernel",
     "_grid_fuse_backward_rows_kernel",
@@ -167,8 +168,9 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> lis
         return run
 
     driver.set_active(_CompileOnlyDriver(arch))
-    previous = gf._INTERPRETED
+    previous = gf._INTERPRETED, gf._sm_count
     gf._INTERPRETED = True  # let CPU tensors through the host checks: nothing is launched
+    gf._sm_count = lambda device: SM_COUNT  # grids (and the reduction's rows a step) as on an H100
     try:
         for name in KERNELS:
             getattr(gf, name).run = compile_only(name)
@@ -190,7 +192,7 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> lis
     finally:
         for name in KERNELS:
             del getattr(gf, name).run  # back to the class's method
-        gf._INTERPRETED = previous
+        gf._INTERPRETED, gf._sm_count = previous
     tiles = tiles or gf.default_tiles(max(encoder.channels for encoder in case.encoders))
     rows = []
     for (name, kwargs, kernel), variant in zip(compiled, variants):

@@ -786,16 +786,24 @@ def _check_buffer(name: str, tensor: torch.Tensor, shape: tuple[int, ...], like:
 _SM_COUNTS: dict[int, int] = {}
 
 
+def _sm_count(device: torch.device) -> int | None:
+    """Multiprocessors of a CUDA device (cached); None for the CPU interpreter."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
 def _row_programs(tiles: int, per_sm: int, device: torch.device) -> int:
     """Programs of the backward rows kernel: ``per_sm`` per multiprocessor, each walking at least
     _MIN_TILES_PER_PROGRAM of the ``tiles`` (on the CPU interpreter: up to 4, so that runs of
     several tiles and several partial rows are exercised)."""
-    if device.type != "cuda":
+    sm_count = _sm_count(device)
+    if sm_count is None:
         return max(1, min(tiles, 4))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return max(1, min(triton.cdiv(tiles, _MIN_TILES_PER_PROGRAM), per_sm * _SM_COUNTS[index]))
+    return max(1, min(triton.cdiv(tiles, _MIN_TILES_PER_PROGRAM), per_sm * sm_count))
 
 
 def _forward(
@@ -1024,7 +1032,9 @@ def _backward(
                 p = None if params is None else params[i]
                 out[i] = None if p is None else _new_buffer(p.shape, p.dtype, device)
             d_ln.append(tuple(first if out[i] is None else out[i] for i in plan.source_of))
-        block_r = max(1, min(triton.next_power_of_2(programs), 4096 // plan.block_c))
+        # 8192 elements a step: as many partial rows per step as before the rows kernel doubled its
+        # programs per SM (the reduction walks them one step after another)
+        block_r = max(1, min(triton.next_power_of_2(programs), 8192 // plan.block_c))
         _grid_fuse_param_grads_kernel[(count,)](
             partial_p,
             partial_q,
