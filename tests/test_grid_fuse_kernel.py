@@ -245,6 +245,19 @@ def test_every_tiling_matches_reference(tiles, mode):
     check_against_reference(TILING_CASE, mode, torch.float32, tiles=tiles)
 
 
+@pytest.mark.parametrize("programs", ["one per tile", "as on a 2-SM GPU"])
+def test_parameter_reduction_over_many_partial_rows(monkeypatch, programs):
+    """More backward row programs than the reduction takes rows a step (4 at 1536 channels), with
+    a ragged last step; and the GPU's grid rule (at least 8 tiles a program, 4 programs an SM)."""
+    if programs == "one per tile":
+        monkeypatch.setattr(gf, "_row_programs", lambda tiles, per_sm, device: tiles)
+    else:
+        monkeypatch.setattr(gf, "_sm_count", lambda device: 2)
+    case = Case(((2, 3, 1536), (3, 3, 1536)), (0, 0), (3, 3), affine="some")
+    tiles = Tiles(block_t=1, num_warps=4, prefetch=True, backward_block_t=1, backward_warps=4, rows_per_sm=4)
+    check_against_reference(case, "bilinear", torch.float32, tiles=tiles)
+
+
 def test_default_tiles_hold_a_fixed_tile_whatever_the_dtype():
     """2048 elements per forward tile (16 per thread), half the tokens in the backward (8 per
     thread, at most 8 warps); prefetching up to 4096 channels, where it no longer spills."""
