@@ -45,6 +45,7 @@ import itertools
 import math
 import numbers
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -515,6 +516,8 @@ def _check_interpreter() -> None:
     """Raise, before a launch, instead of the interpreter's bare TypeError (see above)."""
     if _INTERPRETER_PROBLEM is not None:
         raise RuntimeError(f"grid_fuse (triton): {_INTERPRETER_PROBLEM}")
+
+
 # Tile shapes. A forward tile holds _FORWARD_TILE elements whatever the dtype: every value is fp32
 # once loaded, so a program's registers follow its element count, and how many bytes a
 # multiprocessor keeps in flight follows how many programs fit beside each other. Elements per
@@ -1188,7 +1191,7 @@ class GridFuseFunction(torch.autograd.Function):
 # Plans of recent triton_grid_fuse calls by call signature. A repeated call (one model, fixed
 # shapes: the common case) skips the input checks and the plan, which cost more host time than the
 # launch itself at small batch.
-_PLAN_CACHE: dict[tuple, _Plan] = {}
+_PLAN_CACHE: OrderedDict[tuple, _Plan] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
 
 
@@ -1251,9 +1254,9 @@ def _planned(
         widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
         plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, _checked_tiles(tiles))
         if key is not None:
-            if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
-                del _PLAN_CACHE[next(iter(_PLAN_CACHE))]  # the oldest entry
             _PLAN_CACHE[key] = plan
+            while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+                _PLAN_CACHE.popitem(last=False)  # the oldest entry (one C call: safe across threads)
     return plan
 
 

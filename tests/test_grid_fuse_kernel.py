@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import pytest
@@ -607,7 +608,7 @@ def test_repeated_call_skips_the_checks_but_not_a_changed_argument(monkeypatch):
     checks = []
     check = gf._check_kernel_inputs
     monkeypatch.setattr(gf, "_check_kernel_inputs", lambda *a: checks.append(1) or check(*a))
-    monkeypatch.setattr(gf, "_PLAN_CACHE", {})
+    monkeypatch.setattr(gf, "_PLAN_CACHE", OrderedDict())
     case = Case(((2, 3, 5), (3, 3, 5)), (0, 0), (3, 3), batch=1)
     check_against_reference(case, "bilinear", torch.float32)
     assert len(checks) == 1
@@ -625,7 +626,7 @@ def test_repeated_call_skips_the_checks_but_not_a_changed_argument(monkeypatch):
 
 
 def test_plan_cache_stays_bounded(monkeypatch):
-    monkeypatch.setattr(gf, "_PLAN_CACHE", {})
+    monkeypatch.setattr(gf, "_PLAN_CACHE", OrderedDict())
     for width in range(1, gf._PLAN_CACHE_SIZE + 6):
         small_call(triton_grid_fuse, sources=[grid(1, 1, 1, width)])
     assert len(gf._PLAN_CACHE) == gf._PLAN_CACHE_SIZE
