@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import re
 import subprocess
@@ -28,12 +27,10 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from benchmarks.kernels import CASES, DTYPES, BenchCase, parse_case
-from benchmarks.report import atomic_write
+from benchmarks.kernels import DTYPES, BenchCase, add_shape_arguments, parsed_shapes, save_report
 
 # Per multiprocessor, sm_80 to sm_90: 64K 32-bit registers, 64 resident warps, 32 resident blocks.
 REGISTERS_PER_SM = 65536
@@ -264,15 +261,13 @@ def main(argv: Sequence[str] | None = None) -> list[KernelInfo]:
         prog="python -m benchmarks.kernel_registers", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
-    parser.add_argument("--case", dest="cases", nargs="+", metavar="NAME|NAME=HxWxC*L+...->HxW")
+    add_shape_arguments(parser, batches=None, passes=False)
     parser.add_argument(
         "--tiles",
         metavar="T,W,P,BT,BW,R",
         help="compile this tiling instead of the default: block_t, num_warps, prefetch (0/1), "
         "backward_block_t, backward_warps, rows_per_sm",
     )
-    parser.add_argument("--out", type=Path, help="write the rows as JSON here and as markdown beside it")
     args = parser.parse_args(argv)
     try:
         tiles = None if args.tiles is None else parse_tiles(args.tiles)
@@ -280,15 +275,13 @@ def main(argv: Sequence[str] | None = None) -> list[KernelInfo]:
         parser.error(str(error))
     if args.arch < 80:
         parser.error(f"--arch {args.arch}: the limits used here hold for sm_80 and newer; give 80 or more")
-    cases = [CASES[spec] if spec in CASES else parse_case(spec) for spec in args.cases or list(CASES)]
+    cases = parsed_shapes(parser, args)
     command = "python -m benchmarks.kernel_registers " + " ".join(argv if argv is not None else sys.argv[1:])
     rows: list[KernelInfo] = []
     for case in cases:
         for dtype_name in args.dtype:
             rows += compile_case(case, dtype_name, args.arch, tiles)
-            if args.out is not None:
-                atomic_write(args.out, json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-                atomic_write(args.out.with_suffix(".md"), markdown(rows, args.arch, command))
+            save_report(args.out, [asdict(r) for r in rows], markdown(rows, args.arch, command))
     print(markdown(rows, args.arch, command))
     return rows
 

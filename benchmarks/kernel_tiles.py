@@ -29,28 +29,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 
 import torch
 
 from benchmarks.kernels import (
-    CASES,
     DTYPES,
-    PASSES,
+    add_shape_arguments,
     bytes_moved,
     copy_bandwidth_gbps,
     device_name,
     make_problem,
     make_step,
     median_ms,
-    parse_case,
+    parsed_shapes,
+    save_report,
 )
-from benchmarks.report import atomic_write
 from kernels import reference
 
 # Fields varied per pass (prefetch applies to both kernels, so it is varied in both).
@@ -166,47 +163,37 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The sweep's command line; exits with a message for a bad batch or a missing GPU."""
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list]:
+    """The sweep's command line and the cases it names; exits with a message for a bad batch or
+    case, or a missing GPU."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.kernel_tiles", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--batch", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
-    parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES))
-    parser.add_argument(
-        "--case",
-        dest="cases",
-        nargs="+",
-        metavar="NAME|NAME=HxWxC*L+...->HxW",
-        help=f"built-in cases ({', '.join(CASES)}) or a custom spec; default: all built-in cases",
-    )
+    add_shape_arguments(parser, batches=[32, 128])
     parser.add_argument("--device", default=None, help="cuda, or cpu with TRITON_INTERPRET=1 (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a plumbing check on the CPU)")
-    parser.add_argument("--out", type=Path, help="write the report as JSON here and as markdown beside it")
     args = parser.parse_args(argv)
-    if any(b <= 0 for b in args.batch):
-        parser.error(f"--batch sizes must be positive, got {args.batch}")
+    cases = parsed_shapes(parser, args)
     if (args.device or "cuda").startswith("cuda") and not torch.cuda.is_available():
         parser.error(
             "no CUDA device: the sweep times the Triton kernels on a GPU "
             "(--device cpu with TRITON_INTERPRET=1 only checks the plumbing)"
         )
-    return args
+    return args, cases
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the sweep from command-line arguments; print the table; return the report."""
-    args = parse_args(argv)
-    cases = [CASES[spec] if spec in CASES else parse_case(spec) for spec in args.cases or list(CASES)]
-    device = torch.device(args.device or "cuda")
-
-    def save(report: dict) -> None:
-        if args.out is not None:
-            atomic_write(args.out, json.dumps(report, indent=2) + "\n")
-            atomic_write(args.out.with_suffix(".md"), markdown(report))
-
-    report = run(cases, args.batch, args.dtype, args.passes, device, quick=args.quick, on_progress=save)
+    args, cases = parse_args(argv)
+    report = run(
+        cases,
+        args.batch,
+        args.dtype,
+        args.passes,
+        torch.device(args.device or "cuda"),
+        quick=args.quick,
+        on_progress=lambda report: save_report(args.out, report, markdown(report)),
+    )
     print(markdown(report))
     return report
 

@@ -368,11 +368,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
+def add_shape_arguments(
+    parser: argparse.ArgumentParser, *, batches: Sequence[int] | None, passes: bool = True
+) -> None:
+    """The arguments the kernel tools share: ``--batch`` (when ``batches`` gives its default),
+    ``--dtype``, ``--pass`` (when ``passes``), ``--case`` and ``--out``."""
+    if batches is not None:
+        parser.add_argument("--batch", type=int, nargs="+", default=list(batches))
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
-    parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES))
+    if passes:
+        parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES))
     parser.add_argument(
         "--case",
         dest="cases",
@@ -380,6 +385,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME|NAME=HxWxC*L+...->HxW",
         help=f"built-in cases ({', '.join(CASES)}) or a custom spec; default: all built-in cases",
     )
+    parser.add_argument("--out", type=Path, help="write the report as JSON here and as markdown beside it")
+
+
+def parsed_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[BenchCase]:
+    """The cases ``--case`` names (all built-in ones by default); exits through ``parser`` on a
+    non-positive ``--batch`` or a malformed case spec."""
+    if any(b <= 0 for b in getattr(args, "batch", [1])):
+        parser.error(f"--batch sizes must be positive, got {args.batch}")
+    try:
+        return [CASES[spec] if spec in CASES else parse_case(spec) for spec in args.cases or list(CASES)]
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def save_report(out: Path | None, data: object, table: str) -> None:
+    """Write ``data`` as JSON to ``out`` and ``table`` beside it as ``.md``, each atomically."""
+    if out is not None:
+        atomic_write(out, json.dumps(data, indent=2) + "\n")
+        atomic_write(out.with_suffix(".md"), table)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[BenchCase]]:
+    """The benchmark's command line and the cases it names."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
+    add_shape_arguments(parser, batches=[1, 8, 32, 128])
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
         "--quick",
@@ -391,30 +421,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="inductor",
         help="torch.compile backend of the compiled reference (default inductor; 'eager' for smoke runs)",
     )
-    parser.add_argument("--out", type=Path, help="write the report as JSON here and as markdown beside it")
     args = parser.parse_args(argv)
-    if any(b <= 0 for b in args.batch):
-        parser.error(f"--batch sizes must be positive, got {args.batch}")
-    return args
+    return args, parsed_shapes(parser, args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark from command-line arguments; print the table; return the report."""
-    args = parse_args(argv)
-    cases = []
-    for spec in args.cases or list(CASES):
-        cases.append(CASES[spec] if spec in CASES else parse_case(spec))
+    args, cases = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batches, dtypes = args.batch, args.dtype
     if args.quick:
         batches, dtypes = [min(batches)], dtypes[:1]
     if device.type != "cuda":
         print("no GPU found: timing the eager reference and torch.compile(reference) on the CPU only")
-
-    def save(report: dict) -> None:
-        if args.out is not None:
-            atomic_write(args.out, json.dumps(report, indent=2) + "\n")
-            atomic_write(args.out.with_suffix(".md"), markdown(report))
 
     report = run(
         cases,
@@ -424,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         device,
         quick=args.quick,
         compile_backend=args.compile_backend,
-        on_progress=save,
+        on_progress=lambda report: save_report(args.out, report, markdown(report)),
     )
     print(markdown(report))
     return report

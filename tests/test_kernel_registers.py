@@ -81,7 +81,8 @@ def test_tiles_spec_round_trip():
 
 def test_report_refuses_interpreted_kernels():
     """In this process TRITON_INTERPRET=1 (conftest): compiling must be refused with the reason."""
-    from benchmarks.kernel_registers import CASES, compile_case
+    from benchmarks.kernel_registers import compile_case
+    from benchmarks.kernels import CASES
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET is set"):
         compile_case(CASES["clip-B16+dinov2-B14"], "bf16", 90)
