@@ -240,6 +240,24 @@ TILING_CASE = Case(
 )
 
 
+tilings = st.builds(
+    Tiles,
+    block_t=st.sampled_from([1, 2, 4, 8]),
+    num_warps=st.sampled_from([1, 2, 4]),
+    prefetch=st.booleans(),
+    backward_block_t=st.sampled_from([1, 2, 4, 8]),
+    backward_warps=st.sampled_from([1, 2, 4]),
+    rows_per_sm=st.integers(1, 8),
+)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_cases(), tilings)
+def test_hypothesis_tilings_match_reference(drawn, tiles):
+    case, mode = drawn
+    check_against_reference(case, mode, torch.float32, tiles=tiles)
+
+
 @pytest.mark.parametrize("tiles", TILINGS, ids=lambda t: f"T{t.block_t}w{t.num_warps}p{int(t.prefetch)}")
 @pytest.mark.parametrize("mode", MODES)
 def test_every_tiling_matches_reference(tiles, mode):
