@@ -19,13 +19,14 @@ Run it with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -144,41 +145,64 @@ def parse_tiles(spec: str):
     return Tiles(t, w, bool(prefetch), bt, bw, per_sm)
 
 
-def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> list[KernelInfo]:
-    """Compile every kernel a forward and backward of ``case`` launches with ``tiles``
-    (:func:`kernels.grid_fuse.default_tiles` if None); one row per variant."""
+@contextlib.contextmanager
+def compile_only(arch: int = 90) -> Iterator[list[tuple[str, dict, object]]]:
+    """Inside: every grid_fuse kernel launch compiles (once) for ``sm_<arch>`` and returns without
+    launching, CPU tensors pass the host checks, and the backward grids are sized for an H100.
+    Yields the list of ``(kernel name, launch keyword arguments, compiled kernel)`` of each launch.
+
+    Raises:
+        RuntimeError: the kernels are interpreted (``TRITON_INTERPRET`` was set at import).
+    """
     gf = importlib.import_module("kernels.grid_fuse")
     if gf._INTERPRETED:
         raise RuntimeError("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
     from triton.runtime import driver
 
-    dtype = DTYPES[dtype_name]
-    compiled: list[tuple[str, dict, object]] = []
+    launches: list[tuple[str, dict, object]] = []
     originals = {name: getattr(gf, name).run for name in KERNELS}
 
-    def compile_only(name):
+    def stub(name):
         def run(*args, grid, warmup, **kwargs):
             kernel = originals[name](*args, grid=grid, warmup=True, **kwargs)
-            compiled.append((name, kwargs, kernel))
+            launches.append((name, kwargs, kernel))
             return kernel
 
         return run
 
-    driver.set_active(_CompileOnlyDriver(arch))
+    driver.set_active(_CompileOnlyDriver(arch))  # stays: without a GPU there is no driver to restore
     previous = gf._INTERPRETED, gf._sm_count
     gf._INTERPRETED = True  # let CPU tensors through the host checks: nothing is launched
     gf._sm_count = lambda device: SM_COUNT  # grids (and the reduction's rows a step) as on an H100
     try:
         for name in KERNELS:
-            getattr(gf, name).run = compile_only(name)
-        sources, groups = [], []
-        for group, encoder in enumerate(case.encoders):
-            for _ in range(encoder.layers):
-                sources.append(torch.randn(1, encoder.height, encoder.width, encoder.channels, dtype=dtype))
-                groups.append(group)
-        params = [torch.ones(x.shape[-1], dtype=dtype) for x in sources]
-        weights = torch.ones(len(sources), dtype=dtype)
-        args = (sources, case.out_hw, groups, weights, params, params, "bilinear")
+            getattr(gf, name).run = stub(name)
+        yield launches
+    finally:
+        for name in KERNELS:
+            del getattr(gf, name).run  # back to the class's method
+        gf._INTERPRETED, gf._sm_count = previous
+
+
+def case_inputs(case: BenchCase, dtype: torch.dtype, batch: int = 1) -> tuple:
+    """CPU ``(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)`` of ``case``:
+    random sources, unit LayerNorm weights and layer weights, bilinear alignment."""
+    sources, groups = [], []
+    for group, encoder in enumerate(case.encoders):
+        for _ in range(encoder.layers):
+            sources.append(torch.randn(batch, encoder.height, encoder.width, encoder.channels, dtype=dtype))
+            groups.append(group)
+    params = [torch.ones(x.shape[-1], dtype=dtype) for x in sources]
+    return sources, case.out_hw, groups, torch.ones(len(sources), dtype=dtype), params, params, "bilinear"
+
+
+def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> list[KernelInfo]:
+    """Compile every kernel a forward and backward of ``case`` launches with ``tiles``
+    (:func:`kernels.grid_fuse.default_tiles` if None); one row per variant."""
+    gf = importlib.import_module("kernels.grid_fuse")
+    dtype = DTYPES[dtype_name]
+    with compile_only(arch) as compiled:
+        args = case_inputs(case, dtype)
         variants = []
         gf.grid_fuse_forward(*args, tiles=tiles)
         variants.append("inference")
@@ -186,10 +210,6 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> lis
         variants.append("training")
         gf.grid_fuse_backward(torch.ones_like(out), *args, mean, rstd, tiles=tiles)
         variants += ["training"] * (len(compiled) - len(variants))
-    finally:
-        for name in KERNELS:
-            del getattr(gf, name).run  # back to the class's method
-        gf._INTERPRETED, gf._sm_count = previous
     tiles = tiles or gf.default_tiles(max(encoder.channels for encoder in case.encoders))
     rows = []
     for (name, kwargs, kernel), variant in zip(compiled, variants):

@@ -93,3 +93,25 @@ def test_ptxas_rejection_is_reported_with_its_output():
 
     with pytest.raises(RuntimeError, match=r"ptxas -v failed \(exit [1-9]\d*\):\n.*"):
         _ptxas("this is not PTX", 90)
+
+
+def test_host_time_report_times_every_way_of_calling(tmp_path):
+    """benchmarks.kernel_host (launches stubbed, in a process without TRITON_INTERPRET): one row per
+    way of calling, positive medians, ratios over the inference row of the same case."""
+    out = tmp_path / "host.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "benchmarks.kernel_host", "--case", "tiny=3x3x40*2+4x4x40*1->4x4"]
+    subprocess.run(
+        [*command, "--dtype", "fp32", "--calls", "3", "--out", str(out)], cwd=ROOT, env=env, check=True
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["way"] for row in rows] == [
+        "inference",
+        "inference, plan rebuilt",
+        "autograd forward",
+        "forward + backward",
+    ]
+    assert all(row["median_us"] > 0 for row in rows)
+    for row in rows:
+        assert row["vs_inference"] == pytest.approx(row["median_us"] / rows[0]["median_us"])
+    assert out.with_suffix(".md").read_text().startswith("# grid_fuse host time per call")
