@@ -23,7 +23,16 @@ import benchmarks.config  # noqa: F401  (registers the structured config schema)
 from benchmarks.config import config_hash
 from benchmarks.report import ERROR_FILE, aggregate, load_report, write_json
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+def conf_dir() -> str:
+    """The Hydra config folder: the copy a wheel ships beside this file (``benchmarks/conf``), else
+    ``conf/`` of the checkout (a source tree or an editable install)."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "conf"
+    return str(shipped if shipped.is_dir() else here.parent / "conf")
+
+
+CONF_DIR = conf_dir()
 
 
 def finished_report(out_dir: Path, cfg: DictConfig) -> Path | None:
