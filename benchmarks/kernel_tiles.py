@@ -17,6 +17,8 @@ a time, on the shapes of :mod:`benchmarks.kernels`:
 Each row gives the median time (``triton.testing.do_bench``), the achieved GB/s and its share of the
 copy bandwidth measured in the same run, the ratio ``default ms / candidate ms`` (above 1: the
 candidate is faster) and the largest difference of its forward output from the eager reference.
+A candidate that fails (a tiling past the GPU's resources, say) gets a row saying why, and the
+sweep goes on.
 It needs a GPU to mean anything; on the CPU (with ``TRITON_INTERPRET=1``) it only checks the
 plumbing.
 
@@ -111,21 +113,33 @@ def run(
                     timed = []
                     for label, tiles in candidate_tilings(default, pass_name):
                         fn = partial(triton_grid_fuse, tiles=tiles)
-                        with torch.no_grad():
-                            error = (problem.call(fn).float() - expected).abs().max().item()
-                        ms = median_ms(make_step(fn, problem, pass_name, grad_out), device, quick)
+                        try:
+                            with torch.no_grad():
+                                error = (problem.call(fn).float() - expected).abs().max().item()
+                            ms = median_ms(make_step(fn, problem, pass_name, grad_out), device, quick)
+                        except Exception as failure:  # e.g. a tiling past the GPU's resources
+                            if label == "default":
+                                raise
+                            timed.append((label, tiles, None, f"{type(failure).__name__}: {failure}"))
+                            continue
                         timed.append((label, tiles, ms, error))
                     default_ms = timed[0][2]
                     for label, tiles, ms, error in timed:
+                        row = {
+                            "case": case.name,
+                            "batch": batch,
+                            "dtype": dtype_name,
+                            "pass": pass_name,
+                            "tiling": label,
+                            "tiles": dataclasses.asdict(tiles),
+                        }
+                        if ms is None:  # the candidate failed: keep why, go on with the others
+                            rows.append({**row, "failed": error})
+                            continue
                         gbps = moved / (ms * 1e6)
                         rows.append(
                             {
-                                "case": case.name,
-                                "batch": batch,
-                                "dtype": dtype_name,
-                                "pass": pass_name,
-                                "tiling": label,
-                                "tiles": dataclasses.asdict(tiles),
+                                **row,
                                 "median_ms": ms,
                                 "bytes": moved,
                                 "gbps": gbps,
@@ -155,9 +169,12 @@ def markdown(report: dict) -> str:
         "|---|---:|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
+        head = f"| {r['case']} | {r['batch']} | {r['dtype']} | {r['pass']} | {r['tiling']} | "
+        if "failed" in r:
+            lines.append(head + f"failed: {r['failed'][:80]} | | | | |")
+            continue
         lines.append(
-            f"| {r['case']} | {r['batch']} | {r['dtype']} | {r['pass']} | {r['tiling']} | "
-            f"{r['median_ms']:.3f} | {r['gbps']:.1f} | {100 * r['copy_share']:.1f} | "
+            head + f"{r['median_ms']:.3f} | {r['gbps']:.1f} | {100 * r['copy_share']:.1f} | "
             f"{r['speedup_vs_default']:.2f} | {r['max_abs_err_vs_eager']:.2e} |"
         )
     return "\n".join(lines) + "\n"

@@ -756,6 +756,29 @@ def test_tiling_sweep_varies_one_field_at_a_time(tmp_path):
     assert out.with_suffix(".md").read_text().startswith("# grid_fuse tiling sweep")
 
 
+def test_tiling_sweep_keeps_going_past_a_failing_candidate(tmp_path, monkeypatch):
+    """A candidate that raises gets a row saying why; the others are still timed."""
+    from benchmarks import kernel_tiles
+
+    launch = gf.triton_grid_fuse
+
+    def flaky(*args, tiles=None, **kwargs):
+        if tiles is not None and tiles.num_warps == 2:  # the default has 1 warp here
+            raise RuntimeError("out of resources")
+        return launch(*args, tiles=tiles, **kwargs)
+
+    monkeypatch.setattr(gf, "triton_grid_fuse", flaky)
+    out = tmp_path / "tiles.json"
+    argv = ["--device", DEVICE, "--quick", "--case", "tiny=2x2x8*2->2x2", "--batch", "1", "--dtype", "fp32"]
+    kernel_tiles.main([*argv, "--pass", "fwd", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    failed = [row for row in rows if "failed" in row]
+    assert [row["tiling"] for row in failed] == ["num_warps=2"]
+    assert failed[0]["failed"] == "RuntimeError: out of resources"
+    assert len(rows) - len(failed) >= 3 and all("median_ms" in row for row in rows if "failed" not in row)
+    assert "failed: RuntimeError: out of resources" in out.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize("spec", ["tiny", "tiny=2x2x8->2x2", "tiny=2x2x8*2->0x2", "=2x2x8*1->2x2"])
 def test_benchmark_rejects_malformed_case_specs(spec):
     from benchmarks.kernels import parse_case
