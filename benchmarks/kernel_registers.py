@@ -210,7 +210,8 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> lis
         variants.append("training")
         gf.grid_fuse_backward(torch.ones_like(out), *args, mean, rstd, tiles=tiles)
         variants += ["training"] * (len(compiled) - len(variants))
-    tiles = tiles or gf.default_tiles(max(encoder.channels for encoder in case.encoders))
+    channels = max(encoder.channels for encoder in case.encoders)
+    tiles = tiles or gf.default_tiles(channels)
     rows = []
     for (name, kwargs, kernel), variant in zip(compiled, variants):
         registers, spills = _ptxas(kernel.asm["ptx"], arch)
@@ -220,10 +221,10 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> lis
         prefetch = kwargs.get("PREFETCH")
         in_flight = None
         if block_t is not None:
-            tile_bytes = block_t * min(block_c, max(e.channels for e in case.encoders)) * dtype.itemsize
-            in_flight = fit * tile_bytes * (2 if prefetch else 1) / 1024
-            if "rows" in name:  # at most rows_per_sm programs share a multiprocessor
-                in_flight = min(fit, tiles.rows_per_sm) * tile_bytes * (2 if prefetch else 1) / 1024
+            # the backward grid holds at most rows_per_sm programs a multiprocessor
+            resident = min(fit, tiles.rows_per_sm) if "rows" in name else fit
+            tile_bytes = block_t * min(block_c, channels) * dtype.itemsize
+            in_flight = resident * tile_bytes * (2 if prefetch else 1) / 1024
         rows.append(
             KernelInfo(
                 case.name,

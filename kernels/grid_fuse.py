@@ -542,7 +542,7 @@ _WARP_CHOICES = (1, 2, 4, 8, 16)
 @dataclass(frozen=True)
 class Tiles:
     """How the kernels tile the tokens. :func:`default_tiles` picks one for a channel count;
-    ``benchmarks.kernels --sweep-tiles`` times others against it.
+    ``python -m benchmarks.kernel_tiles`` times others against it.
 
     Attributes:
         block_t: output tokens per forward program.
@@ -617,6 +617,7 @@ class _Plan:
     out_hw: tuple[int, int]
     source_of: tuple[int, ...]  # slot -> source index
     group_of: tuple[int, ...]  # slot -> group
+    first_slot: tuple[int, ...]  # group -> its first slot
     widths: tuple[int, ...]  # per group
     columns: tuple[int, ...]  # first output column per group
     identity: int  # bit k: slot k already has the target grid
@@ -641,13 +642,24 @@ def _make_plan(
     mode: str,
     tiles: Tiles | None = None,
 ) -> _Plan:
+    """The plan of checked inputs; ``tiles`` None takes :func:`default_tiles`.
+
+    Raises:
+        ValueError: ``tiles`` is neither None nor a :class:`Tiles`.
+    """
+    if tiles is not None and not isinstance(tiles, Tiles):
+        raise ValueError(
+            f"grid_fuse tiles must be a kernels.grid_fuse.Tiles or None, got {type(tiles).__name__}"
+        )
     source_of = tuple(sorted(range(len(sources)), key=groups.__getitem__))
     out_hw = (int(out_hw[0]), int(out_hw[1]))
     block_c = triton.next_power_of_2(max(widths))
+    group_of = tuple(groups[i] for i in source_of)
     return _Plan(
         out_hw=out_hw,
         source_of=source_of,
-        group_of=tuple(groups[i] for i in source_of),
+        group_of=group_of,
+        first_slot=tuple(group_of.index(g) for g in range(len(widths))),
         widths=tuple(widths),
         columns=tuple(itertools.accumulate(widths, initial=0))[:-1],
         identity=_bits([tuple(sources[i].shape[1:3]) == out_hw for i in source_of]),
@@ -759,14 +771,6 @@ def _check_kernel_inputs(
                     "all tensors must share one device"
                 )
     return widths
-
-
-def _checked_tiles(tiles: Tiles | None) -> Tiles | None:
-    if tiles is not None and not isinstance(tiles, Tiles):
-        raise ValueError(
-            f"grid_fuse tiles must be a kernels.grid_fuse.Tiles or None, got {type(tiles).__name__}"
-        )
-    return tiles
 
 
 def _check_eps(eps: float) -> None:
@@ -919,7 +923,7 @@ def grid_fuse_forward(
         out = _new_buffer(out_shape, first.dtype, first.device)
     else:
         _check_buffer("out", out, out_shape, first)
-    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, _checked_tiles(tiles))
+    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, tiles)
     weights = _layer_weight_table(layer_weights, first.device)
     mean, rstd = _forward(plan, sources, weights, ln_weight, ln_bias, float(eps), out, save_stats)
     return out, mean, rstd
@@ -997,7 +1001,7 @@ def _backward(
         c_max,
         tiles_per_program,
         GROUP_OF=plan.group_of,
-        FIRST_SLOT=tuple(plan.group_of.index(g) for g in range(len(plan.widths))),
+        FIRST_SLOT=plan.first_slot,
         SOURCE_OF=plan.source_of,
         IDENTITY=plan.identity,
         HAS_W=plan.has_weight,
@@ -1118,7 +1122,7 @@ def grid_fuse_backward(
             f"grid_fuse need_sources has {len(need_sources)} flags; give one bool or one per source "
             f"({len(sources)})"
         )
-    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, _checked_tiles(tiles))
+    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, tiles)
     weights = _layer_weight_table(layer_weights, first.device)
     return _backward(
         plan,
@@ -1252,7 +1256,7 @@ def _planned(
     plan = None if key is None else _PLAN_CACHE.get(key)
     if plan is None:
         widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
-        plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, _checked_tiles(tiles))
+        plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, tiles)
         if key is not None:
             _PLAN_CACHE[key] = plan
             while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
