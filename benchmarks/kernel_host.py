@@ -29,8 +29,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks.kernel_registers import case_inputs, compile_only
-from benchmarks.kernels import DTYPES, add_shape_arguments, device_name, parsed_shapes, save_report
+from benchmarks.kernel_registers import compile_only
+from benchmarks.kernels import (
+    DTYPES,
+    add_shape_arguments,
+    device_name,
+    make_problem,
+    make_step,
+    parsed_shapes,
+    save_report,
+)
 
 WAYS = ("inference", "inference, plan rebuilt", "autograd forward", "forward + backward")
 
@@ -50,37 +58,19 @@ def median_us(step: Callable[[], object], calls: int) -> float:
 def steps(case, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     """One no-argument callable per way of calling (see the module docstring)."""
     gf = importlib.import_module("kernels.grid_fuse")
-    sources, out_hw, groups, weights, ln_w, ln_b, mode = case_inputs(case, dtype)
-    leaves = [*sources, weights, *ln_w, *ln_b]
-    trainable = [t.clone().requires_grad_() for t in leaves]
-    count = len(sources)
-
-    def call(tensors):
-        return gf.triton_grid_fuse(
-            tensors[:count],
-            out_hw,
-            groups=groups,
-            layer_weights=tensors[count],
-            ln_weight=tensors[count + 1 : 2 * count + 1],
-            ln_bias=tensors[2 * count + 1 :],
-            mode=mode,
-        )
-
-    def inference():
-        with torch.no_grad():
-            return call(leaves)
+    problem = make_problem(case, 1, dtype, torch.device("cpu"))  # every tensor requires grad
+    grad_out = torch.ones_like(problem.call(gf.triton_grid_fuse))
+    inference = make_step(gf.triton_grid_fuse, problem, "fwd", grad_out)  # under no_grad
 
     def rebuilt():
         gf._PLAN_CACHE.clear()
         return inference()
 
-    out = call(trainable)
-    grad_out = torch.ones_like(out)
     return {
         "inference": inference,
         "inference, plan rebuilt": rebuilt,
-        "autograd forward": lambda: call(trainable),
-        "forward + backward": lambda: torch.autograd.grad(call(trainable), trainable, grad_out),
+        "autograd forward": lambda: problem.call(gf.triton_grid_fuse),
+        "forward + backward": make_step(gf.triton_grid_fuse, problem, "fwdbwd", grad_out),
     }
 
 

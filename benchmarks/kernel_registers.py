@@ -31,7 +31,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.kernels import DTYPES, BenchCase, add_shape_arguments, parsed_shapes, save_report
+from benchmarks.kernels import (
+    DTYPES,
+    BenchCase,
+    add_shape_arguments,
+    make_problem,
+    parsed_shapes,
+    save_report,
+)
 
 # Per multiprocessor, sm_80 to sm_90: 64K 32-bit registers, 64 resident warps, 32 resident blocks.
 REGISTERS_PER_SM = 65536
@@ -184,25 +191,14 @@ def compile_only(arch: int = 90) -> Iterator[list[tuple[str, dict, object]]]:
         gf._INTERPRETED, gf._sm_count = previous
 
 
-def case_inputs(case: BenchCase, dtype: torch.dtype, batch: int = 1) -> tuple:
-    """CPU ``(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)`` of ``case``:
-    random sources, unit LayerNorm weights and layer weights, bilinear alignment."""
-    sources, groups = [], []
-    for group, encoder in enumerate(case.encoders):
-        for _ in range(encoder.layers):
-            sources.append(torch.randn(batch, encoder.height, encoder.width, encoder.channels, dtype=dtype))
-            groups.append(group)
-    params = [torch.ones(x.shape[-1], dtype=dtype) for x in sources]
-    return sources, case.out_hw, groups, torch.ones(len(sources), dtype=dtype), params, params, "bilinear"
-
-
 def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> list[KernelInfo]:
     """Compile every kernel a forward and backward of ``case`` launches with ``tiles``
     (:func:`kernels.grid_fuse.default_tiles` if None); one row per variant."""
     gf = importlib.import_module("kernels.grid_fuse")
     dtype = DTYPES[dtype_name]
     with compile_only(arch) as compiled:
-        args = case_inputs(case, dtype)
+        p = make_problem(case, 1, dtype, torch.device("cpu"))
+        args = (p.sources, p.out_hw, p.groups, p.layer_weights, p.ln_weight, p.ln_bias, "bilinear")
         variants = []
         gf.grid_fuse_forward(*args, tiles=tiles)
         variants.append("inference")
