@@ -7,6 +7,9 @@
 # Usage: benchmarks/gpu_kernels.sh OUT_DIR   (limits in seconds: TESTS_S, TILES_S, BENCH_S)
 # Every step writes into OUT_DIR as it goes (7 files: gpu.txt, tests.txt, log.txt, tiles.json/.md,
 # kernels.json/.md); a step cut short keeps what it finished.
+# Needs pytest, hypothesis, omegaconf and hydra-core importable by the GPU machine's python3; a
+# machine without them takes them on PYTHONPATH, installed for that python's version (hypothesis
+# ships a compiled part, so its wheel must match that version).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: benchmarks/gpu_kernels.sh OUT_DIR}"

@@ -521,13 +521,16 @@ def _check_interpreter() -> None:
 # Tile shapes. A forward tile holds _FORWARD_TILE elements whatever the dtype: every value is fp32
 # once loaded, so a program's registers follow its element count, and how many bytes a
 # multiprocessor keeps in flight follows how many programs fit beside each other. Elements per
-# thread: 16 in the forward (one or two 16-byte loads per row and source), 8 in the backward rows
-# kernel, which holds more live values (dy, xhat, the partial sums of a group's sources).
+# thread: 16 in the forward (one or two 16-byte loads per row and source) and in the backward rows
+# kernel, 8 in the gather and parameter reductions. The rows kernel took 8 until the H100 tiling
+# sweep of 2026-11-27 (benchmarks/results/grid_fuse_tiles_h100_2026-11-27.md): half the warps per
+# tile ran forward + backward 1.11-1.55x faster at batch 128 and at CLIP-L batch 32.
 _FORWARD_TILE = 2048
 _MAX_BLOCK_T = 16
 _FORWARD_ELEMENTS = 16
+_BACKWARD_ROW_ELEMENTS = 16
 _BACKWARD_ELEMENTS = 8
-# Backward rows programs per multiprocessor (4 fit at its 8 elements per thread, 128 registers),
+# Backward rows programs per multiprocessor,
 # each walking at least _MIN_TILES_PER_PROGRAM tiles so that the fp32 partial sums (one row per
 # program and source) stay small next to the data when the batch is small.
 _ROW_PROGRAMS_PER_SM = 4
@@ -591,7 +594,7 @@ def default_tiles(channels: int) -> Tiles:
         num_warps=_warps(block_t * block_c),
         prefetch=block_c <= _PREFETCH_MAX_CHANNELS,
         backward_block_t=backward_block_t,
-        backward_warps=min(8, _warps(backward_block_t * block_c, _BACKWARD_ELEMENTS)),
+        backward_warps=min(8, _warps(backward_block_t * block_c, _BACKWARD_ROW_ELEMENTS)),
         rows_per_sm=_ROW_PROGRAMS_PER_SM,
     )
 

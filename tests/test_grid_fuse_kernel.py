@@ -278,11 +278,11 @@ def test_parameter_reduction_over_many_partial_rows(monkeypatch, programs):
 
 
 def test_default_tiles_hold_a_fixed_tile_whatever_the_dtype():
-    """2048 elements per forward tile (16 per thread), half the tokens in the backward (8 per
+    """2048 elements per forward tile (16 per thread), half the tokens in the backward (16 per
     thread, at most 8 warps); prefetching up to 4096 channels, where it no longer spills."""
-    assert default_tiles(1024) == Tiles(2, 4, True, 1, 4, 4)
+    assert default_tiles(1024) == Tiles(2, 4, True, 1, 2, 4)
     assert default_tiles(768) == default_tiles(1024)
-    assert default_tiles(64) == Tiles(16, 2, True, 8, 2, 4)
+    assert default_tiles(64) == Tiles(16, 2, True, 8, 1, 4)
     assert default_tiles(4096) == Tiles(1, 8, True, 1, 8, 4)
     assert default_tiles(16384) == Tiles(1, 16, False, 1, 8, 4)
 
