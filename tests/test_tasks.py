@@ -344,6 +344,28 @@ def test_masks_to_grid_upsamples_by_nearest():
     assert torch.equal(masks_to_grid(masks, (6, 6), num_classes=4), expected)
 
 
+@pytest.mark.parametrize(
+    ("task", "field", "shape"), [("classification", "labels", (5,)), ("dense", "masks", (5, 3, 7))]
+)
+def test_class_id_targets_are_checked(task, field, shape):
+    grids = [[torch.randn(5, 2, 3, 4)]]
+    good = torch.randint(-1, 3, shape)
+    TASKS[task].check(FeatureSplit(grids, num_classes=3, **{field: good}), "train")
+    with pytest.raises(ValueError, match=f"the {task} probe needs train num_classes >= 2, got 1"):
+        TASKS[task].check(FeatureSplit(grids, num_classes=1, **{field: good.clamp(max=0)}), "train")
+    for bad in (3, -2):
+        ids = good.clone()
+        ids.view(-1)[1] = bad
+        with pytest.raises(
+            ValueError, match=rf"test FeatureSplit\.{field} must be long class ids in \[0, 3\) or -1"
+        ):
+            TASKS[task].check(FeatureSplit(grids, num_classes=3, **{field: ids}), "test")
+    with pytest.raises(ValueError, match=r"got dtype torch\.float32, range \[-1, 2\]"):
+        float_ids = good.float()
+        float_ids.view(-1)[:2] = torch.tensor([-1.0, 2.0])
+        TASKS[task].check(FeatureSplit(grids, num_classes=3, **{field: float_ids}), "train")
+
+
 # -- errors ----------------------------------------------------------------------------------------
 def test_run_probe_errors(honesty_features):
     classes, labels, informative, noise, geometry = honesty_features

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.tasks.probe import FeatureSplit, ProbeTask, register_task
+from benchmarks.tasks.probe import ClassIdTask, register_task
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -26,25 +26,12 @@ class PooledClassifier(nn.Module):
 
 
 @register_task
-class ClassificationTask(ProbeTask):
+class ClassificationTask(ClassIdTask):
     """One class per image; the main metric is top-1 accuracy; samples labelled -1 are skipped."""
 
     NAME = "classification"
     METRIC = "top1"
     TARGET = "labels"
-
-    def check(self, split: FeatureSplit, which: str) -> None:
-        super().check(split, which)
-        if split.num_classes < 2:
-            raise ValueError(
-                f"the classification probe needs {which} num_classes >= 2, got {split.num_classes}"
-            )
-        labels = split.labels
-        if labels.dtype != torch.long or bool(((labels < -1) | (labels >= split.num_classes)).any()):
-            raise ValueError(
-                f"{which} FeatureSplit.labels must be long class ids in [0, {split.num_classes}) or -1, "
-                f"got dtype {labels.dtype}, range [{int(labels.min())}, {int(labels.max())}]"
-            )
 
     def valid(self, targets: torch.Tensor) -> torch.Tensor:
         return targets >= 0

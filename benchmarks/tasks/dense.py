@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.tasks.probe import FeatureSplit, ProbeTask, register_task
+from benchmarks.tasks.probe import ClassIdTask, FeatureSplit, register_task
 
 IGNORE_INDEX = -1
 CHUNK = 64  # samples per bincount, so the (chunk, H, W, K) count table stays small
@@ -76,24 +76,13 @@ class TokenClassifier(nn.Module):
 
 
 @register_task
-class DenseTask(ProbeTask):
+class DenseTask(ClassIdTask):
     """Per-cell classes on the fused grid; main metric mIoU, ``pixel_accuracy`` beside it."""
 
     NAME = "dense"
     METRIC = "miou"
     TARGET = "masks"
     INPUT = "grid"
-
-    def check(self, split: FeatureSplit, which: str) -> None:
-        super().check(split, which)
-        if split.num_classes < 2:
-            raise ValueError(f"the dense probe needs {which} num_classes >= 2, got {split.num_classes}")
-        masks = split.masks
-        if masks.dtype != torch.long or bool(((masks < -1) | (masks >= split.num_classes)).any()):
-            raise ValueError(
-                f"{which} FeatureSplit.masks must be long class ids in [0, {split.num_classes}) or -1, "
-                f"got dtype {masks.dtype}, range [{int(masks.min())}, {int(masks.max())}]"
-            )
 
     def targets(self, split: FeatureSplit, grid_hw: tuple[int, int]) -> torch.Tensor:
         return masks_to_grid(split.masks, grid_hw, split.num_classes)

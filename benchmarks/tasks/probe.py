@@ -134,6 +134,21 @@ class ProbeTask:
         raise NotImplementedError
 
 
+class ClassIdTask(ProbeTask):
+    """A probe whose targets are long class ids in ``[0, num_classes)``, -1 where unlabelled."""
+
+    def check(self, split: FeatureSplit, which: str) -> None:
+        super().check(split, which)
+        if split.num_classes < 2:
+            raise ValueError(f"the {self.NAME} probe needs {which} num_classes >= 2, got {split.num_classes}")
+        ids = getattr(split, self.TARGET)
+        if ids.dtype != torch.long or bool(((ids < -1) | (ids >= split.num_classes)).any()):
+            raise ValueError(
+                f"{which} FeatureSplit.{self.TARGET} must be long class ids in [0, {split.num_classes}) "
+                f"or -1, got dtype {ids.dtype}, range [{int(ids.min())}, {int(ids.max())}]"
+            )
+
+
 TASKS: dict[str, ProbeTask] = {}
 
 
