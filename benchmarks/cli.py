@@ -20,19 +20,10 @@ import hydra
 from omegaconf import DictConfig
 
 import benchmarks.config  # noqa: F401  (registers the structured config schema)
-from benchmarks.config import config_hash
+from benchmarks.config import conf_dir, config_hash
 from benchmarks.report import ERROR_FILE, aggregate, load_report, write_json
 
-
-def conf_dir() -> str:
-    """The Hydra config folder: the copy a wheel ships beside this file (``benchmarks/conf``), else
-    ``conf/`` of the checkout (a source tree or an editable install)."""
-    here = Path(__file__).resolve().parent
-    shipped = here / "conf"
-    return str(shipped if shipped.is_dir() else here.parent / "conf")
-
-
-CONF_DIR = conf_dir()
+CONF_DIR = str(conf_dir())
 
 
 def finished_report(out_dir: Path, cfg: DictConfig) -> Path | None:
@@ -42,7 +33,7 @@ def finished_report(out_dir: Path, cfg: DictConfig) -> Path | None:
         report = load_report(path)
     except (FileNotFoundError, ValueError):  # none yet, or unreadable: the job runs (again)
         return None
-    return path if report.get("run", {}).get("config_hash") == config_hash(cfg) else None
+    return path if report.run.get("config_hash") == config_hash(cfg) else None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -17,6 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -25,6 +26,7 @@ from omegaconf import MISSING, OmegaConf
 from benchmarks.datasets import DATASETS
 from benchmarks.features import STORAGE_DTYPES
 from benchmarks.latency import DTYPES, LatencyOptions
+from benchmarks.llm import FAMILIES, LlmSpec, VlmOptions
 from benchmarks.tasks import TASKS
 from fusion import EncoderSpec
 from fusion.align import ALIGNERS
@@ -55,6 +57,8 @@ DatasetName = choices("DatasetName", sorted(DATASETS))
 LatencyDtype = choices("LatencyDtype", tuple(DTYPES))
 CacheDtype = choices("CacheDtype", tuple(STORAGE_DTYPES))
 HubMode = choices("HubMode", ("auto", "offline", "online"))
+LlmFamily = choices("LlmFamily", tuple(FAMILIES))
+NO_LLM = "none"
 
 
 @dataclass
@@ -129,10 +133,11 @@ class FusionConfig:
 
 @dataclass
 class ConnectorConfig:
-    """The projector to the language model's width (group ``connector``)."""
+    """The projector to the language model's width (group ``connector``); ``out_dim`` follows
+    ``llm.hidden_size`` unless set."""
 
     kind: ConnectorKind = ConnectorKind.mlp
-    out_dim: int | None = 256
+    out_dim: int | None = "${llm.hidden_size}"
     final_norm: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -177,6 +182,24 @@ class LatencyConfig:
 
 
 @dataclass
+class LlmConfig:
+    """The language model the visual tokens feed (group ``llm``): a decoder-only architecture built
+    with random weights from these numbers (:class:`benchmarks.llm.LlmSpec`). ``name: none`` measures
+    the vision pipeline alone; its ``hidden_size`` is only the width the connector emits, and its other
+    fields are null."""
+
+    name: str = NO_LLM
+    family: LlmFamily | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
+    tie_embeddings: bool | None = None
+
+
+@dataclass
 class BenchConfig:
     """Where and how a run executes (group ``bench``).
 
@@ -184,6 +207,9 @@ class BenchConfig:
     a machine without hub access does not wait on retries; ``offline`` always; ``online`` never.
     ``extract_only``: fill the feature cache and stop (under ``torchrun``, sharded over the processes),
     so that a sweep after it runs no encoder.
+    ``prompt_tokens``, ``decode_tokens``: the text tokens after the visual ones in the prefill, and the
+    greedy steps timed after it. ``project_llms``: ``llm`` presets too big to run here, whose time to
+    first token is projected from the prefill rate measured with ``llm``.
     """
 
     device: str = "cpu"
@@ -196,6 +222,9 @@ class BenchConfig:
     out_dir: str | None = None
     extract_only: bool = False
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    prompt_tokens: int = 32
+    decode_tokens: int = 16
+    project_llms: list[str] = field(default_factory=lambda: ["qwen2_5_7b", "llama3_8b"])
 
 
 @dataclass
@@ -210,6 +239,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
     seed: int = 0
 
 
@@ -225,6 +255,49 @@ register_configs()
 
 
 # -- builders ---------------------------------------------------------------------------------------
+def conf_dir() -> Path:
+    """The Hydra config folder: the copy a wheel ships beside this package (``benchmarks/conf``),
+    else ``conf/`` of the checkout (a source tree or an editable install)."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "conf"
+    return shipped if shipped.is_dir() else here.parent / "conf"
+
+
+def llm_presets() -> list[str]:
+    """The names of the ``llm`` presets (``conf/llm/*.yaml``)."""
+    return sorted(p.stem for p in (conf_dir() / "llm").glob("*.yaml"))
+
+
+def llm_spec(node: Any) -> LlmSpec | None:
+    """The :class:`LlmSpec` of an ``llm`` config node; None for ``none``.
+
+    Raises:
+        ValueError: a field missing or out of range (the message names it).
+    """
+    data = plain(node)
+    if data["name"] == NO_LLM:
+        return None
+    missing = [key for key, value in data.items() if value is None]
+    if missing:
+        raise ValueError(f"llm={data['name']!r} leaves {missing} unset; only llm=none may leave fields null")
+    return LlmSpec(**data)
+
+
+def llm_preset(name: str, what: str = "llm preset") -> LlmSpec:
+    """The :class:`LlmSpec` of the preset ``conf/llm/<name>.yaml``.
+
+    Raises:
+        ValueError: ``name`` is not a preset with a language model; the message names ``what`` and
+            lists the accepted ones.
+    """
+    presets = [p for p in llm_presets() if p != NO_LLM]
+    if name not in presets:
+        raise ValueError(f"{what} {name!r} is not a language-model preset; accepted: {', '.join(presets)}")
+    preset = OmegaConf.load(conf_dir() / "llm" / f"{name}.yaml")
+    node = OmegaConf.merge(OmegaConf.structured(LlmConfig), preset)
+    return llm_spec(node)
+
+
 def plain(node: Any) -> Any:
     """A config node or value as plain Python (interpolations resolved, Enums as their names)."""
     if OmegaConf.is_config(node):
@@ -281,11 +354,28 @@ def head_config(cfg: Any, roles: tuple[str, ...]) -> dict:
         "encoder_merge": {"kind": "channel_concat"} if single else with_options(cfg.fusion.encoder_merge),
         "connector": {
             **with_options(cfg.connector),
-            "out_dim": cfg.connector.out_dim,
+            "out_dim": connector_out_dim(cfg),
             "final_norm": cfg.connector.final_norm,
         },
         "merge_dim": None if single else cfg.fusion.merge_dim,
     }
+
+
+def connector_out_dim(cfg: Any) -> int | None:
+    """``connector.out_dim`` (by default ``llm.hidden_size``: the width the language model's
+    embeddings have).
+
+    Raises:
+        ValueError: an ``out_dim`` set to a width the language model cannot take.
+    """
+    spec = llm_spec(cfg.llm)
+    out_dim = cfg.connector.out_dim
+    if spec is not None and out_dim != spec.hidden_size:
+        raise ValueError(
+            f"connector.out_dim={out_dim} cannot feed llm={spec.name} (hidden size {spec.hidden_size}); "
+            f"accepted: {spec.hidden_size} (the default, ${{llm.hidden_size}}), or llm=none"
+        )
+    return out_dim
 
 
 def strategies(cfg: Any) -> list[Strategy]:
@@ -326,6 +416,20 @@ def latency_options(cfg: Any) -> LatencyOptions:
         device=cfg.bench.device,
         image_size=cfg.data.image_size,
         seed=cfg.seed,
+    )
+
+
+def vlm_options(cfg: Any) -> VlmOptions:
+    """:class:`VlmOptions` from ``llm`` and ``bench`` (prompt and decode tokens, projections).
+
+    Raises:
+        ValueError: as :class:`VlmOptions`, or a ``bench.project_llms`` entry that is not a preset.
+    """
+    return VlmOptions(
+        llm=llm_spec(cfg.llm),
+        prompt_tokens=cfg.bench.prompt_tokens,
+        decode_tokens=cfg.bench.decode_tokens,
+        project=tuple(llm_preset(name, "bench.project_llms entry") for name in plain(cfg.bench.project_llms)),
     )
 
 

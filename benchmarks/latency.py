@@ -9,6 +9,13 @@ one encoder with their own connector to the same output width). For each batch s
   and ``connector``;
 * ``end_to_end``: the pipeline's forward on raw images.
 
+With a language model (:class:`benchmarks.llm.VlmOptions`), every pipeline also gets the stage
+``llm.prefill`` (its visual tokens + the prompt, KV cache on) and two more calls: ``ttft`` (raw
+images in, first token's logits out, as one call) and ``decode`` (greedy steps with the KV cache).
+Its ``vlm`` record holds them, the TTFT and vision ratios against the baseline and, for each
+``project`` preset, a TTFT projected from the prefill FLOP rate measured here. One model serves every
+pipeline; it is built only after the memory check of :func:`benchmarks.llm.check_fits`.
+
 The repeats of every stage and end-to-end call of every pipeline are taken round-robin, so drift or
 a noisy neighbour on a shared machine hits every pipeline alike and the ratios against the CLIP-only
 baseline (``fused / clip_only = 1.43x``) stay honest.
@@ -18,8 +25,9 @@ the CPU, ``time.perf_counter`` with a fixed torch thread count. Peak memory: on 
 ``torch.cuda.max_memory_allocated`` over the end-to-end calls; on the CPU the process's resident
 set size sampled with psutil every millisecond during the end-to-end calls (``peak_mb``, the whole
 process including every loaded model) and its rise over the level before them (``delta_mb``).
-Also: parameters (total, trainable), output tokens, and GFLOPs per image counted by
-``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts as two).
+With a language model, peak memory is taken over the ``ttft`` calls instead (the whole VLM).
+Also: parameters (total, trainable), output tokens, and GFLOPs per image of the pipeline and of each
+stage, counted by ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts as two).
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from benchmarks.llm import LanguageModel, VlmOptions, build_language_model, prefill_flops, projected_ttft
+from benchmarks.records import VlmRecord
 from fusion import FusedEncoder
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -143,6 +153,13 @@ class Timer:
         return (time.perf_counter() - begin) * 1e3
 
 
+def compile_wrapper(options: LatencyOptions) -> Callable[[Callable], Callable]:
+    """``torch.compile`` with the options' backend and static shapes, or the identity."""
+    if not options.compile:
+        return lambda fn: fn
+    return lambda fn: torch.compile(fn, backend=options.compile_backend, dynamic=False)
+
+
 def fuse_stage(head: nn.Module) -> nn.Module:
     """``head`` without its connector: the same object graph (shared parameters), with the connector
     swapped for the identity, so the head's own forward runs align + combine + merge only."""
@@ -178,17 +195,17 @@ class Pipeline:
     fused: FusedEncoder
     stages: dict[str, Callable]
     end_to_end: Callable
+    language: LanguageModel | None = None
 
     @classmethod
-    def build(cls, name: str, fused: FusedEncoder, options: LatencyOptions) -> Pipeline:
-        """Stage callables of ``fused`` under ``options`` (autocast, compile, streams)."""
+    def build(
+        cls, name: str, fused: FusedEncoder, options: LatencyOptions, language: LanguageModel | None = None
+    ) -> Pipeline:
+        """Stage callables of ``fused`` under ``options`` (autocast, compile, streams), with the
+        language model's prefill as the last stage when ``language`` is given."""
         device = torch.device(options.device)
         fused = fused.to(device).eval()
-        wrap = (
-            (lambda fn: torch.compile(fn, backend=options.compile_backend, dynamic=False))
-            if options.compile
-            else (lambda fn: fn)
-        )
+        wrap = compile_wrapper(options)
         head = fused.head
         stages: dict[str, Callable] = {
             "preprocess": wrap(lambda images: [e.preprocess(images) for e in fused.encoders]),
@@ -204,7 +221,13 @@ class Pipeline:
             end_to_end = wrap(streamed_forward(fused, [torch.cuda.Stream(device) for _ in fused.encoders]))
         else:
             end_to_end = wrap(fused)
-        return cls(name, fused, stages, end_to_end)
+        if language is not None:
+            stages["llm.prefill"] = language.prefill
+        return cls(name, fused, stages, end_to_end, language)
+
+    def ttft(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw images in, the first token's logits out: the vision pipeline, then the prefill."""
+        return self.language.first_token(images, self.end_to_end)
 
     def stage_inputs(self, images: torch.Tensor) -> dict[str, tuple]:
         """Each stage's positional arguments, computed once by running the stages in order."""
@@ -217,8 +240,12 @@ class Pipeline:
         if "fuse" in self.stages:
             inputs["fuse"] = (grids,)
             inputs["connector"] = (self.stages["fuse"](grids),)
+            tokens = self.stages["connector"](*inputs["connector"])
         else:
             inputs["head"] = (grids,)
+            tokens = self.stages["head"](grids)
+        if self.language is not None:
+            inputs["llm.prefill"] = (tokens,)
         return inputs
 
 
@@ -253,6 +280,20 @@ def gflops_per_image(forward_one_image: Callable[[], object]) -> float:
     with counter:
         forward_one_image()
     return counter.get_total_flops() / 1e9
+
+
+def stage_gflops(pipeline: Pipeline, bind: Callable, one_image: torch.Tensor, prompt_tokens: int) -> dict:
+    """GFLOPs of every stage on one image; the prefill's are counted on the model built on the meta
+    device (:func:`benchmarks.llm.prefill_flops`), which is the same count without a second prefill."""
+    inputs = bind(pipeline.stage_inputs, one_image)()
+    counts = {}
+    for stage, fn in pipeline.stages.items():
+        if stage == "llm.prefill":
+            tokens = pipeline.fused.output_tokens() + prompt_tokens
+            counts[stage] = prefill_flops(pipeline.language.spec, tokens) / 1e9
+        else:
+            counts[stage] = gflops_per_image(bind(fn, *inputs[stage]))
+    return counts
 
 
 class RssSampler:
@@ -311,7 +352,11 @@ def random_images(batch: int, size: int, seed: int, device: torch.device) -> tor
 
 
 def measure_latency(
-    pipelines: Mapping[str, FusedEncoder], options: LatencyOptions, *, baseline: str = BASELINE
+    pipelines: Mapping[str, FusedEncoder],
+    options: LatencyOptions,
+    *,
+    baseline: str = BASELINE,
+    vlm: VlmOptions | None = None,
 ) -> dict[str, dict]:
     """Time every pipeline, all in this one run, and express them against ``baseline``.
 
@@ -319,25 +364,46 @@ def measure_latency(
         pipelines: name -> FusedEncoder; must contain ``baseline``.
         options: what to measure (:class:`LatencyOptions`).
         baseline: the pipeline the ratios are against (the CLIP-only one).
+        vlm: the language-model stage (None or ``llm=None``: the vision pipelines alone).
 
     Returns:
-        name -> ``{"latency", "ratios", "memory", "tokens", "out_dim", "params", "gflops"}``:
-        ``latency`` holds ``batch_size`` (the first), ``end_to_end`` and ``stages`` statistics at it,
-        ``per_batch`` (every batch size: ``end_to_end``, ``stages``, ``memory``) and the settings;
-        ``ratios`` holds ``end_to_end`` (at the first batch size), ``per_batch`` and a readable
-        ``summary`` (``"fused / clip_only = 1.43x"``).
+        name -> ``{"latency", "ratios", "memory", "tokens", "out_dim", "params", "gflops",
+        "gflops_stages", "vlm"}``: ``latency`` holds ``batch_size`` (the first), ``end_to_end`` and
+        ``stages`` statistics at it, ``per_batch`` (every batch size: ``end_to_end``, ``stages``,
+        ``memory``) and the settings; ``ratios`` holds ``end_to_end`` (at the first batch size),
+        ``per_batch`` and a readable ``summary`` (``"fused / clip_only = 1.43x"``); ``vlm`` is a
+        :class:`~benchmarks.records.VlmRecord` (None without a language model).
 
     Raises:
-        ValueError: no pipelines, or ``baseline`` missing from them.
+        ValueError: no pipelines, ``baseline`` missing from them, or a language model that does not
+            fit in memory or whose hidden size differs from a pipeline's output width.
     """
     if not pipelines:
         raise ValueError("measure_latency needs at least one pipeline")
     if baseline not in pipelines:
         raise ValueError(f"latency baseline={baseline!r} is not among the pipelines {sorted(pipelines)}")
+    vlm = vlm or VlmOptions()
     device = torch.device(options.device)
     timer = Timer(device)
     bound = autocast_binder(device, DTYPES[options.dtype])
-    built = {name: Pipeline.build(name, fused, options) for name, fused in pipelines.items()}
+    language = None
+    if vlm.llm is not None:
+        for name, fused in pipelines.items():
+            if fused.head.out_dim != vlm.llm.hidden_size:
+                raise ValueError(
+                    f"pipeline {name} emits {fused.head.out_dim}-wide tokens but llm={vlm.llm.name} takes "
+                    f"{vlm.llm.hidden_size}; accepted: a connector out_dim equal to the hidden size"
+                )
+        model = build_language_model(vlm.llm, device, DTYPES[options.dtype] or torch.float32, options.seed)
+        language = LanguageModel(
+            vlm.llm,
+            model,
+            prompt_tokens=vlm.prompt_tokens,
+            decode_tokens=vlm.decode_tokens,
+            seed=options.seed,
+            wrap=compile_wrapper(options),
+        )
+    built = {name: Pipeline.build(name, fused, options, language) for name, fused in pipelines.items()}
     settings = {
         "unit": "ms",
         "device": str(device),
@@ -361,16 +427,25 @@ def measure_latency(
                     {(name, stage): bound(fn, *inputs[stage]) for stage, fn in pipeline.stages.items()}
                 )
                 calls[name, "end_to_end"] = bound(pipeline.end_to_end, images)
+                if language is not None:
+                    calls[name, "ttft"] = bound(pipeline.ttft, images)
+                    calls[name, "decode"] = bound(language.decoder(*inputs["llm.prefill"]))
             samples = _interleaved(timer, calls, options)
             for name in built:
                 stages = {stage: stats(samples[name, stage]) for stage in built[name].stages}
+                whole = calls[name, "ttft" if language is not None else "end_to_end"]
                 per_batch[name][str(batch)] = {
                     "stages": stages,
                     "end_to_end": stats(samples[name, "end_to_end"]),
-                    "memory": peak_memory(calls[name, "end_to_end"], device, max(1, min(3, options.repeats))),
+                    "memory": peak_memory(whole, device, max(1, min(3, options.repeats))),
                 }
+                if language is not None:
+                    per_batch[name][str(batch)]["vlm"] = vlm_timings(samples, name, batch, vlm.decode_tokens)
         one_image = random_images(1, options.image_size, options.seed, device)
         flops = {name: gflops_per_image(bound(p.fused, one_image)) for name, p in built.items()}
+        flops_stages = {
+            name: stage_gflops(p, bound, one_image, vlm.prompt_tokens) for name, p in built.items()
+        }
     first = str(options.batch_sizes[0])
     results = {}
     for name, pipeline in built.items():
@@ -398,8 +473,78 @@ def measure_latency(
             "out_dim": pipeline.fused.head.out_dim,
             "params": parameter_counts(pipeline.fused),
             "gflops": flops[name],
+            "gflops_stages": flops_stages[name],
+            "vlm": None,
         }
+    if language is not None:
+        for name, record in vlm_records(built, per_batch, baseline, vlm, options.batch_sizes).items():
+            results[name]["vlm"] = record
     return results
+
+
+def vlm_timings(samples: Mapping, name: str, batch: int, decode_tokens: int) -> dict:
+    """One pipeline's prefill, TTFT and decode statistics at one batch size; decode as tokens per
+    second per sequence (None when no token is decoded)."""
+    decode_ms = np.asarray(samples[name, "decode"], dtype=np.float64)
+    return {
+        "batch_size": batch,
+        "prefill": stats(samples[name, "llm.prefill"]),
+        "ttft": stats(samples[name, "ttft"]),
+        "decode_tokens_per_s": stats(decode_tokens / (decode_ms / 1e3)) if decode_tokens else None,
+    }
+
+
+def vlm_records(
+    built: Mapping[str, Pipeline],
+    per_batch: Mapping[str, dict],
+    baseline: str,
+    vlm: VlmOptions,
+    batch_sizes: Sequence[int],
+) -> dict[str, VlmRecord]:
+    """Every pipeline's :class:`VlmRecord` at the first batch size, with its TTFT and vision ratios
+    against ``baseline`` and its projections to ``vlm.project``.
+
+    A projection takes one prefill rate for the whole run, the FLOPs of every pipeline's prefill over
+    the sum of their medians, so that the noise of one pipeline's prefill does not bend its ratio.
+    """
+    size, batch, spec = str(batch_sizes[0]), batch_sizes[0], vlm.llm
+    prompt = vlm.prompt_tokens
+    timings = {name: per_batch[name][size]["vlm"] for name in built}
+    vision = {name: per_batch[name][size]["end_to_end"]["median"] for name in built}
+    tokens = {name: pipeline.fused.output_tokens() for name, pipeline in built.items()}
+    flops = sum(prefill_flops(spec, tokens[name] + prompt, batch) for name in built)
+    rate = flops / sum(t["prefill"]["median"] for t in timings.values())
+    projected = {
+        name: {
+            t.name: projected_ttft(vision[name], t, tokens[name] + prompt, batch, rate) for t in vlm.project
+        }
+        for name in built
+    }
+    for name in built:
+        for target, projection in projected[name].items():
+            projection["ratio"] = projection["ttft_ms"] / projected[baseline][target]["ttft_ms"]
+    records = {}
+    for name in built:
+        mine, stages = timings[name], per_batch[name][size]["stages"]
+        records[name] = VlmRecord(
+            llm=spec.name,
+            hidden_size=spec.hidden_size,
+            visual_tokens=tokens[name],
+            prompt_tokens=prompt,
+            decode_tokens=vlm.decode_tokens,
+            prefill=mine["prefill"],
+            ttft=mine["ttft"],
+            decode_tokens_per_s=mine["decode_tokens_per_s"],
+            prefill_gflops=prefill_flops(spec, tokens[name] + prompt) / 1e9,
+            llm_share=mine["prefill"]["median"] / sum(stage["median"] for stage in stages.values()),
+            ratios={
+                "ttft": mine["ttft"]["median"] / timings[baseline]["ttft"]["median"],
+                "vision": vision[name] / vision[baseline],
+            },
+            projected=projected[name],
+            per_batch={size: per_batch[name][size]["vlm"] for size in per_batch[name]},
+        )
+    return records
 
 
 def autocast_binder(device: torch.device, dtype: torch.dtype | None) -> Callable[..., Callable[[], object]]:

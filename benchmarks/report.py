@@ -1,30 +1,18 @@
 """Benchmark reports: ``report.json``, ``report.md`` and ``pareto.png``, for one run or a whole sweep.
 
-A report is one record per strategy (the CLIP-only and DINOv2-only baselines and the fused
-strategies). Each record holds::
-
-    name, role ("baseline" | "fused"), encoders, config, weights {encoder: "pretrained" | "random"},
-    latency {batch_size, batch_sizes, unit, end_to_end {median, p10, p90}, stages {...}, per_batch},
-    ratios {end_to_end, stages}            # against the CLIP-only baseline of the same run
-    memory {kind, peak_mb, ...}, tokens, out_dim, params {total, trainable}, gflops,
-    accuracy {task: {metric, mean, std, per_seed, extra, delta}},   # delta: mean - CLIP-only mean
-    errors [{where, error}]
-
-where ``extra`` holds the task's other metrics ``{mean, std, per_seed}``, ``baseline`` (the metrics
-of the best constant prediction) and ``train_loss``, and, for a strategy whose fusion head learns
-layer weights (a ``weighted_ln`` layer merge), ``layer_weights`` ``{encoder: [weight per hooked
-layer]}``: the softmax weights of the trained heads, mean over seeds, in the order of the encoder's
-``config.encoders[role].hooks.layers`` (each list sums to 1), and ``layer_weights_per_seed``
-``{encoder: [[weight per hooked layer] per seed]}`` (see :func:`benchmarks.tasks.run_probe`).
-and the report around them ``schema_version``, ``weights_random``, ``environment`` (device, torch,
-date, command), ``run`` (the resolved config), ``baseline``, ``tasks`` and ``strategies``.
-When any encoder ran on random weights the first line of ``report.md`` says so. Every file is
-written atomically (temporary file + rename), so a reader never sees half a report.
+The schema is :mod:`benchmarks.records` (a :class:`~benchmarks.records.Report` of
+:class:`~benchmarks.records.StrategyRecord` rows, each with its :class:`~benchmarks.records.VlmRecord`).
+This module builds a report from the records of a run (filling the accuracy changes against the
+CLIP-only baseline), renders it as markdown and as the Pareto figure, writes the three files and
+aggregates the jobs of a sweep. When any encoder ran on random weights the first line of
+``report.md`` says so. Every file is written atomically (temporary file + rename), so a reader never
+sees half a report.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -36,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-SCHEMA_VERSION = 1
+from benchmarks.records import Report, StrategyRecord
+
 BASELINE = "clip_only"
 REPORT_FILES = ("report.json", "report.md", "pareto.png")
 ERROR_FILE = "error.json"
@@ -64,14 +53,14 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
         The path written.
     """
     mode = "wb" if isinstance(data, bytes) else "w"
-    with atomic_path(path) as temp, open(
-        temp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})
-    ) as handle:
+    with (
+        atomic_path(path) as temp,
+        open(temp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as handle,
+    ):
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     return Path(path)
-    return path
 
 
 def write_json(path: str | os.PathLike, data: object) -> Path:
@@ -79,24 +68,22 @@ def write_json(path: str | os.PathLike, data: object) -> Path:
     return atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def load_report(path: str | os.PathLike) -> dict:
+def load_report(path: str | os.PathLike) -> Report:
     """Read a ``report.json``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: not JSON, or a ``schema_version`` this code does not read.
+        ValueError: not JSON, a ``schema_version`` this code does not read, or fields the schema does
+            not have.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no report at {path}")
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise ValueError(f"report {path} is not valid JSON: {error}") from error
-    if not isinstance(report, dict) or report.get("schema_version") != SCHEMA_VERSION:
-        found = report.get("schema_version") if isinstance(report, dict) else type(report).__name__
-        raise ValueError(f"report {path} has schema_version={found!r}; accepted: {SCHEMA_VERSION}")
-    return report
+    return Report.from_dict(data, where=f"report {path}")
 
 
 # -- building ---------------------------------------------------------------------------------------
@@ -135,26 +122,24 @@ def environment(device: str | torch.device = "cpu", command: str | None = None) 
     }
 
 
-def random_encoders(strategies: Sequence[Mapping]) -> list[str]:
+def random_encoders(strategies: Sequence[StrategyRecord]) -> list[str]:
     """The encoders that ran on random weights in any strategy, sorted."""
-    return sorted(
-        {name for s in strategies for name, state in (s.get("weights") or {}).items() if state == "random"}
-    )
+    return sorted({name for s in strategies for name, state in s.weights.items() if state == "random"})
 
 
-def add_accuracy_deltas(strategies: Sequence[dict], baseline: str = BASELINE) -> None:
+def add_accuracy_deltas(strategies: Sequence[StrategyRecord], baseline: str = BASELINE) -> None:
     """Set ``accuracy[task]["delta"]`` (mean minus the baseline's mean) on every record, in place;
     None where either side has no result."""
-    reference = next((s for s in strategies if s["name"] == baseline), None)
+    reference = next((s for s in strategies if s.name == baseline), None)
     for record in strategies:
-        for task, result in (record.get("accuracy") or {}).items():
-            base = ((reference or {}).get("accuracy") or {}).get(task)
+        for task, result in record.accuracy.items():
+            base = reference.accuracy.get(task) if reference is not None else None
             usable = base is not None and base.get("mean") is not None and result.get("mean") is not None
             result["delta"] = result["mean"] - base["mean"] if usable else None
 
 
 def build_report(
-    strategies: Sequence[dict],
+    strategies: Sequence[StrategyRecord],
     *,
     run: Mapping | None = None,
     env: Mapping | None = None,
@@ -162,8 +147,8 @@ def build_report(
     baseline: str = BASELINE,
     deltas: bool = True,
     **extra: object,
-) -> dict:
-    """Assemble a report from strategy records (see the module docstring); fills accuracy deltas.
+) -> Report:
+    """Assemble a report from strategy records; fills accuracy deltas.
 
     Args:
         strategies: one record per strategy, the baseline among them.
@@ -178,25 +163,25 @@ def build_report(
     Raises:
         ValueError: two records with one name.
     """
-    strategies = [dict(s) for s in strategies]
-    names = [s["name"] for s in strategies]
+    strategies = list(strategies)
+    names = [s.name for s in strategies]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ValueError(f"report strategies must have distinct names; repeated: {duplicated}")
     if deltas:
         add_accuracy_deltas(strategies, baseline)
-    task_names = list(tasks) or list(dict.fromkeys(t for s in strategies for t in (s.get("accuracy") or {})))
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "weights_random": bool(random_encoders(strategies)),
-        "random_encoders": random_encoders(strategies),
-        "environment": dict(env) if env is not None else environment(),
-        "baseline": baseline,
-        "tasks": task_names,
-        "run": dict(run or {}),
-        "strategies": strategies,
+    task_names = list(tasks) or list(dict.fromkeys(t for s in strategies for t in s.accuracy))
+    return Report(
+        environment=dict(env) if env is not None else environment(),
+        baseline=baseline,
+        tasks=task_names,
+        run=dict(run or {}),
+        strategies=strategies,
+        weights_random=bool(random_encoders(strategies)),
+        random_encoders=random_encoders(strategies),
+        llms=sorted({s.vlm.llm for s in strategies if s.vlm is not None}),
         **extra,
-    }
+    )
 
 
 # -- markdown ---------------------------------------------------------------------------------------
@@ -208,9 +193,17 @@ def _signed_pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:+.1f}"
 
 
-def random_notice(report: Mapping) -> str:
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def _timing(stats: Mapping | None) -> str:
+    return "—" if not stats else f"{stats['median']:.2f} ({stats['p10']:.2f}–{stats['p90']:.2f})"
+
+
+def random_notice(report: Report) -> str:
     """The line that opens every report of a run with random encoder weights ('' when none)."""
-    names = report.get("random_encoders") or random_encoders(report["strategies"])
+    names = report.random_encoders or random_encoders(report.strategies)
     if not names:
         return ""
     return (
@@ -228,71 +221,121 @@ def accuracy_cell(result: Mapping | None) -> str:
     return f"{_pct(result['mean'])} ± {_pct(result.get('std') or 0.0)}"
 
 
-def render_markdown(report: Mapping) -> str:
-    """The report as markdown: the random-weights notice first (when any), then one table with a row
-    per strategy (accuracy ± std and change against CLIP-only per task, latency, overhead ratio,
-    peak memory, tokens, parameters, GFLOPs), then any errors."""
+def projected_presets(report: Report) -> list[str]:
+    """The presets any row has a projected TTFT for, in first-seen order."""
+    return list(dict.fromkeys(p for s in report.strategies if s.vlm is not None for p in s.vlm.projected))
+
+
+def language_model_lines(report: Report) -> list[str]:
+    """The lines that name the language model(s) and say what the two ratios mean."""
+    vlms = [s.vlm for s in report.strategies if s.vlm is not None]
+    if not vlms:
+        return [
+            "Language model: none (llm=none): overhead = the vision pipeline's end-to-end time / "
+            f"{report.baseline}'s, measured in the same run.  "
+        ]
+    first = vlms[0]
+    lines = [
+        f"Language model: {', '.join(report.llms)} (random weights; latency does not depend on their "
+        f"values) · {first.prompt_tokens} prompt tokens after the visual ones · {first.decode_tokens} "
+        "decode steps  ",
+        "overhead = time to first token (raw images in, first token's logits out: vision, connector "
+        f"and the language model's prefill) / {report.baseline}'s with the same language model, "
+        "measured in the same run; vision overhead = the vision pipeline alone / "
+        f"{report.baseline}'s.  ",
+    ]
+    presets = projected_presets(report)
+    if presets:
+        lines.append(
+            f"Projected (not measured): the overhead with {', '.join(presets)} in place of the language "
+            "model run here, from the prefill FLOP rate measured here.  "
+        )
+    return lines
+
+
+def render_markdown(report: Report) -> str:
+    """The report as markdown: the random-weights notice first (when any), the language model, then
+    one table with a row per strategy (accuracy ± std and change against CLIP-only per task, visual
+    tokens, TTFT and its overhead, the vision-only overhead, the language model's share of TTFT,
+    decode speed, projected overheads, peak memory, parameters, GFLOPs), then any errors."""
     lines = []
     notice = random_notice(report)
     if notice:
         lines += [notice, ""]
-    env, strategies = report["environment"], report["strategies"]
-    first_latency = next((s["latency"] for s in strategies if s.get("latency")), {})
+    env, strategies = report.environment, report.strategies
+    first_latency = next((s.latency for s in strategies if s.latency), {})
+    with_llm = any(s.vlm is not None for s in strategies)
+    presets = projected_presets(report)
     lines += [
         "# encoder-fusion benchmark",
         "",
+        *language_model_lines(report),
         f"Device: {env.get('device')} · torch {env.get('torch')} · {env.get('date')}  ",
         f"Command: `{env.get('command')}`  ",
         f"Latency: batch {first_latency.get('batch_size', '—')}, {first_latency.get('dtype', '—')}, "
-        f"compile {'on' if first_latency.get('compile') else 'off'}; median (p10–p90) in ms; "
-        f"overhead = end-to-end time / {report['baseline']} end-to-end time, measured in the same run.",
+        f"compile {'on' if first_latency.get('compile') else 'off'}; median (p10–p90) in ms.",
         "",
     ]
-    tasks = report["tasks"]
+    tasks = report.tasks
     metrics = {
-        t: next((s["accuracy"][t].get("metric") for s in strategies if t in (s.get("accuracy") or {})), "")
-        for t in tasks
+        t: next((s.accuracy[t].get("metric") for s in strategies if t in s.accuracy), "") for t in tasks
     }
     header = ["strategy", "encoders", "weights"]
     for task in tasks:
         header += [f"{task} {metrics[task]} (%)", "Δ vs CLIP (pp)"]
-    header += ["latency ms", "overhead", "peak mem MB", "tokens", "params trainable / total", "GFLOPs/img"]
+    header += ["visual tokens"]
+    if with_llm:
+        header += ["TTFT ms", "overhead", "vision overhead", "LLM share of TTFT", "decode tok/s"]
+        header += [f"overhead with {p} (projected)" for p in presets]
+    header += ["vision ms"] + ([] if with_llm else ["overhead"])
+    header += ["peak mem MB", "params trainable / total", "GFLOPs/img"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in strategies:
-        name = f"**{record['name']}**" if record.get("role") == "fused" else record["name"]
-        weights = ", ".join(f"{k}: {v}" for k, v in (record.get("weights") or {}).items()) or "—"
-        row = [name, " + ".join(record.get("encoders") or []) or "—", weights]
+        name = f"**{record.name}**" if record.role == "fused" else record.name
+        weights = ", ".join(f"{k}: {v}" for k, v in record.weights.items()) or "—"
+        row = [name, " + ".join(record.encoders) or "—", weights]
         for task in tasks:
-            result = (record.get("accuracy") or {}).get(task)
+            result = record.accuracy.get(task)
             row += [accuracy_cell(result), _signed_pct((result or {}).get("delta"))]
-        latency, ratios = record.get("latency") or {}, record.get("ratios") or {}
-        e2e = latency.get("end_to_end")
-        row.append(f"{e2e['median']:.2f} ({e2e['p10']:.2f}–{e2e['p90']:.2f})" if e2e else "—")
-        row.append(f"{ratios['end_to_end']:.2f}x" if ratios.get("end_to_end") is not None else "—")
-        peak = (record.get("memory") or {}).get("peak_mb")
+        row.append("—" if record.tokens is None else str(record.tokens))
+        vlm = record.vlm
+        if with_llm:
+            rate = vlm.decode_tokens_per_s if vlm else None
+            row += [
+                _timing(vlm.ttft if vlm else None),
+                _ratio(record.overhead() if vlm else None),
+                _ratio(record.vision_overhead()),
+                "—" if vlm is None else f"{100 * vlm.llm_share:.0f} %",
+                "—" if not rate else f"{rate['median']:.1f}",
+            ]
+            row += [_ratio(((vlm.projected if vlm else {}).get(p) or {}).get("ratio")) for p in presets]
+        row.append(_timing((record.latency or {}).get("end_to_end")))
+        if not with_llm:
+            row.append(_ratio(record.overhead()))
+        peak = (record.memory or {}).get("peak_mb")
         row.append(f"{peak:.0f}" if peak is not None else "—")
-        row.append(str(record.get("tokens", "—")))
-        params = record.get("params")
+        params = record.params
         row.append(f"{params['trainable'] / 1e6:.2f}M / {params['total'] / 1e6:.2f}M" if params else "—")
-        gflops = record.get("gflops")
-        row.append(f"{gflops:.3g}" if gflops is not None else "—")
+        row.append(f"{record.gflops:.3g}" if record.gflops is not None else "—")
         lines.append("| " + " | ".join(row) + " |")
-    memory_kinds = sorted({(s.get("memory") or {}).get("kind", "") for s in strategies} - {""})
+    memory_kinds = sorted({(s.memory or {}).get("kind", "") for s in strategies} - {""})
     if memory_kinds:
-        lines += ["", f"Peak memory: {'; '.join(memory_kinds)}."]
-    errors = [(s["name"], e) for s in strategies for e in s.get("errors") or []]
-    failed = report.get("failed_jobs") or []
-    if errors or failed:
+        scope = "the whole VLM's first token" if with_llm else "the vision pipeline"
+        lines += ["", f"Peak memory ({scope}): {'; '.join(memory_kinds)}."]
+    errors = [(s.name, e) for s in strategies for e in s.errors]
+    if errors or report.failed_jobs:
         lines += ["", "## Errors", ""]
         lines += [f"- {name} / {e['where']}: {e['error']}" for name, e in errors]
-        lines += [f"- job {job['job']}: {job['error']}" for job in failed]
+        lines += [f"- job {job['job']}: {job['error']}" for job in report.failed_jobs]
     return "\n".join(lines) + "\n"
 
 
 # -- plot -------------------------------------------------------------------------------------------
-def pareto_figure(report: Mapping):
-    """The Pareto figure: per task, accuracy change against the baseline (pp) over the latency
-    overhead (x baseline), one labelled point per strategy, baselines as hollow squares.
+def pareto_figure(report: Report):
+    """The Pareto figure: per task, accuracy change against the baseline (pp) over the cost overhead
+    (x baseline), one labelled point per strategy (squares: baselines, circles: fused strategies).
+    With a language model the filled marker is the time-to-first-token overhead and a hollow marker,
+    joined to it by a dotted line, the vision-only overhead of the same strategy.
 
     Returns:
         A :class:`matplotlib.figure.Figure` on its own Agg canvas, outside pyplot: drawing it changes
@@ -302,43 +345,43 @@ def pareto_figure(report: Mapping):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    tasks = report["tasks"] or ["(no task)"]
-    figure = Figure(figsize=(5.5 * len(tasks), 4.5))
+    tasks = report.tasks or ["(no task)"]
+    with_llm = any(s.vlm is not None for s in report.strategies)
+    # constrained layout sizes the margins to the text, so no title or label is clipped
+    figure = Figure(figsize=(5.5 * len(tasks), 4.8), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(tasks), squeeze=False)
     for axis, task in zip(axes[0], tasks):
-        for record in report["strategies"]:
-            overhead = (record.get("ratios") or {}).get("end_to_end")
-            delta = ((record.get("accuracy") or {}).get(task) or {}).get("delta")
+        for record in report.strategies:
+            overhead, vision = record.overhead(), record.vision_overhead()
+            delta = (record.accuracy.get(task) or {}).get("delta")
             if overhead is None or delta is None:
                 continue
-            baseline = record.get("role") == "baseline"
-            axis.scatter(
-                overhead,
-                100 * delta,
-                marker="s" if baseline else "o",
-                s=70,
-                facecolors="none" if baseline else "tab:blue",
-                edgecolors="black" if baseline else "tab:blue",
-                zorder=3,
-                label=record["name"],
-            )
-            axis.annotate(record["name"], (overhead, 100 * delta), textcoords="offset points", xytext=(6, 4))
+            color = "black" if record.is_baseline else "tab:blue"
+            marker = "s" if record.is_baseline else "o"
+            axis.scatter(overhead, 100 * delta, marker=marker, s=70, color=color, zorder=3, label=record.name)
+            if with_llm and vision is not None:
+                axis.scatter(
+                    vision, 100 * delta, marker=marker, s=70, facecolors="none", edgecolors=color, zorder=3
+                )
+                axis.plot([vision, overhead], [100 * delta] * 2, linestyle=":", color=color, linewidth=1)
+            axis.annotate(record.name, (overhead, 100 * delta), textcoords="offset points", xytext=(6, 4))
         axis.axhline(0.0, color="grey", linewidth=0.8)
         axis.axvline(1.0, color="grey", linewidth=0.8)
-        axis.set_xlabel(f"latency overhead (x {report['baseline']})")
-        axis.set_ylabel(f"{task}: accuracy change vs {report['baseline']} (pp)")
+        cost = "time-to-first-token overhead" if with_llm else "latency overhead"
+        axis.set_xlabel(f"{cost} (x {report.baseline})" + ("; hollow: vision only" if with_llm else ""))
+        axis.set_ylabel(f"{task}: accuracy change vs {report.baseline} (pp)")
         axis.set_title(task)
         axis.grid(alpha=0.3)
-    title = "accuracy gain vs latency overhead (squares: baselines)"
-    if report.get("weights_random"):
+    cost = f"TTFT overhead ({', '.join(report.llms)})" if with_llm else "latency overhead"
+    title = f"accuracy gain vs {cost}"
+    if report.weights_random:
         title = "RANDOM WEIGHTS - " + title
     figure.suptitle(title)
-    figure.tight_layout()
     return figure
 
 
-def plot_pareto(report: Mapping, path: str | os.PathLike) -> Path:
+def plot_pareto(report: Report, path: str | os.PathLike) -> Path:
     """Save :func:`pareto_figure` as a PNG at ``path``, atomically."""
     figure = pareto_figure(report)
     with atomic_path(path) as temp:
@@ -346,7 +389,7 @@ def plot_pareto(report: Mapping, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def write_report(report: Mapping, out_dir: str | os.PathLike) -> Path:
+def write_report(report: Report, out_dir: str | os.PathLike) -> Path:
     """Write ``report.json``, ``report.md`` and ``pareto.png`` into ``out_dir`` (each atomically).
 
     Returns:
@@ -357,14 +400,14 @@ def write_report(report: Mapping, out_dir: str | os.PathLike) -> Path:
     plot_pareto(report, out / "pareto.png")
     atomic_write(out / "report.md", render_markdown(report))
     # the JSON last: its presence marks a finished job for aggregate() and resumed sweeps
-    return write_json(out / "report.json", report)
+    return write_json(out / "report.json", report.to_dict())
 
 
 # -- sweeps -----------------------------------------------------------------------------------------
-def job_labels(reports: Mapping[str, Mapping]) -> dict[str, str]:
+def job_labels(reports: Mapping[str, Report]) -> dict[str, str]:
     """How each job's rows are named in the aggregate: the overrides in which it differs from the other
     jobs (those shared by every job say nothing), else its folder name."""
-    overrides = {job: list((r.get("run") or {}).get("overrides") or []) for job, r in reports.items()}
+    overrides = {job: list(r.run.get("overrides") or []) for job, r in reports.items()}
     shared = set.intersection(*(set(o) for o in overrides.values())) if overrides else set()
     return {job: ",".join(o for o in given if o not in shared) or job for job, given in overrides.items()}
 
@@ -400,7 +443,7 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         raise ValueError(
             f"sweep folder {sweep} holds no job folder (one with report.json, {ERROR_FILE} or .hydra/)"
         )
-    reports: dict[str, dict] = {}
+    reports: dict[str, Report] = {}
     failed = []
     for job_dir in job_dirs:
         try:
@@ -418,29 +461,29 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     labels = job_labels(reports)
     baseline_configs: dict[str, set[str]] = {}
     for report in reports.values():
-        for record in report["strategies"]:
-            if record.get("role") == "baseline":
-                baseline_configs.setdefault(record["name"], set()).add(_config_key(record))
+        for record in report.strategies:
+            if record.is_baseline:
+                baseline_configs.setdefault(record.name, set()).add(_config_key(record))
     strategies, kept = [], set()
     for job, report in reports.items():
-        for record in report["strategies"]:
-            record = {**record, "job": job}
-            if record.get("role") == "baseline":
-                key = (record["name"], _config_key(record))
+        for record in report.strategies:
+            record = dataclasses.replace(record, job=job)
+            if record.is_baseline:
+                key = (record.name, _config_key(record))
                 if key in kept:
                     continue
                 kept.add(key)
-                if len(baseline_configs[record["name"]]) == 1:
+                if len(baseline_configs[record.name]) == 1:
                     strategies.append(record)
                     continue
-            strategies.append({**record, "name": f"{record['name']} [{labels[job]}]"})
-    tasks = list(dict.fromkeys(t for r in reports.values() for t in r.get("tasks", [])))
-    first = next(iter(reports.values()), {})
+            strategies.append(dataclasses.replace(record, name=f"{record.name} [{labels[job]}]"))
+    tasks = list(dict.fromkeys(t for r in reports.values() for t in r.tasks))
+    first = next(iter(reports.values()), None)
     merged = build_report(
         strategies,
         run={"sweep_dir": str(sweep), "jobs": len(job_dirs)},
         # the jobs' device (the aggregating machine may be a login node); this command and date
-        env={**first.get("environment", {}), **_now_and_command()},
+        env={**(first.environment if first else {}), **_now_and_command()},
         tasks=tasks,
         deltas=False,
         jobs=[
@@ -451,8 +494,8 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     return write_report(merged, out_dir or sweep)
 
 
-def _config_key(record: Mapping) -> str:
-    return json.dumps(record.get("config"), sort_keys=True, default=str)
+def _config_key(record: StrategyRecord) -> str:
+    return json.dumps(record.config, sort_keys=True, default=str)
 
 
 def _is_job_dir(path: Path) -> bool:

@@ -32,10 +32,13 @@ from benchmarks.config import (
     plain,
     probe_settings,
     strategies,
+    vlm_options,
 )
 from benchmarks.datasets import ImageDataset, build_train_test, load_batch
 from benchmarks.features import FeatureCache
-from benchmarks.latency import fixed_threads, measure_latency
+from benchmarks.latency import DTYPES, LatencyOptions, fixed_threads, measure_latency
+from benchmarks.llm import VlmOptions, check_fits
+from benchmarks.records import StrategyRecord
 from benchmarks.report import BASELINE, build_report, environment, render_markdown, write_report
 from benchmarks.tasks import FeatureSplit, run_probe
 from fusion import EncoderGeometry, FusedEncoder, FusionHead
@@ -192,22 +195,20 @@ def head_factory(strategy: Strategy, encoders: Mapping[str, Encoder]):
     return lambda: FusionHead(geometries, **strategy.head)
 
 
-def strategy_record(strategy: Strategy, encoders: Mapping[str, Encoder]) -> dict:
+def strategy_record(strategy: Strategy, encoders: Mapping[str, Encoder]) -> StrategyRecord:
     """The report record of a strategy before results: name, role, encoders, config, weights."""
     used = [encoders[role] for role in strategy.encoders]
-    return {
-        "name": strategy.name,
-        "role": strategy.role,
-        "encoders": [e.spec.name for e in used],
-        "config": {
+    return StrategyRecord(
+        name=strategy.name,
+        role=strategy.role,
+        encoders=[e.spec.name for e in used],
+        config={
             "key": strategy.key(),
             "encoders": {role: plain_spec(encoders[role]) for role in strategy.encoders},
             "head": strategy.head,
         },
-        "weights": {e.spec.name: e.weights_loaded for e in used},
-        "accuracy": {},
-        "errors": [],
-    }
+        weights={e.spec.name: e.weights_loaded for e in used},
+    )
 
 
 def plain_spec(encoder: Encoder) -> dict:
@@ -218,14 +219,17 @@ def plain_spec(encoder: Encoder) -> dict:
     return spec
 
 
-def run_probes(cfg: Any, plan: list[Strategy], records: dict, encoders, splits, role_errors) -> None:
+def run_probes(
+    cfg: Any, plan: list[Strategy], records: dict[str, StrategyRecord], encoders, splits, role_errors
+) -> None:
     """Every task of ``cfg.task.names`` for every strategy; results and errors go into ``records``."""
     settings = probe_settings(cfg)
     for strategy in plan:
         record = records[strategy.name]
         missing = [role_errors[r] for r in strategy.encoders if r in role_errors]
         if missing:
-            record["errors"] += [{"where": "features", "error": e} for e in missing]
+            for error in missing:
+                record.add_error("features", error)
             continue
         make_head = head_factory(strategy, encoders)
         for task in plain(cfg.task.names):
@@ -234,7 +238,7 @@ def run_probes(cfg: Any, plan: list[Strategy], records: dict, encoders, splits, 
                 test = splits["test"].features(strategy.encoders, task)
                 started = time.perf_counter()
                 result = run_probe(task, make_head, train, test, **settings)
-                record["accuracy"][task] = result
+                record.accuracy[task] = result
                 log.info(
                     "probe %s / %s: %s %.3f in %.1f s",
                     strategy.name,
@@ -245,12 +249,19 @@ def run_probes(cfg: Any, plan: list[Strategy], records: dict, encoders, splits, 
                 )
             except Exception as error:  # one task's failure must not lose the others
                 log.error("probe %s / %s failed:\n%s", strategy.name, task, traceback.format_exc())
-                record["accuracy"][task] = {"task": task, "mean": None, "std": None}
-                record["errors"].append({"where": f"probe:{task}", "error": error_text(error)})
+                record.accuracy[task] = {"task": task, "mean": None, "std": None}
+                record.add_error(f"probe:{task}", error_text(error))
 
 
-def run_latency(cfg: Any, plan: list[Strategy], records: dict, encoders) -> None:
-    """Time every strategy that builds, all in one run; results and errors go into ``records``."""
+def run_latency(
+    plan: list[Strategy],
+    records: dict[str, StrategyRecord],
+    encoders,
+    options: LatencyOptions,
+    vlm: VlmOptions,
+) -> None:
+    """Time every strategy that builds, all in one run (with the language-model stage of ``vlm``);
+    results and errors go into ``records``."""
     pipelines = {}
     for strategy in plan:
         try:
@@ -258,22 +269,21 @@ def run_latency(cfg: Any, plan: list[Strategy], records: dict, encoders) -> None
                 [encoders[role] for role in strategy.encoders], **strategy.head
             )
         except Exception as error:
-            records[strategy.name]["errors"].append({"where": "latency", "error": error_text(error)})
+            records[strategy.name].add_error("latency", error_text(error))
     if BASELINE not in pipelines:
         for name in pipelines:
-            records[name]["errors"].append(
-                {"where": "latency", "error": f"no {BASELINE} pipeline to measure ratios against"}
-            )
+            records[name].add_error("latency", f"no {BASELINE} pipeline to measure ratios against")
         return
     try:
-        results = measure_latency(pipelines, latency_options(cfg))
+        results = measure_latency(pipelines, options, vlm=vlm)
     except Exception as error:
         log.error("latency failed:\n%s", traceback.format_exc())
         for name in pipelines:
-            records[name]["errors"].append({"where": "latency", "error": error_text(error)})
+            records[name].add_error("latency", error_text(error))
         return
     for name, result in results.items():
-        records[name].update(result)
+        for field, value in result.items():
+            setattr(records[name], field, value)
 
 
 def output_dir(cfg: Any, out_dir: str | os.PathLike | None) -> Path:
@@ -324,7 +334,11 @@ def run_benchmark(
 
 def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Path | None:
     out = output_dir(cfg, out_dir)
+    # every setting that can be checked without a model is checked before any model is built
     plan = strategies(cfg)
+    options, vlm = latency_options(cfg), vlm_options(cfg)
+    if vlm.llm is not None and not cfg.bench.extract_only:
+        check_fits(vlm.llm, DTYPES[options.dtype] or torch.float32, torch.device(options.device))
     seconds: dict[str, float] = {}
     with phase("encoders", seconds):
         encoders = build_encoders(cfg)
@@ -348,7 +362,7 @@ def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Pa
     with phase("probes", seconds):
         run_probes(cfg, plan, records, encoders, splits, role_errors)
     with phase("latency", seconds):
-        run_latency(cfg, plan, records, encoders)
+        run_latency(plan, records, encoders, options, vlm)
     run = {
         **plain(cfg),
         "overrides": job_overrides(),

@@ -58,38 +58,46 @@ def check_report(path: Path, tasks: list[str], fused: str) -> dict:
         "report.md",
     ]
     assert (folder / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    assert report["weights_random"] is True and report["tasks"] == tasks
-    assert report["environment"]["torch"] and report["environment"]["device_type"] == "cpu"
-    names = [s["name"] for s in report["strategies"]]
+    assert report.weights_random is True and report.tasks == tasks
+    assert report.environment["torch"] and report.environment["device_type"] == "cpu"
+    names = [s.name for s in report.strategies]
     assert names == ["clip_only", "dino_only", fused]
-    for record in report["strategies"]:
-        assert set(record["weights"].values()) == {"random"}
-        assert set(record["accuracy"]) == set(tasks)
-        assert record["latency"]["end_to_end"]["median"] > 0
-        assert record["tokens"] > 0 and record["params"]["trainable"] > 0
-    assert report["strategies"][0]["ratios"]["end_to_end"] == 1.0
+    baseline = report.strategies[0]
+    for record in report.strategies:
+        assert set(record.weights.values()) == {"random"}
+        assert set(record.accuracy) == set(tasks)
+        assert record.latency["end_to_end"]["median"] > 0
+        assert record.tokens > 0 and record.params["trainable"] > 0
+        # the language model's stage: TTFT and its ratio to the baseline's, measured in the same run
+        vlm = record.vlm
+        assert vlm.llm == "tiny" and vlm.visual_tokens == record.tokens and record.out_dim == vlm.hidden_size
+        assert vlm.ratios["ttft"] == pytest.approx(vlm.ttft["median"] / baseline.vlm.ttft["median"])
+        assert vlm.ratios["vision"] == pytest.approx(record.ratios["end_to_end"])
+        assert record.overhead() == vlm.ratios["ttft"]
+    assert baseline.ratios["end_to_end"] == 1.0 and baseline.vlm.ratios["ttft"] == 1.0
     text = (folder / "report.md").read_text()
     assert text.splitlines()[0].startswith("**RANDOM WEIGHTS: encoder(s) clip, dino")
+    assert text.splitlines()[4].startswith("Language model: tiny")
     assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + 3
     return report
 
 
-def check_layer_weights(record: dict, tasks: list[str]) -> None:
+def check_layer_weights(record, tasks: list[str]) -> None:
     """A weighted_ln strategy's results carry, per task, one softmax weight per hooked layer of each of
     its encoders, summing to 1, the mean of the per-seed weights; a strategy learning none carries none."""
-    weighted = record["config"]["head"]["layer_merge"]["kind"] == "weighted_ln"
-    hooked = {spec["name"]: len(spec["hooks"]["layers"]) for spec in record["config"]["encoders"].values()}
+    weighted = record.config["head"]["layer_merge"]["kind"] == "weighted_ln"
+    hooked = {spec["name"]: len(spec["hooks"]["layers"]) for spec in record.config["encoders"].values()}
     for task in tasks:
-        extra = record["accuracy"][task]["extra"]
+        extra = record.accuracy[task]["extra"]
         if not weighted:
-            assert "layer_weights" not in extra, (record["name"], task)
+            assert "layer_weights" not in extra, (record.name, task)
             continue
         learned, per_seed = extra["layer_weights"], extra["layer_weights_per_seed"]
-        assert {name: len(w) for name, w in learned.items()} == hooked, (record["name"], task)
+        assert {name: len(w) for name, w in learned.items()} == hooked, (record.name, task)
         for name, weights in learned.items():
             assert sum(weights) == pytest.approx(1.0, abs=1e-6)
             seeds = torch.tensor(per_seed[name], dtype=torch.float64)
-            assert len(seeds) == len(record["accuracy"][task]["seeds"])
+            assert len(seeds) == len(record.accuracy[task]["seeds"])
             torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), seeds.mean(0))
 
 
@@ -103,15 +111,15 @@ def test_fusion_bench_smoke_through_the_hydra_main(tmp_path):
     report = check_report(
         tmp_path / "run" / "report.json", ["classification", "dense", "localization"], "eagle"
     )
-    for record in report["strategies"]:
-        assert not record["errors"]
+    for record in report.strategies:
+        assert not record.errors
         for task, metric in (("classification", "top1"), ("dense", "miou"), ("localization", "mean_iou")):
-            result_ = record["accuracy"][task]
+            result_ = record.accuracy[task]
             assert result_["metric"] == metric and 0.0 <= result_["mean"] <= 1.0
         check_layer_weights(record, ["classification", "dense", "localization"])
     # eagle and its baselines take the last hooked layer: no strategy learns layer weights
-    assert not any("layer_weights" in s["accuracy"]["dense"]["extra"] for s in report["strategies"])
-    assert report["run"]["overrides"] == ["experiment=smoke", "task=all"]  # Hydra's own are not the job's
+    assert not any("layer_weights" in s.accuracy["dense"]["extra"] for s in report.strategies)
+    assert report.run["overrides"] == ["experiment=smoke", "task=all"]  # Hydra's own are not the job's
     assert list((tmp_path / "cache").iterdir()), "features were cached under $FUSION_CACHE"
 
 
@@ -139,10 +147,10 @@ def test_a_failing_strategy_is_recorded_not_lost(tmp_path):
         make(f"bench.cache_dir={tmp_path / 'cache'}", "align=pixel_unshuffle", "align.grid=[3,3]"), tmp_path
     )
     report = load_report(path)
-    for record in report["strategies"]:
-        wheres = {e["where"] for e in record["errors"]}
+    for record in report.strategies:
+        wheres = {e["where"] for e in record.errors}
         assert {"probe:classification", "latency"} <= wheres
-        assert record["accuracy"]["classification"]["mean"] is None
+        assert record.accuracy["classification"]["mean"] is None
     assert "## Errors" in (tmp_path / "report.md").read_text()
 
 
@@ -159,12 +167,12 @@ def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
         tmp_path / "coco",
     )
     report = check_report(coco, ["classification", "dense", "localization"], "comm")
-    assert report["run"]["data_sizes"] == {"train": 12, "test": 12}
-    for record in report["strategies"]:
-        assert not record["errors"], record["errors"]
-        assert record["accuracy"]["dense"]["metric"] == "miou"
+    assert report.run["data_sizes"] == {"train": 12, "test": 12}
+    for record in report.strategies:
+        assert not record.errors, record.errors
+        assert record.accuracy["dense"]["metric"] == "miou"
         check_layer_weights(record, ["classification", "dense", "localization"])
-    assert all("layer_weights" in s["accuracy"]["dense"]["extra"] for s in report["strategies"])
+    assert all("layer_weights" in s.accuracy["dense"]["extra"] for s in report.strategies)
     tiny = run_benchmark(
         make(
             "data=tinyimagenet",
@@ -176,13 +184,13 @@ def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
         tmp_path / "tiny",
     )
     report = load_report(tiny)
-    assert report["run"]["data_sizes"] == {"train": 200, "test": 200}
-    for record in report["strategies"]:
+    assert report.run["data_sizes"] == {"train": 200, "test": 200}
+    for record in report.strategies:
         # Tiny-ImageNet has no masks: the dense probe's error is recorded, the other probes ran
-        assert [e["where"] for e in record["errors"]] == ["probe:dense"]
-        assert "masks" in record["errors"][0]["error"]
-        assert 0.0 <= record["accuracy"]["classification"]["mean"] <= 1.0
-        assert 0.0 <= record["accuracy"]["localization"]["mean"] <= 1.0
+        assert [e["where"] for e in record.errors] == ["probe:dense"]
+        assert "masks" in record.errors[0]["error"]
+        assert 0.0 <= record.accuracy["classification"]["mean"] <= 1.0
+        assert 0.0 <= record.accuracy["localization"]["mean"] <= 1.0
     assert json.loads((tmp_path / "tiny" / "report.json").read_text())["tasks"] == [
         "classification",
         "dense",
@@ -218,21 +226,26 @@ def test_a_sweep_killed_midway_resumes_and_aggregates(tmp_path):
 
     assert report_main([str(sweep)]) == 0
     report = load_report(sweep / "report.json")
-    fused = [s["name"] for s in report["strategies"] if s["role"] == "fused"]
+    fused = [s.name for s in report.strategies if s.role == "fused"]
     assert fused == [
         "comm [fusion=comm]",
         "prismatic [fusion=prismatic]",
         "mmvp_interleave [fusion=mmvp_interleave]",
     ]
     # each preset brings its own hooks or projector, so each job has its own pair of baselines
-    baselines = [s["name"] for s in report["strategies"] if s["role"] == "baseline"]
+    baselines = [s.name for s in report.strategies if s.role == "baseline"]
     assert sorted(baselines) == sorted(
         f"{b} [fusion={f}]"
         for b in ("clip_only", "dino_only")
         for f in ("comm", "prismatic", "mmvp_interleave")
     )
-    assert report["failed_jobs"] == []
+    assert report.failed_jobs == []
     assert (sweep / "report.md").read_text().startswith("**RANDOM WEIGHTS")
+    # schema 2 round-trips through fusion-report: each row keeps the TTFT measured in its own job
+    for record in report.strategies:
+        job = load_report(sweep / record.job / "report.json")
+        (own,) = [s for s in job.strategies if record.name.startswith(s.name)]
+        assert record.vlm == own.vlm and record.vlm.llm == "tiny"
 
 
 def test_parallel_jobs_on_submitit_local_share_one_cache(tmp_path):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.config import llm_preset
 from benchmarks.latency import LatencyOptions, gflops_per_image, measure_latency, stats
+from benchmarks.llm import VlmOptions, prefill_flops
 from fusion import FusedEncoder
 from fusion.encoders import build_encoder
 from fusion.encoders.tiny import tiny_spec
@@ -109,6 +111,15 @@ def test_bf16_autocast_and_compile_paths_run(pipelines):
         assert np.isfinite(result["latency"]["end_to_end"]["median"])
 
 
+def test_bf16_and_compile_paths_run_with_a_language_model(vlm_pipelines):
+    """bf16: the language model's weights in bf16 take the autocast pipeline's tokens."""
+    subset = {k: vlm_pipelines[k] for k in ("clip_only", "sequence")}
+    vlm = VlmOptions(llm=llm_preset("tiny"), prompt_tokens=4, decode_tokens=2)
+    options = LatencyOptions(dtype="bf16", compile=True, compile_backend="eager", **FAST)
+    for result in measure_latency(subset, options, vlm=vlm).values():
+        assert np.isfinite(result["vlm"].ttft["median"]) and result["vlm"].decode_tokens_per_s["median"] > 0
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
@@ -130,6 +141,71 @@ def test_bad_options_name_the_field(field, value, message):
 def test_baseline_must_be_measured(pipelines):
     with pytest.raises(ValueError, match=r"baseline='clip_only' is not among the pipelines \['dino_only'\]"):
         measure_latency({"dino_only": pipelines["dino_only"]}, LatencyOptions(**FAST))
+
+
+@pytest.fixture(scope="module")
+def vlm_pipelines() -> dict[str, FusedEncoder]:
+    """Pipelines whose connectors emit the tiny language model's 32-wide embeddings."""
+    torch.manual_seed(2)
+    clip = build_encoder(tiny_spec("clip", layers=(-1,)))
+    dino = build_encoder(tiny_spec("dino_reg", "dino", layers=(1, 2)))
+    connector = {"kind": "mlp", "depth": 2, "out_dim": 32}
+    return {
+        "clip_only": FusedEncoder([clip], connector=connector),
+        "channel": FusedEncoder([clip, dino], connector=connector),
+        "sequence": FusedEncoder(
+            [clip, dino], encoder_merge="sequence_concat", merge_dim=16, connector=connector
+        ),
+    }
+
+
+def test_vlm_stage_ttft_decode_and_projections_in_one_run(vlm_pipelines):
+    tiny, target = llm_preset("tiny"), llm_preset("qwen2_5_1_5b")
+    vlm = VlmOptions(llm=tiny, prompt_tokens=7, decode_tokens=3, project=(target,))
+    results = measure_latency(vlm_pipelines, LatencyOptions(batch_sizes=(2, 1), **FAST), vlm=vlm)
+    base = results["clip_only"]["vlm"]
+    # one prefill rate for the run: every pipeline's prefill FLOPs (batch 2) over their summed medians
+    flops = sum(prefill_flops(tiny, r["vlm"].visual_tokens + 7, 2) for r in results.values())
+    rate = flops / sum(r["vlm"].prefill["median"] for r in results.values())
+    assert {name: r["vlm"].visual_tokens for name, r in results.items()} == {
+        "clip_only": 16,
+        "channel": 16,
+        "sequence": 32,  # sequence concat doubles the visual tokens
+    }
+    for result in results.values():
+        record = result["vlm"]
+        assert list(result["latency"]["stages"])[-1] == "llm.prefill"
+        assert (record.llm, record.hidden_size, record.prompt_tokens, record.decode_tokens) == (
+            "tiny",
+            32,
+            7,
+            3,
+        )
+        assert record.ttft["n"] == 3 and record.prefill["median"] > 0
+        assert record.prefill == result["latency"]["stages"]["llm.prefill"]
+        assert record.ratios["ttft"] == pytest.approx(record.ttft["median"] / base.ttft["median"])
+        assert record.ratios["vision"] == pytest.approx(result["ratios"]["end_to_end"])
+        stage_sum = sum(stage["median"] for stage in result["latency"]["stages"].values())
+        assert record.llm_share == pytest.approx(record.prefill["median"] / stage_sum)
+        assert record.decode_tokens_per_s["median"] > 0 and set(record.per_batch) == {"2", "1"}
+        tokens = record.visual_tokens + 7
+        assert record.prefill_gflops == pytest.approx(prefill_flops(tiny, tokens) / 1e9)
+        assert result["gflops_stages"]["llm.prefill"] == pytest.approx(record.prefill_gflops)
+        vision_stages = {k: v for k, v in result["gflops_stages"].items() if k != "llm.prefill"}
+        assert sum(vision_stages.values()) == pytest.approx(result["gflops"], rel=1e-6)
+        # projected: the measured vision time plus the target's prefill FLOPs at the measured rate
+        (projection,) = record.projected.values()
+        assert projection["projected"] is True and set(record.projected) == {"qwen2_5_1_5b"}
+        expected = result["latency"]["end_to_end"]["median"] + prefill_flops(target, tokens, 2) / rate
+        assert projection["ttft_ms"] == pytest.approx(expected)
+        assert projection["ratio"] == pytest.approx(expected / base.projected["qwen2_5_1_5b"]["ttft_ms"])
+    assert base.ratios == {"ttft": 1.0, "vision": 1.0}
+
+
+def test_the_language_model_must_take_the_pipelines_width(pipelines):
+    vlm = VlmOptions(llm=llm_preset("tiny"))
+    with pytest.raises(ValueError, match=r"pipeline clip_only emits 24-wide tokens but llm=tiny takes 32"):
+        measure_latency(pipelines, LatencyOptions(**FAST), vlm=vlm)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,8 +9,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pytest
 
+from benchmarks.records import SCHEMA_VERSION, StrategyRecord, VlmRecord
 from benchmarks.report import (
-    SCHEMA_VERSION,
     aggregate,
     atomic_write,
     build_report,
@@ -26,29 +26,29 @@ from benchmarks.run import job_overrides
 
 def record(name, role, encoders, accuracy, median, ratio, weights="random", errors=()):
     """A strategy record as run.py writes it, with hand-chosen numbers."""
-    return {
-        "name": name,
-        "role": role,
-        "encoders": list(encoders),
-        "config": {"key": name, "head": {"kind": name}},
-        "weights": {e: weights for e in encoders},
-        "accuracy": {
+    return StrategyRecord(
+        name=name,
+        role=role,
+        encoders=list(encoders),
+        config={"key": name, "head": {"kind": name}},
+        weights={e: weights for e in encoders},
+        accuracy={
             task: {"task": task, "metric": metric, "mean": mean, "std": std, "per_seed": [mean]}
             for task, (metric, mean, std) in accuracy.items()
         },
-        "latency": {
+        latency={
             "batch_size": 4,
             "dtype": "fp32",
             "compile": False,
             "end_to_end": {"median": median, "p10": median * 0.9, "p90": median * 1.2, "n": 5},
         },
-        "ratios": {"end_to_end": ratio},
-        "memory": {"kind": "cpu process RSS", "peak_mb": 812.4},
-        "tokens": 196,
-        "params": {"total": 93_000_000, "trainable": 1_250_000},
-        "gflops": 23.4,
-        "errors": list(errors),
-    }
+        ratios={"end_to_end": ratio},
+        memory={"kind": "cpu process RSS", "peak_mb": 812.4},
+        tokens=196,
+        params={"total": 93_000_000, "trainable": 1_250_000},
+        gflops=23.4,
+        errors=list(errors),
+    )
 
 
 def three_strategies(weights="random"):
@@ -77,13 +77,13 @@ ENV = {"device": "test cpu", "torch": "x", "date": "2026-01-01", "command": "fus
 
 def test_build_report_fills_deltas_and_flags_random_weights():
     report = build_report(three_strategies(), run={"seed": 0}, env=ENV)
-    assert report["schema_version"] == SCHEMA_VERSION
-    assert report["weights_random"] is True and report["random_encoders"] == ["clip", "dino"]
-    assert report["tasks"] == ["classification"]
-    deltas = {s["name"]: s["accuracy"]["classification"]["delta"] for s in report["strategies"]}
+    assert report.schema_version == SCHEMA_VERSION == 2
+    assert report.weights_random is True and report.random_encoders == ["clip", "dino"]
+    assert report.tasks == ["classification"]
+    deltas = {s.name: s.accuracy["classification"]["delta"] for s in report.strategies}
     assert deltas == pytest.approx({"clip_only": 0.0, "dino_only": -0.125, "comm": 0.075})
     pretrained = build_report(three_strategies("pretrained"), env=ENV)
-    assert pretrained["weights_random"] is False and pretrained["random_encoders"] == []
+    assert pretrained.weights_random is False and pretrained.random_encoders == []
     with pytest.raises(ValueError, match=r"distinct names; repeated: \['comm'\]"):
         build_report([*three_strategies(), three_strategies()[2]], env=ENV)
 
@@ -100,9 +100,11 @@ def test_markdown_first_line_table_and_errors():
     assert comm["strategy"] == "**comm**"
     assert comm["classification top1 (%)"] == "70.0 ± 0.0"
     assert comm["Δ vs CLIP (pp)"] == "+7.5"
-    assert comm["latency ms"] == "57.20 (51.48–68.64)"
+    assert comm["vision ms"] == "57.20 (51.48–68.64)"
     assert comm["overhead"] == "1.43x"
-    assert comm["peak mem MB"] == "812" and comm["tokens"] == "196"
+    assert comm["peak mem MB"] == "812" and comm["visual tokens"] == "196"
+    assert "TTFT ms" not in header and "vision overhead" not in header  # no language model: one ratio
+    assert "Language model: none (llm=none)" in text
     assert comm["params trainable / total"] == "1.25M / 93.00M"
     dino = dict(zip(header, [c.strip() for c in table[3].strip("|").split("|")]))
     assert dino["classification top1 (%)"] == "50.0 ± 5.0" and dino["Δ vs CLIP (pp)"] == "-12.5"
@@ -110,6 +112,73 @@ def test_markdown_first_line_table_and_errors():
     pretrained = render_markdown(build_report(three_strategies("pretrained"), env=ENV))
     assert pretrained.splitlines()[0] == "# encoder-fusion benchmark"
     assert "RANDOM" not in pretrained
+
+
+def with_vlm(records, ttft, tokens, projected_ttft):
+    """``records`` with a language-model stage: hand-chosen TTFT medians, visual tokens and projected
+    TTFTs (the baseline first); ratios as measure_latency computes them."""
+    for record, median, count, projected in zip(records, ttft, tokens, projected_ttft):
+        record.tokens = count
+        record.vlm = VlmRecord(
+            llm="qwen2_5_0_5b",
+            hidden_size=896,
+            visual_tokens=count,
+            prompt_tokens=32,
+            decode_tokens=16,
+            prefill={"median": median - 50.0, "p10": median - 60.0, "p90": median - 40.0, "n": 5},
+            ttft={"median": median, "p10": median * 0.9, "p90": median * 1.1, "n": 5},
+            decode_tokens_per_s={"median": 20.0 - count / 100, "p10": 18.0, "p90": 21.0, "n": 5},
+            prefill_gflops=count * 0.9,
+            llm_share=(median - 50.0) / median,
+            ratios={"ttft": median / ttft[0], "vision": record.ratios["end_to_end"]},
+            projected={
+                "qwen2_5_7b": {
+                    "ttft_ms": projected,
+                    "ratio": projected / projected_ttft[0],
+                    "projected": True,
+                }
+            },
+        )
+    return records
+
+
+def test_markdown_and_pareto_lead_with_the_time_to_first_token():
+    records = with_vlm(
+        three_strategies(),
+        ttft=[1000.0, 1100.0, 1580.0],
+        tokens=[196, 256, 392],
+        projected_ttft=[5000.0, 6000.0, 9500.0],
+    )
+    report = build_report(records, env=ENV)
+    text = render_markdown(report)
+    lines = text.splitlines()
+    assert lines[0].startswith("**RANDOM WEIGHTS")
+    assert (
+        lines[4].startswith("Language model: qwen2_5_0_5b (random weights") and "32 prompt tokens" in lines[4]
+    )
+    assert "Projected (not measured): the overhead with qwen2_5_7b" in text
+    table = [line for line in lines if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    comm = dict(zip(header, [c.strip() for c in table[4].strip("|").split("|")]))
+    assert comm["visual tokens"] == "392"
+    assert comm["TTFT ms"] == "1580.00 (1422.00–1738.00)"
+    assert comm["overhead"] == "1.58x" and comm["vision overhead"] == "1.43x"
+    assert comm["LLM share of TTFT"] == "97 %" and comm["decode tok/s"] == "16.1"
+    assert comm["overhead with qwen2_5_7b (projected)"] == "1.90x"
+    assert comm["vision ms"] == "57.20 (51.48–68.64)"
+    assert report.llms == ["qwen2_5_0_5b"]
+    figure = pareto_figure(report)
+    (axis,) = figure.axes
+    filled = {
+        c.get_label(): tuple(c.get_offsets()[0])
+        for c in axis.collections
+        if not c.get_label().startswith("_")
+    }
+    assert filled["comm"] == pytest.approx((1.58, 7.5)) and filled["dino_only"] == pytest.approx((1.1, -12.5))
+    hollow = sorted(tuple(c.get_offsets()[0]) for c in axis.collections if c.get_label().startswith("_"))
+    for point, expected in zip(hollow, [(0.5, -12.5), (1.0, 0.0), (1.43, 7.5)], strict=True):
+        assert point == pytest.approx(expected)  # the vision-only overheads
+    assert "time-to-first-token overhead" in axis.get_xlabel()
 
 
 def test_pareto_points_are_the_strategies():
@@ -167,18 +236,18 @@ def test_report_json_carries_layer_weights_of_weighted_ln_strategies(tmp_path):
                 seeds.append([value / sum(raw) for value in raw])
             per_seed[encoder] = seeds
         mean = {e: [(a + b) / 2 for a, b in zip(*seeds)] for e, seeds in per_seed.items()}
-        record_["accuracy"]["classification"]["extra"] = {
+        record_.accuracy["classification"]["extra"] = {
             "layer_weights": mean,
             "layer_weights_per_seed": per_seed,
         }
-        learned[record_["name"]] = mean
+        learned[record_.name] = mean
     path = write_report(build_report(strategies, env=ENV), tmp_path / "sweep" / "0")
-    for saved in load_report(path)["strategies"]:
-        assert saved["accuracy"]["classification"]["extra"]["layer_weights"] == learned[saved["name"]]
+    for saved in load_report(path).strategies:
+        assert saved.accuracy["classification"]["extra"]["layer_weights"] == learned[saved.name]
     merged = load_report(aggregate(tmp_path / "sweep"))  # the fused row is named "comm [0]" there
     assert {
-        s["name"].partition(" [")[0]: s["accuracy"]["classification"]["extra"]["layer_weights"]
-        for s in merged["strategies"]
+        s.name.partition(" [")[0]: s.accuracy["classification"]["extra"]["layer_weights"]
+        for s in merged.strategies
     } == learned
 
 
@@ -186,7 +255,8 @@ def test_write_report_is_complete_and_leaves_no_temporaries(tmp_path):
     report = build_report(three_strategies(), run={"seed": 3}, env=ENV)
     path = write_report(report, tmp_path / "run")
     assert path == tmp_path / "run" / "report.json"
-    assert load_report(path) == json.loads(json.dumps(report))
+    assert load_report(path) == report
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report.to_dict()))
     assert (tmp_path / "run" / "report.md").read_text().startswith("**RANDOM WEIGHTS")
     png = (tmp_path / "run" / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -208,8 +278,20 @@ def test_load_report_rejects_what_it_cannot_read(tmp_path):
     with pytest.raises(FileNotFoundError, match="no report at"):
         load_report(tmp_path / "missing.json")
     (tmp_path / "old.json").write_text(json.dumps({"schema_version": 0}))
-    with pytest.raises(ValueError, match=r"schema_version=0; accepted: 1"):
+    with pytest.raises(ValueError, match=r"schema_version=0; accepted: 2$"):
         load_report(tmp_path / "old.json")
+    (tmp_path / "v1.json").write_text(json.dumps({"schema_version": 1, "strategies": []}))
+    with pytest.raises(
+        ValueError,
+        match=r"schema_version=1; accepted: 2; version 1 reports predate the "
+        r"language-model \(TTFT\) stage: rerun the benchmark",
+    ):
+        load_report(tmp_path / "v1.json")
+    data = build_report(three_strategies(), env=ENV).to_dict()
+    data["strategies"][1]["overhaed"] = 2.0
+    (tmp_path / "typo.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"strategy 'dino_only' has unknown fields \['overhaed'\]"):
+        load_report(tmp_path / "typo.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_report(tmp_path / "bad.json")
@@ -217,9 +299,9 @@ def test_load_report_rejects_what_it_cannot_read(tmp_path):
 
 def sweep_job(sweep, number, fused_name, overrides, hooks="penultimate"):
     strategies = three_strategies()
-    strategies[2]["name"] = fused_name
+    strategies[2].name = fused_name
     for s in strategies[:2]:
-        s["config"] = {"key": f"{s['name']}-{hooks}"}
+        s.config = {"key": f"{s.name}-{hooks}"}
     report = build_report(strategies, run={"overrides": overrides}, env=ENV)
     write_report(report, sweep / str(number))
 
@@ -233,7 +315,7 @@ def test_aggregate_lists_every_job_and_every_failure(tmp_path):
     (sweep / "4" / ".hydra").mkdir(parents=True)  # a job that died before writing anything
     path = aggregate(sweep)
     report = load_report(path)
-    names = [s["name"] for s in report["strategies"]]
+    names = [s.name for s in report.strategies]
     # baselines once per distinct configuration, labelled since clip_only has two; fused rows named by
     # the overrides that set their job apart (experiment=smoke is shared by all, so left out)
     assert names == [
@@ -245,18 +327,18 @@ def test_aggregate_lists_every_job_and_every_failure(tmp_path):
         "dino_only [fusion=comm,hooks=last3]",
         "comm [fusion=comm,hooks=last3]",
     ]
-    assert [j["label"] for j in report["jobs"]] == [
+    assert [j["label"] for j in report.jobs] == [
         "fusion=comm,hooks=penultimate",
         "fusion=prismatic,hooks=penultimate",
         "fusion=comm,hooks=last3",
     ]
-    fused = [s for s in report["strategies"] if s["role"] == "fused"]
+    fused = [s for s in report.strategies if s.role == "fused"]
     assert len(fused) == 3 and all(
-        s["accuracy"]["classification"]["delta"] == pytest.approx(0.075) for s in fused
+        s.accuracy["classification"]["delta"] == pytest.approx(0.075) for s in fused
     )
-    assert [j["job"] for j in report["failed_jobs"]] == ["3", "4"]
-    assert "does not divide 14" in report["failed_jobs"][0]["error"]
-    assert "died or is still running" in report["failed_jobs"][1]["error"]
+    assert [j["job"] for j in report.failed_jobs] == ["3", "4"]
+    assert "does not divide 14" in report.failed_jobs[0]["error"]
+    assert "died or is still running" in report.failed_jobs[1]["error"]
     text = (sweep / "report.md").read_text()
     assert text.startswith("**RANDOM WEIGHTS")
     assert "- job 3: ValueError: align.grid=[5, 5] does not divide 14" in text
@@ -268,14 +350,14 @@ def test_aggregate_keeps_one_plain_baseline_when_all_jobs_share_it(tmp_path):
     for number, fused in enumerate(("comm", "eagle", "mmvp_interleave")):
         sweep_job(sweep, number, fused, ["experiment=smoke", f"fusion={fused}"])
     report = load_report(aggregate(sweep, tmp_path / "out"))
-    assert [s["name"] for s in report["strategies"]] == [
+    assert [s.name for s in report.strategies] == [
         "clip_only",
         "dino_only",
         "comm [fusion=comm]",
         "eagle [fusion=eagle]",
         "mmvp_interleave [fusion=mmvp_interleave]",
     ]
-    assert report["failed_jobs"] == [] and (tmp_path / "out" / "report.md").is_file()
+    assert report.failed_jobs == [] and (tmp_path / "out" / "report.md").is_file()
 
 
 def test_aggregate_rejects_a_folder_without_jobs(tmp_path):
