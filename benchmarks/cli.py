@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 import benchmarks.config  # noqa: F401  (registers the structured config schema)
 from benchmarks.config import conf_dir, config_hash
-from benchmarks.report import ERROR_FILE, aggregate, load_report, write_json
+from benchmarks.io import write_json
+from benchmarks.report import ERROR_FILE, aggregate, load_report
 
 CONF_DIR = str(conf_dir())
 

@@ -23,6 +23,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from benchmarks.assess import AssessOptions
 from benchmarks.datasets import DATASETS
 from benchmarks.features import STORAGE_DTYPES
 from benchmarks.latency import DTYPES, LatencyOptions
@@ -210,6 +211,9 @@ class BenchConfig:
     ``prompt_tokens``, ``decode_tokens``: the text tokens after the visual ones in the prefill, and the
     greedy steps timed after it. ``project_llms``: ``llm`` presets too big to run here, whose time to
     first token is projected from the prefill rate measured with ``llm``.
+    ``ci_resamples``: bootstrap resamples of every interval; ``min_detectable_pp``: the smallest
+    accuracy change worth detecting (the report says when the test split is too small for it);
+    ``max_overhead``: a TTFT budget against CLIP-only (null: none).
     """
 
     device: str = "cpu"
@@ -225,6 +229,9 @@ class BenchConfig:
     prompt_tokens: int = 32
     decode_tokens: int = 16
     project_llms: list[str] = field(default_factory=lambda: ["qwen2_5_7b", "llama3_8b"])
+    ci_resamples: int = 2000
+    min_detectable_pp: float = 1.0
+    max_overhead: float | None = None
 
 
 @dataclass
@@ -415,6 +422,21 @@ def latency_options(cfg: Any) -> LatencyOptions:
         threads=cfg.bench.threads,
         device=cfg.bench.device,
         image_size=cfg.data.image_size,
+        seed=cfg.seed,
+        ci_resamples=cfg.bench.ci_resamples,
+    )
+
+
+def assess_options(cfg: Any) -> AssessOptions:
+    """:class:`AssessOptions` from ``bench`` and ``seed``.
+
+    Raises:
+        ValueError: as :class:`AssessOptions`.
+    """
+    return AssessOptions(
+        ci_resamples=cfg.bench.ci_resamples,
+        min_detectable_pp=cfg.bench.min_detectable_pp,
+        max_overhead=cfg.bench.max_overhead,
         seed=cfg.seed,
     )
 

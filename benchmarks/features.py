@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from benchmarks.report import atomic_path, atomic_write
+from benchmarks.io import atomic_path, atomic_write
 from fusion.encoders import Encoder
 from fusion.encoders.weights import local_weights_path
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import atomic_write
+from benchmarks.io import atomic_write
 from kernels import reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -39,14 +39,20 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import psutil
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from benchmarks.llm import LanguageModel, VlmOptions, build_language_model, prefill_flops, projected_ttft
-from benchmarks.records import VlmRecord
+from benchmarks.llm import (
+    LanguageModel,
+    VlmOptions,
+    build_language_model,
+    prefill_flops,
+    vlm_records,
+    vlm_timings,
+)
+from benchmarks.stats import check_resamples, ratio_ci, stats
 from fusion import FusedEncoder
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -69,7 +75,8 @@ class LatencyOptions:
         threads: torch CPU threads while timing (None keeps the current count).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         image_size: side of the raw square uint8 images fed to the pipelines.
-        seed: seeds the random images.
+        seed: seeds the random images and the ratio intervals' resamples.
+        ci_resamples: bootstrap resamples of each ratio's interval (see :func:`benchmarks.stats.ratio_ci`).
 
     Raises:
         ValueError: naming the field, the value and what is accepted.
@@ -86,8 +93,10 @@ class LatencyOptions:
     device: str = "cpu"
     image_size: int = 224
     seed: int = 0
+    ci_resamples: int = 2000
 
     def __post_init__(self) -> None:
+        check_resamples(self.ci_resamples)
         sizes = self.batch_sizes
         if isinstance(sizes, int) or not isinstance(sizes, Sequence) or not sizes:
             raise ValueError(f"latency batch_sizes must be a non-empty list of ints, got {sizes!r}")
@@ -112,13 +121,6 @@ class LatencyOptions:
             raise ValueError(f"latency device={self.device!r} but CUDA is not available; accepted: cpu")
         if self.streams and device.type != "cuda":
             raise ValueError(f"latency streams=true needs a CUDA device, got device={self.device!r}")
-
-
-def stats(samples_ms: Sequence[float]) -> dict:
-    """Median, p10 and p90 (linear interpolation) of timings in milliseconds, and their count."""
-    values = np.asarray(samples_ms, dtype=np.float64)
-    p10, median, p90 = np.percentile(values, [10, 50, 90])
-    return {"median": float(median), "p10": float(p10), "p90": float(p90), "n": int(values.size)}
 
 
 @contextlib.contextmanager
@@ -417,6 +419,7 @@ def measure_latency(
         "image_size": options.image_size,
     }
     per_batch: dict[str, dict[str, dict]] = {name: {} for name in built}
+    repeats: dict[str, dict] = {}  # batch size -> the timed samples of every call, for the intervals
     with fixed_threads(options.threads), torch.inference_mode():
         for batch in options.batch_sizes:
             images = random_images(batch, options.image_size, options.seed, device)
@@ -430,7 +433,7 @@ def measure_latency(
                 if language is not None:
                     calls[name, "ttft"] = bound(pipeline.ttft, images)
                     calls[name, "decode"] = bound(language.decoder(*inputs["llm.prefill"]))
-            samples = _interleaved(timer, calls, options)
+            samples = repeats[str(batch)] = _interleaved(timer, calls, options)
             for name in built:
                 stages = {stage: stats(samples[name, stage]) for stage in built[name].stages}
                 whole = calls[name, "ttft" if language is not None else "end_to_end"]
@@ -447,12 +450,18 @@ def measure_latency(
             name: stage_gflops(p, bound, one_image, vlm.prompt_tokens) for name, p in built.items()
         }
     first = str(options.batch_sizes[0])
+
+    def interval(name: str, call: str, size: str) -> list[float]:
+        runs = repeats[size]
+        return ratio_ci(runs[name, call], runs[baseline, call], options.ci_resamples, options.seed)
+
     results = {}
     for name, pipeline in built.items():
         ratios = {
             size: record["end_to_end"]["median"] / per_batch[baseline][size]["end_to_end"]["median"]
             for size, record in per_batch[name].items()
         }
+        intervals = {size: interval(name, "end_to_end", size) for size in per_batch[name]}
         main = per_batch[name][first]
         results[name] = {
             "latency": {
@@ -465,7 +474,9 @@ def measure_latency(
             "ratios": {
                 "baseline": baseline,
                 "end_to_end": ratios[first],
+                "end_to_end_ci": intervals[first],
                 "per_batch": ratios,
+                "per_batch_ci": intervals,
                 "summary": f"{name} / {baseline} = {ratios[first]:.2f}x",
             },
             "memory": {**main["memory"], "weights_mb": tensor_megabytes(pipeline.fused)},
@@ -478,73 +489,10 @@ def measure_latency(
         }
     if language is not None:
         for name, record in vlm_records(built, per_batch, baseline, vlm, options.batch_sizes).items():
+            record.ratios["ttft_ci"] = interval(name, "ttft", first)
+            record.ratios["vision_ci"] = results[name]["ratios"]["end_to_end_ci"]
             results[name]["vlm"] = record
     return results
-
-
-def vlm_timings(samples: Mapping, name: str, batch: int, decode_tokens: int) -> dict:
-    """One pipeline's prefill, TTFT and decode statistics at one batch size; decode as tokens per
-    second per sequence (None when no token is decoded)."""
-    decode_ms = np.asarray(samples[name, "decode"], dtype=np.float64)
-    return {
-        "batch_size": batch,
-        "prefill": stats(samples[name, "llm.prefill"]),
-        "ttft": stats(samples[name, "ttft"]),
-        "decode_tokens_per_s": stats(decode_tokens / (decode_ms / 1e3)) if decode_tokens else None,
-    }
-
-
-def vlm_records(
-    built: Mapping[str, Pipeline],
-    per_batch: Mapping[str, dict],
-    baseline: str,
-    vlm: VlmOptions,
-    batch_sizes: Sequence[int],
-) -> dict[str, VlmRecord]:
-    """Every pipeline's :class:`VlmRecord` at the first batch size, with its TTFT and vision ratios
-    against ``baseline`` and its projections to ``vlm.project``.
-
-    A projection takes one prefill rate for the whole run, the FLOPs of every pipeline's prefill over
-    the sum of their medians, so that the noise of one pipeline's prefill does not bend its ratio.
-    """
-    size, batch, spec = str(batch_sizes[0]), batch_sizes[0], vlm.llm
-    prompt = vlm.prompt_tokens
-    timings = {name: per_batch[name][size]["vlm"] for name in built}
-    vision = {name: per_batch[name][size]["end_to_end"]["median"] for name in built}
-    tokens = {name: pipeline.fused.output_tokens() for name, pipeline in built.items()}
-    flops = sum(prefill_flops(spec, tokens[name] + prompt, batch) for name in built)
-    rate = flops / sum(t["prefill"]["median"] for t in timings.values())
-    projected = {
-        name: {
-            t.name: projected_ttft(vision[name], t, tokens[name] + prompt, batch, rate) for t in vlm.project
-        }
-        for name in built
-    }
-    for name in built:
-        for target, projection in projected[name].items():
-            projection["ratio"] = projection["ttft_ms"] / projected[baseline][target]["ttft_ms"]
-    records = {}
-    for name in built:
-        mine, stages = timings[name], per_batch[name][size]["stages"]
-        records[name] = VlmRecord(
-            llm=spec.name,
-            hidden_size=spec.hidden_size,
-            visual_tokens=tokens[name],
-            prompt_tokens=prompt,
-            decode_tokens=vlm.decode_tokens,
-            prefill=mine["prefill"],
-            ttft=mine["ttft"],
-            decode_tokens_per_s=mine["decode_tokens_per_s"],
-            prefill_gflops=prefill_flops(spec, tokens[name] + prompt) / 1e9,
-            llm_share=mine["prefill"]["median"] / sum(stage["median"] for stage in stages.values()),
-            ratios={
-                "ttft": mine["ttft"]["median"] / timings[baseline]["ttft"]["median"],
-                "vision": vision[name] / vision[baseline],
-            },
-            projected=projected[name],
-            per_batch={size: per_batch[name][size]["vlm"] for size in per_batch[name]},
-        )
-    return records
 
 
 def autocast_binder(device: torch.device, dtype: torch.dtype | None) -> Callable[..., Callable[[], object]]:

@@ -81,8 +81,11 @@ class StrategyRecord:
     ``end_to_end``, ``stages``, ``per_batch`` and the settings), ``ratios`` its ratios to the
     baseline (``end_to_end``, ``per_batch``, ``summary``), ``gflops`` the vision pipeline's GFLOPs per
     image and ``gflops_stages`` every stage's (the language model's prefill included); ``vlm`` the
-    language-model stage (None with ``llm=none``). ``errors`` lists ``{"where", "error"}``; ``job``
-    is the sweep job a row of an aggregate came from.
+    language-model stage (None with ``llm=none``). A task result also holds ``delta_ci`` (the paired
+    95 % interval of ``delta``) and ``detection`` (:func:`benchmarks.assess.add_delta_intervals`); a
+    fused strategy's ``verdict`` is ``gain``, ``worse`` or ``no detectable gain`` and its ``tradeoff``
+    the accuracy bought per +10 % of cost (:func:`benchmarks.assess.assess`). ``errors`` lists
+    ``{"where", "error"}``; ``job`` is the sweep job a row of an aggregate came from.
     """
 
     name: str
@@ -101,6 +104,8 @@ class StrategyRecord:
     gflops: float | None = None
     gflops_stages: dict | None = None
     vlm: VlmRecord | None = None
+    verdict: str | None = None
+    tradeoff: dict | None = None
     job: str | None = None
 
     def __post_init__(self) -> None:
@@ -124,6 +129,16 @@ class StrategyRecord:
     def vision_overhead(self) -> float | None:
         """The vision pipeline's end-to-end ratio against the baseline."""
         return (self.ratios or {}).get("end_to_end")
+
+    def overhead_ci(self) -> list[float] | None:
+        """The 95 % interval of :meth:`overhead`, from the paired repeats."""
+        if self.vlm is not None:
+            return self.vlm.ratios.get("ttft_ci")
+        return (self.ratios or {}).get("end_to_end_ci")
+
+    def vision_overhead_ci(self) -> list[float] | None:
+        """The 95 % interval of :meth:`vision_overhead`."""
+        return (self.ratios or {}).get("end_to_end_ci")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

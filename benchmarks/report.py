@@ -11,20 +11,20 @@ sees half a report.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import platform
 import sys
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from benchmarks.io import atomic_write, write_json
 from benchmarks.records import Report, StrategyRecord
+from benchmarks.render import plot_pareto, random_encoders, render_markdown
 
 BASELINE = "clip_only"
 REPORT_FILES = ("report.json", "report.md", "pareto.png")
@@ -32,42 +32,6 @@ ERROR_FILE = "error.json"
 
 
 # -- files ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder (same suffix, so writers infer the format); when
-    the block succeeds it is renamed onto ``path``, and it never outlives the block."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
-    try:
-        yield temp
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then rename.
-
-    Returns:
-        The path written.
-    """
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with (
-        atomic_path(path) as temp,
-        open(temp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as handle,
-    ):
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return Path(path)
-
-
-def write_json(path: str | os.PathLike, data: object) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    return atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
 def load_report(path: str | os.PathLike) -> Report:
     """Read a ``report.json``.
 
@@ -120,11 +84,6 @@ def environment(device: str | torch.device = "cpu", command: str | None = None) 
         "platform": platform.platform(),
         **_now_and_command(command),
     }
-
-
-def random_encoders(strategies: Sequence[StrategyRecord]) -> list[str]:
-    """The encoders that ran on random weights in any strategy, sorted."""
-    return sorted({name for s in strategies for name, state in s.weights.items() if state == "random"})
 
 
 def add_accuracy_deltas(strategies: Sequence[StrategyRecord], baseline: str = BASELINE) -> None:
@@ -182,211 +141,6 @@ def build_report(
         llms=sorted({s.vlm.llm for s in strategies if s.vlm is not None}),
         **extra,
     )
-
-
-# -- markdown ---------------------------------------------------------------------------------------
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
-
-
-def _signed_pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:+.1f}"
-
-
-def _ratio(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}x"
-
-
-def _timing(stats: Mapping | None) -> str:
-    return "—" if not stats else f"{stats['median']:.2f} ({stats['p10']:.2f}–{stats['p90']:.2f})"
-
-
-def random_notice(report: Report) -> str:
-    """The line that opens every report of a run with random encoder weights ('' when none)."""
-    names = report.random_encoders or random_encoders(report.strategies)
-    if not names:
-        return ""
-    return (
-        f"**RANDOM WEIGHTS: encoder(s) {', '.join(names)} ran on random weights (no pretrained "
-        "checkpoint was found offline); the accuracies below test the pipeline, not the encoders.**"
-    )
-
-
-def accuracy_cell(result: Mapping | None) -> str:
-    """``mean ± std`` in percent, or the error marker."""
-    if result is None:
-        return "—"
-    if result.get("mean") is None:
-        return "error"
-    return f"{_pct(result['mean'])} ± {_pct(result.get('std') or 0.0)}"
-
-
-def projected_presets(report: Report) -> list[str]:
-    """The presets any row has a projected TTFT for, in first-seen order."""
-    return list(dict.fromkeys(p for s in report.strategies if s.vlm is not None for p in s.vlm.projected))
-
-
-def language_model_lines(report: Report) -> list[str]:
-    """The lines that name the language model(s) and say what the two ratios mean."""
-    vlms = [s.vlm for s in report.strategies if s.vlm is not None]
-    if not vlms:
-        return [
-            "Language model: none (llm=none): overhead = the vision pipeline's end-to-end time / "
-            f"{report.baseline}'s, measured in the same run.  "
-        ]
-    first = vlms[0]
-    lines = [
-        f"Language model: {', '.join(report.llms)} (random weights; latency does not depend on their "
-        f"values) · {first.prompt_tokens} prompt tokens after the visual ones · {first.decode_tokens} "
-        "decode steps  ",
-        "overhead = time to first token (raw images in, first token's logits out: vision, connector "
-        f"and the language model's prefill) / {report.baseline}'s with the same language model, "
-        "measured in the same run; vision overhead = the vision pipeline alone / "
-        f"{report.baseline}'s.  ",
-    ]
-    presets = projected_presets(report)
-    if presets:
-        lines.append(
-            f"Projected (not measured): the overhead with {', '.join(presets)} in place of the language "
-            "model run here, from the prefill FLOP rate measured here.  "
-        )
-    return lines
-
-
-def render_markdown(report: Report) -> str:
-    """The report as markdown: the random-weights notice first (when any), the language model, then
-    one table with a row per strategy (accuracy ± std and change against CLIP-only per task, visual
-    tokens, TTFT and its overhead, the vision-only overhead, the language model's share of TTFT,
-    decode speed, projected overheads, peak memory, parameters, GFLOPs), then any errors."""
-    lines = []
-    notice = random_notice(report)
-    if notice:
-        lines += [notice, ""]
-    env, strategies = report.environment, report.strategies
-    first_latency = next((s.latency for s in strategies if s.latency), {})
-    with_llm = any(s.vlm is not None for s in strategies)
-    presets = projected_presets(report)
-    lines += [
-        "# encoder-fusion benchmark",
-        "",
-        *language_model_lines(report),
-        f"Device: {env.get('device')} · torch {env.get('torch')} · {env.get('date')}  ",
-        f"Command: `{env.get('command')}`  ",
-        f"Latency: batch {first_latency.get('batch_size', '—')}, {first_latency.get('dtype', '—')}, "
-        f"compile {'on' if first_latency.get('compile') else 'off'}; median (p10–p90) in ms.",
-        "",
-    ]
-    tasks = report.tasks
-    metrics = {
-        t: next((s.accuracy[t].get("metric") for s in strategies if t in s.accuracy), "") for t in tasks
-    }
-    header = ["strategy", "encoders", "weights"]
-    for task in tasks:
-        header += [f"{task} {metrics[task]} (%)", "Δ vs CLIP (pp)"]
-    header += ["visual tokens"]
-    if with_llm:
-        header += ["TTFT ms", "overhead", "vision overhead", "LLM share of TTFT", "decode tok/s"]
-        header += [f"overhead with {p} (projected)" for p in presets]
-    header += ["vision ms"] + ([] if with_llm else ["overhead"])
-    header += ["peak mem MB", "params trainable / total", "GFLOPs/img"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for record in strategies:
-        name = f"**{record.name}**" if record.role == "fused" else record.name
-        weights = ", ".join(f"{k}: {v}" for k, v in record.weights.items()) or "—"
-        row = [name, " + ".join(record.encoders) or "—", weights]
-        for task in tasks:
-            result = record.accuracy.get(task)
-            row += [accuracy_cell(result), _signed_pct((result or {}).get("delta"))]
-        row.append("—" if record.tokens is None else str(record.tokens))
-        vlm = record.vlm
-        if with_llm:
-            rate = vlm.decode_tokens_per_s if vlm else None
-            row += [
-                _timing(vlm.ttft if vlm else None),
-                _ratio(record.overhead() if vlm else None),
-                _ratio(record.vision_overhead()),
-                "—" if vlm is None else f"{100 * vlm.llm_share:.0f} %",
-                "—" if not rate else f"{rate['median']:.1f}",
-            ]
-            row += [_ratio(((vlm.projected if vlm else {}).get(p) or {}).get("ratio")) for p in presets]
-        row.append(_timing((record.latency or {}).get("end_to_end")))
-        if not with_llm:
-            row.append(_ratio(record.overhead()))
-        peak = (record.memory or {}).get("peak_mb")
-        row.append(f"{peak:.0f}" if peak is not None else "—")
-        params = record.params
-        row.append(f"{params['trainable'] / 1e6:.2f}M / {params['total'] / 1e6:.2f}M" if params else "—")
-        row.append(f"{record.gflops:.3g}" if record.gflops is not None else "—")
-        lines.append("| " + " | ".join(row) + " |")
-    memory_kinds = sorted({(s.memory or {}).get("kind", "") for s in strategies} - {""})
-    if memory_kinds:
-        scope = "the whole VLM's first token" if with_llm else "the vision pipeline"
-        lines += ["", f"Peak memory ({scope}): {'; '.join(memory_kinds)}."]
-    errors = [(s.name, e) for s in strategies for e in s.errors]
-    if errors or report.failed_jobs:
-        lines += ["", "## Errors", ""]
-        lines += [f"- {name} / {e['where']}: {e['error']}" for name, e in errors]
-        lines += [f"- job {job['job']}: {job['error']}" for job in report.failed_jobs]
-    return "\n".join(lines) + "\n"
-
-
-# -- plot -------------------------------------------------------------------------------------------
-def pareto_figure(report: Report):
-    """The Pareto figure: per task, accuracy change against the baseline (pp) over the cost overhead
-    (x baseline), one labelled point per strategy (squares: baselines, circles: fused strategies).
-    With a language model the filled marker is the time-to-first-token overhead and a hollow marker,
-    joined to it by a dotted line, the vision-only overhead of the same strategy.
-
-    Returns:
-        A :class:`matplotlib.figure.Figure` on its own Agg canvas, outside pyplot: drawing it changes
-        neither the process's matplotlib backend nor pyplot's figures (a notebook keeps showing its
-        own), and nothing needs closing.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    tasks = report.tasks or ["(no task)"]
-    with_llm = any(s.vlm is not None for s in report.strategies)
-    # constrained layout sizes the margins to the text, so no title or label is clipped
-    figure = Figure(figsize=(5.5 * len(tasks), 4.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(tasks), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
-        for record in report.strategies:
-            overhead, vision = record.overhead(), record.vision_overhead()
-            delta = (record.accuracy.get(task) or {}).get("delta")
-            if overhead is None or delta is None:
-                continue
-            color = "black" if record.is_baseline else "tab:blue"
-            marker = "s" if record.is_baseline else "o"
-            axis.scatter(overhead, 100 * delta, marker=marker, s=70, color=color, zorder=3, label=record.name)
-            if with_llm and vision is not None:
-                axis.scatter(
-                    vision, 100 * delta, marker=marker, s=70, facecolors="none", edgecolors=color, zorder=3
-                )
-                axis.plot([vision, overhead], [100 * delta] * 2, linestyle=":", color=color, linewidth=1)
-            axis.annotate(record.name, (overhead, 100 * delta), textcoords="offset points", xytext=(6, 4))
-        axis.axhline(0.0, color="grey", linewidth=0.8)
-        axis.axvline(1.0, color="grey", linewidth=0.8)
-        cost = "time-to-first-token overhead" if with_llm else "latency overhead"
-        axis.set_xlabel(f"{cost} (x {report.baseline})" + ("; hollow: vision only" if with_llm else ""))
-        axis.set_ylabel(f"{task}: accuracy change vs {report.baseline} (pp)")
-        axis.set_title(task)
-        axis.grid(alpha=0.3)
-    cost = f"TTFT overhead ({', '.join(report.llms)})" if with_llm else "latency overhead"
-    title = f"accuracy gain vs {cost}"
-    if report.weights_random:
-        title = "RANDOM WEIGHTS - " + title
-    figure.suptitle(title)
-    return figure
-
-
-def plot_pareto(report: Report, path: str | os.PathLike) -> Path:
-    """Save :func:`pareto_figure` as a PNG at ``path``, atomically."""
-    figure = pareto_figure(report)
-    with atomic_path(path) as temp:
-        figure.savefig(temp, dpi=110)
-    return Path(path)
 
 
 def write_report(report: Report, out_dir: str | os.PathLike) -> Path:

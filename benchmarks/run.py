@@ -23,9 +23,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from benchmarks.assess import add_delta_intervals, assess
 from benchmarks.config import (
     ROLES,
     Strategy,
+    assess_options,
     config_hash,
     encoder_specs,
     latency_options,
@@ -221,9 +223,15 @@ def plain_spec(encoder: Encoder) -> dict:
 
 def run_probes(
     cfg: Any, plan: list[Strategy], records: dict[str, StrategyRecord], encoders, splits, role_errors
-) -> None:
-    """Every task of ``cfg.task.names`` for every strategy; results and errors go into ``records``."""
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Every task of ``cfg.task.names`` for every strategy; results and errors go into ``records``.
+
+    Returns:
+        (strategy, task) -> the per-item statistics of its test items per seed (for the paired
+        intervals; kept out of the report).
+    """
     settings = probe_settings(cfg)
+    items = {}
     for strategy in plan:
         record = records[strategy.name]
         missing = [role_errors[r] for r in strategy.encoders if r in role_errors]
@@ -238,6 +246,7 @@ def run_probes(
                 test = splits["test"].features(strategy.encoders, task)
                 started = time.perf_counter()
                 result = run_probe(task, make_head, train, test, **settings)
+                items[strategy.name, task] = torch.tensor(result.pop("item_stats"), dtype=torch.float64)
                 record.accuracy[task] = result
                 log.info(
                     "probe %s / %s: %s %.3f in %.1f s",
@@ -251,6 +260,7 @@ def run_probes(
                 log.error("probe %s / %s failed:\n%s", strategy.name, task, traceback.format_exc())
                 record.accuracy[task] = {"task": task, "mean": None, "std": None}
                 record.add_error(f"probe:{task}", error_text(error))
+    return items
 
 
 def run_latency(
@@ -336,7 +346,7 @@ def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Pa
     out = output_dir(cfg, out_dir)
     # every setting that can be checked without a model is checked before any model is built
     plan = strategies(cfg)
-    options, vlm = latency_options(cfg), vlm_options(cfg)
+    options, vlm, judging = latency_options(cfg), vlm_options(cfg), assess_options(cfg)
     if vlm.llm is not None and not cfg.bench.extract_only:
         check_fits(vlm.llm, DTYPES[options.dtype] or torch.float32, torch.device(options.device))
     seconds: dict[str, float] = {}
@@ -360,7 +370,8 @@ def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Pa
         return None
     records = {s.name: strategy_record(s, encoders) for s in plan}
     with phase("probes", seconds):
-        run_probes(cfg, plan, records, encoders, splits, role_errors)
+        items = run_probes(cfg, plan, records, encoders, splits, role_errors)
+        add_delta_intervals(records, items, BASELINE, judging)
     with phase("latency", seconds):
         run_latency(plan, records, encoders, options, vlm)
     run = {
@@ -377,6 +388,9 @@ def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Pa
         env=environment(cfg.bench.device, command),
         tasks=plain(cfg.task.names),
     )
+    for record in report.strategies:
+        if record.role == "fused":
+            assess(record, judging)
     path = write_report(report, out)
     print(render_markdown(report))
     print(f"Report: {path.resolve()}  (report.md, pareto.png beside it)")

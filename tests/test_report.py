@@ -10,17 +10,9 @@ import matplotlib.pyplot as plt
 import pytest
 
 from benchmarks.records import SCHEMA_VERSION, StrategyRecord, VlmRecord
-from benchmarks.report import (
-    aggregate,
-    atomic_write,
-    build_report,
-    environment,
-    load_report,
-    pareto_figure,
-    render_markdown,
-    write_json,
-    write_report,
-)
+from benchmarks.io import atomic_write, write_json
+from benchmarks.render import pareto_figure, render_markdown
+from benchmarks.report import aggregate, build_report, environment, load_report, write_report
 from benchmarks.run import job_overrides
 
 
@@ -95,11 +87,11 @@ def test_markdown_first_line_table_and_errors():
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + 3  # header, rule, one row per strategy
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header[:5] == ["strategy", "encoders", "weights", "classification top1 (%)", "Δ vs CLIP (pp)"]
+    assert header[:5] == ["strategy", "encoders", "weights", "classification top1 (%)", "Δ vs CLIP [95 % CI]"]
     comm = dict(zip(header, [c.strip() for c in table[4].strip("|").split("|")]))
     assert comm["strategy"] == "**comm**"
     assert comm["classification top1 (%)"] == "70.0 ± 0.0"
-    assert comm["Δ vs CLIP (pp)"] == "+7.5"
+    assert comm["Δ vs CLIP [95 % CI]"] == "+7.5 pp"  # no item statistics here, so no interval
     assert comm["vision ms"] == "57.20 (51.48–68.64)"
     assert comm["overhead"] == "1.43x"
     assert comm["peak mem MB"] == "812" and comm["visual tokens"] == "196"
@@ -107,7 +99,7 @@ def test_markdown_first_line_table_and_errors():
     assert "Language model: none (llm=none)" in text
     assert comm["params trainable / total"] == "1.25M / 93.00M"
     dino = dict(zip(header, [c.strip() for c in table[3].strip("|").split("|")]))
-    assert dino["classification top1 (%)"] == "50.0 ± 5.0" and dino["Δ vs CLIP (pp)"] == "-12.5"
+    assert dino["classification top1 (%)"] == "50.0 ± 5.0" and dino["Δ vs CLIP [95 % CI]"] == "-12.5 pp"
     assert "- comm / probe:dense: ValueError: no masks" in lines
     pretrained = render_markdown(build_report(three_strategies("pretrained"), env=ENV))
     assert pretrained.splitlines()[0] == "# encoder-fusion benchmark"

@@ -204,6 +204,26 @@ def test_spatial_probes_read_what_the_features_carry(synthetic_grids, task, targ
     assert noise["mean"] <= baseline + 0.1, (noise, baseline)
 
 
+@pytest.mark.parametrize(
+    ("task", "target"), [("classification", "labels"), ("dense", "masks"), ("localization", "boxes")]
+)
+def test_item_statistics_give_back_each_seeds_metric(synthetic_grids, task, target):
+    """The per-item statistics the paired intervals resample reproduce every seed's metric when summed
+    over all test items, one row per test item."""
+    classes, data = synthetic_grids
+    num_classes = classes - 1 if task == "classification" else classes  # the shapes, without background
+    make_head = head_factory([EncoderGeometry("enc", 12, (8, 8), 1)], (8, 8))
+    train, test = (
+        FeatureSplit([[data[s][1]]], num_classes=num_classes, **{target: data[s][0][target]})
+        for s in ("train", "test")
+    )
+    result = run_probe(task, make_head, train, test, seeds=(0, 3), epochs=2)
+    items = torch.tensor(result["item_stats"], dtype=torch.float64)
+    assert items.shape[:2] == (2, result["test_size"])
+    recomputed = TASKS[task].metric_from_sums(items.sum(1))
+    torch.testing.assert_close(recomputed, torch.tensor(result["per_seed"], dtype=torch.float64))
+
+
 def test_dense_probe_through_sequence_concat_to_grid(synthetic_grids):
     classes, data = synthetic_grids
     geometries = [EncoderGeometry("a", 12, (8, 8), 1), EncoderGeometry("b", 12, (8, 8), 1)]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.tasks.probe import ClassIdTask, register_task
+from benchmarks.tasks.probe import ClassIdTask, MeanOfItemsTask, register_task
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -26,12 +26,13 @@ class PooledClassifier(nn.Module):
 
 
 @register_task
-class ClassificationTask(ClassIdTask):
+class ClassificationTask(ClassIdTask, MeanOfItemsTask):
     """One class per image; the main metric is top-1 accuracy; samples labelled -1 are skipped."""
 
     NAME = "classification"
     METRIC = "top1"
     TARGET = "labels"
+    POOLED = True
 
     def valid(self, targets: torch.Tensor) -> torch.Tensor:
         return targets >= 0
@@ -44,6 +45,9 @@ class ClassificationTask(ClassIdTask):
 
     def scores(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
         return {"top1": top1(outputs, targets)}
+
+    def item_value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return outputs.argmax(dim=-1) == targets
 
     def baseline(self, train_targets: torch.Tensor, test_targets: torch.Tensor, num_classes: int) -> dict:
         majority = torch.bincount(train_targets, minlength=num_classes).argmax()

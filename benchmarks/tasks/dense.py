@@ -99,6 +99,30 @@ class DenseTask(ClassIdTask):
     def scores(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
         return segmentation_scores(confusion_matrix(outputs.argmax(dim=-1), targets, num_classes))
 
+    def item_stats(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Per image ``[intersection (K), predicted (K), target (K)]`` cell counts over its labelled
+        cells: a confusion matrix's diagonal, column and row sums, image by image."""
+        predicted = outputs.argmax(dim=-1).flatten(1)
+        targets = targets.flatten(1)
+        labelled = targets >= 0
+        count = lambda ids, where: F.one_hot(ids.clamp(min=0), num_classes).mul(where[..., None]).sum(1)
+        return torch.cat(
+            [
+                count(targets, labelled & (predicted == targets)),
+                count(predicted, labelled),
+                count(targets, labelled),
+            ],
+            dim=1,
+        ).double()
+
+    def metric_from_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """mIoU over the classes present in target or prediction (as :func:`segmentation_scores`)."""
+        intersection, predicted, target = sums.unflatten(-1, (3, -1)).unbind(-2)
+        union = predicted + target - intersection
+        present = union > 0
+        iou = torch.where(present, intersection / union.clamp(min=1), 0.0)
+        return torch.where(present.any(-1), iou.sum(-1) / present.sum(-1).clamp(min=1), 0.0)
+
     def baseline(self, train_targets: torch.Tensor, test_targets: torch.Tensor, num_classes: int) -> dict:
         majority = torch.bincount(train_targets[train_targets >= 0], minlength=num_classes).argmax()
         constant = torch.full_like(test_targets, int(majority))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
-from benchmarks.tasks.probe import FeatureSplit, ProbeTask, register_task
+from benchmarks.tasks.probe import FeatureSplit, MeanOfItemsTask, register_task
 
 
 def box_iou_pairs(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ class SoftArgmaxBoxHead(nn.Module):
 
 
 @register_task
-class LocalizationTask(ProbeTask):
+class LocalizationTask(MeanOfItemsTask):
     """One box per image (NaN rows skipped); main metric mean IoU, ``iou@0.5`` beside it."""
 
     NAME = "localization"
@@ -89,6 +89,9 @@ class LocalizationTask(ProbeTask):
 
     def scores(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
         return box_scores(outputs, targets)
+
+    def item_value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return box_iou_pairs(outputs.double(), targets.double())
 
     def baseline(self, train_targets: torch.Tensor, test_targets: torch.Tensor, num_classes: int) -> dict:
         return box_scores(train_targets.mean(dim=0).expand_as(test_targets), test_targets)

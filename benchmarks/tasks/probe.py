@@ -102,6 +102,8 @@ class ProbeTask:
     METRIC: ClassVar[str]
     TARGET: ClassVar[str]
     INPUT: ClassVar[str] = "tokens"
+    # the head reads only the mean token, so a layer scan may cache features pooled
+    POOLED: ClassVar[bool] = False
 
     def check(self, split: FeatureSplit, which: str) -> None:
         """Raise ValueError when ``split`` lacks or has invalid targets for this task."""
@@ -132,6 +134,30 @@ class ProbeTask:
     ) -> dict[str, float]:
         """The metrics of the best constant prediction learnt from the train targets (no features)."""
         raise NotImplementedError
+
+    def item_stats(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Float64 ``(N, d)``: per test item, the additive statistics the main metric is computed from,
+        so that the metric of any resample of the items is :meth:`metric_from_sums` of its rows' sum
+        (what the paired bootstrap resamples)."""
+        raise NotImplementedError
+
+    def metric_from_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """The main metric from summed item statistics ``(..., d) -> (...)``."""
+        raise NotImplementedError
+
+
+class MeanOfItemsTask(ProbeTask):
+    """A probe whose main metric is a mean over test items of a per-item value (:meth:`item_value`)."""
+
+    def item_value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def item_stats(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+        value = self.item_value(outputs, targets).double()
+        return torch.stack([value, torch.ones_like(value)], dim=1)
+
+    def metric_from_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        return sums[..., 0] / sums[..., 1]
 
 
 class ClassIdTask(ProbeTask):
@@ -294,7 +320,9 @@ def run_probe(
         through ``head.layer_weights()`` after training), ``layer_weights`` ``{encoder: [weight per
         hooked layer]}``, the mean over seeds of each seed's softmax weights, and
         ``layer_weights_per_seed`` ``{encoder: [[weight per hooked layer] per seed]}``; ``train_size``
-        and ``test_size`` count the samples used (those with a target).
+        and ``test_size`` count the samples used (those with a target); ``item_stats`` is the
+        ``(seeds, test_size, d)`` nested list of :meth:`ProbeTask.item_stats` per seed (for paired
+        intervals; large, so reports leave it out).
 
     Raises:
         ValueError: unknown task; missing or invalid targets; mismatched train/test grids; bad
@@ -319,6 +347,7 @@ def run_probe(
     device = torch.device(device)
 
     per_seed: list[dict[str, float]] = []
+    items: list[torch.Tensor] = []
     losses: list[float] = []
     learned: list[dict[str, list[float]]] = []
     prepared: dict[tuple[int, int], tuple] = {}
@@ -332,10 +361,11 @@ def run_probe(
     for seed in seeds:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
-            scores, loss, weights = _train_and_test(
+            scores, item_stats, loss, weights = _train_and_test(
                 probe, make_head, train, test, prepared, seed, recipe, device
             )
         per_seed.append(scores)
+        items.append(item_stats)
         losses.append(loss)
         learned.append(weights)
 
@@ -356,6 +386,7 @@ def run_probe(
         "train_size": len(train_targets),
         "test_size": len(test_targets),
         **recipe,
+        "item_stats": torch.stack(items).tolist(),
     }
 
 
@@ -368,10 +399,10 @@ def _train_and_test(
     seed: int,
     recipe: dict,
     device: torch.device,
-) -> tuple[dict[str, float], float, dict[str, list[float]]]:
+) -> tuple[dict[str, float], torch.Tensor, float, dict[str, list[float]]]:
     """One seed: a fresh fusion head and task head, trained, then scored on test. ``prepared``
-    caches the splits' targets per fused grid size. Returns the scores, the last epoch's loss and the
-    trained fusion head's learned layer weights (``{}`` when it learns none)."""
+    caches the splits' targets per fused grid size. Returns the scores, the per-item statistics, the
+    last epoch's loss and the trained fusion head's learned layer weights (``{}`` when it learns none)."""
     fusion = make_head()
     if not isinstance(fusion, nn.Module):
         raise ValueError(f"run_probe make_head() must return an nn.Module, got {type(fusion).__name__}")
@@ -398,7 +429,9 @@ def _train_and_test(
         device=device,
     )
     outputs = predict(model, test_split, recipe["batch_size"], device)
-    return probe.scores(outputs, test_targets, train.num_classes), history[-1], _learned_weights(fusion)
+    scores = probe.scores(outputs, test_targets, train.num_classes)
+    item_stats = probe.item_stats(outputs, test_targets, train.num_classes).cpu()
+    return scores, item_stats, history[-1], _learned_weights(fusion)
 
 
 def _learned_weights(fusion: nn.Module) -> dict[str, list[float]]:
