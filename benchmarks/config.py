@@ -28,6 +28,7 @@ from benchmarks.datasets import DATASETS
 from benchmarks.features import STORAGE_DTYPES
 from benchmarks.latency import DTYPES, LatencyOptions
 from benchmarks.llm import FAMILIES, LlmSpec, VlmOptions
+from benchmarks.planted import PLANTS
 from benchmarks.tasks import TASKS
 from fusion import EncoderSpec
 from fusion.align import ALIGNERS
@@ -59,6 +60,7 @@ LatencyDtype = choices("LatencyDtype", tuple(DTYPES))
 CacheDtype = choices("CacheDtype", tuple(STORAGE_DTYPES))
 HubMode = choices("HubMode", ("auto", "offline", "online"))
 LlmFamily = choices("LlmFamily", tuple(FAMILIES))
+Plant = choices("Plant", PLANTS)
 NO_LLM = "none"
 
 
@@ -235,6 +237,17 @@ class BenchConfig:
 
 
 @dataclass
+class PlantConfig:
+    """Planted-signal features in place of an encoder's (``experiment=planted``; see
+    :mod:`benchmarks.planted`): ``clip`` and ``dino`` each null (the encoder's own features),
+    ``class`` or ``location``; ``noise`` is the std of the noise added per channel."""
+
+    clip: Plant | None = None
+    dino: Plant | None = None
+    noise: float = 0.5
+
+
+@dataclass
 class RunConfig:
     """The whole configuration of one ``fusion-bench`` run."""
 
@@ -247,6 +260,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
+    plant: PlantConfig = field(default_factory=PlantConfig)
     seed: int = 0
 
 

@@ -51,8 +51,21 @@ def _timing(stats: Mapping | None) -> str:
     return "—" if not stats else f"{stats['median']:.2f} ({stats['p10']:.2f}–{stats['p90']:.2f})"
 
 
+def planted_encoders(report: Report) -> list[str]:
+    """The encoders whose features the harness planted (``experiment=planted``), sorted."""
+    return sorted({n for s in report.strategies for n, state in s.weights.items() if state == "planted"})
+
+
 def random_notice(report: Report) -> str:
-    """The line that opens every report of a run with random encoder weights ('' when none)."""
+    """The line that opens every report of a run with planted features or random encoder weights
+    ('' when neither)."""
+    planted = planted_encoders(report)
+    if planted:
+        return (
+            f"**PLANTED SIGNAL: the features of encoder(s) {', '.join(planted)} were planted by the harness "
+            "from the labels (experiment=planted); the accuracies below show that the harness detects a "
+            "real gain, not what any encoder can do. Latency is that of the encoders' architectures.**"
+        )
     names = report.random_encoders or random_encoders(report.strategies)
     if not names:
         return ""
@@ -305,7 +318,9 @@ def pareto_figure(report: Report):
         axis.grid(alpha=0.3)
     cost = f"TTFT overhead ({', '.join(report.llms)})" if with_llm else "latency overhead"
     title = f"accuracy gain vs {cost}"
-    if report.weights_random:
+    if planted_encoders(report):
+        title = "PLANTED SIGNAL - " + title
+    elif report.weights_random:
         title = "RANDOM WEIGHTS - " + title
     figure.suptitle(title)
     return figure

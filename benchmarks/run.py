@@ -40,6 +40,7 @@ from benchmarks.datasets import ImageDataset, build_train_test, load_batch
 from benchmarks.features import FeatureCache
 from benchmarks.latency import DTYPES, LatencyOptions, fixed_threads, measure_latency
 from benchmarks.llm import VlmOptions, check_fits
+from benchmarks.planted import planted_grids
 from benchmarks.records import StrategyRecord
 from benchmarks.report import BASELINE, build_report, environment, render_markdown, write_report
 from benchmarks.tasks import FeatureSplit, run_probe
@@ -167,16 +168,30 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], cache: FeatureCache) 
     """
     train, test = build_datasets(cfg)
     load_size = cfg.data.image_size
+    plants = plain(cfg.plant)
     splits, role_errors = {}, {}
-    for which, dataset in (("train", train), ("test", test)):
+    for number, (which, dataset) in enumerate((("train", train), ("test", test))):
         batch = load_batch(dataset, range(len(dataset)), load_size)
         source = {**dataset.identity(), "load_size": load_size}
         grids: dict[str, list[torch.Tensor] | None] = {}
-        for role, encoder in encoders.items():
+        for offset, (role, encoder) in enumerate(encoders.items()):
             if role in role_errors:
                 grids[role] = None
                 continue
             try:
+                if plants[role] is not None:
+                    grids[role] = planted_grids(
+                        plants[role],
+                        batch,
+                        grid=encoder.grid_size(),
+                        width=encoder.width,
+                        layers=len(encoder.layer_indices),
+                        num_classes=dataset.num_classes,
+                        noise=plants["noise"],
+                        seed=cfg.seed + offset,
+                        noise_seed=cfg.seed + 100 * (number + 1) + offset,
+                    )
+                    continue
                 grids[role] = cache.grids(
                     encoder, source, list(range(len(dataset))), lambda idx, b=batch: b["images"][list(idx)]
                 )
@@ -197,8 +212,11 @@ def head_factory(strategy: Strategy, encoders: Mapping[str, Encoder]):
     return lambda: FusionHead(geometries, **strategy.head)
 
 
-def strategy_record(strategy: Strategy, encoders: Mapping[str, Encoder]) -> StrategyRecord:
-    """The report record of a strategy before results: name, role, encoders, config, weights."""
+def strategy_record(
+    strategy: Strategy, encoders: Mapping[str, Encoder], plants: Mapping[str, str | None]
+) -> StrategyRecord:
+    """The report record of a strategy before results: name, role, encoders, config, weights
+    (``planted`` for an encoder whose features the harness planted)."""
     used = [encoders[role] for role in strategy.encoders]
     return StrategyRecord(
         name=strategy.name,
@@ -209,7 +227,10 @@ def strategy_record(strategy: Strategy, encoders: Mapping[str, Encoder]) -> Stra
             "encoders": {role: plain_spec(encoders[role]) for role in strategy.encoders},
             "head": strategy.head,
         },
-        weights={e.spec.name: e.weights_loaded for e in used},
+        weights={
+            encoders[role].spec.name: "planted" if plants.get(role) else encoders[role].weights_loaded
+            for role in strategy.encoders
+        },
     )
 
 
@@ -368,7 +389,7 @@ def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Pa
         where = "" if rank is None else f" (rank {rank})"
         print(f"Features cached in {cache.root}{where}; errors: {role_errors or 'none'}")
         return None
-    records = {s.name: strategy_record(s, encoders) for s in plan}
+    records = {s.name: strategy_record(s, encoders, plain(cfg.plant)) for s in plan}
     with phase("probes", seconds):
         items = run_probes(cfg, plan, records, encoders, splits, role_errors)
         add_delta_intervals(records, items, BASELINE, judging)

@@ -299,3 +299,24 @@ def test_two_process_extraction_equals_one_process(tmp_path):
             for layer in mine:
                 torch.testing.assert_close(theirs[layer], mine[layer], rtol=1e-5, atol=1e-5)
     assert not list((tmp_path / "two").glob(".*staging*"))
+
+
+def test_planted_experiment_finds_the_planted_gain(tmp_path):
+    """CLIP's role carries only the class, DINOv2's only the location: fusing them must gain where
+    location is needed, with intervals above zero, and the verdict must be gain."""
+    path = run_benchmark(make("experiment=planted", f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path)
+    report = load_report(path)
+    clip, dino, fused = report.strategies
+    assert {s.name: s.weights for s in report.strategies}["eagle"] == {"clip": "planted", "dino": "planted"}
+    for task in ("dense", "localization"):
+        assert fused.accuracy[task]["delta_ci"][0] > 0, (task, fused.accuracy[task])
+    assert fused.verdict == "gain"
+    # neither baseline has both: CLIP-only names but cannot place, DINOv2-only places but cannot name
+    assert (
+        clip.accuracy["classification"]["mean"] > 0.9 and dino.accuracy["classification"]["delta_ci"][1] < 0
+    )
+    assert dino.accuracy["localization"]["delta_ci"][0] > 0
+    assert fused.accuracy["dense"]["mean"] > max(
+        clip.accuracy["dense"]["mean"], dino.accuracy["dense"]["mean"]
+    )
+    assert (tmp_path / "report.md").read_text().startswith("**PLANTED SIGNAL")
