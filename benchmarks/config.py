@@ -61,6 +61,7 @@ CacheDtype = choices("CacheDtype", tuple(STORAGE_DTYPES))
 HubMode = choices("HubMode", ("auto", "offline", "online"))
 LlmFamily = choices("LlmFamily", tuple(FAMILIES))
 Plant = choices("Plant", PLANTS)
+BenchMode = choices("BenchMode", ("compare", "layer_scan"))
 NO_LLM = "none"
 
 
@@ -208,8 +209,9 @@ class BenchConfig:
 
     ``hub``: ``auto`` goes offline (``HF_HUB_OFFLINE=1``) when huggingface.co cannot be reached, so
     a machine without hub access does not wait on retries; ``offline`` always; ``online`` never.
-    ``extract_only``: fill the feature cache and stop (under ``torchrun``, sharded over the processes),
-    so that a sweep after it runs no encoder.
+    ``mode``: ``compare`` (the strategies against CLIP-only) or ``layer_scan`` (accuracy by depth,
+    ``experiment=layer_scan``). ``extract_only``: fill the feature cache and stop (under
+    ``torchrun``, sharded over the processes), so that a sweep after it runs no encoder.
     ``prompt_tokens``, ``decode_tokens``: the text tokens after the visual ones in the prefill, and the
     greedy steps timed after it. ``project_llms``: ``llm`` presets too big to run here, whose time to
     first token is projected from the prefill rate measured with ``llm``.
@@ -218,6 +220,7 @@ class BenchConfig:
     ``max_overhead``: a TTFT budget against CLIP-only (null: none).
     """
 
+    mode: BenchMode = BenchMode.compare
     device: str = "cpu"
     threads: int | None = None
     cache_dir: str | None = None

@@ -5,7 +5,10 @@ strategies reads them from here instead of running the backbone again. An entry 
 everything that changes the grids: the encoder (source, model, weights and, for a local checkpoint,
 its size and modification time; for random weights a digest of the parameters), the architecture
 overrides, the input size, the hooked layers, norm and prefix policy, the preprocessing, the
-dataset (name, root, options), the load size, the sample indices and the storage dtype.
+dataset (name, root, options), the load size, the sample indices, the storage dtype and whether the
+grids are stored pooled (``pool=True``: each layer's tokens averaged to one ``(1, 1, C)`` cell as
+each batch is extracted, for probes that read only the mean token; memory per entry is then
+``samples x layers x C`` values instead of ``samples x layers x h x w x C``).
 
 Layout of one entry ``<root>/<model>-<digest>/``::
 
@@ -188,7 +191,7 @@ class FeatureCache:
         self.progress = progress
 
     # -- keys -----------------------------------------------------------------------------------
-    def key(self, encoder: Encoder, source: Mapping, indices: Sequence[int]) -> dict:
+    def key(self, encoder: Encoder, source: Mapping, indices: Sequence[int], pool: bool = False) -> dict:
         """The full key of the entry holding ``encoder``'s grids on ``indices`` of ``source``.
 
         Args:
@@ -196,8 +199,9 @@ class FeatureCache:
             source: what identifies the images: dataset name, root, options and load size
                 (JSON-serialisable values).
             indices: the sample indices, in the order their grids are returned.
+            pool: the grids are stored mean-pooled to one cell.
         """
-        return {
+        key = {
             "format": FORMAT_VERSION,
             "encoder": encoder_key(encoder),
             "source": dict(source),
@@ -205,6 +209,7 @@ class FeatureCache:
             "count": len(indices),
             "dtype": self.dtype,
         }
+        return {**key, "pooled": True} if pool else key
 
     def entry_dir(self, key: Mapping) -> Path:
         """The folder of the entry for ``key``."""
@@ -213,7 +218,13 @@ class FeatureCache:
 
     # -- the one entry point ---------------------------------------------------------------------
     def grids(
-        self, encoder: Encoder, source: Mapping, indices: Sequence[int], load_images: ImageLoader
+        self,
+        encoder: Encoder,
+        source: Mapping,
+        indices: Sequence[int],
+        load_images: ImageLoader,
+        *,
+        pool: bool = False,
     ) -> list[torch.Tensor]:
         """``encoder``'s hooked grids for the samples ``indices``, from the cache or extracted now.
 
@@ -223,10 +234,11 @@ class FeatureCache:
             indices: sample indices; the returned tensors follow this order.
             load_images: returns the raw images ``(B, 3, H, W)`` (uint8 or float in [0, 1]) of a
                 list of indices; called only when the entry must be built.
+            pool: average every layer's tokens to one cell as each batch is extracted.
 
         Returns:
-            One float32 tensor ``(len(indices), h, w, C)`` per hooked layer, in the order of
-            ``encoder.spec.hooks.layers``.
+            One float32 tensor ``(len(indices), h, w, C)`` (``(len(indices), 1, 1, C)`` pooled) per
+            hooked layer, in the order of ``encoder.spec.hooks.layers``.
 
         Under ``torch.distributed`` with several processes (``torchrun``), every process must call this
         with the same arguments: each extracts a contiguous slice of ``indices``, rank 0 assembles the
@@ -238,7 +250,7 @@ class FeatureCache:
         """
         if len(indices) == 0:
             raise ValueError("FeatureCache.grids: indices is empty; give at least one sample index")
-        key = self.key(encoder, source, indices)
+        key = self.key(encoder, source, indices, pool)
         entry = self.entry_dir(key)
         shard = distributed_shard()
         if shard is not None:
@@ -251,7 +263,7 @@ class FeatureCache:
             except CorruptEntry as why:
                 if entry.exists():
                     log.warning("feature cache entry %s is not usable (%s); rebuilding it", entry, why)
-            grids = self._extract(encoder, indices, load_images)
+            grids = self._extract(encoder, indices, load_images, pool=pool)
             self._write(entry, key, grids)
         return [g.float() for g in grids]
 
@@ -277,7 +289,8 @@ class FeatureCache:
         failed = False
         if bounds[rank + 1] > bounds[rank]:
             try:
-                grids = self._extract(encoder, indices[bounds[rank] : bounds[rank + 1]], load_images, rank)
+                chunk = indices[bounds[rank] : bounds[rank + 1]]
+                grids = self._extract(encoder, chunk, load_images, rank, pool=bool(key.get("pooled")))
                 with atomic_path(part) as temp:
                     save_file({f"layer{i}": g.contiguous() for i, g in enumerate(grids)}, temp)
             except Exception:  # every rank must reach the vote below, or the others wait forever
@@ -306,7 +319,13 @@ class FeatureCache:
 
     # -- internals ------------------------------------------------------------------------------
     def _extract(
-        self, encoder: Encoder, indices: Sequence[int], load_images: ImageLoader, rank: int | None = None
+        self,
+        encoder: Encoder,
+        indices: Sequence[int],
+        load_images: ImageLoader,
+        rank: int | None = None,
+        *,
+        pool: bool = False,
     ) -> list[torch.Tensor]:
         storage = STORAGE_DTYPES[self.dtype]
         outputs: list[torch.Tensor] = []
@@ -323,6 +342,8 @@ class FeatureCache:
                 chunk = list(indices[start : start + self.batch_size])
                 pixels = encoder.preprocess(load_images(chunk).to(self.device))
                 layers = encoder.forward_grids(pixels)
+                if pool:
+                    layers = [grid.mean(dim=(1, 2), keepdim=True) for grid in layers]
                 if not outputs:
                     outputs = [torch.empty((len(indices), *g.shape[1:]), dtype=storage) for g in layers]
                 for out, grid in zip(outputs, layers):

@@ -433,7 +433,7 @@ def measure_latency(
                 if language is not None:
                     calls[name, "ttft"] = bound(pipeline.ttft, images)
                     calls[name, "decode"] = bound(language.decoder(*inputs["llm.prefill"]))
-            samples = repeats[str(batch)] = _interleaved(timer, calls, options)
+            samples = repeats[str(batch)] = round_robin(timer, calls, options)
             for name in built:
                 stages = {stage: stats(samples[name, stage]) for stage in built[name].stages}
                 whole = calls[name, "ttft" if language is not None else "end_to_end"]
@@ -511,7 +511,7 @@ def autocast_binder(device: torch.device, dtype: torch.dtype | None) -> Callable
     return bind
 
 
-def _interleaved(
+def round_robin(
     timer: Timer, calls: Mapping[tuple[str, str], Callable[[], object]], options: LatencyOptions
 ) -> dict[tuple[str, str], list[float]]:
     """Samples of every call (each stage and the end-to-end forward of every pipeline), the repeats

@@ -30,6 +30,7 @@ from benchmarks.config import (
     assess_options,
     config_hash,
     encoder_specs,
+    head_config,
     latency_options,
     plain,
     probe_settings,
@@ -39,11 +40,13 @@ from benchmarks.config import (
 from benchmarks.datasets import ImageDataset, build_train_test, load_batch
 from benchmarks.features import FeatureCache
 from benchmarks.latency import DTYPES, LatencyOptions, fixed_threads, measure_latency
+from benchmarks.layer_scan import depth_latency, probe_layers, recommend, scan_encoder
+from benchmarks.layer_scan import write as write_layer_scan
 from benchmarks.llm import VlmOptions, check_fits
 from benchmarks.planted import planted_grids
 from benchmarks.records import StrategyRecord
 from benchmarks.report import BASELINE, build_report, environment, render_markdown, write_report
-from benchmarks.tasks import FeatureSplit, run_probe
+from benchmarks.tasks import TASKS, FeatureSplit, run_probe
 from fusion import EncoderGeometry, FusedEncoder, FusionHead
 from fusion.encoders import Encoder, build_encoder
 
@@ -363,8 +366,88 @@ def run_benchmark(
         return _run(cfg, out_dir, command)
 
 
+def run_layer_scan(cfg: Any, out: Path, command: str | None) -> Path:
+    """``experiment=layer_scan`` (see :mod:`benchmarks.layer_scan`): every encoder hooked at every
+    block, one pass over the data each, a probe per layer and task, latency by depth.
+
+    Returns:
+        The path of ``layer_scan.json``.
+    """
+    tasks = plain(cfg.task.names)
+    resamples = assess_options(cfg).ci_resamples
+    options = latency_options(cfg)
+    pooled = all(TASKS[task].POOLED for task in tasks)
+    seconds: dict[str, float] = {}
+    with phase("encoders", seconds):
+        encoders = {role: scan_encoder(spec) for role, spec in encoder_specs(cfg).items()}
+    cache = FeatureCache(
+        cfg.bench.cache_dir,
+        dtype=plain(cfg.bench.cache_dtype),
+        batch_size=cfg.bench.extract_batch_size,
+        device=cfg.bench.device,
+        progress=cfg.bench.progress,
+    )
+    datasets = dict(zip(("train", "test"), build_datasets(cfg)))
+    batches = {which: load_batch(d, range(len(d)), cfg.data.image_size) for which, d in datasets.items()}
+    num_classes = {
+        "classification": datasets["train"].num_classes,
+        "dense": datasets["train"].num_mask_classes,
+        "localization": 0,
+    }
+    scan: dict[str, Any] = {
+        "environment": environment(cfg.bench.device, command),
+        "run": {**plain(cfg), "overrides": job_overrides(), "config_hash": config_hash(cfg)},
+        "weights": {e.spec.name: e.weights_loaded for e in encoders.values()},
+        "pooled": pooled,
+        "feature_bytes": 0,
+        "encoders": {},
+        "errors": [],
+        "phase_seconds": seconds,
+    }
+    for role, encoder in encoders.items():
+        name = encoder.spec.name
+        with phase(f"layer scan of {name}", seconds):
+            grids = {}
+            for which, dataset in datasets.items():
+                source = {**dataset.identity(), "load_size": cfg.data.image_size}
+                images = batches[which]["images"]
+                indices = list(range(len(dataset)))
+                grids[which] = cache.grids(
+                    encoder, source, indices, lambda i, b=images: b[list(i)], pool=pooled
+                )
+                scan["feature_bytes"] += sum(g.numel() * g.element_size() for g in grids[which])
+            # one layer at a time, bilinear to the encoder's own grid: what each block carries alone
+            head = {**head_config(cfg, (role,)), "grid": None, "align": {"kind": "bilinear"}}
+            head["layer_merge"] = {"kind": "last"}
+            rows, errors = probe_layers(
+                encoder, grids, batches, num_classes, head, probe_settings(cfg), tasks, resamples
+            )
+            latency = depth_latency(encoder.spec, encoder.depth, options)
+        for row, milliseconds in zip(rows, latency):
+            row["latency_ms"] = milliseconds
+        scan["encoders"][name] = {
+            "depth": encoder.depth,
+            "layers": rows,
+            "recommended": recommend(rows, tasks),
+        }
+        scan["errors"] += errors
+    random = sorted(n for n, state in scan["weights"].items() if state == "random")
+    notice = (
+        f"**RANDOM WEIGHTS: encoder(s) {', '.join(random)} ran on random weights; the accuracies below test "
+        "the pipeline, not the encoders.**"
+        if random
+        else ""
+    )
+    path = write_layer_scan(scan, out, notice, "RANDOM WEIGHTS - " if random else "")
+    print((out / "layer_scan.md").read_text(encoding="utf-8"))
+    print(f"Layer scan: {path.resolve()}  (layer_scan.md, layer_scan.png beside it)")
+    return path
+
+
 def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Path | None:
     out = output_dir(cfg, out_dir)
+    if plain(cfg.bench.mode) == "layer_scan":
+        return run_layer_scan(cfg, out, command)
     # every setting that can be checked without a model is checked before any model is built
     plan = strategies(cfg)
     options, vlm, judging = latency_options(cfg), vlm_options(cfg), assess_options(cfg)

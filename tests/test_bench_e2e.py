@@ -127,9 +127,9 @@ def test_a_second_strategy_on_the_same_data_extracts_nothing(tmp_path, monkeypat
     extractions = []
     original = features.FeatureCache._extract
 
-    def counted(self, encoder, indices, load_images):
+    def counted(self, encoder, indices, load_images, *args, **kwargs):
         extractions.append(encoder.spec.name)
-        return original(self, encoder, indices, load_images)
+        return original(self, encoder, indices, load_images, *args, **kwargs)
 
     monkeypatch.setattr(features.FeatureCache, "_extract", counted)
     cache = f"bench.cache_dir={tmp_path / 'cache'}"
