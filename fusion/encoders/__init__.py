@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from fusion.encoders.base import SOURCES, Encoder, EncoderSpec, LayerTokens, Preprocessing
+from fusion.encoders.base import SOURCES, Encoder, EncoderSpec, LayerInfo, LayerTokens, Preprocessing
 
 # source library -> "module:builder"; each builder takes an EncoderSpec and returns an Encoder
 ADAPTERS: dict[str, str] = {
@@ -53,6 +53,7 @@ __all__ = [
     "ADAPTERS",
     "Encoder",
     "EncoderSpec",
+    "LayerInfo",
     "LayerTokens",
     "Preprocessing",
     "adapter_for",

@@ -184,9 +184,10 @@ def check_images(images: torch.Tensor, min_size: int, encoder: str) -> None:
 class Encoder(nn.Module):
     """A frozen backbone read at several layers through its library's own intermediate-layer API.
 
-    Adapters (one per source library) build the model, prune it after the deepest hooked layer (so
-    later blocks or stages never run) and implement :meth:`read_layers`; this class checks pixels,
-    puts the layers in the order of ``spec.hooks.layers`` and applies the prefix policy.
+    Adapters (one per source library) build the model and load its weights; their subclass resolves
+    the hooks here, then prunes the model after the deepest hooked layer with the library's own call
+    (so later blocks or stages never run) and implements :meth:`read_layers`. This class checks
+    pixels, puts the layers in the order of ``spec.hooks.layers`` and applies the prefix policy.
 
     Attributes:
         spec: the :class:`EncoderSpec` it was built from.
@@ -195,7 +196,8 @@ class Encoder(nn.Module):
         num_prefix_tokens: CLS, register and summary tokens before the patch tokens (0 for a ConvNeXt).
         preprocessing: its own :class:`Preprocessing`.
         weights_loaded: ``"pretrained"`` or ``"random"``.
-        layer_indices: the hooked layers as non-negative indices, in ``spec.hooks.layers`` order.
+        layer_indices: the hooked layers as non-negative indices, in ``spec.hooks.layers`` order
+            (resolved against ``depth``; ``unit`` names the layers in its messages).
         stride: the largest reduction among the hooked layers; pixels are cropped to a multiple of it.
     """
 
@@ -208,6 +210,7 @@ class Encoder(nn.Module):
         num_prefix_tokens: int,
         preprocessing: Preprocessing,
         weights_loaded: str,
+        unit: str = "blocks",
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -217,7 +220,7 @@ class Encoder(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.preprocessing = preprocessing
         self.weights_loaded = weights_loaded
-        self.layer_indices = spec.hooks.resolve(self.depth, spec.name)
+        self.layer_indices = spec.hooks.resolve(self.depth, spec.name, unit)
         self.stride = max(self.layers[i].reduction for i in self.layer_indices)
         mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -30,11 +30,11 @@ from fusion.encoders.base import (
     unknown_model_error,
 )
 from fusion.encoders.timm_adapter import (
-    TimmFamily,
     accepted_families,
     creation_kwargs,
-    prepare_trunk,
+    prune_trunk,
     timm_family,
+    trunk_settings,
 )
 from fusion.encoders.weights import (
     RANDOM_WEIGHTS,
@@ -62,8 +62,26 @@ RESIZE_MODES = {"shortest": "crop", "squash": "squash", "longest": "crop"}
 
 class OpenClipEncoder(Encoder):
     """An open_clip :class:`~open_clip.transformer.VisionTransformer`, pruned after the deepest hooked
-    block. Its position table has the fixed grid of the size it was built for (``image_size``; a
-    checkpoint of another size is resampled at load), so it reads pixels of that size only."""
+    block by its ``prune_intermediate_layers``. Its position table has the fixed grid of the size it
+    was built for (``image_size``; a checkpoint of another size is resampled at load), so it reads
+    pixels of that size only.
+
+    Raises:
+        ValueError: ``norm="post"`` on a tower that applies its final norm after attention pooling.
+    """
+
+    def __init__(self, spec: EncoderSpec, tower: nn.Module, **settings) -> None:
+        depth = len(tower.transformer.resblocks)
+        width, patch = tower.conv1.out_channels, tower.patch_size[0]
+        super().__init__(
+            spec, tower, layers=[LayerInfo(width, patch)] * depth, num_prefix_tokens=1, **settings
+        )
+        if spec.hooks.norm == "post" and tower.attn_pool is not None:
+            raise ValueError(
+                f"HookSpec.norm='post' is not available for encoder {spec.name!r}: open_clip model "
+                f"{spec.model!r} applies its final norm after attention pooling; accepted: norm='pre'"
+            )
+        tower.prune_intermediate_layers(list(self.layer_indices), prune_norm=False, prune_head=True)
 
     def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
         grid = tuple(size // self.stride for size in pixels.shape[-2:])
@@ -87,7 +105,11 @@ class OpenClipEncoder(Encoder):
 
 class OpenClipTimmEncoder(Encoder):
     """An open_clip ``TimmModel`` tower read with its ``forward_intermediates``; its timm trunk is
-    pruned after the deepest hooked layer by timm's ``prune_intermediate_layers``."""
+    checked and pruned as the timm adapter does it."""
+
+    def __init__(self, spec: EncoderSpec, tower: nn.Module, **settings) -> None:
+        super().__init__(spec, tower, **trunk_settings(tower.trunk), **settings)
+        prune_trunk(tower.trunk, spec, self.layer_indices)
 
     def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
         out = self.model.forward_intermediates(
@@ -99,6 +121,13 @@ class OpenClipTimmEncoder(Encoder):
             output_extra_tokens=self.num_prefix_tokens > 0,
         )
         return channels_last(out["image_intermediates"], out.get("image_intermediates_prefix"))
+
+
+# image tower class -> its encoder; other towers (ModifiedResNet) are refused
+TOWERS: dict[type, type[Encoder]] = {
+    VisionTransformer: OpenClipEncoder,
+    open_clip.timm_model.TimmModel: OpenClipTimmEncoder,
+}
 
 
 @contextmanager
@@ -217,9 +246,8 @@ def preprocessing_of(model_cfg: dict, pretrained: dict, image_size: tuple[int, i
     )
 
 
-def _build_tower(spec: EncoderSpec, model_cfg: dict, quick_gelu: bool) -> tuple[nn.Module, TimmFamily | None]:
-    """The image tower of ``model_cfg`` with ``spec``'s overrides, and its timm family (None for
-    open_clip's own towers).
+def _build_tower(spec: EncoderSpec, model_cfg: dict, quick_gelu: bool) -> nn.Module:
+    """The image tower of ``model_cfg`` with ``spec``'s overrides.
 
     Raises:
         ValueError: a timm trunk of a family the timm adapter does not read, or model_kwargs the
@@ -234,7 +262,6 @@ def _build_tower(spec: EncoderSpec, model_cfg: dict, quick_gelu: bool) -> tuple[
         vision_cfg["head_width"] = vision_cfg.get("width", CLIPVisionCfg.width) // heads
     if spec.image_size is not None:
         vision_cfg["image_size"] = spec.image_size
-    family = None
     if timm_name:
         _, family = timm_family(timm_name, spec)
         vision_cfg["timm_model_pretrained"] = False  # weights come from the CLIP checkpoint, below
@@ -250,32 +277,7 @@ def _build_tower(spec: EncoderSpec, model_cfg: dict, quick_gelu: bool) -> tuple[
             f"EncoderSpec.model_kwargs {sorted(spec.model_kwargs or {})} are not accepted by open_clip "
             f"model {spec.model!r}: {error}"
         ) from error
-    return tower, family
-
-
-def _prepare_vit(tower: nn.Module, family: None, spec: EncoderSpec) -> tuple[type[Encoder], list, int]:
-    """open_clip's own ViT: check the hooks, prune it with its ``prune_intermediate_layers``."""
-    if spec.hooks.norm == "post" and tower.attn_pool is not None:
-        raise ValueError(
-            f"HookSpec.norm='post' is not available for encoder {spec.name!r}: open_clip model "
-            f"{spec.model!r} applies its final norm after attention pooling; accepted: norm='pre'"
-        )
-    depth = len(tower.transformer.resblocks)
-    indices = spec.hooks.resolve(depth, spec.name)
-    tower.prune_intermediate_layers(list(indices), prune_norm=False, prune_head=True)
-    return OpenClipEncoder, [LayerInfo(tower.conv1.out_channels, tower.patch_size[0])] * depth, 1
-
-
-def _prepare_timm_tower(
-    tower: nn.Module, family: TimmFamily, spec: EncoderSpec
-) -> tuple[type[Encoder], list, int]:
-    """A TimmModel tower: its timm trunk checked and pruned as the timm adapter does it."""
-    layers, num_prefix_tokens = prepare_trunk(tower.trunk, family, spec)
-    return OpenClipTimmEncoder, layers, num_prefix_tokens
-
-
-# image tower class -> how to check and prune it; other towers (ModifiedResNet) are refused
-TOWERS = {VisionTransformer: _prepare_vit, open_clip.timm_model.TimmModel: _prepare_timm_tower}
+    return tower
 
 
 def build_open_clip_encoder(spec: EncoderSpec) -> Encoder:
@@ -303,13 +305,13 @@ def build_open_clip_encoder(spec: EncoderSpec) -> Encoder:
     pretrained = open_clip.get_pretrained_cfg(spec.model, tag) if tag else {}
     loads_tag = path is None and not wants_random
     quick_gelu = bool(model_cfg.get("quick_gelu", False) or (loads_tag and pretrained.get("quick_gelu")))
-    tower, family = _build_tower(spec, model_cfg, quick_gelu)
-    prepare = TOWERS.get(type(tower))
-    if prepare is None:
+    tower = _build_tower(spec, model_cfg, quick_gelu)
+    encoder_class = TOWERS.get(type(tower))
+    if encoder_class is None:
         raise ValueError(
             f"open_clip model {spec.model!r} has a {type(tower).__name__} image tower; encoder "
             f"{spec.name!r} accepts open_clip VisionTransformer towers (ViT-*) and TimmModel towers of "
-            f"these timm families: {accepted_families()}"
+            f"these families: {accepted_families()}"
         )
     what = f"open_clip model {spec.model!r}"
     if wants_random:
@@ -330,12 +332,9 @@ def build_open_clip_encoder(spec: EncoderSpec) -> Encoder:
         else:
             load_open_clip_checkpoint(tower, found, what)
             weights_loaded = "pretrained"
-    encoder_class, layers, num_prefix_tokens = prepare(tower, family, spec)
     return encoder_class(
         spec,
         tower,
-        layers=layers,
-        num_prefix_tokens=num_prefix_tokens,
         preprocessing=preprocessing_of(model_cfg, pretrained, tuple(tower.image_size)),
         weights_loaded=weights_loaded,
     )

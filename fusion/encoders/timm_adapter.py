@@ -1,8 +1,8 @@
 """timm backbones read through ``forward_intermediates``: ViTs (CLIP, SigLIP, SigLIP2, DINOv2, RADIO),
 Eva (DINOv3, Perception Encoder), NaFlexVit (NaFlex SigLIP2, C-RADIO) and ConvNeXt (CLIP towers).
 
-The timm trunk helpers here (:data:`TIMM_FAMILIES`, :func:`prepare_trunk`) also serve open_clip's
-``TimmModel`` towers, which are timm trunks inside a CLIP model.
+The timm trunk helpers here (:data:`TIMM_FAMILIES`, :func:`trunk_settings`, :func:`prune_trunk`)
+also serve open_clip's ``TimmModel`` towers, which are timm trunks inside a CLIP model.
 """
 
 from __future__ import annotations
@@ -88,11 +88,6 @@ def timm_family(arch: str, spec: EncoderSpec) -> tuple[str, TimmFamily]:
     return module, TIMM_FAMILIES[module]
 
 
-def trunk_layers(trunk: nn.Module) -> list[LayerInfo]:
-    """Channels and reduction of every block or stage, from timm's own ``feature_info``."""
-    return [LayerInfo(info["num_chs"], info["reduction"]) for info in trunk.feature_info]
-
-
 def check_post_norm(trunk: nn.Module, family: TimmFamily, indices: Sequence[int], spec: EncoderSpec) -> None:
     """Refuse ``norm="post"`` where timm's ``forward_intermediates(norm=True)`` would not normalise
     every hooked layer, rather than return unnormalised layers under that name.
@@ -116,25 +111,35 @@ def check_post_norm(trunk: nn.Module, family: TimmFamily, indices: Sequence[int]
     )
 
 
-def prepare_trunk(trunk: nn.Module, family: TimmFamily, spec: EncoderSpec) -> tuple[list[LayerInfo], int]:
-    """Check the hooks against a loaded timm trunk, then prune it after the deepest hooked layer with
+def trunk_settings(trunk: nn.Module) -> dict:
+    """The :class:`Encoder` geometry of a timm trunk: its layers from timm's ``feature_info``, its
+    prefix tokens, and what its hooks index."""
+    family = TIMM_FAMILIES[type(trunk).__module__.rsplit(".", 1)[-1]]
+    return {
+        "layers": [LayerInfo(info["num_chs"], info["reduction"]) for info in trunk.feature_info],
+        "num_prefix_tokens": int(getattr(trunk, "num_prefix_tokens", 0)),
+        "unit": "stages" if family.stages else "blocks",
+    }
+
+
+def prune_trunk(trunk: nn.Module, spec: EncoderSpec, indices: Sequence[int]) -> None:
+    """Check ``norm`` against a loaded timm trunk, then prune it after the deepest hooked layer with
     timm's ``prune_intermediate_layers`` (later blocks or stages, and the head, are dropped).
 
-    Returns:
-        The full model's :class:`LayerInfo` list and its number of prefix tokens.
-
     Raises:
-        ValueError: a layer index out of range, or ``norm="post"`` where it cannot apply.
+        ValueError: ``norm="post"`` where it cannot apply.
     """
-    layers = trunk_layers(trunk)
-    indices = spec.hooks.resolve(len(layers), spec.name)
+    family = TIMM_FAMILIES[type(trunk).__module__.rsplit(".", 1)[-1]]
     check_post_norm(trunk, family, sorted(indices), spec)
     trunk.prune_intermediate_layers(list(indices), prune_norm=False, prune_head=True)
-    return layers, int(getattr(trunk, "num_prefix_tokens", 0))
 
 
 class TimmEncoder(Encoder):
-    """A timm model read with ``forward_intermediates`` (pruned after the deepest hooked layer)."""
+    """A timm model read with ``forward_intermediates``, pruned after the deepest hooked layer."""
+
+    def __init__(self, spec: EncoderSpec, trunk: nn.Module, **settings) -> None:
+        super().__init__(spec, trunk, **trunk_settings(trunk), **settings)
+        prune_trunk(trunk, spec, self.layer_indices)
 
     def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
         # return_prefix_tokens only where there are some: Eva fails on it without prefix tokens
@@ -277,13 +282,9 @@ def build_timm_encoder(spec: EncoderSpec) -> TimmEncoder:
         weights_loaded = "pretrained"
     else:
         weights_loaded = _load_pretrained(trunk, spec, name)
-    preprocessing = timm_preprocessing(trunk, spec.image_size)
-    layers, num_prefix_tokens = prepare_trunk(trunk, family, spec)
     return TimmEncoder(
         spec,
         trunk,
-        layers=layers,
-        num_prefix_tokens=num_prefix_tokens,
-        preprocessing=preprocessing,
+        preprocessing=timm_preprocessing(trunk, spec.image_size),
         weights_loaded=weights_loaded,
     )

@@ -18,6 +18,8 @@ import torch
 import transformers
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 
 from fusion.encoders.base import (
     Encoder,
@@ -143,15 +145,6 @@ FAMILIES: dict[str, HfFamily] = {
     "siglip2_vision_model": SIGLIP2,
     "siglip2": SIGLIP2,
 }
-# parameter names of older transformers releases (and of the hub checkpoints) -> current ones;
-# applied only to keys the model lacks, so either release loads either layout
-LEGACY_RENAMES: tuple[tuple[str, str], ...] = (
-    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
-    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
-    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
-    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
-    (r"\.mlp\.weights_out\.", ".mlp.down_proj."),
-)
 # prefixes that wrap a vision tower inside a larger checkpoint (CLIPModel, heads on top of DINOv2)
 TOWER_PREFIXES = ("vision_model.", "dinov2.", "model.")
 
@@ -182,9 +175,10 @@ class TransformersEncoder(Encoder):
     given) or uses rotary positions (DINOv3).
     """
 
-    def __init__(self, spec: EncoderSpec, model: nn.Module, *, family: HfFamily, **geometry) -> None:
-        super().__init__(spec, model, **geometry)
+    def __init__(self, spec: EncoderSpec, model: nn.Module, *, family: HfFamily, **settings) -> None:
+        super().__init__(spec, model, **settings)
         self.family = family
+        cut_layers(model, family, max(self.layer_indices))
 
     def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
         hidden = self.model(
@@ -286,26 +280,26 @@ def vision_config_of(config, spec: EncoderSpec) -> tuple[object, HfFamily]:
 
 
 # -- weights ------------------------------------------------------------------------------------
-def fit_keys(state_dict: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+def fit_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Strip tower prefixes (``vision_model.`` of a CLIPModel / SiglipModel checkpoint, ``dinov2.``
-    of a classifier) and rename keys of older releases to the model's names."""
+    of a classifier), then rename the keys the model lacks with transformers' own table of checkpoint
+    renamings (older releases' DINOv2 attention names, DINOv3's hub layout without ``model.``)."""
+    expected = set(model.state_dict())
     for prefix in TOWER_PREFIXES:
         if not any(k in expected for k in state_dict) and any(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
     fitted = {}
     for key, value in state_dict.items():
         if key not in expected:
-            for pattern, replacement in LEGACY_RENAMES:
-                renamed = re.sub(pattern, replacement, key)
-                if renamed in expected:
-                    key = renamed
-                    break
-            else:
-                gate = key.replace(".mlp.weights_in.", ".mlp.gate_proj.")
-                if ".mlp.weights_in." in key and gate in expected:  # fused SwiGLU input of giant
-                    up = key.replace(".mlp.weights_in.", ".mlp.up_proj.")
-                    fitted[gate], fitted[up] = value.chunk(2, dim=0)
-                    continue
+            for renaming in renamings:
+                key = renaming.rename_source_key(key)[0]
+            gate = key.replace(".mlp.weights_in.", ".mlp.gate_proj.")
+            if ".mlp.weights_in." in key and gate in expected:
+                # the fused SwiGLU input of DINOv2 giant, which the table converts, not renames
+                up = key.replace(".mlp.weights_in.", ".mlp.up_proj.")
+                fitted[gate], fitted[up] = value.chunk(2, dim=0)
+                continue
         fitted[key] = value
     return fitted
 
@@ -335,7 +329,7 @@ def load_hf_checkpoint(model: nn.Module, family: HfFamily, path, what: str) -> N
         FileNotFoundError: nothing at ``path``.
         ValueError: unreadable file, or a checkpoint of another architecture.
     """
-    state_dict = fit_keys(read_state_dict(path), set(model.state_dict()))
+    state_dict = fit_keys(read_state_dict(path), model)
     load_checked(model, resample_position_table(state_dict, model, family), str(path), what)
 
 
@@ -427,7 +421,6 @@ def build_transformers_encoder(spec: EncoderSpec) -> Encoder:
     patch = vision.patch_size
     patch = int(patch[0] if isinstance(patch, (list, tuple)) else patch)
     depth = len(_attr(_core(model), family.blocks))
-    cut_layers(model, family, max(spec.hooks.resolve(depth, spec.name)))
     registers = getattr(vision, family.register_attr, 0) if family.register_attr else 0
     return TransformersEncoder(
         spec,
