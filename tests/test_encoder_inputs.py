@@ -3,8 +3,11 @@ input an encoder refuses, with a message that names the field, the value and wha
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import transformers
 
 from fusion.encoders import EncoderSpec, build_encoder
 from fusion.encoders.tiny import RECIPES, tiny_spec
@@ -211,3 +214,20 @@ def test_tiny_spec_refuses_what_it_cannot_build():
         tiny_spec("resnet")
     with pytest.raises(ValueError, match=r"source='jax' is unknown"):
         tiny_spec("clip", source="jax")
+
+
+def test_hf_resize_then_crop_becomes_crop_pct(tmp_path):
+    config = transformers.AutoConfig.for_model(
+        "dinov2", num_hidden_layers=1, hidden_size=32, num_attention_heads=2, image_size=28
+    )
+    transformers.AutoModel.from_config(config).save_pretrained(tmp_path)
+    # DINOv2's processor: shortest edge to 256, then a 224 centre crop
+    processor = {
+        "size": {"shortest_edge": 256},
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+    }
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    encoder = build_encoder(EncoderSpec(name="dino", source="transformers", model=str(tmp_path)))
+    assert encoder.image_size == (224, 224)
+    assert encoder.preprocessing.crop_pct == pytest.approx(224 / 256)

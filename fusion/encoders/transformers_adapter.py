@@ -75,6 +75,7 @@ def patch_inputs(pixels: torch.Tensor, patch: int) -> dict:
 
 
 def image_size_side(vision) -> int:
+    """The input side most configs are built for, in pixels."""
     return vision.image_size
 
 
