@@ -19,7 +19,6 @@ import torch
 import transformers
 from checkpoints import perturb
 from safetensors.torch import save_file
-from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
 
 from fusion import FusedEncoder
 from fusion.encoders import EncoderSpec, build_encoder
@@ -124,14 +123,11 @@ def open_clip_case(tmp_path, kind, hooks):
 
 def hf_inputs(kind, pixels, patch):
     """The model inputs as the library's own image processing makes them."""
-    if kind == "siglip2":
-        patches = torch.stack([convert_image_to_patches(image, patch) for image in pixels])
-        grid = [pixels.shape[-2] // patch, pixels.shape[-1] // patch]
-        return {
-            "pixel_values": patches,
-            "pixel_attention_mask": torch.ones(patches.shape[:2], dtype=torch.long),
-            "spatial_shapes": torch.tensor([grid] * len(pixels)),
-        }
+    if kind == "siglip2":  # its NaFlex processor, with the pixels already resized and normalised
+        grid = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+        processor = transformers.Siglip2ImageProcessor(patch_size=patch, max_num_patches=grid)
+        kwargs = {"do_resize": False, "do_rescale": False, "do_normalize": False, "return_tensors": "pt"}
+        return dict(processor(list(pixels), **kwargs))
     interpolate = {} if kind.startswith("dino") else {"interpolate_pos_encoding": True}
     return {"pixel_values": pixels, **interpolate}
 

@@ -263,7 +263,7 @@ def _build_tower(spec: EncoderSpec, model_cfg: dict, quick_gelu: bool) -> nn.Mod
     if spec.image_size is not None:
         vision_cfg["image_size"] = spec.image_size
     if timm_name:
-        _, family = timm_family(timm_name, spec)
+        family = timm_family(timm_name, spec)
         vision_cfg["timm_model_pretrained"] = False  # weights come from the CLIP checkpoint, below
         # the trunk at the tower's size with a dynamic size, as the timm adapter builds it
         trunk_kwargs = creation_kwargs(family, as_hw(vision_cfg["image_size"], "image_size"), trunk_kwargs)

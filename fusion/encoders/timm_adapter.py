@@ -65,7 +65,7 @@ TIMM_FAMILIES: dict[str, TimmFamily] = {
     "convnext": TimmFamily(
         "convnext_*: CLIP ConvNeXt (.clip_*), DINOv3 ConvNeXt", final_norm="norm_pre", stages=True
     ),
-}  # fmt: skip
+}
 
 
 def accepted_families() -> str:
@@ -73,8 +73,8 @@ def accepted_families() -> str:
     return "; ".join(f"{module} ({family.examples})" for module, family in TIMM_FAMILIES.items())
 
 
-def timm_family(arch: str, spec: EncoderSpec) -> tuple[str, TimmFamily]:
-    """The (module, family) of timm architecture ``arch``.
+def timm_family(arch: str, spec: EncoderSpec) -> TimmFamily:
+    """The family of timm architecture ``arch``, by the timm module that defines it.
 
     Raises:
         ValueError: a timm model of a family this adapter does not read (a ResNet, a MLP-Mixer, ...).
@@ -85,7 +85,12 @@ def timm_family(arch: str, spec: EncoderSpec) -> tuple[str, TimmFamily]:
             f"EncoderSpec.model={spec.model!r} is a timm {module} model; encoder {spec.name!r} accepts "
             f"timm models with a spatial forward_intermediates of these families: {accepted_families()}"
         )
-    return module, TIMM_FAMILIES[module]
+    return TIMM_FAMILIES[module]
+
+
+def family_of(trunk: nn.Module) -> TimmFamily:
+    """The family of a built timm model (checked by :func:`timm_family` before it was built)."""
+    return TIMM_FAMILIES[type(trunk).__module__.rsplit(".", 1)[-1]]
 
 
 def check_post_norm(trunk: nn.Module, family: TimmFamily, indices: Sequence[int], spec: EncoderSpec) -> None:
@@ -114,11 +119,10 @@ def check_post_norm(trunk: nn.Module, family: TimmFamily, indices: Sequence[int]
 def trunk_settings(trunk: nn.Module) -> dict:
     """The :class:`Encoder` geometry of a timm trunk: its layers from timm's ``feature_info``, its
     prefix tokens, and what its hooks index."""
-    family = TIMM_FAMILIES[type(trunk).__module__.rsplit(".", 1)[-1]]
     return {
         "layers": [LayerInfo(info["num_chs"], info["reduction"]) for info in trunk.feature_info],
         "num_prefix_tokens": int(getattr(trunk, "num_prefix_tokens", 0)),
-        "unit": "stages" if family.stages else "blocks",
+        "unit": "stages" if family_of(trunk).stages else "blocks",
     }
 
 
@@ -129,8 +133,7 @@ def prune_trunk(trunk: nn.Module, spec: EncoderSpec, indices: Sequence[int]) -> 
     Raises:
         ValueError: ``norm="post"`` where it cannot apply.
     """
-    family = TIMM_FAMILIES[type(trunk).__module__.rsplit(".", 1)[-1]]
-    check_post_norm(trunk, family, sorted(indices), spec)
+    check_post_norm(trunk, family_of(trunk), sorted(indices), spec)
     trunk.prune_intermediate_layers(list(indices), prune_norm=False, prune_head=True)
 
 
@@ -163,7 +166,7 @@ def _model_name(spec: EncoderSpec, tag: str | None) -> tuple[str, TimmFamily]:
     arch, model_tag = timm.models.split_model_name_tag(spec.model)
     if not timm.is_model(arch):
         raise unknown_model_error("timm", spec.model, timm.list_models())
-    _, family = timm_family(arch, spec)
+    family = timm_family(arch, spec)
     tag = tag or model_tag
     name = f"{arch}.{tag}" if tag else arch
     try:
@@ -180,8 +183,8 @@ def _model_name(spec: EncoderSpec, tag: str | None) -> tuple[str, TimmFamily]:
 def load_timm_checkpoint(trunk: nn.Module, path, what: str) -> None:
     """Load a checkpoint file into a timm model through the checkpoint filter of its own timm module.
 
-    The filters convert the original releases (DINOv2, DINOv3, Perception Encoder, C-RADIO) and
-    OpenAI / open_clip CLIP layouts, and resample a position table to the model's grid, so another
+    The filters convert the original releases (DINOv2, DINOv3, C-RADIO) and OpenAI / open_clip CLIP
+    layouts, and resample a position table to the model's grid, so another
     ``image_size`` is not an error.
 
     Raises:
@@ -217,8 +220,8 @@ def _load_pretrained(trunk: nn.Module, spec: EncoderSpec, name: str) -> str:
             spec,
             looked,
             "Give EncoderSpec.weights a local checkpoint (.safetensors / .pth, an original DINOv2, "
-            "DINOv3, Perception Encoder or C-RADIO release, an OpenAI CLIP file), or fill the Hugging "
-            "Face cache (HF_HOME) while online.",
+            "DINOv3 or C-RADIO release, an OpenAI CLIP file), or fill the Hugging Face cache (HF_HOME) "
+            "while online.",
         )
     load_timm_checkpoint(trunk, path, f"timm model {name!r}")
     return "pretrained"

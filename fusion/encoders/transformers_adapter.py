@@ -20,6 +20,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
+from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
 
 from fusion.encoders.base import (
     Encoder,
@@ -61,16 +62,15 @@ def pixel_inputs(pixels: torch.Tensor, patch: int) -> dict:
 
 
 def patch_inputs(pixels: torch.Tensor, patch: int) -> dict:
-    """SigLIP2 (NaFlex): flattened patches in its image processor's order (row, column, then the
-    pixels of a patch row by row, channels last), all valid, and the grid each image has."""
-    batch, channels, height, width = pixels.shape
-    grid_h, grid_w = height // patch, width // patch
-    patches = pixels.reshape(batch, channels, grid_h, patch, grid_w, patch)
-    patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, grid_h * grid_w, -1)
+    """SigLIP2 (NaFlex): each image as flattened patches by its image processor's own function, all
+    of them valid, and the grid each image has."""
+    grid_h, grid_w = pixels.shape[-2] // patch, pixels.shape[-1] // patch
     return {
-        "pixel_values": patches,
-        "pixel_attention_mask": torch.ones(batch, grid_h * grid_w, dtype=torch.long, device=pixels.device),
-        "spatial_shapes": torch.tensor([[grid_h, grid_w]] * batch, device=pixels.device),
+        "pixel_values": torch.stack([convert_image_to_patches(image, patch) for image in pixels]),
+        "pixel_attention_mask": torch.ones(
+            len(pixels), grid_h * grid_w, dtype=torch.long, device=pixels.device
+        ),
+        "spatial_shapes": torch.tensor([[grid_h, grid_w]] * len(pixels), device=pixels.device),
     }
 
 
