@@ -14,8 +14,8 @@ class HookSpec:
     """Layers to read from one encoder.
 
     Args:
-        layers: block indices; negatives count from the end (-1 is the last block, -2 the
-            penultimate one that LLaVA and Prismatic read).
+        layers: block indices (stage indices for a ConvNeXt); negatives count from the end (-1 is
+            the last block, -2 the penultimate one that LLaVA and Prismatic read).
         norm: ``"pre"`` returns the raw block output; ``"post"`` applies the model's final norm to
             each hooked layer (timm ``norm=True``, open_clip ``normalize_intermediates``).
         prefix: ``"drop"`` discards CLS and register tokens; ``"keep"`` returns them beside the grid.
@@ -44,23 +44,35 @@ class HookSpec:
                 f"HookSpec.prefix={self.prefix!r} is unknown; accepted: {', '.join(PREFIX_POLICIES)}"
             )
 
-    def resolve(self, depth: int, encoder: str = "encoder") -> tuple[int, ...]:
-        """Return the hooked block indices as non-negative integers, in the order given.
+    def resolve(self, depth: int, encoder: str = "encoder", unit: str = "blocks") -> tuple[int, ...]:
+        """Return the hooked layer indices as non-negative integers, in the order given.
+
+        Args:
+            depth: how many layers the encoder has.
+            encoder: its name, for messages.
+            unit: what its layers are (``"blocks"``; ``"stages"`` for a ConvNeXt), for messages.
 
         Raises:
-            ValueError: an index outside ``[-depth, depth)``, or two entries naming one block.
+            ValueError: more layers than the encoder has, an index outside ``[-depth, depth)``, or
+                two entries naming one layer.
         """
+        if len(self.layers) > depth:
+            raise ValueError(
+                f"HookSpec.layers {list(self.layers)} hooks {len(self.layers)} layers but encoder "
+                f"{encoder!r} has {depth} {unit}; accepted: at most {depth} distinct indices in "
+                f"{-depth}..{depth - 1}"
+            )
         resolved = []
         for index in self.layers:
             if not -depth <= index < depth:
                 raise ValueError(
                     f"HookSpec.layers index {index} is out of range for encoder {encoder!r} of depth "
-                    f"{depth}; accepted: {-depth}..{depth - 1}"
+                    f"{depth} ({depth} {unit}); accepted: {-depth}..{depth - 1}"
                 )
             resolved.append(index % depth)
         if len(set(resolved)) != len(resolved):
             raise ValueError(
-                f"HookSpec.layers {list(self.layers)} name the same block twice for encoder {encoder!r} "
+                f"HookSpec.layers {list(self.layers)} name the same layer twice for encoder {encoder!r} "
                 f"(depth {depth}: resolved to {resolved})"
             )
         return tuple(resolved)
@@ -76,11 +88,8 @@ class HookSpec:
             data = dict(value.items())
             unknown = sorted(set(data) - set(cls.__dataclass_fields__))
             if unknown:
-                raise ValueError(
-                    f"HookSpec got unknown field(s) {unknown}; accepted: layers, norm, prefix"
-                )
+                raise ValueError(f"HookSpec got unknown field(s) {unknown}; accepted: layers, norm, prefix")
             if "layers" in data:
                 data["layers"] = list(data["layers"])
             return cls(**data)
         raise ValueError(f"hooks must be a HookSpec or a mapping, got {type(value).__name__}")
-

@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
@@ -25,3 +26,12 @@ def datasets_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"real datasets not found at {root}; set FUSION_DATA")
     return root
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face hub cache that the loaders read instead of the real one."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache

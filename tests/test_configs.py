@@ -47,10 +47,14 @@ def make(*overrides: str, hydra: bool = False):
 
 
 def test_every_group_has_its_documented_options():
-    assert {"clip_b16", "clip_l14_336", "siglip_b16", "tiny_clip"} <= set(options("encoders/clip"))
-    dinos = {f"dinov2_{s}14{r}" for s in "sbl" for r in ("", "_reg4")}
-    assert dinos | {"tiny_dino_reg"} <= set(options("encoders/dino"))
-    assert {"clip_b16_dinov2_s14_reg4", "tiny"} <= set(options("encoders"))
+    clips = {"clip_b16", "clip_l14_336", "siglip_b16", "siglip2_b16", "siglip2_so400m16", "pe_core_b16"}
+    clips |= {"pe_core_l14", "radio_v3_b", "convnext_b_clip", "tiny_clip", "tiny_siglip2"}
+    assert clips <= set(options("encoders/clip"))
+    dinos = {f"dinov2_{s}14{r}" for s in "sbl" for r in ("", "_reg4")} | {f"dinov3_{s}16" for s in "sbl"}
+    assert dinos | {"tiny_dino_reg", "tiny_dinov3"} <= set(options("encoders/dino"))
+    pairs = {"siglip2_b16_dinov3_b16", "siglip2_so400m_dinov3_l16", "pe_core_l14_dinov3_l16"}
+    pairs |= {"clip_l14_336_dinov3_l16", "clip_b16_dinov2_s14_reg4", "tiny", "tiny_siglip2_dinov3"}
+    assert pairs <= set(options("encoders"))
     assert {"penultimate", "last3", "comm_all"} <= set(options("hooks"))
     assert {
         "comm",
@@ -79,10 +83,19 @@ def test_the_default_is_the_documented_cpu_job():
     assert [s.name for s in strategies(cfg)] == ["clip_only", "dino_only", "eagle"]
 
 
+# words of a model name -> the tiny recipe of its family, first match wins (SigLIP2 before SigLIP)
+RECIPE_KINDS = (
+    ("siglip2", "siglip2"), ("v2_webli", "siglip2"), ("siglip", "siglip"), ("dinov3", "dinov3"),
+    ("dinov2", "dino"), ("pe-core", "pe_core"), ("radio", "radio"), ("convnext", "convnext"),
+)  # fmt: skip
+# options whose names carry no patch size: the stride of the grid the default hooks (penultimate)
+# read; for the ConvNeXt that is stage 2 of 4, a 1/16 grid
+STRIDES = {"convnext_b_clip": 16, "radio_v3_b": 16}
+
+
 def tiny_recipe_kind(spec) -> str:
-    if "siglip" in spec.model.lower():
-        return "siglip"
-    return "dino" if "dinov2" in spec.model else "clip"
+    model = spec.model.lower()
+    return next((kind for word, kind in RECIPE_KINDS if word in model), "clip")
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -99,7 +112,7 @@ def test_every_single_encoder_builds_its_real_architecture(role):
         assert encoder.spec.name == role and encoder.image_size == spec.image_size
         # the patch the option's name promises (clip_l14_336: 14); tiny ones as their recipe
         named = re.search(r"[bsl](\d\d)", name)
-        patch = int(named.group(1)) if named else (14 if kind == "dino" else 16)
+        patch = int(named.group(1)) if named else STRIDES.get(name, 14 if kind == "dino" else 16)
         assert encoder.patch_size == patch
         assert encoder.grid_size() == (spec.image_size[0] // patch, spec.image_size[1] // patch)
 
@@ -115,7 +128,10 @@ def test_every_pair_composes_a_clip_and_a_dino():
     for pair in options("encoders"):
         specs = encoder_specs(make(f"encoders={pair}"))
         assert specs["clip"].name == "clip" and specs["dino"].name == "dino"
-        assert ("dinov2" in specs["dino"].model) and ("dinov2" not in specs["clip"].model)
+        dino, clip = specs["dino"].model, specs["clip"].model
+        assert any(f in dino for f in ("dinov2", "dinov3")) and not any(
+            f in clip for f in ("dinov2", "dinov3")
+        )
 
 
 @pytest.mark.parametrize("hooks", options("hooks"))

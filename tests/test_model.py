@@ -15,7 +15,7 @@ from torch import nn
 
 import kernels
 from fusion import EncoderGeometry, EncoderSpec, FusedEncoder, FusionHead, HookSpec
-from fusion.encoders import Encoder, Preprocessing, build_encoder
+from fusion.encoders import Encoder, LayerInfo, LayerTokens, Preprocessing, build_encoder
 from fusion.encoders.tiny import tiny_spec
 
 ALIGNS = ("bilinear", "bicubic", "nearest", "area", "pixel_unshuffle", "learned")
@@ -490,25 +490,21 @@ class PatchMLPEncoder(Encoder):
         super().__init__(
             spec,
             model,
-            patch_size=8,
-            width=width,
-            depth=depth,
+            layers=[LayerInfo(width, 8)] * depth,
             num_prefix_tokens=0,
             preprocessing=preprocessing,
             weights_loaded="random",
         )
 
-    def embed(self, pixels):
-        return self.model["patch"](pixels).flatten(2).transpose(1, 2)
-
-    def blocks(self):
-        return self.model["blocks"]
-
-    def run_block(self, block, tokens):
-        return tokens + block(tokens)
-
-    def final_norm(self, tokens):
-        return self.model["norm"](tokens)
+    def read_layers(self, pixels):
+        tokens = self.model["patch"](pixels).permute(0, 2, 3, 1)
+        layers = []
+        for index, block in enumerate(self.model["blocks"][: max(self.layer_indices) + 1]):
+            tokens = tokens + block(tokens)
+            if index in self.layer_indices:
+                grid = self.model["norm"](tokens) if self.spec.hooks.norm == "post" else tokens
+                layers.append(LayerTokens(grid, grid.new_zeros(grid.shape[0], 0, grid.shape[-1])))
+        return layers
 
 
 def test_unfrozen_encoders_train_and_get_gradients(images):

@@ -7,16 +7,14 @@ loaded when the encoder's grids equal the grids of the model that wrote it.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import huggingface_hub.constants
 import open_clip
 import pytest
 import timm
 import torch
 import transformers
-from checkpoints import perturb
+from checkpoints import perturb, put_in_hub_cache
 from safetensors.torch import save_file
 
 from fusion.encoders import EncoderSpec, build_encoder
@@ -259,26 +257,6 @@ def test_hf_position_table_of_another_size_is_resampled(tmp_path):
 
 
 # -- caches, offline --------------------------------------------------------------------------------
-def put_in_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
-    """Lay out files the way huggingface_hub caches a downloaded repo."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name, source in files.items():
-        shutil.copy(source, snapshot / name)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch) -> Path:
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def test_timm_default_weights_come_from_the_hub_cache_offline(tmp_path, hub_cache, dino_reg):
     path = tmp_path / "model.safetensors"
     save_file(dino_reg.state_dict(), str(path))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from fusion.encoders.base import SOURCES, Encoder, EncoderSpec, LayerTokens, Preprocessing
+from fusion.encoders.base import SOURCES, Encoder, EncoderSpec, LayerInfo, LayerTokens, Preprocessing
 
 # source library -> "module:builder"; each builder takes an EncoderSpec and returns an Encoder
 ADAPTERS: dict[str, str] = {
-    "timm": "fusion.encoders.timm_vit:build_timm_encoder",
-    "open_clip": "fusion.encoders.open_clip_vit:build_open_clip_encoder",
-    "transformers": "fusion.encoders.transformers_vit:build_transformers_encoder",
+    "timm": "fusion.encoders.timm_adapter:build_timm_encoder",
+    "open_clip": "fusion.encoders.open_clip_adapter:build_open_clip_encoder",
+    "transformers": "fusion.encoders.transformers_adapter:build_transformers_encoder",
 }
 assert set(ADAPTERS) == set(SOURCES), "every source named in base.SOURCES needs an adapter"
 
@@ -53,6 +53,7 @@ __all__ = [
     "ADAPTERS",
     "Encoder",
     "EncoderSpec",
+    "LayerInfo",
     "LayerTokens",
     "Preprocessing",
     "adapter_for",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -95,8 +96,7 @@ class EncoderSpec:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(
-                f"EncoderSpec got unknown field(s) {unknown}; accepted: "
-                f"{', '.join(cls.__dataclass_fields__)}"
+                f"EncoderSpec got unknown field(s) {unknown}; accepted: {', '.join(cls.__dataclass_fields__)}"
             )
         missing = [f for f in ("name", "source", "model") if f not in data]
         if missing:
@@ -110,8 +110,9 @@ class EncoderSpec:
 class Preprocessing:
     """An encoder's own pixel pipeline: resize to ``image_size``, then normalise with mean and std.
 
-    ``resize="crop"`` scales the shorter side to fit and centre-crops (the CLIP and DINOv2 eval
-    transform); ``"squash"`` resizes straight to ``image_size``.
+    ``resize="crop"`` scales the image to cover ``image_size / crop_pct`` and centre-crops
+    ``image_size`` (timm's eval transform; ``crop_pct=1`` is the CLIP and DINOv2 one); ``"squash"``
+    resizes straight to ``image_size`` (SigLIP, Perception Encoder in open_clip).
     """
 
     image_size: tuple[int, int]
@@ -119,6 +120,15 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     resize: str = "crop"
+    crop_pct: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(
+                f"Preprocessing.resize={self.resize!r} is unknown; accepted: {', '.join(RESIZE_MODES)}"
+            )
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"Preprocessing.crop_pct={self.crop_pct!r} must be in (0, 1]")
 
 
 class LayerTokens(NamedTuple):
@@ -126,6 +136,14 @@ class LayerTokens(NamedTuple):
 
     grid: torch.Tensor
     prefix: torch.Tensor | None
+
+
+class LayerInfo(NamedTuple):
+    """What one readable layer of a backbone gives: ``channels``, and ``reduction``, its grid's stride
+    in pixels (a ViT's patch size; 4, 8, 16, 32 for the four stages of a ConvNeXt)."""
+
+    channels: int
+    reduction: int
 
 
 def unknown_model_error(source: str, model: str, known: Iterable[str], hint: str = "") -> ValueError:
@@ -164,19 +182,23 @@ def check_images(images: torch.Tensor, min_size: int, encoder: str) -> None:
 
 
 class Encoder(nn.Module):
-    """A frozen vision transformer read at several layers.
+    """A frozen backbone read at several layers through its library's own intermediate-layer API.
 
-    Adapters (one per source library) build the model and implement :meth:`embed`,
-    :meth:`blocks` and :meth:`final_norm`; this class runs the blocks up to the deepest hooked one
-    and turns token sequences into channels-last grids. Blocks after the deepest hooked layer are
-    never run.
+    Adapters (one per source library) build the model and load its weights; their subclass resolves
+    the hooks here, then prunes the model after the deepest hooked layer with the library's own call
+    (so later blocks or stages never run) and implements :meth:`read_layers`. This class checks
+    pixels, puts the layers in the order of ``spec.hooks.layers`` and applies the prefix policy.
 
     Attributes:
         spec: the :class:`EncoderSpec` it was built from.
-        patch_size, width, depth, num_prefix_tokens: the model's geometry.
+        depth: how many layers (blocks, or ConvNeXt stages) the full model has.
+        layers: a :class:`LayerInfo` for each of them.
+        num_prefix_tokens: CLS, register and summary tokens before the patch tokens (0 for a ConvNeXt).
         preprocessing: its own :class:`Preprocessing`.
         weights_loaded: ``"pretrained"`` or ``"random"``.
-        layer_indices: the hooked blocks as non-negative indices, in ``spec.hooks.layers`` order.
+        layer_indices: the hooked layers as non-negative indices, in ``spec.hooks.layers`` order
+            (resolved against ``depth``; ``unit`` names the layers in its messages).
+        stride: the largest reduction among the hooked layers; pixels are cropped to a multiple of it.
     """
 
     def __init__(
@@ -184,23 +206,22 @@ class Encoder(nn.Module):
         spec: EncoderSpec,
         model: nn.Module,
         *,
-        patch_size: int,
-        width: int,
-        depth: int,
+        layers: Sequence[LayerInfo],
         num_prefix_tokens: int,
         preprocessing: Preprocessing,
         weights_loaded: str,
+        unit: str = "blocks",
     ) -> None:
         super().__init__()
         self.spec = spec
         self.model = model
-        self.patch_size = patch_size
-        self.width = width
-        self.depth = depth
+        self.layers = tuple(LayerInfo(int(c), int(r)) for c, r in layers)
+        self.depth = len(self.layers)
         self.num_prefix_tokens = num_prefix_tokens
         self.preprocessing = preprocessing
         self.weights_loaded = weights_loaded
-        self.layer_indices = spec.hooks.resolve(depth, spec.name)
+        self.layer_indices = spec.hooks.resolve(self.depth, spec.name, unit)
+        self.stride = max(self.layers[i].reduction for i in self.layer_indices)
         mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
@@ -209,21 +230,13 @@ class Encoder(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
 
-    # -- what each adapter provides -------------------------------------------------------------
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch-embed normalised pixels into the token sequence ``(B, P + h*w, C)`` fed to block 0."""
-        raise NotImplementedError
+    def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
+        """Run the library's intermediate-layer API on ``pixels`` (a multiple of :attr:`stride`).
 
-    def blocks(self) -> Sequence[nn.Module]:
-        """The transformer blocks, in order."""
-        raise NotImplementedError
-
-    def run_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """Apply one block to ``(B, L, C)`` tokens."""
-        return block(tokens)
-
-    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The model's final norm, applied to hooked layers when ``hooks.norm == "post"``."""
+        Returns:
+            One :class:`LayerTokens` per hooked layer in block order (``sorted(layer_indices)``),
+            channels-last, with the prefix tokens ``(B, num_prefix_tokens, C)`` (P may be 0).
+        """
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------
@@ -233,6 +246,26 @@ class Encoder(nn.Module):
         if not any(p.requires_grad for p in self.model.parameters()):
             self.model.eval()
         return self
+
+    def _one(self, what: str, values: list[int]) -> int:
+        """The value all hooked layers share, else a ValueError saying a fused model needs one."""
+        if len(set(values)) != 1:
+            raise ValueError(
+                f"encoder {self.spec.name!r} hooks layers {list(self.spec.hooks.layers)} of different "
+                f"{what}s {values}; a fused model takes one {what} per encoder: hook stages of one "
+                "width (e.g. layers=[-1])"
+            )
+        return values[0]
+
+    @property
+    def width(self) -> int:
+        """Channels of the hooked layers (all of one width, as a fused model needs)."""
+        return self._one("width", [self.layers[i].channels for i in self.layer_indices])
+
+    @property
+    def patch_size(self) -> int:
+        """Stride in pixels of the hooked layers' grids (a ViT's patch size)."""
+        return self._one("stride", [self.layers[i].reduction for i in self.layer_indices])
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -251,7 +284,7 @@ class Encoder(nn.Module):
         Raises:
             ValueError: not a 4-D 3-channel uint8/float batch, or smaller than one patch.
         """
-        check_images(images, self.patch_size, self.spec.name)
+        check_images(images, self.stride, self.spec.name)
         pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         pixels = resize_images(pixels, self.preprocessing)
         return (pixels - self.pixel_mean) / self.pixel_std
@@ -260,29 +293,21 @@ class Encoder(nn.Module):
         """Run the encoder on preprocessed pixels; one :class:`LayerTokens` per hooked layer, in the
         order of ``spec.hooks.layers``. Prefix tokens are returned only with ``hooks.prefix="keep"``.
 
+        Pixels whose height or width is not a multiple of :attr:`stride` lose the last partial
+        patch row / column, as a strided patch embedding would ignore it; every model (NaFlex ones,
+        which would fail on it, included) sees the same pixels.
+
         Raises:
             ValueError: pixels that are not (B, 3, H, W) or are smaller than one patch.
         """
-        check_images(pixels, self.patch_size, self.spec.name)
-        grid_h, grid_w = self.grid_size(tuple(pixels.shape[-2:]))
-        # a strided patch embedding ignores the last partial patch row/column; crop it so that every
-        # library sees the same pixels (timm asserts on sizes that are not a patch multiple)
-        pixels = pixels[..., : grid_h * self.patch_size, : grid_w * self.patch_size]
-        hooks = self.spec.hooks
-        wanted = set(self.layer_indices)
-        taken: dict[int, torch.Tensor] = {}
-        tokens = self.embed(pixels)
-        for index, block in enumerate(self.blocks()[: max(wanted) + 1]):
-            tokens = self.run_block(block, tokens)
-            if index in wanted:
-                taken[index] = self.final_norm(tokens) if hooks.norm == "post" else tokens
-        outputs = []
-        for index in self.layer_indices:
-            layer = taken[index]
-            prefix, patches = layer[:, : self.num_prefix_tokens], layer[:, self.num_prefix_tokens :]
-            grid = patches.reshape(patches.shape[0], grid_h, grid_w, patches.shape[-1])
-            outputs.append(LayerTokens(grid, prefix if hooks.prefix == "keep" else None))
-        return outputs
+        check_images(pixels, self.stride, self.spec.name)
+        height, width = (size - size % self.stride for size in pixels.shape[-2:])
+        read = self.read_layers(pixels[..., :height, :width])
+        by_index = dict(zip(sorted(self.layer_indices), read))
+        keep = self.spec.hooks.prefix == "keep"
+        return [
+            LayerTokens(by_index[i].grid, by_index[i].prefix if keep else None) for i in self.layer_indices
+        ]
 
     def forward_grids(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """One ``(B, h, w, C)`` channels-last grid per hooked layer, in ``spec.hooks.layers`` order."""
@@ -294,20 +319,39 @@ class Encoder(nn.Module):
 
 
 def resize_images(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
-    """Resize a float batch to ``preprocessing.image_size`` by its resize mode (no-op when it fits)."""
+    """Resize a float batch to ``preprocessing.image_size`` by its resize mode (no-op when it fits).
+
+    Both modes first resize to ``image_size / crop_pct`` (covering it in ``"crop"`` mode, keeping the
+    aspect ratio; exactly in ``"squash"`` mode), then centre-crop ``image_size``: timm's eval
+    transform for either ``crop_mode``.
+    """
     target_h, target_w = preprocessing.image_size
     height, width = pixels.shape[-2:]
     if (height, width) == (target_h, target_w):
         return pixels
     mode = preprocessing.interpolation
     kwargs = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    crop_pct = preprocessing.crop_pct
     if preprocessing.resize == "crop":
-        scale = max(target_h / height, target_w / width)
+        scale = max(target_h / height, target_w / width) / crop_pct
         scaled = (max(target_h, round(height * scale)), max(target_w, round(width * scale)))
-        pixels = F.interpolate(pixels, size=scaled, mode=mode, **kwargs)
-        top, left = (scaled[0] - target_h) // 2, (scaled[1] - target_w) // 2
-        pixels = pixels[..., top : top + target_h, left : left + target_w]
     else:
-        pixels = F.interpolate(pixels, size=(target_h, target_w), mode=mode, **kwargs)
+        scaled = (math.floor(target_h / crop_pct), math.floor(target_w / crop_pct))
+    pixels = F.interpolate(pixels, size=scaled, mode=mode, **kwargs)
+    top, left = (scaled[0] - target_h) // 2, (scaled[1] - target_w) // 2
+    pixels = pixels[..., top : top + target_h, left : left + target_w]
     # bicubic overshoots; keep pixels in the range the normalisation was fitted on
     return pixels.clamp(0.0, 1.0)
+
+
+def channels_last(
+    grids: Sequence[torch.Tensor], prefixes: Sequence[torch.Tensor] | None
+) -> list[LayerTokens]:
+    """Library outputs as :class:`LayerTokens`: NCHW grids -> contiguous ``(B, h, w, C)`` (the layout
+    ``kernels.grid_fuse`` reads), and no prefix tokens -> an empty ``(B, 0, C)`` tensor."""
+    layers = []
+    for index, grid in enumerate(grids):
+        grid = grid.permute(0, 2, 3, 1).contiguous()
+        prefix = prefixes[index] if prefixes is not None else grid.new_zeros(grid.shape[0], 0, grid.shape[-1])
+        layers.append(LayerTokens(grid, prefix))
+    return layers

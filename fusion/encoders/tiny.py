@@ -1,8 +1,9 @@
-"""Tiny but real encoders: the real CLIP / DINOv2 / SigLIP architectures cut to a few narrow blocks.
+"""Tiny but real encoders: the real architectures (CLIP, DINOv2, SigLIP, DINOv3, SigLIP2, Perception
+Encoder, C-RADIO, ConvNeXt CLIP) cut to a few narrow blocks or stages.
 
 Tests, the ``experiment=smoke`` preset and the notebooks run on these: the same code paths as the
-full models (patch sizes, prefix tokens, registers, pre-norms and final norms are the real ones),
-with random weights and a forward pass of a batch of 8 in milliseconds on a CPU.
+full models (patch sizes, prefix tokens, registers, rotary positions, pre-norms and final norms are
+the real ones), with random weights and a forward pass of a batch of 8 in milliseconds on a CPU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,18 @@ from fusion.encoders.base import SOURCES, EncoderSpec
 from fusion.encoders.weights import RANDOM_WEIGHTS
 from fusion.hooks import HookSpec
 
-KINDS = ("clip", "dino", "dino_reg", "siglip")
+KINDS = (
+    "clip",
+    "dino",
+    "dino_reg",
+    "siglip",
+    "dinov3",
+    "siglip2",
+    "naflex_siglip2",
+    "pe_core",
+    "radio",
+    "convnext",
+)
 DEPTH, WIDTH, HEADS = 4, 32, 2
 
 
@@ -29,20 +41,36 @@ class TinyRecipe:
 _TIMM = {"depth": DEPTH, "embed_dim": WIDTH, "num_heads": HEADS}
 _HF = {"num_hidden_layers": DEPTH, "hidden_size": WIDTH, "num_attention_heads": HEADS}
 _HF_MLP = {"intermediate_size": 4 * WIDTH}  # DINOv2 configs take mlp_ratio (default 4) instead
-# (source, kind) -> recipe. open_clip ships no DINOv2 towers, so it has no dino kinds.
+# four one-block stages, the last WIDTH wide; 128 px gives the last stage (stride 32) a 4x4 grid
+_CONVNEXT = {"depths": (1, 1, 1, 1), "dims": (8, 16, 24, WIDTH)}
+# (source, kind) -> recipe; a source has the kinds its library builds (open_clip: no DINO towers;
+# transformers: no Perception Encoder, C-RADIO or ConvNeXt CLIP; NaFlex SigLIP2 is timm's)
 RECIPES: dict[tuple[str, str], TinyRecipe] = {
     ("timm", "clip"): TinyRecipe("vit_base_patch16_clip_224.openai", _TIMM, 64),
     ("timm", "dino"): TinyRecipe("vit_small_patch14_dinov2.lvd142m", _TIMM, 56),
     ("timm", "dino_reg"): TinyRecipe("vit_small_patch14_reg4_dinov2.lvd142m", _TIMM, 56),
     ("timm", "siglip"): TinyRecipe("vit_base_patch16_siglip_224.webli", _TIMM, 64),
+    ("timm", "dinov3"): TinyRecipe("vit_small_patch16_dinov3.lvd1689m", _TIMM, 64),
+    ("timm", "siglip2"): TinyRecipe("vit_base_patch16_siglip_256.v2_webli", _TIMM, 64),
+    ("timm", "naflex_siglip2"): TinyRecipe("naflexvit_base_patch16_siglip.v2_webli", _TIMM, 64),
+    ("timm", "pe_core"): TinyRecipe("vit_pe_core_base_patch16_224.fb", _TIMM, 64),
+    ("timm", "radio"): TinyRecipe("naflexvit_base_patch16_radio_v3.c_radio", _TIMM, 64),
+    ("timm", "convnext"): TinyRecipe("convnext_base.clip_laion2b", _CONVNEXT, 128),
     ("open_clip", "clip"): TinyRecipe("ViT-B-16", {"width": WIDTH, "layers": DEPTH, "heads": HEADS}, 64),
     ("open_clip", "siglip"): TinyRecipe("ViT-B-16-SigLIP", _TIMM, 64),
+    ("open_clip", "siglip2"): TinyRecipe("ViT-B-16-SigLIP2-256", _TIMM, 64),
+    ("open_clip", "pe_core"): TinyRecipe("PE-Core-B-16", _TIMM, 64),
+    ("open_clip", "convnext"): TinyRecipe("convnext_base", _CONVNEXT, 128),
     ("transformers", "clip"): TinyRecipe("clip_vision_model", {**_HF, **_HF_MLP, "patch_size": 16}, 64),
     ("transformers", "dino"): TinyRecipe("dinov2", {**_HF, "patch_size": 14}, 56),
     ("transformers", "dino_reg"): TinyRecipe(
         "dinov2_with_registers", {**_HF, "patch_size": 14, "num_register_tokens": 4}, 56
     ),
     ("transformers", "siglip"): TinyRecipe("siglip_vision_model", {**_HF, **_HF_MLP, "patch_size": 16}, 64),
+    ("transformers", "dinov3"): TinyRecipe(
+        "dinov3_vit", {**_HF, **_HF_MLP, "patch_size": 16, "num_register_tokens": 4}, 64
+    ),
+    ("transformers", "siglip2"): TinyRecipe("siglip2_vision_model", {**_HF, **_HF_MLP, "patch_size": 16}, 64),
 }
 
 
@@ -58,12 +86,14 @@ def tiny_spec(
     """An :class:`EncoderSpec` of a tiny random-weights encoder of a real architecture.
 
     Args:
-        kind: ``"clip"``, ``"dino"``, ``"dino_reg"`` (DINOv2 with 4 registers) or ``"siglip"``.
+        kind: one of :data:`KINDS`: ``"clip"``, ``"dino"``, ``"dino_reg"`` (DINOv2 with 4
+            registers), ``"siglip"``, ``"dinov3"`` (4 registers), ``"siglip2"``, ``"naflex_siglip2"``,
+            ``"pe_core"``, ``"radio"`` (C-RADIOv3: 8 summary and register tokens), ``"convnext"``.
         name: the encoder's label (default: ``kind``).
         source: ``"timm"``, ``"open_clip"`` or ``"transformers"``.
-        layers: hooked blocks (the models have 4).
-        image_size: input size; default 56 for DINOv2 (patch 14) and 64 for the rest (patch 16),
-            both a 4x4 grid.
+        layers: hooked blocks, or stages of the ConvNeXt (the models have 4).
+        image_size: input size; default 56 for DINOv2 (patch 14), 128 for the ConvNeXt (stride 32
+            at its last stage) and 64 for the rest (patch 16): a 4x4 grid at the last layer.
         **hook_fields: ``norm`` and ``prefix`` of the :class:`~fusion.HookSpec`.
 
     Raises:

@@ -1,12 +1,13 @@
-"""open_clip image towers: its own ViTs (ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ...) and the
-SigLIP towers, which open_clip builds as timm trunks inside a ``TimmModel``."""
+"""open_clip image towers read through their ``forward_intermediates``: open_clip's own ViTs (ViT-B-16,
+ViT-L-14-336, ...) and the towers it builds as timm trunks inside a ``TimmModel`` (SigLIP, SigLIP2,
+Perception Encoder ``PE-Core-*``, ConvNeXt ``convnext_*``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import open_clip
@@ -18,8 +19,23 @@ from open_clip.transformer import VisionTransformer
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from fusion.encoders.base import Encoder, EncoderSpec, Preprocessing, unknown_model_error
-from fusion.encoders.timm_vit import TimmEncoder, make_dynamic, trunk_geometry
+from fusion.encoders.base import (
+    Encoder,
+    EncoderSpec,
+    LayerInfo,
+    LayerTokens,
+    Preprocessing,
+    as_hw,
+    channels_last,
+    unknown_model_error,
+)
+from fusion.encoders.timm_adapter import (
+    accepted_families,
+    creation_kwargs,
+    prune_trunk,
+    timm_family,
+    trunk_settings,
+)
 from fusion.encoders.weights import (
     RANDOM_WEIGHTS,
     hub_checkpoint,
@@ -45,42 +61,73 @@ RESIZE_MODES = {"shortest": "crop", "squash": "squash", "longest": "crop"}
 
 
 class OpenClipEncoder(Encoder):
-    """An open_clip :class:`~open_clip.transformer.VisionTransformer` read block by block.
+    """An open_clip :class:`~open_clip.transformer.VisionTransformer`, pruned after the deepest hooked
+    block by its ``prune_intermediate_layers``. Its position table has the fixed grid of the size it
+    was built for (``image_size``; a checkpoint of another size is resampled at load), so it reads
+    pixels of that size only.
 
-    The position embedding is resampled (bicubic, as timm does) when the input grid differs from
-    the tower's own, so other sizes and non-square inputs work.
+    Raises:
+        ValueError: ``norm="post"`` on a tower that applies its final norm after attention pooling.
     """
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        tower = self.model
-        tokens = tower.conv1(pixels)
-        grid = tuple(tokens.shape[-2:])
-        tokens = tokens.flatten(2).transpose(1, 2)
-        cls = tower.class_embedding.to(tokens.dtype).view(1, 1, -1).expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
-        pos = tower.positional_embedding.to(tokens.dtype).unsqueeze(0)
-        pos = resample_abs_pos_embed(pos, new_size=grid, old_size=tuple(tower.grid_size), num_prefix_tokens=1)
-        tokens = tower.patch_dropout(tokens + pos)
-        return tower.ln_pre(tokens)
+    def __init__(self, spec: EncoderSpec, tower: nn.Module, **settings) -> None:
+        depth = len(tower.transformer.resblocks)
+        width, patch = tower.conv1.out_channels, tower.patch_size[0]
+        super().__init__(
+            spec, tower, layers=[LayerInfo(width, patch)] * depth, num_prefix_tokens=1, **settings
+        )
+        if spec.hooks.norm == "post" and tower.attn_pool is not None:
+            raise ValueError(
+                f"HookSpec.norm='post' is not available for encoder {spec.name!r}: open_clip model "
+                f"{spec.model!r} applies its final norm after attention pooling; accepted: norm='pre'"
+            )
+        tower.prune_intermediate_layers(list(self.layer_indices), prune_norm=False, prune_head=True)
 
-    def blocks(self) -> Sequence[nn.Module]:
-        return self.model.transformer.resblocks
+    def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
+        grid = tuple(size // self.stride for size in pixels.shape[-2:])
+        if grid != tuple(self.model.grid_size):
+            raise ValueError(
+                f"pixels for encoder {self.spec.name!r} (open_clip {self.spec.model}) are "
+                f"{tuple(pixels.shape[-2:])}, a {grid[0]}x{grid[1]} grid; its position table is built for "
+                f"{self.image_size} ({self.model.grid_size[0]}x{self.model.grid_size[1]}); accepted: "
+                "pixels of its image_size (encoder.preprocess gives them)"
+            )
+        out = self.model.forward_intermediates(
+            pixels,
+            indices=sorted(self.layer_indices),
+            normalize_intermediates=self.spec.hooks.norm == "post",
+            intermediates_only=True,
+            output_fmt="NCHW",
+            output_extra_tokens=True,
+        )
+        return channels_last(out["image_intermediates"], out["image_intermediates_prefix"])
 
-    def run_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        if getattr(self.model.transformer, "batch_first", True):
-            return block(tokens)
-        return block(tokens.transpose(0, 1)).transpose(0, 1)
 
-    def final_norm(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.ln_post(tokens)
+class OpenClipTimmEncoder(Encoder):
+    """An open_clip ``TimmModel`` tower read with its ``forward_intermediates``; its timm trunk is
+    checked and pruned as the timm adapter does it."""
+
+    def __init__(self, spec: EncoderSpec, tower: nn.Module, **settings) -> None:
+        super().__init__(spec, tower, **trunk_settings(tower.trunk), **settings)
+        prune_trunk(tower.trunk, spec, self.layer_indices)
+
+    def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
+        out = self.model.forward_intermediates(
+            pixels,
+            indices=sorted(self.layer_indices),
+            normalize_intermediates=self.spec.hooks.norm == "post",
+            intermediates_only=True,
+            output_fmt="NCHW",
+            output_extra_tokens=self.num_prefix_tokens > 0,
+        )
+        return channels_last(out["image_intermediates"], out.get("image_intermediates_prefix"))
 
 
-class OpenClipTimmEncoder(TimmEncoder):
-    """An open_clip ``TimmModel`` tower (SigLIP): read through its timm trunk."""
-
-    @property
-    def trunk(self) -> nn.Module:
-        return self.model.trunk
+# image tower class -> its encoder; other towers (ModifiedResNet) are refused
+TOWERS: dict[type, type[Encoder]] = {
+    VisionTransformer: OpenClipEncoder,
+    open_clip.timm_model.TimmModel: OpenClipTimmEncoder,
+}
 
 
 @contextmanager
@@ -153,7 +200,7 @@ def _tag_checkpoint(pretrained: dict) -> str | None:
 
 
 def resample_position_embeddings(state_dict: dict, tower: nn.Module) -> dict:
-    """Resample the checkpoint's position embedding to the tower's grid (another image_size)."""
+    """Resample the checkpoint's position table to the tower's grid (another image_size)."""
     state_dict = dict(state_dict)
     if isinstance(tower, VisionTransformer) and "positional_embedding" in state_dict:
         pos = state_dict["positional_embedding"]
@@ -162,9 +209,10 @@ def resample_position_embeddings(state_dict: dict, tower: nn.Module) -> dict:
                 pos.unsqueeze(0), new_size=tuple(tower.grid_size), num_prefix_tokens=1
             )[0]
     trunk = getattr(tower, "trunk", None)
-    if trunk is not None and "trunk.pos_embed" in state_dict and trunk.pos_embed is not None:
+    table = getattr(trunk, "pos_embed", None)  # a ConvNeXt trunk has none
+    if table is not None and "trunk.pos_embed" in state_dict:
         pos = state_dict["trunk.pos_embed"]
-        if pos.shape != trunk.pos_embed.shape and pos.ndim == 3:
+        if pos.shape != table.shape and pos.ndim == 3:
             prefix = 0 if trunk.no_embed_class else trunk.num_prefix_tokens
             state_dict["trunk.pos_embed"] = resample_abs_pos_embed(
                 pos, new_size=tuple(trunk.patch_embed.grid_size), num_prefix_tokens=prefix
@@ -199,22 +247,26 @@ def preprocessing_of(model_cfg: dict, pretrained: dict, image_size: tuple[int, i
 
 
 def _build_tower(spec: EncoderSpec, model_cfg: dict, quick_gelu: bool) -> nn.Module:
+    """The image tower of ``model_cfg`` with ``spec``'s overrides.
+
+    Raises:
+        ValueError: a timm trunk of a family the timm adapter does not read, or model_kwargs the
+            tower does not take.
+    """
     vision_cfg = dict(model_cfg["vision_cfg"])
-    is_timm = bool(vision_cfg.get("timm_model_name"))
-    model_level, vision, trunk_kwargs = split_model_kwargs(spec, is_timm)
+    timm_name = vision_cfg.get("timm_model_name")
+    model_level, vision, trunk_kwargs = split_model_kwargs(spec, bool(timm_name))
     heads = vision.pop("heads", None)
     vision_cfg.update(vision)
     if heads is not None:
         vision_cfg["head_width"] = vision_cfg.get("width", CLIPVisionCfg.width) // heads
     if spec.image_size is not None:
         vision_cfg["image_size"] = spec.image_size
-    if isinstance(vision_cfg.get("layers"), (list, tuple)):
-        raise ValueError(
-            f"open_clip model {spec.model!r} has a ResNet image tower; encoder {spec.name!r} "
-            "accepts ViT towers"
-        )
-    if is_timm:
+    if timm_name:
+        family = timm_family(timm_name, spec)
         vision_cfg["timm_model_pretrained"] = False  # weights come from the CLIP checkpoint, below
+        # the trunk at the tower's size with a dynamic size, as the timm adapter builds it
+        trunk_kwargs = creation_kwargs(family, as_hw(vision_cfg["image_size"], "image_size"), trunk_kwargs)
     quick_gelu = model_level.get("quick_gelu", quick_gelu)
     embed_dim = model_level.get("output_dim", model_cfg["embed_dim"])
     try:
@@ -225,8 +277,6 @@ def _build_tower(spec: EncoderSpec, model_cfg: dict, quick_gelu: bool) -> nn.Mod
             f"EncoderSpec.model_kwargs {sorted(spec.model_kwargs or {})} are not accepted by open_clip "
             f"model {spec.model!r}: {error}"
         ) from error
-    if is_timm and tuple(tower.trunk.patch_embed.img_size) != tuple(tower.image_size):
-        tower.set_input_size(tower.image_size)  # TimmModel builds its trunk at timm's default size
     return tower
 
 
@@ -238,10 +288,12 @@ def build_open_clip_encoder(spec: EncoderSpec) -> Encoder:
     local checkpoint (full CLIP state dict, tower state dict, OpenAI TorchScript archive), or
     ``"random"``. ``spec.model_kwargs`` update the vision config (``width``, ``layers``, ``heads``,
     ``patch_size``, ...), set ``quick_gelu`` / ``embed_dim``, or, for timm towers, go to the timm
-    trunk (``depth``, ``embed_dim``, ``num_heads``). A tag trained with QuickGELU (OpenAI's) gets it.
+    trunk (``depth``, ``embed_dim``, ``num_heads``, ``depths``, ``dims``). A tag trained with
+    QuickGELU (OpenAI's) gets it.
 
     Raises:
-        ValueError: unknown model or tag, a ResNet tower, a checkpoint that does not fit.
+        ValueError: unknown model or tag, a tower this adapter does not read (ResNet), a checkpoint
+            that does not fit.
         FileNotFoundError: a missing weights path, or no weights with ``on_missing="error"``.
     """
     model_cfg = open_clip.get_model_config(spec.model)
@@ -254,6 +306,13 @@ def build_open_clip_encoder(spec: EncoderSpec) -> Encoder:
     loads_tag = path is None and not wants_random
     quick_gelu = bool(model_cfg.get("quick_gelu", False) or (loads_tag and pretrained.get("quick_gelu")))
     tower = _build_tower(spec, model_cfg, quick_gelu)
+    encoder_class = TOWERS.get(type(tower))
+    if encoder_class is None:
+        raise ValueError(
+            f"open_clip model {spec.model!r} has a {type(tower).__name__} image tower; encoder "
+            f"{spec.name!r} accepts open_clip VisionTransformer towers (ViT-*) and TimmModel towers of "
+            f"these families: {accepted_families()}"
+        )
     what = f"open_clip model {spec.model!r}"
     if wants_random:
         weights_loaded = "random"
@@ -273,25 +332,9 @@ def build_open_clip_encoder(spec: EncoderSpec) -> Encoder:
         else:
             load_open_clip_checkpoint(tower, found, what)
             weights_loaded = "pretrained"
-    preprocessing = preprocessing_of(model_cfg, pretrained, tuple(tower.image_size))
-    if isinstance(tower, open_clip.timm_model.TimmModel):
-        geometry = trunk_geometry(tower.trunk, spec)
-        make_dynamic(tower.trunk)
-        return OpenClipTimmEncoder(
-            spec, tower, preprocessing=preprocessing, weights_loaded=weights_loaded, **geometry
-        )
-    if spec.hooks.norm == "post" and tower.attn_pool is not None:
-        raise ValueError(
-            f"HookSpec.norm='post' is not available for encoder {spec.name!r}: open_clip model "
-            f"{spec.model!r} applies its final norm after attention pooling; accepted: norm='pre'"
-        )
-    return OpenClipEncoder(
+    return encoder_class(
         spec,
         tower,
-        patch_size=tower.patch_size[0],
-        width=tower.conv1.out_channels,
-        depth=len(tower.transformer.resblocks),
-        num_prefix_tokens=1,
-        preprocessing=preprocessing,
+        preprocessing=preprocessing_of(model_cfg, pretrained, tuple(tower.image_size)),
         weights_loaded=weights_loaded,
     )
