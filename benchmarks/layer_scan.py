@@ -112,9 +112,10 @@ def probe_layers(
 ) -> tuple[list[dict], list[dict]]:
     """Per layer, each task's test metric and interval; returns ``(layers, errors)``."""
     rows, errors = [], []
-    grid = tuple(grids["train"][0].shape[1:3])
-    geometry = EncoderGeometry(encoder.spec.name, encoder.width, grid, 1)
     for layer in range(len(grids["train"])):
+        # a layer's own grid and width: a convolutional tower's stages differ in both
+        _, height, width, channels = grids["train"][layer].shape
+        geometry = EncoderGeometry(encoder.spec.name, channels, (height, width), 1)
         row = {"layer": layer, "tasks": {}}
         for task in tasks:
             splits = [
@@ -128,7 +129,8 @@ def probe_layers(
                 for which in ("train", "test")
             ]
             try:
-                result = run_probe(task, lambda: FusionHead([geometry], **head), *splits, **settings)
+                make_head = lambda g=geometry: FusionHead([g], **head)
+                result = run_probe(task, make_head, *splits, **settings)
             except Exception as error:  # one task's failure must not lose the others
                 log.error(
                     "layer scan %s / %d / %s failed:\n%s",
