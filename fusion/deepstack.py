@@ -57,8 +57,8 @@ def deepstack_entries(
             raise ValueError(f"deepstack_layers[{name!r}] must be a list of block indices, got {chosen!r}")
         if chosen and hooked is None:
             raise ValueError(
-                f"deepstack_layers[{name!r}] needs encoder {name!r}'s hooked block indices; give "
-                "them as EncoderGeometry.layers"
+                f"deepstack_layers[{name!r}] needs the hooked block indices of encoder {name!r}; "
+                "give them as EncoderGeometry.layers"
             )
         for position, layer in enumerate(chosen):
             if isinstance(layer, bool) or not isinstance(layer, int) or layer not in hooked:

@@ -129,7 +129,7 @@ def test_every_hooks_preset_resolves_on_a_12_block_encoder(hooks):
 def head_for(cfg, roles, grids):
     """A FusionHead of ``roles`` over tiny geometries with as many layers as the hooks name."""
     geometries = [
-        EncoderGeometry(role, 32 + 8 * i, grid, len(cfg.hooks[role].layers))
+        EncoderGeometry(role, 32 + 8 * i, grid, len(cfg.hooks[role].layers), tuple(cfg.hooks[role].layers))
         for i, (role, grid) in enumerate(zip(roles, grids))
     ]
     return geometries, FusionHead(geometries, **head_config(cfg, roles))

@@ -621,7 +621,8 @@ def test_from_config_accepts_an_omegaconf_node_with_a_hydra_target():
         (
             lambda c: c.update(conector=c.pop("connector")),
             "FusedEncoder config has unknown field(s) ['conector']; accepted: encoders, grid, align, "
-            "layer_merge, encoder_merge, connector, merge_dim, freeze_encoders",
+            "layer_merge, encoder_merge, connector, merge_dim, normalize, deepstack_layers, "
+            "freeze_encoders",
         ),
         (
             lambda c: c["encoders"][1].pop("model"),
