@@ -117,10 +117,18 @@ class EncoderMergeConfig:
 
 
 @dataclass
+class DeepStackConfig:
+    """Per role, some of its hooked layers (as ``hooks.<role>.layers`` writes them), each an extra
+    DeepStack token set (``fusion.deepstack``); empty lists for none."""
+
+    clip: list[int] = field(default_factory=list)
+    dino: list[int] = field(default_factory=list)
+
+
+@dataclass
 class FusionConfig:
     """A fusion strategy (group ``fusion``): which roles it merges and how. ``normalize``: layer-
-    normalise each hooked layer (false: raw block outputs); ``deepstack_layers``: role -> some of its
-    hooked layers, each an extra DeepStack token set (``fusion.deepstack``)."""
+    normalise each hooked layer (false: raw block outputs)."""
 
     name: str = MISSING
     encoders: list[Role] = field(default_factory=lambda: [Role.clip, Role.dino])
@@ -128,7 +136,7 @@ class FusionConfig:
     encoder_merge: EncoderMergeConfig = field(default_factory=EncoderMergeConfig)
     merge_dim: int | None = None
     normalize: bool = True
-    deepstack_layers: dict[Role, list[int]] = field(default_factory=dict)
+    deepstack_layers: DeepStackConfig = field(default_factory=DeepStackConfig)
 
 
 @dataclass
@@ -291,7 +299,7 @@ def head_config(cfg: Any, roles: tuple[str, ...]) -> dict:
         },
         "merge_dim": None if single else cfg.fusion.merge_dim,
         "normalize": cfg.fusion.normalize,
-        "deepstack_layers": {cfg.encoders[r].name: deepstack[r] for r in roles if r in deepstack},
+        "deepstack_layers": {cfg.encoders[r].name: deepstack[r] for r in roles if deepstack[r]},
     }
 
 

@@ -265,7 +265,9 @@ class WeightedLayerNorm(LayerCombine):
         self.linears = nn.ModuleList(nn.Linear(in_dim, in_dim) for _ in range(num_layers)) if linear else None
 
     def weights(self, reference: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits.float(), dim=0)
+        # in at least fp32 (a half-precision head keeps its weights exact enough) and in fp64 for
+        # a float64 head, so that it matches a float64 reference
+        return torch.softmax(self.logits, dim=0, dtype=torch.promote_types(self.logits.dtype, torch.float32))
 
     def affine(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
         if not self.normalize:
