@@ -13,7 +13,7 @@ the visual positions; the probes of ``benchmarks`` see the main tokens plus the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from torch import nn
 from fusion.align import Aligner
 from fusion.connector import CONNECTORS
 from fusion.merge import build_layer_combine
+
+if TYPE_CHECKING:  # fusion.head builds a DeepStack: a run-time import would be circular
+    from fusion.head import EncoderGeometry
 
 
 def deepstack_entries(
@@ -78,7 +81,7 @@ class DeepStack(nn.Module):
 
     Args:
         deepstack_layers: encoder name -> hooked block indices, or None for no extra sets.
-        geometries: the head's :class:`~fusion.model.EncoderGeometry`, in head order.
+        geometries: the head's :class:`~fusion.head.EncoderGeometry`, in head order.
         aligners: the head's aligners, one per encoder (used, not owned: see :meth:`forward`).
         grid: the target grid (H, W).
         connector: the main connector's config; each set gets one of its kind and options.
@@ -96,7 +99,7 @@ class DeepStack(nn.Module):
     def __init__(
         self,
         deepstack_layers: Mapping[str, Sequence[int]] | None,
-        geometries: Sequence[Any],
+        geometries: Sequence[EncoderGeometry],
         aligners: Sequence[Aligner],
         grid: tuple[int, int],
         connector: str | Mapping[str, Any] | None,

@@ -43,6 +43,9 @@ CONFIG_FIELDS = (
     "freeze_encoders",
 )
 TRAINED_FORMAT = "encoder-fusion/trained/1"
+# Config fields added after files of TRAINED_FORMAT were first written, with the value every file
+# written before them was trained with (layer-normalised layers, no DeepStack sets).
+ADDED_FIELDS = {"normalize": True, "deepstack_layers": {}}
 
 
 def plain(value: Any) -> Any:
@@ -306,7 +309,7 @@ class FusedEncoder(nn.Module):
                 f"{path} is not a trained-fusion file (metadata format {metadata.get('format')!r}, "
                 f"expected {TRAINED_FORMAT!r}); write it with FusedEncoder.save_trained"
             )
-        saved, current = json.loads(metadata["config"]), self.config
+        saved, current = {**ADDED_FIELDS, **json.loads(metadata["config"])}, self.config
         differing = [key for key in CONFIG_FIELDS if saved.get(key) != current.get(key)]
         if differing:
             details = "; ".join(

@@ -707,6 +707,22 @@ def test_save_and_load_includes_unfrozen_encoders(tmp_path, images):
     assert torch.equal(fresh(images), trained(images))
 
 
+def test_a_file_written_before_normalize_and_deepstack_loads(tmp_path, tiny_encoders, images):
+    """Files whose config predates those fields were trained with normalised layers and no
+    DeepStack sets: they load into such a model, and only into such a model."""
+    trained = FusedEncoder(tiny_encoders, **STRATEGIES).eval()
+    perturb(trained.head, seed=11)
+    path = tmp_path / "old.safetensors"
+    config = {k: v for k, v in trained.config.items() if k not in ("normalize", "deepstack_layers")}
+    metadata = {"format": "encoder-fusion/trained/1", "config": json.dumps(config)}
+    save_file({k: t.detach().clone() for k, t in trained.trained_state().items()}, str(path), metadata)
+    fresh = FusedEncoder(tiny_encoders, **STRATEGIES).eval().load_trained(path)
+    assert torch.equal(fresh(images), trained(images))
+    raw = FusedEncoder(tiny_encoders, **STRATEGIES, normalize=False)
+    with pytest.raises(ValueError, match=r"different config \(normalize: file True, model False\)"):
+        raw.load_trained(path)
+
+
 def test_load_refuses_a_file_of_another_config(tmp_path, tiny_encoders):
     path = FusedEncoder(tiny_encoders, **STRATEGIES).save_trained(tmp_path / "fusion.safetensors")
     other = FusedEncoder(tiny_encoders, **{**STRATEGIES, "connector": {"kind": "linear", "out_dim": 8}})
