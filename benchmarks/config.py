@@ -125,14 +125,26 @@ class EncoderMergeConfig:
 
 
 @dataclass
+class DeepStackConfig:
+    """Per role, some of its hooked layers (as ``hooks.<role>.layers`` writes them), each an extra
+    DeepStack token set (``fusion.deepstack``); empty lists for none."""
+
+    clip: list[int] = field(default_factory=list)
+    dino: list[int] = field(default_factory=list)
+
+
+@dataclass
 class FusionConfig:
-    """A fusion strategy (group ``fusion``): which roles it merges and how."""
+    """A fusion strategy (group ``fusion``): which roles it merges and how. ``normalize``: layer-
+    normalise each hooked layer (false: raw block outputs)."""
 
     name: str = MISSING
     encoders: list[Role] = field(default_factory=lambda: [Role.clip, Role.dino])
     layer_merge: LayerMergeConfig = field(default_factory=LayerMergeConfig)
     encoder_merge: EncoderMergeConfig = field(default_factory=EncoderMergeConfig)
     merge_dim: int | None = None
+    normalize: bool = True
+    deepstack_layers: DeepStackConfig = field(default_factory=DeepStackConfig)
 
 
 @dataclass
@@ -365,12 +377,13 @@ class Strategy:
 def head_config(cfg: Any, roles: tuple[str, ...]) -> dict:
     """The :class:`fusion.FusionHead` keyword arguments (less geometries) of ``cfg`` for ``roles``.
 
-    A single encoder keeps the alignment, layer combine and connector of the fused strategy, with a
-    plain channel concat (the identity for one encoder) and no ``merge_dim``: the baseline differs from
-    the fused strategy only in the second encoder.
+    A single encoder keeps the alignment, layer combine, normalisation, its DeepStack layers and the
+    connector of the fused strategy, with a plain channel concat (the identity for one encoder) and no
+    ``merge_dim``: the baseline differs from the fused strategy only in the second encoder.
     """
     single = len(roles) == 1
     grid = plain(cfg.align.grid)
+    deepstack = plain(cfg.fusion.deepstack_layers)
     return {
         "grid": None if grid is None else list(grid),
         "align": with_options(cfg.align),
@@ -382,6 +395,8 @@ def head_config(cfg: Any, roles: tuple[str, ...]) -> dict:
             "final_norm": cfg.connector.final_norm,
         },
         "merge_dim": None if single else cfg.fusion.merge_dim,
+        "normalize": cfg.fusion.normalize,
+        "deepstack_layers": {cfg.encoders[r].name: deepstack[r] for r in roles if deepstack[r]},
     }
 
 

@@ -208,10 +208,7 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], cache: FeatureCache) 
 
 def head_factory(strategy: Strategy, encoders: Mapping[str, Encoder]):
     """A ``make_head()`` for :func:`run_probe`: a fresh :class:`FusionHead` for the strategy's encoders."""
-    geometries = [
-        EncoderGeometry(e.spec.name, e.width, e.grid_size(), len(e.layer_indices))
-        for e in (encoders[role] for role in strategy.encoders)
-    ]
+    geometries = [EncoderGeometry.of(encoders[role]) for role in strategy.encoders]
     return lambda: FusionHead(geometries, **strategy.head)
 
 

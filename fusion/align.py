@@ -104,6 +104,12 @@ class Registry:
         """The strategy name of ``value`` (validated)."""
         return self.parse(value)[0]
 
+    def strategy(self, value: str | Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+        """The class ``value`` names and its options, defaults filled in (validated): what a check
+        needs before anything is built."""
+        options = self.canonical(value)
+        return self._entries[options.pop("kind")], options
+
 
 ALIGNERS = Registry("align")
 

@@ -1,39 +1,53 @@
-"""Layer combine (the hooked layers of one encoder -> one grid) and encoder merge (encoders -> tokens).
+"""Layer combine (the hooked layers of one encoder -> its tokens) and encoder merge (encoders -> tokens).
 
-Layer combines, by ``layer_merge`` name. Every combine layer-normalises each hooked layer over
-channels after alignment, so layers and encoders of very different scale (DINOv2's deep layers,
-CLIP's residual stream) meet on equal footing; this is also what lets ``kernels.grid_fuse`` run
-alignment, normalisation, weighting and the encoder concat in one pass:
+Layer combines, by ``layer_merge`` name. Each aligns the hooked layers of one encoder to the target
+grid and, with ``normalize`` (the default), layer-normalises each over channels, so layers and
+encoders of very different scale (DINOv2's deep layers, CLIP's residual stream) meet on equal
+footing; ``normalize=False`` takes the raw block outputs, as the papers that concatenate them do.
+Alignment, normalisation, weighting and slotting run as one ``kernels.grid_fuse`` call:
 
-- ``last``: ``LN(x_L)``, the last layer in ``HookSpec.layers`` order; no parameters.
-- ``mean``: ``(1/L) * sum_l LN(x_l)``; no parameters.
-- ``concat``: ``[LN(x_1), ..., LN(x_L)]`` side by side in channels (width ``L * C``); no parameters.
+- ``last``: ``N(x_L)``, the last layer in ``HookSpec.layers`` order; no parameters.
+- ``mean``: ``(1/L) * sum_l N(x_l)``; no parameters.
+- ``concat``: ``[N(x_1), ..., N(x_L)]`` side by side in channels (width ``L * C``); no parameters.
+  This is Dense Connector's sparse channel integration.
 - ``weighted_ln`` (COMM): ``sum_l softmax(a)_l * LN_l(A_l x_l)`` with a learned affine per layer
   norm, learned logits ``a`` (zeros at start: equal weights) and, with ``linear: true``, a learned
-  ``C x C`` Linear ``A_l`` per layer applied before alignment (identity otherwise).
+  ``C x C`` Linear ``A_l`` per layer applied before alignment (identity otherwise). With
+  ``normalize=False``: ``sum_l softmax(a)_l * A_l x_l``, no affine.
+- ``dense_channel`` (Dense Connector's dense channel integration): the hooked layers split into
+  ``layer_groups`` consecutive groups, the mean of each, side by side in channels (width ``G * C``).
+- ``sparse_token`` (Dense Connector's sparse token integration): ``[N(x_L); P(N(x_1)); ...;
+  P(N(x_{L-1}))]`` along the sequence, ``P`` the mean of every ``stride`` consecutive tokens.
+- ``mmfuser`` (MMFuser): ``x_L + y + SA(LN(y))`` with ``y = CA(LN(x_L), LN([x_1; ...; x_{L-1}]))``
+  over the ``N(x_l)``: the deepest layer's tokens as queries over the shallower layers' tokens.
 
-``LN`` is ``F.layer_norm`` with ``eps = 1e-6``, without affine unless stated.
+The last three, the newer multi-layer methods, are defined in :mod:`fusion.multilayer`.
 
-Encoder merges, by ``encoder_merge`` name; each takes the encoders' combined grids (B, H, W, C_e)
-and returns tokens (B, N, D):
+``N`` is ``F.layer_norm`` with ``eps = 1e-6`` without affine, or the identity with
+``normalize=False``. A combine's tokens are one or more token sets, each the grid's cells averaged
+over a stride (``LayerCombine.strides``: ``(1,)``, the grid itself, for all but ``sparse_token``).
 
-- ``channel_concat`` (Prismatic, Eagle): ``N = H*W``, ``D = sum C_e``.
-- ``sequence_concat``: all tokens of encoder 0 (row-major), then all of encoder 1, ...: ``N = E*H*W``.
-- ``interleave`` (Interleaved-MoF): location 0 of encoder 0, location 0 of encoder 1, ...,
-  location 1 of encoder 0, ...: ``N = E*H*W``.
+Encoder merges, by ``encoder_merge`` name; each takes the encoders' tokens (B, N, C_e), all in one
+layout, and returns tokens (B, N', D):
+
+- ``channel_concat`` (Prismatic, Eagle): token by token, ``N' = N``, ``D = sum C_e``.
+- ``sequence_concat``: all tokens of encoder 0, then all of encoder 1, ...: ``N' = E*N``.
+- ``interleave`` (Interleaved-MoF): token 0 of encoder 0, token 0 of encoder 1, ..., token 1 of
+  encoder 0, ...: ``N' = E*N``.
 - ``add`` (COMM): the element-wise sum.
 - ``gated_add``: ``sum_e sigmoid(g_e) * x_e`` with learned per-channel gates ``g_e`` (zeros at start).
 - ``cross_attention``: ``H*W`` learned queries attend over every token of every encoder (each
-  encoder's tokens tagged with a learned source embedding); ``N = H*W``.
+  encoder's tokens tagged with a learned source embedding); ``N' = H*W``.
 
 All but ``channel_concat`` need the encoders at one width: set ``merge_dim`` so that the head
-projects each encoder to it first.
+projects each encoder to it first. ``to_grid`` maps merged tokens back onto the grid: each cell the
+mean of the tokens that cover it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -45,6 +59,27 @@ LN_EPS = 1e-6
 
 LAYER_COMBINES = Registry("layer_merge")
 ENCODER_MERGES = Registry("encoder_merge")
+
+
+def layout_tokens(grid: Sequence[int], strides: Sequence[int]) -> int:
+    """Tokens of a layout: per token set, the grid's cells averaged over its stride (remainder dropped)."""
+    cells = grid[0] * grid[1]
+    return sum(cells // stride for stride in strides)
+
+
+def layout_to_grid(tokens: torch.Tensor, grid: Sequence[int], strides: Sequence[int]) -> torch.Tensor:
+    """Tokens (B, N, D) of a layout back onto the grid (B, H, W, D): each cell the mean of the
+    tokens that cover it (a token of stride s covers s consecutive cells, row-major)."""
+    batch, width = tokens.shape[0], tokens.shape[-1]
+    cells = grid[0] * grid[1]
+    sets = tokens.split([cells // stride for stride in strides], dim=1)
+    total = tokens.new_zeros(batch, cells, width)
+    count = tokens.new_zeros(cells, 1)
+    for stride, part in zip(strides, sets):
+        covered = part.shape[1] * stride
+        total[:, :covered] += part.repeat_interleave(stride, dim=1)
+        count[:covered] += 1
+    return (total / count).reshape(batch, *grid, width)
 
 
 class FuseInputs(NamedTuple):
@@ -62,23 +97,42 @@ class FuseInputs(NamedTuple):
 
 
 class LayerCombine(nn.Module):
-    """Combines the ``num_layers`` hooked layers of one encoder into one grid.
+    """Combines the ``num_layers`` hooked layers of one encoder into its tokens.
 
     Args:
         in_dim: the encoder's width (before alignment).
         dim: the width after alignment (``in_dim`` unless the aligner folds tokens into channels).
         num_layers: how many layers the encoder hooks.
+        grid: the target grid (H, W).
+        normalize: layer-normalise each aligned layer (True) or take it raw.
 
     Attributes:
-        out_dim: the width of the combined grid.
+        out_dim: the width of the tokens.
         num_slots: how many ``grid_fuse`` output slots the combine fills (``concat``: one per layer).
+        strides: the token layout: one stride per token set (see the module docstring).
+        fused_output: the tokens are the ``grid_fuse`` output as is (no :meth:`finish` step), so the
+            head may fuse every encoder in one call.
+
+    Raises:
+        ValueError: hooked layers or options the combine cannot take (see :meth:`check`).
     """
 
-    def __init__(self, in_dim: int, dim: int, num_layers: int) -> None:
+    fused_output: ClassVar[bool] = True
+
+    def __init__(
+        self, in_dim: int, dim: int, num_layers: int, grid: Sequence[int], normalize: bool = True
+    ) -> None:
         super().__init__()
         self.in_dim, self.dim, self.num_layers = in_dim, dim, num_layers
+        self.grid, self.normalize = tuple(grid), normalize
         self.out_dim = dim
         self.num_slots = 1
+        self.strides: tuple[int, ...] = (1,)
+
+    @classmethod
+    def check(cls, num_layers: int, grid: Sequence[int] | None, options: dict[str, Any]) -> None:
+        """Raise a ValueError when the combine cannot take ``num_layers`` hooked layers on ``grid``
+        (None: not known yet) with ``options``; builds nothing, so it can run before the encoders."""
 
     # -- what each combine states ---------------------------------------------------------------
     def used_layers(self) -> list[int]:
@@ -102,6 +156,10 @@ class LayerCombine(nn.Module):
         """A per-token map of hooked layer ``index``, applied before alignment (identity here)."""
         return x
 
+    def finish(self, fused: torch.Tensor) -> torch.Tensor:
+        """The tokens (B, N, out_dim) from the ``grid_fuse`` output (B, H*W, num_slots * dim)."""
+        return fused
+
     def learned_weights(self) -> list[float] | None:
         """The softmax-normalised learned layer weights, or None when the combine learns none."""
         return None
@@ -115,10 +173,10 @@ class LayerCombine(nn.Module):
         return FuseInputs(sources, self.slots(), self.weights(sources[0]), ln_weight, ln_bias)
 
     def forward(self, layers: Sequence[torch.Tensor], aligner: Aligner) -> torch.Tensor:
-        """Align each used layer with ``aligner`` and combine: (B, H, W, out_dim).
+        """Align each used layer with ``aligner`` and combine: tokens (B, N, out_dim).
 
         The LayerNorm, weighting and slotting run as one ``kernels.grid_fuse`` call on the
-        already-aligned grids (its resample is then the identity).
+        already-aligned grids (its resample is then the identity), then :meth:`finish`.
         """
         inputs = self.fuse_inputs(layers)
         aligned = [aligner(x) for x in inputs.sources]
@@ -131,30 +189,18 @@ class LayerCombine(nn.Module):
             ln_bias=inputs.ln_bias,
             mode="nearest",
             eps=LN_EPS,
+            normalize=self.normalize,
         )
-        return fused.reshape(fused.shape[0], *aligner.out_grid, fused.shape[-1])
+        return self.finish(fused)
 
 
-@LAYER_COMBINES.register("last")
-class LastLayer(LayerCombine):
-    """``LN(x_L)``: the last hooked layer (in ``HookSpec.layers`` order), layer-normalised."""
+class PerLayerSlots(LayerCombine):
+    """Every hooked layer in its own ``grid_fuse`` slot, weight one: ``[N(x_1), ..., N(x_L)]``."""
 
-    def used_layers(self) -> list[int]:
-        return [self.num_layers - 1]
-
-
-@LAYER_COMBINES.register("mean")
-class MeanOfLayers(LayerCombine):
-    """``(1/L) * sum_l LN(x_l)``: the mean of the layer-normalised layers."""
-
-
-@LAYER_COMBINES.register("concat")
-class ConcatLayers(LayerCombine):
-    """``[LN(x_1), ..., LN(x_L)]`` side by side in channels, in hooks order."""
-
-    def __init__(self, in_dim: int, dim: int, num_layers: int) -> None:
-        super().__init__(in_dim, dim, num_layers)
-        self.out_dim = dim * num_layers
+    def __init__(
+        self, in_dim: int, dim: int, num_layers: int, grid: Sequence[int], normalize: bool = True
+    ) -> None:
+        super().__init__(in_dim, dim, num_layers, grid, normalize)
         self.num_slots = num_layers
 
     def slots(self) -> list[int]:
@@ -164,9 +210,34 @@ class ConcatLayers(LayerCombine):
         return torch.ones(self.num_layers, device=reference.device)
 
 
+@LAYER_COMBINES.register("last")
+class LastLayer(LayerCombine):
+    """``N(x_L)``: the last hooked layer (in ``HookSpec.layers`` order)."""
+
+    def used_layers(self) -> list[int]:
+        return [self.num_layers - 1]
+
+
+@LAYER_COMBINES.register("mean")
+class MeanOfLayers(LayerCombine):
+    """``(1/L) * sum_l N(x_l)``: the mean of the (normalised) layers."""
+
+
+@LAYER_COMBINES.register("concat")
+class ConcatLayers(PerLayerSlots):
+    """``[N(x_1), ..., N(x_L)]`` side by side in channels, in hooks order (Dense Connector's sparse
+    channel integration)."""
+
+    def __init__(
+        self, in_dim: int, dim: int, num_layers: int, grid: Sequence[int], normalize: bool = True
+    ) -> None:
+        super().__init__(in_dim, dim, num_layers, grid, normalize)
+        self.out_dim = dim * num_layers
+
+
 @LAYER_COMBINES.register("weighted_ln")
 class WeightedLayerNorm(LayerCombine):
-    """COMM's multi-level merge: ``sum_l softmax(a)_l * LN_l(A_l x_l)``.
+    """COMM's multi-level merge: ``sum_l softmax(a)_l * LN_l(A_l x_l)`` (no LN with ``normalize=False``).
 
     Args:
         linear: put a learned ``in_dim x in_dim`` Linear ``A_l`` on each layer first. It runs before
@@ -174,19 +245,33 @@ class WeightedLayerNorm(LayerCombine):
             whose weights sum to one) the order makes no difference to the result.
     """
 
-    def __init__(self, in_dim: int, dim: int, num_layers: int, *, linear: bool = False) -> None:
-        super().__init__(in_dim, dim, num_layers)
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        num_layers: int,
+        grid: Sequence[int],
+        normalize: bool = True,
+        *,
+        linear: bool = False,
+    ) -> None:
+        super().__init__(in_dim, dim, num_layers, grid, normalize)
         if not isinstance(linear, bool):
             raise ValueError(f"layer_merge='weighted_ln' option linear={linear!r} must be true or false")
         self.logits = nn.Parameter(torch.zeros(num_layers))
-        self.ln_weight = nn.Parameter(torch.ones(num_layers, dim))
-        self.ln_bias = nn.Parameter(torch.zeros(num_layers, dim))
+        # the affine belongs to the LayerNorm: raw layers have neither
+        self.ln_weight = nn.Parameter(torch.ones(num_layers, dim)) if normalize else None
+        self.ln_bias = nn.Parameter(torch.zeros(num_layers, dim)) if normalize else None
         self.linears = nn.ModuleList(nn.Linear(in_dim, in_dim) for _ in range(num_layers)) if linear else None
 
     def weights(self, reference: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits.float(), dim=0)
+        # in at least fp32 (a half-precision head keeps its weights exact enough) and in fp64 for
+        # a float64 head, so that it matches a float64 reference
+        return torch.softmax(self.logits, dim=0, dtype=torch.promote_types(self.logits.dtype, torch.float32))
 
-    def affine(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def affine(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        if not self.normalize:
+            return None, None
         return list(self.ln_weight.unbind(0)), list(self.ln_bias.unbind(0))
 
     def transform(self, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -196,35 +281,48 @@ class WeightedLayerNorm(LayerCombine):
         return torch.softmax(self.logits.detach().float(), dim=0).tolist()
 
 
-def build_layer_combine(layer_merge: object, in_dim: int, dim: int, num_layers: int) -> LayerCombine:
+def build_layer_combine(
+    layer_merge: object, in_dim: int, dim: int, num_layers: int, grid: Sequence[int], normalize: bool = True
+) -> LayerCombine:
     """Build the layer combine named by ``layer_merge`` (a name or ``{"kind": name, **options}``).
 
     Raises:
-        ValueError: unknown name or option (the message lists the accepted ones).
+        ValueError: unknown name or option (the message lists the accepted ones), or hooked layers,
+            a grid or options the combine cannot take.
     """
-    return LAYER_COMBINES.build(layer_merge, in_dim, dim, num_layers)
+    return LAYER_COMBINES.build(layer_merge, in_dim, dim, num_layers, tuple(grid), normalize)
 
 
 # -- encoder merge ------------------------------------------------------------------------------
 
 
 class EncoderMerge(nn.Module):
-    """Merges the encoders' combined grids (B, H, W, C_e) into tokens (B, N, out_dim).
+    """Merges the encoders' tokens (B, N, C_e), all in one layout, into tokens (B, output_tokens, out_dim).
 
     Args:
         names: the encoders' names, for messages.
         widths: each encoder's width ``C_e`` as it reaches the merge.
         grid: the target grid (H, W).
+        strides: the token layout of every encoder (``LayerCombine.strides``): one set of the grid's
+            cells by default.
 
     Attributes:
-        out_dim: the token width ``D``; output_tokens: ``N``.
+        out_dim: the token width ``D``; output_tokens: ``N'``; tokens: ``N``, each encoder's.
     """
 
-    def __init__(self, names: Sequence[str], widths: Sequence[int], grid: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        widths: Sequence[int],
+        grid: tuple[int, int],
+        strides: Sequence[int] = (1,),
+    ) -> None:
         super().__init__()
         self.names, self.widths, self.grid = list(names), list(widths), tuple(grid)
+        self.strides = tuple(strides)
         self.out_dim = self.common_width()
-        self.output_tokens = grid[0] * grid[1]
+        self.tokens = layout_tokens(self.grid, self.strides)
+        self.output_tokens = self.tokens
 
     def common_width(self) -> int:
         """The one width all encoders share.
@@ -241,13 +339,14 @@ class EncoderMerge(nn.Module):
             )
         return self.widths[0]
 
-    def forward(self, grids: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Merge one (B, H, W, C_e) grid per encoder into tokens (B, output_tokens, out_dim)."""
+    def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Merge one (B, N, C_e) token tensor per encoder into (B, output_tokens, out_dim)."""
         raise NotImplementedError
 
     def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Map tokens (B, N, D') of this merge's layout back onto the grid: (B, H, W, D')."""
-        return tokens.reshape(tokens.shape[0], *self.grid, tokens.shape[-1])
+        """Map tokens (B, output_tokens, D') back onto the grid: (B, H, W, D'), each cell the mean of
+        the tokens that cover it."""
+        return layout_to_grid(tokens, self.grid, self.strides)
 
 
 def register_merge(name: str):
@@ -262,73 +361,88 @@ def register_merge(name: str):
 
 @register_merge("channel_concat")
 class ChannelConcat(EncoderMerge):
-    """Encoders side by side in channels: ``D = sum C_e``, in encoder order."""
+    """Encoders side by side in channels, token by token: ``D = sum C_e``, in encoder order."""
 
     def common_width(self) -> int:
         return sum(self.widths)
 
-    def forward(self, grids: Sequence[torch.Tensor]) -> torch.Tensor:
-        merged = torch.cat(list(grids), dim=-1)
-        return merged.reshape(merged.shape[0], -1, merged.shape[-1])
+    def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(tokens), dim=-1)
 
 
 @register_merge("sequence_concat")
 class SequenceConcat(EncoderMerge):
-    """All tokens of encoder 0 (row-major), then all tokens of encoder 1, ...: ``N = E*H*W``."""
+    """All tokens of encoder 0, then all tokens of encoder 1, ...: ``N' = E*N``."""
 
-    def __init__(self, names: Sequence[str], widths: Sequence[int], grid: tuple[int, int]) -> None:
-        super().__init__(names, widths, grid)
-        self.output_tokens = len(self.names) * grid[0] * grid[1]
+    def __init__(
+        self,
+        names: Sequence[str],
+        widths: Sequence[int],
+        grid: tuple[int, int],
+        strides: Sequence[int] = (1,),
+    ) -> None:
+        super().__init__(names, widths, grid, strides)
+        self.output_tokens = len(self.names) * self.tokens
 
-    def forward(self, grids: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grids], dim=1)
+    def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(tokens), dim=1)
 
     def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """The mean over encoders of their tokens at each location."""
-        per_encoder = tokens.reshape(tokens.shape[0], len(self.names), *self.grid, tokens.shape[-1])
-        return per_encoder.mean(dim=1)
+        per_encoder = tokens.reshape(tokens.shape[0], len(self.names), self.tokens, tokens.shape[-1])
+        return super().to_grid(per_encoder.mean(dim=1))
 
 
 @register_merge("interleave")
 class Interleave(EncoderMerge):
-    """Location by location, one token of each encoder in turn: ``N = E*H*W``."""
+    """Token by token, one of each encoder in turn: ``N' = E*N``."""
 
-    def __init__(self, names: Sequence[str], widths: Sequence[int], grid: tuple[int, int]) -> None:
-        super().__init__(names, widths, grid)
-        self.output_tokens = len(self.names) * grid[0] * grid[1]
+    def __init__(
+        self,
+        names: Sequence[str],
+        widths: Sequence[int],
+        grid: tuple[int, int],
+        strides: Sequence[int] = (1,),
+    ) -> None:
+        super().__init__(names, widths, grid, strides)
+        self.output_tokens = len(self.names) * self.tokens
 
-    def forward(self, grids: Sequence[torch.Tensor]) -> torch.Tensor:
-        stacked = torch.stack(list(grids), dim=3)  # (B, H, W, E, C)
+    def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(list(tokens), dim=2)  # (B, N, E, C)
         return stacked.reshape(stacked.shape[0], -1, stacked.shape[-1])
 
     def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """The mean over encoders of their tokens at each location."""
-        per_location = tokens.reshape(tokens.shape[0], *self.grid, len(self.names), tokens.shape[-1])
-        return per_location.mean(dim=3)
+        per_token = tokens.reshape(tokens.shape[0], self.tokens, len(self.names), tokens.shape[-1])
+        return super().to_grid(per_token.mean(dim=2))
 
 
 @register_merge("add")
 class Add(EncoderMerge):
-    """The element-wise sum of the encoders' grids."""
+    """The element-wise sum of the encoders' tokens."""
 
-    def forward(self, grids: Sequence[torch.Tensor]) -> torch.Tensor:
-        merged = torch.stack(list(grids), dim=0).sum(dim=0)
-        return merged.reshape(merged.shape[0], -1, merged.shape[-1])
+    def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(tokens), dim=0).sum(dim=0)
 
 
 @register_merge("gated_add")
 class GatedAdd(EncoderMerge):
     """``sum_e sigmoid(g_e) * x_e`` with a learned gate per encoder and channel (zeros at start: 1/2)."""
 
-    def __init__(self, names: Sequence[str], widths: Sequence[int], grid: tuple[int, int]) -> None:
-        super().__init__(names, widths, grid)
+    def __init__(
+        self,
+        names: Sequence[str],
+        widths: Sequence[int],
+        grid: tuple[int, int],
+        strides: Sequence[int] = (1,),
+    ) -> None:
+        super().__init__(names, widths, grid, strides)
         self.gates = nn.Parameter(torch.zeros(len(self.names), self.out_dim))
 
-    def forward(self, grids: Sequence[torch.Tensor]) -> torch.Tensor:
-        stacked = torch.stack(list(grids), dim=0)  # (E, B, H, W, C)
-        gates = torch.sigmoid(self.gates).to(stacked.dtype)[:, None, None, None, :]
-        merged = (gates * stacked).sum(dim=0)
-        return merged.reshape(merged.shape[0], -1, merged.shape[-1])
+    def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(list(tokens), dim=0)  # (E, B, N, C)
+        gates = torch.sigmoid(self.gates).to(stacked.dtype)[:, None, None, :]
+        return (gates * stacked).sum(dim=0)
 
 
 @register_merge("cross_attention")
@@ -344,33 +458,44 @@ class CrossAttention(EncoderMerge):
     """
 
     def __init__(
-        self, names: Sequence[str], widths: Sequence[int], grid: tuple[int, int], *, heads: int | None = None
+        self,
+        names: Sequence[str],
+        widths: Sequence[int],
+        grid: tuple[int, int],
+        strides: Sequence[int] = (1,),
+        *,
+        heads: int | None = None,
     ) -> None:
-        super().__init__(names, widths, grid)
+        super().__init__(names, widths, grid, strides)
         width = self.out_dim
+        self.output_tokens = grid[0] * grid[1]
         self.queries = nn.Parameter(torch.randn(self.output_tokens, width) * 0.02)
         self.source_embedding = nn.Parameter(torch.randn(len(self.names), width) * 0.02)
         self.norm = nn.LayerNorm(width)
         self.attention = nn.MultiheadAttention(width, attention_heads(width, heads), batch_first=True)
 
-    def forward(self, grids: Sequence[torch.Tensor]) -> torch.Tensor:
-        batch = grids[0].shape[0]
-        tagged = [
-            g.reshape(batch, -1, g.shape[-1]) + self.source_embedding[e].to(g.dtype)
-            for e, g in enumerate(grids)
-        ]
+    def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        tagged = [t + self.source_embedding[e].to(t.dtype) for e, t in enumerate(tokens)]
         keys = self.norm(torch.cat(tagged, dim=1))
-        queries = self.queries.to(keys.dtype).expand(batch, -1, -1)
+        queries = self.queries.to(keys.dtype).expand(keys.shape[0], -1, -1)
         out, _ = self.attention(queries, keys, keys, need_weights=False)
         return out
 
+    def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.reshape(tokens.shape[0], *self.grid, tokens.shape[-1])
+
 
 def build_encoder_merge(
-    encoder_merge: object, names: Sequence[str], widths: Sequence[int], grid: tuple[int, int]
+    encoder_merge: object,
+    names: Sequence[str],
+    widths: Sequence[int],
+    grid: tuple[int, int],
+    strides: Sequence[int] = (1,),
 ) -> EncoderMerge:
-    """Build the encoder merge named by ``encoder_merge`` (a name or ``{"kind": name, **options}``).
+    """Build the encoder merge named by ``encoder_merge`` (a name or ``{"kind": name, **options}``)
+    for encoders whose tokens have the layout ``strides``.
 
     Raises:
         ValueError: unknown name or option; encoders of different widths for a merge that needs one.
     """
-    return ENCODER_MERGES.build(encoder_merge, list(names), list(widths), tuple(grid))
+    return ENCODER_MERGES.build(encoder_merge, list(names), list(widths), tuple(grid), tuple(strides))

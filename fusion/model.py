@@ -1,14 +1,14 @@
 """FusedEncoder: frozen vision encoders read at several layers, fused into tokens for a language model.
 
-The trainable part is :class:`FusionHead` (alignment, layer combine, encoder merge, connector); it
-knows each encoder only by its :class:`EncoderGeometry`, so it can be trained on cached features.
+The trainable part is :class:`~fusion.head.FusionHead` (alignment, layer combine, encoder merge,
+connector, DeepStack extra token sets); it knows each encoder only by its
+:class:`~fusion.head.EncoderGeometry`, so it can be trained on cached features.
 :class:`FusedEncoder` adds the encoders, builds from a config, and saves / loads the trained part.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import tempfile
@@ -22,12 +22,13 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 from torch import nn
 
-import kernels
-from fusion.align import ALIGNERS, build_aligner
-from fusion.connector import CONNECTORS, build_connector
+from fusion.align import ALIGNERS
+from fusion.connector import CONNECTORS
+from fusion.deepstack import deepstack_entries
 from fusion.encoders import Encoder, EncoderSpec, build_encoder
 from fusion.encoders.base import as_hw
-from fusion.merge import ENCODER_MERGES, LAYER_COMBINES, LN_EPS, build_encoder_merge, build_layer_combine
+from fusion.head import EncoderGeometry, FusionHead, check_layer_merge
+from fusion.merge import ENCODER_MERGES, LAYER_COMBINES
 
 CONFIG_FIELDS = (
     "encoders",
@@ -37,227 +38,14 @@ CONFIG_FIELDS = (
     "encoder_merge",
     "connector",
     "merge_dim",
+    "normalize",
+    "deepstack_layers",
     "freeze_encoders",
 )
 TRAINED_FORMAT = "encoder-fusion/trained/1"
-
-
-@dataclasses.dataclass(frozen=True)
-class EncoderGeometry:
-    """What the trainable head needs to know of one encoder.
-
-    Args:
-        name: the encoder's label (unique within a head).
-        width: channels of its hooked layers.
-        grid: its token grid (h, w).
-        num_layers: how many layers it hooks.
-
-    Raises:
-        ValueError: an empty name, a non-positive width or layer count, or a malformed grid.
-    """
-
-    name: str
-    width: int
-    grid: tuple[int, int]
-    num_layers: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"EncoderGeometry.name must be a non-empty string, got {self.name!r}")
-        for field in ("width", "num_layers"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(
-                    f"EncoderGeometry.{field} of encoder {self.name!r} must be a positive int, got {value!r}"
-                )
-        object.__setattr__(self, "grid", as_hw(self.grid, f"EncoderGeometry.grid of encoder {self.name!r}"))
-
-
-class FusionHead(nn.Module):
-    """The trainable part: align each hooked layer to ``grid``, combine each encoder's layers, merge
-    the encoders, project with the connector.
-
-    Args:
-        geometries: one :class:`EncoderGeometry` per encoder, in merge order.
-        grid: the target grid (H, W) or an int; None takes the first encoder's grid.
-        align: an alignment mode of :mod:`fusion.align` (a name or ``{"kind": ..., **options}``).
-        layer_merge: a layer combine of :mod:`fusion.merge`.
-        encoder_merge: an encoder merge of :mod:`fusion.merge`.
-        connector: a connector config of :mod:`fusion.connector` (None: identity).
-        merge_dim: when set, each encoder's combined grid is projected by a Linear to this width
-            before the merge; merges other than ``channel_concat`` need it when widths differ.
-
-    Every layer combine layer-normalises each aligned layer over channels (``last`` and ``mean``
-    included, without affine; see :mod:`fusion.merge`), so encoders of different scale meet on
-    equal footing. With ``channel_concat``, no ``merge_dim`` and an alignment that
-    ``kernels.grid_fuse`` supports (bilinear, nearest, area), alignment, layer combine and encoder
-    merge of every encoder run as ONE ``kernels.grid_fuse`` call (``fused_route`` is True);
-    otherwise each encoder's layers are aligned by its aligner and combined by one ``grid_fuse``
-    call on the aligned grids. Both routes compute the same function.
-
-    Attributes:
-        grid: the target grid (H, W); geometries: the encoders' geometries; fused_route: whether
-            forward takes the one-call ``grid_fuse`` route; aligners, combines, projections, merge,
-            connector: the stages, one aligner / combine / projection per encoder.
-
-    Raises:
-        ValueError: no geometries, repeated names, a bad grid or ``merge_dim``, unknown strategy
-            names or options, grids one alignment cannot align, encoder widths a merge cannot take.
-    """
-
-    def __init__(
-        self,
-        geometries: Sequence[EncoderGeometry],
-        grid: int | Sequence[int] | None = None,
-        align: str | Mapping[str, Any] = "bilinear",
-        layer_merge: str | Mapping[str, Any] = "weighted_ln",
-        encoder_merge: str | Mapping[str, Any] = "channel_concat",
-        connector: str | Mapping[str, Any] | None = None,
-        merge_dim: int | None = None,
-    ) -> None:
-        super().__init__()
-        geometries = list(geometries)
-        if not geometries or not all(isinstance(g, EncoderGeometry) for g in geometries):
-            raise ValueError(f"FusionHead needs a non-empty list of EncoderGeometry, got {geometries!r}")
-        names = [g.name for g in geometries]
-        if len(set(names)) != len(names):
-            raise ValueError(f"encoder names must be unique within one fused model, got {names}")
-        if merge_dim is not None and (
-            not isinstance(merge_dim, int) or isinstance(merge_dim, bool) or merge_dim <= 0
-        ):
-            raise ValueError(f"merge_dim must be None or a positive int, got {merge_dim!r}")
-        self.geometries = geometries
-        self.grid = as_hw(geometries[0].grid if grid is None else grid, "grid")
-        self.merge_dim = merge_dim
-        self.aligners = nn.ModuleList(build_aligner(align, g.width, g.grid, self.grid) for g in geometries)
-        self.combines = nn.ModuleList(
-            build_layer_combine(layer_merge, g.width, aligner.out_dim, g.num_layers)
-            for g, aligner in zip(geometries, self.aligners)
-        )
-        self.projections = nn.ModuleList(
-            nn.Identity() if merge_dim is None else nn.Linear(combine.out_dim, merge_dim)
-            for combine in self.combines
-        )
-        widths = [c.out_dim if merge_dim is None else merge_dim for c in self.combines]
-        self.merge = build_encoder_merge(encoder_merge, names, widths, self.grid)
-        self.connector = build_connector(connector, self.merge.out_dim)
-        align_kind = ALIGNERS.kind(align)
-        self.fused_route = (
-            align_kind in kernels.MODES
-            and ENCODER_MERGES.kind(encoder_merge) == "channel_concat"
-            and merge_dim is None
-        )
-        self.fuse_mode = align_kind
-
-    @property
-    def output_tokens(self) -> int:
-        """The number of tokens ``forward`` emits per image."""
-        return self.merge.output_tokens
-
-    @property
-    def out_dim(self) -> int:
-        """The width of the emitted tokens (the connector's ``out_dim``)."""
-        return self.connector.out_dim
-
-    def check_grids(self, grids: Sequence[Sequence[torch.Tensor]]) -> None:
-        """Raise a ValueError naming the encoder and layer when ``grids`` does not fit the geometries."""
-        if len(grids) != len(self.geometries):
-            raise ValueError(
-                f"FusionHead expects one list of layer grids per encoder "
-                f"({len(self.geometries)}: {[g.name for g in self.geometries]}), got {len(grids)}"
-            )
-        batch = None
-        for geometry, layers in zip(self.geometries, grids):
-            if isinstance(layers, torch.Tensor) or len(layers) != geometry.num_layers:
-                count = "a tensor" if isinstance(layers, torch.Tensor) else f"{len(layers)} grids"
-                raise ValueError(
-                    f"encoder {geometry.name!r} hooks {geometry.num_layers} layer(s) but got {count}; "
-                    "give a list of (B, h, w, C) grids per encoder"
-                )
-            expected = (*geometry.grid, geometry.width)
-            for index, layer in enumerate(layers):
-                if (
-                    not isinstance(layer, torch.Tensor)
-                    or layer.ndim != 4
-                    or tuple(layer.shape[1:]) != expected
-                ):
-                    shape = tuple(layer.shape) if isinstance(layer, torch.Tensor) else type(layer).__name__
-                    raise ValueError(
-                        f"encoder {geometry.name!r} layer {index} has shape {shape}; expected "
-                        f"(B, {expected[0]}, {expected[1]}, {expected[2]}) from its geometry"
-                    )
-                batch = layer.shape[0] if batch is None else batch
-                if layer.shape[0] != batch:
-                    raise ValueError(
-                        f"encoder {geometry.name!r} layer {index} has batch size {layer.shape[0]}, "
-                        f"another grid has {batch}; all grids must share the batch"
-                    )
-
-    def forward(self, grids: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-        """Fuse the hooked grids: ``grids[e][l]`` is encoder e's hooked layer l as (B, h, w, C).
-
-        Returns:
-            (B, output_tokens, out_dim).
-
-        Raises:
-            ValueError: grids that do not match the geometries (count, shape, batch).
-        """
-        self.check_grids(grids)
-        if self.fused_route:
-            tokens = self.forward_fused(grids)
-        else:
-            combined = [
-                projection(combine(layers, aligner))
-                for aligner, combine, projection, layers in zip(
-                    self.aligners, self.combines, self.projections, grids
-                )
-            ]
-            tokens = self.merge(combined)
-        return self.connector(tokens)
-
-    def forward_fused(self, grids: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-        """Align, combine and channel-concat every encoder in one ``kernels.grid_fuse`` call."""
-        sources, groups, weights, ln_weight, ln_bias = [], [], [], [], []
-        first_slot = 0
-        for combine, layers in zip(self.combines, grids):
-            inputs = combine.fuse_inputs(layers)
-            sources += inputs.sources
-            groups += [first_slot + slot for slot in inputs.slots]
-            weights.append(inputs.weights)
-            ln_weight += inputs.ln_weight or [None] * len(inputs.sources)
-            ln_bias += inputs.ln_bias or [None] * len(inputs.sources)
-            first_slot += combine.num_slots
-        # under autocast one encoder may arrive in bf16 and another in fp32; grid_fuse takes one dtype
-        dtype = functools.reduce(torch.promote_types, (s.dtype for s in sources))
-        return kernels.grid_fuse(
-            [s.to(dtype) for s in sources],
-            self.grid,
-            groups=groups,
-            layer_weights=torch.cat(weights),
-            ln_weight=ln_weight if any(w is not None for w in ln_weight) else None,
-            ln_bias=ln_bias if any(b is not None for b in ln_bias) else None,
-            mode=self.fuse_mode,
-            eps=LN_EPS,
-        )
-
-    def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Map output tokens (B, output_tokens, D') back onto the target grid: (B, H, W, D').
-
-        A reshape for one token per location; for ``sequence_concat`` and ``interleave`` the mean
-        of the encoders' tokens at each location.
-
-        Raises:
-            ValueError: not (B, output_tokens, D').
-        """
-        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[1] != self.output_tokens:
-            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"to_grid takes tokens (B, {self.output_tokens}, D), got {shape}")
-        return self.merge.to_grid(tokens)
-
-    def layer_weights(self) -> dict[str, list[float]]:
-        """Each encoder's softmax-normalised learned layer weights (``weighted_ln``); else empty."""
-        learned = {g.name: c.learned_weights() for g, c in zip(self.geometries, self.combines)}
-        return {name: weights for name, weights in learned.items() if weights is not None}
+# Config fields added after files of TRAINED_FORMAT were first written, with the value every file
+# written before them was trained with (layer-normalised layers, no DeepStack sets).
+ADDED_FIELDS = {"normalize": True, "deepstack_layers": {}}
 
 
 def plain(value: Any) -> Any:
@@ -276,19 +64,18 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-def as_encoder(entry: Any, index: int) -> Encoder:
-    """Build entry ``index`` of ``encoders``: an Encoder as is, an EncoderSpec or mapping via build_encoder.
+def as_spec(entry: Any, index: int) -> EncoderSpec:
+    """The spec of entry ``index`` of ``encoders``: a built Encoder's own, or an EncoderSpec or mapping.
 
     Raises:
         ValueError: prefixed with ``encoders[index]``.
     """
     if isinstance(entry, Encoder):
-        return entry
+        return entry.spec
     try:
-        spec = EncoderSpec.from_any(plain(entry))
+        return EncoderSpec.from_any(plain(entry))
     except ValueError as error:
         raise ValueError(f"encoders[{index}]: {error}") from None
-    return build_encoder(spec)
 
 
 class FusedEncoder(nn.Module):
@@ -297,10 +84,14 @@ class FusedEncoder(nn.Module):
     Args:
         encoders: per encoder an :class:`EncoderSpec`, a mapping of its fields, or a built
             :class:`~fusion.encoders.Encoder`.
-        grid, align, layer_merge, encoder_merge, connector, merge_dim: as for :class:`FusionHead`;
-            ``grid=None`` takes the first encoder's grid.
+        grid, align, layer_merge, encoder_merge, connector, merge_dim, normalize, deepstack_layers:
+            as for :class:`FusionHead`; ``grid=None`` takes the first encoder's grid;
+            ``deepstack_layers`` names encoders by ``EncoderSpec.name``.
         freeze_encoders: True (default) keeps the encoders frozen and in eval mode, even under
             ``.train()``; False trains them too.
+
+    What the specs alone decide (``normalize``, the hooked layers a ``layer_merge`` needs, the grid
+    when given, ``deepstack_layers``) is checked before any encoder is built or loaded.
 
     Attributes:
         encoders: ``nn.ModuleList`` of :class:`~fusion.encoders.Encoder`.
@@ -321,6 +112,8 @@ class FusedEncoder(nn.Module):
         encoder_merge: str | Mapping[str, Any] = "channel_concat",
         connector: str | Mapping[str, Any] | None = None,
         merge_dim: int | None = None,
+        normalize: bool = True,
+        deepstack_layers: Mapping[str, Sequence[int]] | None = None,
         freeze_encoders: bool = True,
     ) -> None:
         super().__init__()
@@ -333,17 +126,32 @@ class FusedEncoder(nn.Module):
             raise ValueError(f"encoders must be a non-empty list of encoder specs, got {encoders!r}")
         if not isinstance(freeze_encoders, bool):
             raise ValueError(f"freeze_encoders must be true or false, got {freeze_encoders!r}")
-        self.encoders = nn.ModuleList(as_encoder(entry, i) for i, entry in enumerate(encoders))
-        geometries = [
-            EncoderGeometry(e.spec.name, e.width, e.grid_size(), len(e.layer_indices)) for e in self.encoders
-        ]
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {normalize!r}")
+        specs = [as_spec(entry, i) for i, entry in enumerate(encoders)]
+        hooks = {spec.name: spec.hooks.layers for spec in specs}
+        grid = plain(grid)
+        check_layer_merge(
+            plain(layer_merge),
+            {name: len(layers) for name, layers in hooks.items()},
+            None if grid is None else as_hw(grid, "grid"),
+        )
+        deepstack_layers = plain(deepstack_layers)
+        deepstack_entries(deepstack_layers, hooks)
+        self.encoders = nn.ModuleList(
+            entry if isinstance(entry, Encoder) else build_encoder(spec)
+            for entry, spec in zip(encoders, specs)
+        )
         strategies = {
             "align": ALIGNERS.canonical(plain(align)),
             "layer_merge": LAYER_COMBINES.canonical(plain(layer_merge)),
             "encoder_merge": ENCODER_MERGES.canonical(plain(encoder_merge)),
             "connector": CONNECTORS.canonical("identity" if connector is None else plain(connector)),
+            "normalize": normalize,
+            "deepstack_layers": {name: list(layers) for name, layers in (deepstack_layers or {}).items()},
         }
-        self.head = FusionHead(geometries, grid=plain(grid), merge_dim=merge_dim, **strategies)
+        geometries = [EncoderGeometry.of(e) for e in self.encoders]
+        self.head = FusionHead(geometries, grid=grid, merge_dim=merge_dim, **strategies)
         self.strategies = strategies
         self.freeze_encoders = freeze_encoders
         self.encoders.requires_grad_(not freeze_encoders)
@@ -368,6 +176,14 @@ class FusedEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Fused tokens (B, output_tokens(), head.out_dim) for raw ``images``."""
         return self.head(self.extract(images))
+
+    def forward_deepstack(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The fused tokens, as :meth:`forward`, and the DeepStack extra token sets for raw
+        ``images``: one (B, output_tokens(), head.out_dim) tensor per ``deepstack_layers`` entry,
+        encoders in model order and each encoder's entries in the order given (an empty list
+        without ``deepstack_layers``). A language model adds set ``k`` to the hidden states of its
+        decoder layer ``k`` at the visual positions (see :mod:`fusion.deepstack`)."""
+        return self.head.forward_deepstack(self.extract(images))
 
     def output_tokens(self, image_size: int | Sequence[int] | None = None) -> int:
         """The number of tokens emitted per image.
@@ -493,7 +309,7 @@ class FusedEncoder(nn.Module):
                 f"{path} is not a trained-fusion file (metadata format {metadata.get('format')!r}, "
                 f"expected {TRAINED_FORMAT!r}); write it with FusedEncoder.save_trained"
             )
-        saved, current = json.loads(metadata["config"]), self.config
+        saved, current = {**ADDED_FIELDS, **json.loads(metadata["config"])}, self.config
         differing = [key for key in CONFIG_FIELDS if saved.get(key) != current.get(key)]
         if differing:
             details = "; ".join(

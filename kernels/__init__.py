@@ -1,4 +1,5 @@
-"""Fusion kernels: ``grid_fuse`` (align + LayerNorm + weight + merge in one pass).
+"""Fusion kernels: ``grid_fuse`` (align + LayerNorm + weight + merge in one pass; the LayerNorm is
+skipped with ``normalize=False``).
 
 ``kernels.reference`` holds the PyTorch definition, ``kernels.grid_fuse`` (the module) the Triton
 kernels; :func:`grid_fuse` here picks one per call:
@@ -63,9 +64,11 @@ def grid_fuse(
     ln_bias: Sequence[torch.Tensor | None] | None = None,
     mode: str = "bilinear",
     eps: float = 1e-6,
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """Align, LayerNorm, weight and merge channels-last grids on the backend :func:`select_backend`
-    picks; arguments, result and errors as :func:`kernels.reference.grid_fuse`.
+    """Align, LayerNorm (unless ``normalize=False``), weight and merge channels-last grids on the
+    backend :func:`select_backend` picks; arguments, result and errors as
+    :func:`kernels.reference.grid_fuse`.
 
     Returns:
         (B, H*W, sum of group widths) in the sources' dtype, differentiable in sources,
@@ -84,6 +87,7 @@ def grid_fuse(
         ln_bias=ln_bias,
         mode=mode,
         eps=eps,
+        normalize=normalize,
     )
 
 

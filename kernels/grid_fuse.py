@@ -26,8 +26,10 @@ The four layers, from the bottom up:
   backward.
 
 Which sources belong to which group, which already have the target grid and which have a LayerNorm
-weight or bias are compile-time constants (a small tuple and bit masks), so the kernels hold no
-run-time branches for them and the host never materialises an identity affine.
+weight or bias, and whether sources are layer-normalised at all (``normalize=False`` sums the raw
+resampled sources: no statistics are taken, stored or read), are compile-time constants (a small
+tuple and bit masks), so the kernels hold no run-time branches for them and the host never
+materialises an identity affine.
 
 The backward pass uses no atomics: for a given shape and device its result is bit-for-bit
 reproducible.
@@ -225,7 +227,7 @@ def _grid_fuse_forward_kernel(
     LW_ptr,  # (S,) layer weights, any float dtype, indexed by source (not slot), stride lw_stride
     lw_stride,
     LN_W, LN_B,  # S pointers (C_g,): LayerNorm affine per slot; any tensor where the HAS_ bit is 0
-    MEAN_ptr, RSTD_ptr,  # (S, rows) fp32 each, by source index: written when STORE_STATS
+    MEAN_ptr, RSTD_ptr,  # (S, rows) fp32 each, by source index: written when NORMALIZE and STORE_STATS
     COLS, WIDTHS,  # G first output columns and widths of the groups
     rows,
     H,
@@ -238,6 +240,7 @@ def _grid_fuse_forward_kernel(
     HAS_W: tl.constexpr,  # bit k: slot k has a LayerNorm weight
     HAS_B: tl.constexpr,  # bit k: slot k has a LayerNorm bias
     MODE: tl.constexpr,
+    NORMALIZE: tl.constexpr,  # LayerNorm each resampled source; else sum them raw (no affine)
     STORE_STATS: tl.constexpr,
     PREFETCH: tl.constexpr,  # issue the next slot's loads before reducing the current one
     BLOCK_T: tl.constexpr,
@@ -272,17 +275,20 @@ def _grid_fuse_forward_kernel(
                         GROUP_OF, IDENTITY, MODE,
                     )  # fmt: skip
                 r = _combine_taps(taps, HS[k], WS[k], oy, ox, H, W, MODE, (IDENTITY >> k) & 1)
-                mean = tl.sum(r, axis=1) / C
-                centred = tl.where(mask, r - mean[:, None], 0.0)
-                rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)
-                if STORE_STATS:
-                    tl.store(MEAN_ptr + SOURCE_OF[k] * rows + tokens, mean, mask=live)
-                    tl.store(RSTD_ptr + SOURCE_OF[k] * rows + tokens, rstd, mask=live)
-                y = centred * rstd[:, None]
-                if (HAS_W >> k) & 1:
-                    y *= tl.load(LN_W[k] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
-                if (HAS_B >> k) & 1:
-                    y += tl.load(LN_B[k] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+                if NORMALIZE:
+                    mean = tl.sum(r, axis=1) / C
+                    centred = tl.where(mask, r - mean[:, None], 0.0)
+                    rstd = tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)
+                    if STORE_STATS:
+                        tl.store(MEAN_ptr + SOURCE_OF[k] * rows + tokens, mean, mask=live)
+                        tl.store(RSTD_ptr + SOURCE_OF[k] * rows + tokens, rstd, mask=live)
+                    y = centred * rstd[:, None]
+                    if (HAS_W >> k) & 1:
+                        y *= tl.load(LN_W[k] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+                    if (HAS_B >> k) & 1:
+                        y += tl.load(LN_B[k] + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+                else:
+                    y = r
                 acc += tl.load(LW_ptr + SOURCE_OF[k] * lw_stride).to(tl.float32) * y
         y_ptrs = Y_ptr + tokens[:, None] * y_cols + COLS[g] + cols[None, :]
         tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=mask)
@@ -292,7 +298,7 @@ def _grid_fuse_forward_kernel(
 def _grid_fuse_backward_rows_kernel(
     DY_ptr,  # gradient of the output, (B*H*W, y_cols); group g in columns COLS[g] on
     X, SB, SY, SX, HS, WS, LW_ptr, lw_stride, LN_W,  # as in the forward
-    MEAN_ptr, RSTD_ptr,  # (S, rows) fp32 each, by source index, from the forward
+    MEAN_ptr, RSTD_ptr,  # (S, rows) fp32 each, by source index, from the forward (when NORMALIZE)
     COLS, WIDTHS,
     DR,  # S pointers (rows, C_g) per slot: gradient of the resampled tokens (of the source itself
     # for identity slots), in that buffer's dtype; any tensor where the NEED_DR bit is 0
@@ -312,6 +318,7 @@ def _grid_fuse_backward_rows_kernel(
     NEED_DR: tl.constexpr,  # bit k: write dr of slot k
     NEED_PARAMS: tl.constexpr,
     MODE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
     PREFETCH: tl.constexpr,  # issue the next slot's loads before reducing the current one
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -364,19 +371,26 @@ def _grid_fuse_backward_rows_kernel(
                             k, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
                             GROUP_OF, IDENTITY, MODE,
                         )  # fmt: skip
-                    mean = tl.load(MEAN_ptr + SOURCE_OF[k] * rows + tokens, mask=live, other=0.0)
-                    rstd = tl.load(RSTD_ptr + SOURCE_OF[k] * rows + tokens, mask=live, other=0.0)
                     r = _combine_taps(taps, HS[k], WS[k], oy, ox, H, W, MODE, (IDENTITY >> k) & 1)
-                    xhat = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
+                    # xhat is what the layer weight multiplied: the normalised token, or the raw one
+                    if NORMALIZE:
+                        mean = tl.load(MEAN_ptr + SOURCE_OF[k] * rows + tokens, mask=live, other=0.0)
+                        rstd = tl.load(RSTD_ptr + SOURCE_OF[k] * rows + tokens, mask=live, other=0.0)
+                        xhat = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
+                    else:
+                        xhat = tl.where(mask, r, 0.0)
                     if NEED_PARAMS:
                         new_p = new_p + (p_acc[len(new_p)] + dy * xhat,)  # noqa: RUF005
                     if (NEED_DR >> k) & 1:
                         gy = dy * tl.load(LW_ptr + SOURCE_OF[k] * lw_stride).to(tl.float32)
-                        if (HAS_W >> k) & 1:
-                            gamma = tl.load(LN_W[k] + cols, mask=col_mask, other=0.0).to(tl.float32)
-                            gy = gy * gamma[None, :]
-                        c1, c2 = tl.reduce((gy * xhat, gy), 1, _add_pairs)  # one pass, both sums
-                        dr = (gy - (xhat * (c1 / C)[:, None] + (c2 / C)[:, None])) * rstd[:, None]
+                        if NORMALIZE:
+                            if (HAS_W >> k) & 1:
+                                gamma = tl.load(LN_W[k] + cols, mask=col_mask, other=0.0).to(tl.float32)
+                                gy = gy * gamma[None, :]
+                            c1, c2 = tl.reduce((gy * xhat, gy), 1, _add_pairs)  # one pass, both sums
+                            dr = (gy - (xhat * (c1 / C)[:, None] + (c2 / C)[:, None])) * rstd[:, None]
+                        else:
+                            dr = gy
                         dr_ptr = DR[k]
                         dr_ptrs = dr_ptr + tokens[:, None] * C + cols[None, :]
                         tl.store(dr_ptrs, dr.to(dr_ptr.dtype.element_ty), mask=mask)
@@ -409,7 +423,8 @@ def _grid_fuse_param_grads_kernel(
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # With p = sum_tokens dy * xhat and q = sum_tokens dy (dy the group's output gradient):
-    # d ln_weight = a p, d ln_bias = a q, d a = <gamma, p> + <beta, q> (gamma 1, beta 0 if absent).
+    # d ln_weight = a p, d ln_bias = a q, d a = <gamma, p> + <beta, q> (gamma 1, beta 0 if absent;
+    # without NORMALIZE xhat is the raw token and there is no affine).
     slot = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     lanes = tl.arange(0, BLOCK_R)
@@ -627,6 +642,7 @@ class _Plan:
     has_weight: int  # bit k: slot k has a LayerNorm weight
     has_bias: int  # bit k: slot k has a LayerNorm bias
     mode: int
+    normalize: bool  # LayerNorm the sources (else they are summed raw)
     block_c: int  # channels of a tile: the widest group, rounded up to a power of two
     tiles: Tiles
 
@@ -643,6 +659,7 @@ def _make_plan(
     ln_weight: Sequence[torch.Tensor | None] | None,
     ln_bias: Sequence[torch.Tensor | None] | None,
     mode: str,
+    normalize: bool,
     tiles: Tiles | None = None,
 ) -> _Plan:
     """The plan of checked inputs; ``tiles`` None takes :func:`default_tiles`.
@@ -669,6 +686,7 @@ def _make_plan(
         has_weight=_bits([ln_weight is not None and ln_weight[i] is not None for i in source_of]),
         has_bias=_bits([ln_bias is not None and ln_bias[i] is not None for i in source_of]),
         mode=_MODE_CODES[mode],
+        normalize=normalize,
         block_c=block_c,
         tiles=tiles or default_tiles(block_c),
     )
@@ -724,13 +742,16 @@ def _check_kernel_inputs(
     ln_weight: Sequence[torch.Tensor | None] | None,
     ln_bias: Sequence[torch.Tensor | None] | None,
     mode: str,
+    normalize: bool,
 ) -> list[int]:
     """The reference checks plus what the kernel itself needs; returns the width of each group.
 
     Raises:
         ValueError: naming the argument, the value and what is accepted.
     """
-    widths = check_grid_fuse_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
+    widths = check_grid_fuse_inputs(
+        sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize
+    )
     first = sources[0]
     if first.dtype not in SUPPORTED_DTYPES:
         accepted = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
@@ -826,13 +847,14 @@ def _forward(
     out: torch.Tensor,
     save_stats: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """One launch of the forward kernel on checked inputs; returns (mean, rstd) or (None, None)."""
+    """One launch of the forward kernel on checked inputs; returns (mean, rstd), or (None, None)
+    without ``save_stats`` or without normalisation (the backward needs no statistics then)."""
     _check_interpreter()
     first = sources[0]
     height, width = plan.out_hw
     rows = first.shape[0] * height * width
     mean = rstd = None
-    if save_stats:
+    if save_stats and plan.normalize:
         mean, rstd = _new_buffer((2, len(sources), rows), torch.float32, first.device).unbind(0)
     _grid_fuse_forward_kernel[(triton.cdiv(rows, plan.tiles.block_t),)](
         out,
@@ -856,7 +878,8 @@ def _forward(
         HAS_W=plan.has_weight,
         HAS_B=plan.has_bias,
         MODE=plan.mode,
-        STORE_STATS=save_stats,
+        NORMALIZE=plan.normalize,
+        STORE_STATS=mean is not None,
         PREFETCH=plan.tiles.prefetch,
         BLOCK_T=plan.tiles.block_t,
         BLOCK_C=plan.block_c,
@@ -896,6 +919,7 @@ def grid_fuse_forward(
     out: torch.Tensor | None = None,
     save_stats: bool = False,
     tiles: Tiles | None = None,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Check the inputs and run the forward kernel (one launch for all groups).
 
@@ -906,10 +930,12 @@ def grid_fuse_forward(
         out: optional contiguous (B, H*W, sum C) buffer of the sources' dtype to write into.
         save_stats: also return the per-token LayerNorm mean and rstd the backward pass needs.
         tiles: the token tiling (:class:`Tiles`); ``default_tiles`` of the widest group if None.
+        normalize: as :func:`kernels.reference.grid_fuse`; False takes no statistics.
 
     Returns:
         ``(out, mean, rstd)``: out is (B, H*W, sum C) in the sources' dtype; mean and rstd are
-        (S, B*H*W) fp32 tensors (row i for sources[i]), or None without ``save_stats``.
+        (S, B*H*W) fp32 tensors (row i for sources[i]), or None without ``save_stats`` or with
+        ``normalize=False``.
 
     Raises:
         ValueError: bad arguments (see :func:`kernels.reference.check_grid_fuse_inputs`), a dtype
@@ -917,7 +943,9 @@ def grid_fuse_forward(
             Triton interpreter, a group wider than ``MAX_CHANNELS``, a malformed ``out`` or ``tiles``.
         RuntimeError: the Triton interpreter cannot run here (:func:`interpreter_problem`).
     """
-    widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
+    widths = _check_kernel_inputs(
+        sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize
+    )
     _check_eps(eps)
     sources = [_channels_contiguous(x) for x in sources]
     first = sources[0]
@@ -926,7 +954,7 @@ def grid_fuse_forward(
         out = _new_buffer(out_shape, first.dtype, first.device)
     else:
         _check_buffer("out", out, out_shape, first)
-    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, tiles)
+    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, normalize, tiles)
     weights = _layer_weight_table(layer_weights, first.device)
     mean, rstd = _forward(plan, sources, weights, ln_weight, ln_bias, float(eps), out, save_stats)
     return out, mean, rstd
@@ -948,13 +976,14 @@ def _backward(
     weights: torch.Tensor,
     ln_weight: Sequence[torch.Tensor | None] | None,
     ln_bias: Sequence[torch.Tensor | None] | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor | None,
     need_sources: Sequence[bool],
     need_params: bool,
 ) -> GridFuseGrads:
     """The backward launches on checked inputs: rows, then gather (resampled sources whose
-    gradient is asked for) and parameter reduction (when ``need_params``)."""
+    gradient is asked for) and parameter reduction (when ``need_params``); mean and rstd are
+    None without normalisation."""
     _check_interpreter()
     first = sources[0]
     device = first.device
@@ -990,8 +1019,8 @@ def _backward(
         weights,
         weights.stride(0),
         ln_w,
-        mean,
-        rstd,
+        grad_out if mean is None else mean,  # unread placeholders without NORMALIZE
+        grad_out if rstd is None else rstd,
         plan.columns,
         plan.widths,
         tuple(dr),
@@ -1011,6 +1040,7 @@ def _backward(
         NEED_DR=_bits([need_sources[i] for i in plan.source_of]),
         NEED_PARAMS=need_params,
         MODE=plan.mode,
+        NORMALIZE=plan.normalize,
         PREFETCH=plan.tiles.prefetch,
         BLOCK_T=plan.tiles.backward_block_t,
         BLOCK_C=plan.block_c,
@@ -1078,22 +1108,25 @@ def grid_fuse_backward(
     ln_weight: Sequence[torch.Tensor | None] | None,
     ln_bias: Sequence[torch.Tensor | None] | None,
     mode: str,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor | None,
     *,
     need_sources: bool | Sequence[bool] = True,
     need_params: bool = True,
     tiles: Tiles | None = None,
+    normalize: bool = True,
 ) -> GridFuseGrads:
     """Gradients of ``grid_fuse`` given the gradient of its output; deterministic (no atomics).
 
     Args:
         grad_out: (B, H*W, sum C), the gradient of the forward output.
         sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode: as in the forward.
-        mean, rstd: the (S, B*H*W) fp32 statistics :func:`grid_fuse_forward` saved.
+        mean, rstd: the (S, B*H*W) fp32 statistics :func:`grid_fuse_forward` saved; unread (None)
+            with ``normalize=False``.
         need_sources: compute the source gradients: one flag for all, or one per source.
         need_params: compute the gradients of layer_weights, ln_weight and ln_bias.
         tiles: the token tiling (:class:`Tiles`); ``default_tiles`` of the widest group if None.
+        normalize: as in the forward.
 
     Returns:
         :class:`GridFuseGrads`: source gradients in the sources' dtype and layout (B, h, w, C);
@@ -1105,7 +1138,9 @@ def grid_fuse_backward(
         ValueError: bad arguments as in :func:`grid_fuse_forward`, or a grad_out, mean or rstd of
             the wrong shape, dtype or device, or need_sources of the wrong length.
     """
-    widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
+    widths = _check_kernel_inputs(
+        sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize
+    )
     sources = [_channels_contiguous(x) for x in sources]
     first = sources[0]
     rows = first.shape[0] * out_hw[0] * out_hw[1]
@@ -1115,9 +1150,12 @@ def grid_fuse_backward(
         raise ValueError(f"grid_fuse grad_out must have shape {out_shape}, got {got}")
     if grad_out.device != first.device:
         raise ValueError(f"grid_fuse grad_out is on {grad_out.device}; the sources are on {first.device}")
-    stats_like = torch.empty(0, dtype=torch.float32, device=first.device)
-    _check_buffer("mean", mean, (len(sources), rows), stats_like)
-    _check_buffer("rstd", rstd, (len(sources), rows), stats_like)
+    if normalize:
+        stats_like = torch.empty(0, dtype=torch.float32, device=first.device)
+        _check_buffer("mean", mean, (len(sources), rows), stats_like)
+        _check_buffer("rstd", rstd, (len(sources), rows), stats_like)
+    else:
+        mean = rstd = None
     if isinstance(need_sources, bool):
         need_sources = [need_sources] * len(sources)
     elif len(need_sources) != len(sources):
@@ -1125,7 +1163,7 @@ def grid_fuse_backward(
             f"grid_fuse need_sources has {len(need_sources)} flags; give one bool or one per source "
             f"({len(sources)})"
         )
-    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, tiles)
+    plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, normalize, tiles)
     weights = _layer_weight_table(layer_weights, first.device)
     return _backward(
         plan,
@@ -1214,6 +1252,7 @@ def _call_key(
     ln_weight: Sequence[torch.Tensor | None] | None,
     ln_bias: Sequence[torch.Tensor | None] | None,
     mode: str,
+    normalize: bool,
     tiles: Tiles | None,
 ) -> tuple | None:
     """A hashable summary of everything the input checks and the plan read (shapes, strides,
@@ -1236,6 +1275,7 @@ def _call_key(
             params_key(ln_weight),
             params_key(ln_bias),
             (type(mode), mode),
+            (type(normalize), normalize),
             tiles,
         )
         hash(key)
@@ -1252,14 +1292,17 @@ def _planned(
     ln_weight: Sequence[torch.Tensor | None] | None,
     ln_bias: Sequence[torch.Tensor | None] | None,
     mode: str,
+    normalize: bool,
     tiles: Tiles | None,
 ) -> _Plan:
     """The checked plan of a call, from the cache when an identical call signature passed before."""
-    key = _call_key(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, tiles)
+    key = _call_key(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize, tiles)
     plan = None if key is None else _PLAN_CACHE.get(key)
     if plan is None:
-        widths = _check_kernel_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
-        plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, tiles)
+        widths = _check_kernel_inputs(
+            sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize
+        )
+        plan = _make_plan(sources, out_hw, groups, widths, ln_weight, ln_bias, mode, normalize, tiles)
         if key is not None:
             _PLAN_CACHE[key] = plan
             while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
@@ -1277,6 +1320,7 @@ def triton_grid_fuse(
     ln_bias: Sequence[torch.Tensor | None] | None = None,
     mode: str = "bilinear",
     eps: float = 1e-6,
+    normalize: bool = True,
     tiles: Tiles | None = None,
 ) -> torch.Tensor:
     """``grid_fuse`` on the Triton kernels, differentiable; same arguments and result as
@@ -1284,14 +1328,14 @@ def triton_grid_fuse(
     ``tiles`` overrides the token tiling of both passes (:class:`Tiles`; :func:`default_tiles` if None).
 
     Host cost: a call whose signature (shapes, strides, dtypes, devices, groups, affine pattern,
-    mode) matches one of the last 64 skips the checks; with no gradient wanted (``torch.no_grad``
+    mode, normalize) matches one of the last 64 skips the checks; with no gradient wanted (``torch.no_grad``
     or no input requiring grad) the forward kernel is launched without an autograd node.
 
     Raises:
         ValueError: before any launch, for every bad argument :func:`grid_fuse_forward` rejects.
         RuntimeError: the Triton interpreter cannot run here (:func:`interpreter_problem`).
     """
-    plan = _planned(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, tiles)
+    plan = _planned(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize, tiles)
     _check_eps(eps)
     count = len(sources)
     weights = (

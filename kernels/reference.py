@@ -6,8 +6,9 @@ For each group (output slot) g, with sources i in g::
 
 ``resample`` has ``F.interpolate`` semantics (bilinear with ``align_corners=False``, nearest, or
 area) and is the identity when a grid already has the target size; ``LN_i`` is a LayerNorm over
-channels with the optional affine ``(ln_weight[i], ln_bias[i])``. Statistics are computed in at
-least float32; the output has the sources' dtype.
+channels with the optional affine ``(ln_weight[i], ln_bias[i])``, or the identity with
+``normalize=False`` (raw features, as the papers that concatenate block outputs use them; no affine
+then). Statistics are computed in at least float32; the output has the sources' dtype.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def check_grid_fuse_inputs(
     ln_weight: Sequence[torch.Tensor | None] | None,
     ln_bias: Sequence[torch.Tensor | None] | None,
     mode: str,
+    normalize: bool,
 ) -> list[int]:
     """Validate ``grid_fuse`` arguments; return the channel width of each group, in group order.
 
@@ -36,6 +38,8 @@ def check_grid_fuse_inputs(
     """
     if mode not in MODES:
         raise ValueError(f"grid_fuse mode={mode!r} is unknown; accepted: {', '.join(MODES)}")
+    if not isinstance(normalize, bool):
+        raise ValueError(f"grid_fuse normalize must be True or False, got {normalize!r}")
     if isinstance(sources, torch.Tensor) or len(sources) == 0:
         raise ValueError("grid_fuse sources must be a non-empty list of (B, h, w, C) tensors")
     if (
@@ -88,6 +92,11 @@ def check_grid_fuse_inputs(
     for name, params in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if params is None:
             continue
+        if not normalize and any(p is not None for p in params):
+            raise ValueError(
+                f"grid_fuse {name} is given with normalize=False; the affine belongs to the LayerNorm "
+                f"that normalize=False skips: pass {name}=None"
+            )
         if len(params) != count:
             raise ValueError(f"grid_fuse {name} has {len(params)} entries; give one per source ({count})")
         for i, (p, x) in enumerate(zip(params, sources)):
@@ -118,6 +127,7 @@ def grid_fuse(
     ln_bias: Sequence[torch.Tensor | None] | None = None,
     mode: str = "bilinear",
     eps: float = 1e-6,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Align, LayerNorm, weight and merge channels-last grids; see the module docstring.
 
@@ -130,6 +140,7 @@ def grid_fuse(
         ln_weight, ln_bias: per source a (C_i,) affine parameter or None; None for no affine at all.
         mode: ``"bilinear"``, ``"nearest"`` or ``"area"``.
         eps: LayerNorm epsilon.
+        normalize: LayerNorm each resampled source (True) or take it raw (False: no affine allowed).
 
     Returns:
         (B, H*W, sum of group widths) in the sources' dtype, slots in group order.
@@ -137,23 +148,26 @@ def grid_fuse(
     Raises:
         ValueError: see :func:`check_grid_fuse_inputs`.
     """
-    widths = check_grid_fuse_inputs(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode)
+    widths = check_grid_fuse_inputs(
+        sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize
+    )
     dtype = sources[0].dtype
     compute = torch.promote_types(dtype, torch.float32)
     weights = torch.as_tensor(layer_weights, device=sources[0].device)
     slots: list[torch.Tensor | None] = [None] * len(widths)
     for i, (g, x) in enumerate(zip(groups, sources)):
         aligned = resample(x.to(compute), out_hw, mode)
-        w = ln_weight[i] if ln_weight is not None else None
-        b = ln_bias[i] if ln_bias is not None else None
-        normed = F.layer_norm(
-            aligned,
-            (aligned.shape[-1],),
-            None if w is None else w.to(compute),
-            None if b is None else b.to(compute),
-            eps,
-        )
-        term = weights[i].to(compute) * normed
+        if normalize:
+            w = ln_weight[i] if ln_weight is not None else None
+            b = ln_bias[i] if ln_bias is not None else None
+            aligned = F.layer_norm(
+                aligned,
+                (aligned.shape[-1],),
+                None if w is None else w.to(compute),
+                None if b is None else b.to(compute),
+                eps,
+            )
+        term = weights[i].to(compute) * aligned
         slots[g] = term if slots[g] is None else slots[g] + term
     out = torch.cat(slots, dim=-1)
     return out.reshape(out.shape[0], -1, out.shape[-1]).to(dtype)

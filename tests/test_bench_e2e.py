@@ -250,6 +250,36 @@ def test_a_sweep_killed_midway_resumes_and_aggregates(tmp_path):
         assert record.vlm == own.vlm and record.vlm.llm == "tiny"
 
 
+def test_a_smoke_sweep_over_the_newer_multilayer_presets(tmp_path):
+    """Dense Connector (both integrations), MMFuser and DeepStack, each with its baselines, through
+    the Hydra main: every strategy trains its probe and is timed, none records an error."""
+    sweep = tmp_path / "sweep"
+    presets = ["dense_connector_sti", "dense_connector_dci", "mmfuser", "deepstack"]
+    command, env = bench_process(
+        "-m",
+        "experiment=smoke",
+        f"fusion={','.join(presets)}",
+        f"hydra.sweep.dir={sweep}",
+        cache=tmp_path / "cache",
+    )
+    run_ok(command, env)
+    # the smoke encoders' 4x4 grids: sparse_token adds 16 // 8 = 2 pooled tokens for each of 2 layers
+    tokens = {"dense_connector_sti": 16 + 2 * 2, "dense_connector_dci": 16, "mmfuser": 16, "deepstack": 16}
+    for job, preset in enumerate(presets):
+        report = check_report(sweep / str(job) / "report.json", ["classification"], preset)
+        for record in report["strategies"]:
+            assert not record["errors"], (preset, record["errors"])
+        fused = report["strategies"][-1]
+        assert fused["tokens"] == tokens[preset]
+        assert fused["config"]["head"]["normalize"] is (preset == "deepstack")
+    # the CLIP-only baseline keeps CLIP's DeepStack layers: it differs only in the second encoder
+    layers = [
+        s["config"]["head"]["deepstack_layers"]
+        for s in load_report(sweep / "3" / "report.json")["strategies"]
+    ]
+    assert layers == [{"clip": [-9, -5, -2]}, {}, {"clip": [-9, -5, -2]}]
+
+
 def test_parallel_jobs_on_submitit_local_share_one_cache(tmp_path):
     sweep = tmp_path / "sweep"
     command, env = bench_process(

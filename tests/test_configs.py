@@ -28,7 +28,7 @@ from benchmarks.config import (
 )
 from benchmarks.run import build_datasets
 from benchmarks.tasks import TASKS
-from fusion import EncoderGeometry, FusionHead
+from fusion import EncoderGeometry, FusedEncoder, FusionHead
 from fusion.encoders import build_encoder
 from fusion.encoders.tiny import RECIPES, tiny_spec
 
@@ -55,13 +55,25 @@ def test_every_group_has_its_documented_options():
     pairs = {"siglip2_b16_dinov3_b16", "siglip2_so400m_dinov3_l16", "pe_core_l14_dinov3_l16"}
     pairs |= {"clip_l14_336_dinov3_l16", "clip_b16_dinov2_s14_reg4", "tiny", "tiny_siglip2_dinov3"}
     assert pairs <= set(options("encoders"))
-    assert {"penultimate", "last3", "comm_all"} <= set(options("hooks"))
+    assert {
+        "penultimate",
+        "last3",
+        "comm_all",
+        "dense_connector_sti",
+        "dense_connector_dci",
+        "mmfuser",
+        "deepstack",
+    } <= set(options("hooks"))
     assert {
         "comm",
         "prismatic",
         "eagle",
         "mmvp_interleave",
         "cambrian_like",
+        "dense_connector_sti",
+        "dense_connector_dci",
+        "mmfuser",
+        "deepstack",
         "clip_only",
         "dino_only",
     } <= set(options("fusion"))
@@ -145,7 +157,7 @@ def test_every_hooks_preset_resolves_on_a_12_block_encoder(hooks):
 def head_for(cfg, roles, grids):
     """A FusionHead of ``roles`` over tiny geometries with as many layers as the hooks name."""
     geometries = [
-        EncoderGeometry(role, 32 + 8 * i, grid, len(cfg.hooks[role].layers))
+        EncoderGeometry(role, 32 + 8 * i, grid, len(cfg.hooks[role].layers), tuple(cfg.hooks[role].layers))
         for i, (role, grid) in enumerate(zip(roles, grids))
     ]
     return geometries, FusionHead(geometries, **head_config(cfg, roles))
@@ -175,6 +187,51 @@ def test_fusion_presets_bring_their_papers_choices_and_the_command_line_wins():
     comm = make("fusion=comm", "connector.out_dim=96")
     assert comm.fusion.merge_dim == 96  # merges needing one width project to the connector's
     assert [s.name for s in strategies(make("fusion=clip_only"))] == ["clip_only", "dino_only"]
+
+
+def fused_head(*overrides):
+    return strategies(make(*overrides))[-1].head
+
+
+def test_presets_named_after_papers_compute_what_the_papers_compute():
+    # Prismatic and Eagle concatenate raw block outputs; so do Dense Connector and MMFuser's inputs
+    for preset in ("prismatic", "eagle", "dense_connector_sti", "dense_connector_dci", "mmfuser"):
+        assert fused_head(f"fusion={preset}")["normalize"] is False, preset
+    assert fused_head("fusion=comm")["normalize"] is True  # COMM layer-normalises each layer
+    sti = make("fusion=dense_connector_sti")
+    assert list(sti.hooks.clip.layers) == [3, 7, -2]
+    assert fused_head("fusion=dense_connector_sti")["layer_merge"] == {"kind": "sparse_token", "stride": 8}
+    dci = make("fusion=dense_connector_dci")
+    assert list(dci.hooks.dino.layers) == list(range(-12, -1))
+    assert fused_head("fusion=dense_connector_dci")["layer_merge"] == {
+        "kind": "dense_channel",
+        "layer_groups": 2,
+    }
+    assert list(make("fusion=mmfuser").hooks.clip.layers) == [-10, -8, -6, -4, -2]
+    deepstack = make("fusion=deepstack")
+    assert list(deepstack.hooks.clip.layers) == [-9, -5, -2, -1]
+    head = fused_head("fusion=deepstack")
+    assert head["deepstack_layers"] == {"clip": [-9, -5, -2]} and head["layer_merge"] == {"kind": "last"}
+    # a baseline keeps its own encoder's DeepStack layers, and only those
+    baselines = {s.name: s.head["deepstack_layers"] for s in strategies(deepstack)[:2]}
+    assert baselines == {"clip_only": {"clip": [-9, -5, -2]}, "dino_only": {}}
+
+
+def test_eagle_with_an_identity_connector_is_the_concat_of_the_hooked_outputs():
+    """Grids that already match (the smoke encoders' 4x4): Eagle's tokens are each encoder's own
+    penultimate block output, raw, side by side in channels."""
+    cfg = make("experiment=smoke", "fusion=eagle")
+    encoders = {role: build_encoder(spec) for role, spec in encoder_specs(cfg).items()}
+    assert encoders["clip"].grid_size() == encoders["dino"].grid_size() == (4, 4)
+    model = FusedEncoder(
+        [encoders["clip"], encoders["dino"]],
+        **{**fused_head("experiment=smoke", "fusion=eagle"), "connector": None},
+    )
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    hooked = [e.forward_grids(e.preprocess(images)) for e in encoders.values()]
+    assert [len(layers) for layers in hooked] == [1, 1]
+    expected = torch.cat([layers[0] for layers in hooked], dim=-1).reshape(2, 16, -1)
+    assert torch.equal(model(images), expected)
 
 
 @pytest.mark.parametrize("task", options("task"))
@@ -247,6 +304,9 @@ def test_every_launcher_composes_and_instantiates(launcher):
         ("align.kind=bilinaer", r"Error merging override align.kind=bilinaer"),
         ("encoders/clip=clip_b61", r"Could not find 'encoders/clip/clip_b61'"),
         ("fusion=commm", r"Could not find 'fusion/commm'"),
+        ("fusion.normalize=maybe", r"Error merging override fusion.normalize=maybe"),
+        ("fusion.deepstack_layers.sam=[1]", r"Could not override 'fusion.deepstack_layers.sam'"),
+        ("fusion.deepstack_layers.clip=[a]", r"Error merging override fusion.deepstack_layers.clip=\[a\]"),
     ],
 )
 def test_mistakes_fail_at_composition_naming_the_key(override, message):

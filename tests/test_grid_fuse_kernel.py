@@ -7,6 +7,7 @@ kernels on CUDA. The interpreter is slow, so grids stay tiny except along the ch
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import re
@@ -61,13 +62,19 @@ def poisoned_buffers(monkeypatch):
 
 @dataclass(frozen=True)
 class Case:
-    """One call: (h, w, C) per source, the group of each, the target grid, batch and affine."""
+    """One call: (h, w, C) per source, the group of each, the target grid, batch, affine and whether
+    the sources are layer-normalised."""
 
     grids: tuple[tuple[int, int, int], ...]
     groups: tuple[int, ...]
     out_hw: tuple[int, int]
     batch: int = 2
     affine: str = "all"  # "all", "none", or "some" (every other source has weight / bias)
+    normalize: bool = True
+
+    def raw(self) -> Case:
+        """The same call on raw sources (``normalize=False``, which takes no affine)."""
+        return dataclasses.replace(self, affine="none", normalize=False)
 
 
 @dataclass
@@ -125,6 +132,7 @@ def call(fn, inputs: Inputs, case: Case, mode: str, **options) -> torch.Tensor:
         ln_bias=inputs.ln_bias,
         mode=mode,
         eps=EPS,
+        normalize=case.normalize,
         **options,
     )
 
@@ -183,13 +191,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 @pytest.mark.parametrize(
     ("case", "mode"),
     [(case, mode) for case, modes in CASES.values() for mode in modes],
     ids=[f"{name}-{mode}" for name, (_, modes) in CASES.items() for mode in modes],
 )
-def test_fp32_forward_backward_match_reference(case, mode):
-    check_against_reference(case, mode, torch.float32)
+def test_fp32_forward_backward_match_reference(case, mode, normalize):
+    check_against_reference(case if normalize else case.raw(), mode, torch.float32)
 
 
 HALF_CASES = {
@@ -199,10 +208,11 @@ HALF_CASES = {
 }
 
 
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("mode", "case"), HALF_CASES.values(), ids=HALF_CASES.keys())
-def test_half_precision_forward_backward_match_reference(case, mode, dtype):
-    check_against_reference(case, mode, dtype)
+def test_half_precision_forward_backward_match_reference(case, mode, dtype, normalize):
+    check_against_reference(case if normalize else case.raw(), mode, dtype)
 
 
 @st.composite
@@ -217,7 +227,7 @@ def small_cases(draw):
     case = Case(
         grids, tuple(groups), out_hw, draw(st.integers(1, 2)), draw(st.sampled_from(["all", "none", "some"]))
     )
-    return case, draw(st.sampled_from(MODES))
+    return (case if draw(st.booleans()) else case.raw()), draw(st.sampled_from(MODES))
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -258,10 +268,11 @@ def test_hypothesis_tilings_match_reference(drawn, tiles):
     check_against_reference(case, mode, torch.float32, tiles=tiles)
 
 
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 @pytest.mark.parametrize("tiles", TILINGS, ids=lambda t: f"T{t.block_t}w{t.num_warps}p{int(t.prefetch)}")
 @pytest.mark.parametrize("mode", MODES)
-def test_every_tiling_matches_reference(tiles, mode):
-    check_against_reference(TILING_CASE, mode, torch.float32, tiles=tiles)
+def test_every_tiling_matches_reference(tiles, mode, normalize):
+    check_against_reference(TILING_CASE if normalize else TILING_CASE.raw(), mode, torch.float32, tiles=tiles)
 
 
 @pytest.mark.parametrize("programs", ["one per tile", "as on a 2-SM GPU"])
@@ -345,18 +356,26 @@ def test_statistics_rows_follow_the_source_order():
         assert_matches(rstd[i], (var + EPS).rsqrt(), torch.float32, f"rstd of sources[{i}]")
 
 
-def test_backward_gives_only_the_source_gradients_asked_for():
-    """need_sources per source: the frozen ones get None, the others match the reference."""
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+def test_backward_gives_only_the_source_gradients_asked_for(normalize):
+    """need_sources per source: the frozen ones get None, the others match the reference. Raw
+    sources take no statistics: the forward returns none and the backward reads none."""
     case = Case(((2, 3, 5), (3, 3, 5), (2, 2, 4)), (0, 0, 1), (3, 3), batch=1)
     inputs = make_inputs(case, torch.float32)
     detached = [x.detach() for x in inputs.sources]
     out, mean, rstd = grid_fuse_forward(
-        detached, case.out_hw, list(case.groups), inputs.layer_weights.detach(), save_stats=True
+        detached,
+        case.out_hw,
+        list(case.groups),
+        inputs.layer_weights.detach(),
+        save_stats=True,
+        normalize=normalize,
     )
+    assert (mean is None and rstd is None) == (not normalize)
     grad_out = torch.randn_like(out)
     grads = grid_fuse_backward(
         grad_out, detached, case.out_hw, list(case.groups), inputs.layer_weights.detach(), None, None,
-        "bilinear", mean, rstd, need_sources=[False, True, True], need_params=False,
+        "bilinear", mean, rstd, need_sources=[False, True, True], need_params=False, normalize=normalize,
     )  # fmt: skip
     assert grads.sources[0] is None and grads.layer_weights is None
     exact = [x.detach().double().requires_grad_() for x in inputs.sources]
@@ -366,6 +385,7 @@ def test_backward_gives_only_the_source_gradients_asked_for():
         groups=list(case.groups),
         layer_weights=inputs.layer_weights.detach().double(),
         eps=EPS,
+        normalize=normalize,
     )
     want = torch.autograd.grad(expected, exact[1:], grad_out.double())
     for got, w in zip(grads.sources[1:], want):
@@ -373,14 +393,15 @@ def test_backward_gives_only_the_source_gradients_asked_for():
     with pytest.raises(ValueError, match=r"need_sources has 2 flags; give one bool or one per source \(3\)"):
         grid_fuse_backward(
             grad_out, detached, case.out_hw, list(case.groups), [1.0, 1.0, 1.0], None, None, "bilinear",
-            mean, rstd, need_sources=[True, False],
+            mean, rstd, need_sources=[True, False], normalize=normalize,
         )  # fmt: skip
 
 
-def test_frozen_sources_get_only_parameter_gradients():
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+def test_frozen_sources_get_only_parameter_gradients(normalize):
     """Frozen encoders: no source gradient is asked for, the parameters still get theirs."""
     case = Case(((3, 2, 5), (2, 2, 5), (2, 2, 4)), (0, 0, 1), (2, 3), batch=1, affine="some")
-    check_against_reference(case, "bilinear", torch.float32, grad_sources=False)
+    check_against_reference(case if normalize else case.raw(), "bilinear", torch.float32, grad_sources=False)
 
 
 def test_softmax_layer_weights_and_plain_numbers():
@@ -511,6 +532,20 @@ def test_fusion_kernel_selects_the_backend(monkeypatch, backend_calls, setting, 
     torch.testing.assert_close(out, small_call(reference.grid_fuse), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dispatch_passes_normalize_on(monkeypatch, backend_calls, backend):
+    """normalize=False reaches the chosen backend: raw sources, the same result as the reference's."""
+    monkeypatch.setenv("FUSION_KERNEL", backend)
+    torch.manual_seed(4)
+    raw = small_call(normalize=False)
+    torch.manual_seed(4)
+    normalized = small_call()
+    assert backend_calls == [backend, backend]
+    torch.manual_seed(4)
+    torch.testing.assert_close(raw, small_call(reference.grid_fuse, normalize=False), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(raw, normalized)
+
+
 def test_auto_keeps_float64_on_the_reference(monkeypatch, backend_calls):
     monkeypatch.setenv("FUSION_KERNEL", "auto")
     small_call(sources=[torch.randn(1, 2, 2, 3, dtype=torch.float64, device=DEVICE)])
@@ -603,6 +638,12 @@ BAD_INPUTS = {
         r"layer_weights is on meta but the sources are on",
     ),
     "negative eps": ({"eps": -1.0}, r"eps must be a finite number >= 0, got -1.0"),
+    "normalize not a bool": ({"normalize": 1}, r"grid_fuse normalize must be True or False, got 1"),
+    "affine on raw sources": (
+        {"normalize": False, "ln_bias": [torch.ones(3, device=DEVICE)]},
+        r"ln_bias is given with normalize=False; the affine belongs to the LayerNorm that "
+        r"normalize=False skips: pass ln_bias=None",
+    ),
     "too wide": (
         {"sources": [grid(1, 1, 1, MAX_CHANNELS + 1)]},
         rf"group 0 has {MAX_CHANNELS + 1} channels; at most {MAX_CHANNELS} are supported",
@@ -641,6 +682,8 @@ def test_repeated_call_skips_the_checks_but_not_a_changed_argument(monkeypatch):
         small_call(triton_grid_fuse, layer_weights=[True])
     with pytest.raises(ValueError, match=r"out_hw must be a pair of positive ints"):
         small_call(triton_grid_fuse, out_hw=(3.0, 2))
+    with pytest.raises(ValueError, match=r"normalize must be True or False, got 1"):
+        small_call(triton_grid_fuse, normalize=1)
 
 
 def test_plan_cache_stays_bounded(monkeypatch):

@@ -40,7 +40,7 @@ def area_taps(dst: int, in_size: int, out_size: int) -> list[tuple[int, float]]:
 TAPS = {"bilinear": bilinear_taps, "nearest": nearest_taps, "area": area_taps}
 
 
-def naive_grid_fuse(sources, out_hw, groups, weights, ln_weight, ln_bias, mode):
+def naive_grid_fuse(sources, out_hw, groups, weights, ln_weight, ln_bias, mode, normalize=True):
     """The definition, token by token, in float64 Python loops."""
     out_h, out_w = out_hw
     batch = sources[0].shape[0]
@@ -61,9 +61,11 @@ def naive_grid_fuse(sources, out_hw, groups, weights, ln_weight, ln_bias, mode):
                         for row, row_weight in TAPS[mode](i, h, out_h):
                             for col, col_weight in TAPS[mode](j, w, out_w):
                                 token = token + row_weight * col_weight * x[b, row, col].double()
-                    mean = token.sum() / token.numel()
-                    var = ((token - mean) ** 2).sum() / token.numel()
-                    normed = (token - mean) / math.sqrt(var + EPS)
+                    normed = token
+                    if normalize:
+                        mean = token.sum() / token.numel()
+                        var = ((token - mean) ** 2).sum() / token.numel()
+                        normed = (token - mean) / math.sqrt(var + EPS)
                     if ln_weight is not None and ln_weight[s] is not None:
                         normed = normed * ln_weight[s].double()
                     if ln_bias is not None and ln_bias[s] is not None:
@@ -126,6 +128,17 @@ def test_reference_matches_naive_loops(mode, case, affine):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "area"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_raw_reference_matches_naive_loops(mode, case):
+    """normalize=False: the weighted sum of the resampled sources as they are."""
+    shapes, groups, out_hw = CASES[case]
+    sources, weights, _, _ = random_inputs(shapes, groups, affine="none", seed=list(CASES).index(case))
+    got = grid_fuse(sources, out_hw, groups=groups, layer_weights=weights, mode=mode, normalize=False)
+    expected = naive_grid_fuse(sources, out_hw, groups, weights, None, None, mode, normalize=False)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
 def test_reference_weights_as_numbers_and_batch_one():
     sources, _, _, _ = random_inputs([(3, 2, 4), (2, 2, 4)], [0, 0], batch=1)
     got = grid_fuse(sources, (2, 3), groups=[0, 0], layer_weights=[0.25, -1.5], mode="bilinear", eps=EPS)
@@ -181,6 +194,12 @@ def test_reference_bf16_computes_in_float32_and_returns_bf16():
         ({"groups": [0, 2]}, "must number the output slots 0..G-1"),
         ({"layer_weights": [1.0]}, "layer_weights has 1 entries but there are 2 sources"),
         ({"out_hw": (0, 3)}, "out_hw must be a pair of positive ints"),
+        ({"normalize": "no"}, "normalize must be True or False, got 'no'"),
+        (
+            {"normalize": False, "ln_weight": [torch.ones(3), None]},
+            "ln_weight is given with normalize=False; the affine belongs to the LayerNorm that "
+            "normalize=False skips: pass ln_weight=None",
+        ),
     ],
 )
 def test_reference_rejects_bad_arguments(kwargs, message):

@@ -20,6 +20,8 @@ from fusion.encoders.tiny import tiny_spec
 
 ALIGNS = ("bilinear", "bicubic", "nearest", "area", "pixel_unshuffle", "learned")
 LAYER_MERGES = ("last", "mean", "concat", "weighted_ln")
+# the layer merges whose tokens are their grid_fuse output: with channel_concat, one call for all
+FUSED_MERGES = (*LAYER_MERGES, "dense_channel")
 ENCODER_MERGES = ("channel_concat", "sequence_concat", "interleave", "add", "gated_add", "cross_attention")
 CONNECTORS = {
     "identity": None,
@@ -135,24 +137,29 @@ def count_grid_fuse_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("layer_merge", LAYER_MERGES)
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize("layer_merge", FUSED_MERGES)
 @pytest.mark.parametrize("align", kernels.MODES)
-def test_channel_concat_with_kernel_modes_is_one_grid_fuse_call(monkeypatch, align, layer_merge):
+def test_channel_concat_with_kernel_modes_is_one_grid_fuse_call(monkeypatch, align, layer_merge, normalize):
     calls = count_grid_fuse_calls(monkeypatch)
-    head = head_for(align, layer_merge)
+    head = head_for(align, layer_merge, normalize=normalize)
     assert head.fused_route
     head(random_grids())
     assert len(calls) == 1
     call = calls[0]
-    assert call["mode"] == align and call["out_hw"] == (3, 5)
+    assert call["mode"] == align and call["out_hw"] == (3, 5) and call["normalize"] is normalize
     # the raw grids go in: alignment happens inside the kernel
     expected_groups = {
         "last": [0, 1],
         "mean": [0, 0, 1, 1, 1],
         "weighted_ln": [0, 0, 1, 1, 1],
         "concat": [0, 1, 2, 3, 4],
+        # two groups per encoder: clip's 2 layers one each, dino's 3 as 2 + 1
+        "dense_channel": [0, 1, 2, 2, 3],
     }[layer_merge]
     assert call["groups"] == expected_groups
+    if layer_merge == "dense_channel":
+        torch.testing.assert_close(call["layer_weights"], torch.tensor([1, 1, 1 / 2, 1 / 2, 1]))
     assert {shape[1:3] for shape in call["shapes"]} == {(4, 6), (2, 3)}
 
 
@@ -164,6 +171,7 @@ def test_channel_concat_with_kernel_modes_is_one_grid_fuse_call(monkeypatch, ali
         {"align": "pixel_unshuffle"},
         {"encoder_merge": "add"},
         {"merge_dim": 4},
+        {"layer_merge": "mmfuser"},
     ],
 )
 def test_other_strategies_combine_each_encoder_on_its_own(monkeypatch, kwargs):
@@ -176,7 +184,7 @@ def test_other_strategies_combine_each_encoder_on_its_own(monkeypatch, kwargs):
 
 
 def hand_written_fusion(grids, align, layer_merge, head):
-    """The fused route's function in plain PyTorch: interpolate, LayerNorm, weight, concat."""
+    """The fused route's function in plain PyTorch: interpolate, LayerNorm (unless raw), weight, concat."""
 
     def resample(x):
         if tuple(x.shape[1:3]) == head.grid:
@@ -192,9 +200,11 @@ def hand_written_fusion(grids, align, layer_merge, head):
                 linear = combine.linears[index]
                 # the Linear is written after the resampling here: a linear resampler commutes with it
                 y = resample(x) @ linear.weight.T + linear.bias
-                normed.append(layer_norm(y, combine.ln_weight[index], combine.ln_bias[index]))
+                if head.normalize:
+                    y = layer_norm(y, combine.ln_weight[index], combine.ln_bias[index])
+                normed.append(y)
             else:
-                normed.append(layer_norm(resample(x)))
+                normed.append(layer_norm(resample(x)) if head.normalize else resample(x))
         if layer_merge == "weighted_ln":
             exp = torch.exp(combine.logits)
             slots.append(sum(w * n for w, n in zip(exp / exp.sum(), normed)))
@@ -202,18 +212,22 @@ def hand_written_fusion(grids, align, layer_merge, head):
             slots.append(normed[-1])
         elif layer_merge == "mean":
             slots.append(sum(normed) / len(normed))
+        elif layer_merge == "dense_channel":  # two consecutive groups, the first the larger
+            first = (len(normed) + 1) // 2
+            slots += [sum(normed[:first]) / first, sum(normed[first:]) / (len(normed) - first)]
         else:
             slots.extend(normed)
     merged = torch.cat(slots, dim=-1)
     return merged.reshape(merged.shape[0], -1, merged.shape[-1])
 
 
-@pytest.mark.parametrize("layer_merge", LAYER_MERGES)
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize("layer_merge", FUSED_MERGES)
 @pytest.mark.parametrize("align", kernels.MODES)
-def test_grid_fuse_route_equals_the_formula_written_out(align, layer_merge):
+def test_grid_fuse_route_equals_the_formula_written_out(align, layer_merge, normalize):
     torch.manual_seed(1)
     merge = {"kind": "weighted_ln", "linear": True} if layer_merge == "weighted_ln" else layer_merge
-    head = head_for(align, merge).double()
+    head = head_for(align, merge, normalize=normalize).double()
     with torch.no_grad():
         for parameter in head.parameters():
             parameter.normal_()
@@ -222,12 +236,13 @@ def test_grid_fuse_route_equals_the_formula_written_out(align, layer_merge):
     torch.testing.assert_close(head(grids), hand_written_fusion(grids, align, layer_merge, head))
 
 
-@pytest.mark.parametrize("layer_merge", LAYER_MERGES)
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize("layer_merge", FUSED_MERGES)
 @pytest.mark.parametrize("align", kernels.MODES)
-def test_grid_fuse_route_and_per_encoder_route_agree(align, layer_merge):
+def test_grid_fuse_route_and_per_encoder_route_agree(align, layer_merge, normalize):
     torch.manual_seed(3)
     merge = {"kind": "weighted_ln", "linear": True} if layer_merge == "weighted_ln" else layer_merge
-    head = head_for(align, merge, connector={"kind": "mlp", "out_dim": 4}).double()
+    head = head_for(align, merge, connector={"kind": "mlp", "out_dim": 4}, normalize=normalize).double()
     with torch.no_grad():
         for parameter in head.parameters():
             parameter.normal_()
@@ -617,7 +632,8 @@ def test_from_config_accepts_an_omegaconf_node_with_a_hydra_target():
         (
             lambda c: c.update(conector=c.pop("connector")),
             "FusedEncoder config has unknown field(s) ['conector']; accepted: encoders, grid, align, "
-            "layer_merge, encoder_merge, connector, merge_dim, freeze_encoders",
+            "layer_merge, encoder_merge, connector, merge_dim, normalize, deepstack_layers, "
+            "freeze_encoders",
         ),
         (
             lambda c: c["encoders"][1].pop("model"),
@@ -685,6 +701,22 @@ def test_save_and_load_includes_unfrozen_encoders(tmp_path, images):
     assert not torch.equal(fresh(images), trained(images))
     fresh.load_trained(path)
     assert torch.equal(fresh(images), trained(images))
+
+
+def test_a_file_written_before_normalize_and_deepstack_loads(tmp_path, tiny_encoders, images):
+    """Files whose config predates those fields were trained with normalised layers and no
+    DeepStack sets: they load into such a model, and only into such a model."""
+    trained = FusedEncoder(tiny_encoders, **STRATEGIES).eval()
+    perturb(trained.head, seed=11)
+    path = tmp_path / "old.safetensors"
+    config = {k: v for k, v in trained.config.items() if k not in ("normalize", "deepstack_layers")}
+    metadata = {"format": "encoder-fusion/trained/1", "config": json.dumps(config)}
+    save_file({k: t.detach().clone() for k, t in trained.trained_state().items()}, str(path), metadata)
+    fresh = FusedEncoder(tiny_encoders, **STRATEGIES).eval().load_trained(path)
+    assert torch.equal(fresh(images), trained(images))
+    raw = FusedEncoder(tiny_encoders, **STRATEGIES, normalize=False)
+    with pytest.raises(ValueError, match=r"different config \(normalize: file True, model False\)"):
+        raw.load_trained(path)
 
 
 def test_load_refuses_a_file_of_another_config(tmp_path, tiny_encoders):

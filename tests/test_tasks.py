@@ -86,6 +86,34 @@ def test_honesty_label_carrying_noise_and_fused(honesty_features):
     assert informative["extra"]["baseline"]["top1"] == pytest.approx(noise["extra"]["baseline"]["top1"])
 
 
+def test_probes_read_the_deepstack_extra_sets(honesty_features):
+    """One encoder hooks a noise layer and a label-carrying one; ``last`` takes the noise as the main
+    tokens, so the label reaches the probe only through the DeepStack set of the other layer."""
+    classes, labels, informative, _, _ = honesty_features
+    generator = torch.Generator().manual_seed(2)
+    noise = {split: torch.randn(grid.shape, generator=generator) for split, grid in informative.items()}
+    splits = [
+        FeatureSplit([[informative[s], noise[s]]], labels=labels[s], num_classes=classes)
+        for s in ("train", "test")
+    ]
+    geometry = [EncoderGeometry("enc", 8, (4, 4), 2, (3, 7))]
+    results = {
+        deepstack: run_probe(
+            "classification",
+            head_factory(
+                geometry, (4, 4), layer_merge="last", deepstack_layers={"enc": [3]} if deepstack else None
+            ),
+            *splits,
+            seeds=(0,),
+            epochs=30,
+        )["mean"]
+        for deepstack in (False, True)
+    }
+    chance = max(collections.Counter(labels["test"].tolist()).values()) / len(labels["test"])
+    assert results[False] <= chance + 0.15, results
+    assert results[True] >= 0.9, results
+
+
 def test_fixed_seeds_give_identical_results_and_leave_global_rng_alone(honesty_features):
     state = torch.random.get_rng_state()
     first = classification_probe(["informative", "noise"], honesty_features, seeds=(3, 5))
@@ -255,7 +283,7 @@ def extract(encoders, dataset, image_size=64) -> tuple[list[list[torch.Tensor]],
 
 
 def geometries_of(encoders):
-    return [EncoderGeometry(e.spec.name, e.width, e.grid_size(), len(e.layer_indices)) for e in encoders]
+    return [EncoderGeometry.of(e) for e in encoders]
 
 
 @pytest.mark.parametrize("task", ["dense", "localization", "classification"])

@@ -185,14 +185,21 @@ def register_task(cls: type[ProbeTask]) -> type[ProbeTask]:
 
 
 class ProbeModel(nn.Module):
-    """The fusion head followed by the task head."""
+    """The fusion head followed by the task head.
+
+    The task head sees the main tokens plus the sum of the fusion head's DeepStack extra token sets
+    (``deepstack_layers``; none for most strategies): a language model adds those sets to its
+    hidden states at the visual positions, so their sum is the closest stand-in a probe without a
+    language model has for what they contribute.
+    """
 
     def __init__(self, fusion: nn.Module, head: nn.Module, head_input: str) -> None:
         super().__init__()
         self.fusion, self.head, self.head_input = fusion, head, head_input
 
     def forward(self, grids: Grids) -> torch.Tensor:
-        tokens = self.fusion(grids)
+        tokens, extras = self.fusion.forward_deepstack(grids)
+        tokens = sum(extras, tokens)
         return self.head(self.fusion.to_grid(tokens) if self.head_input == "grid" else tokens)
 
 
@@ -299,10 +306,12 @@ def run_probe(
     """Train and evaluate one probe for each seed.
 
     For each seed, with the global RNG seeded to it (and restored afterwards): ``make_head()``
-    builds a fresh fusion head (a :class:`fusion.model.FusionHead`: ``forward(grids) -> (B, N, D)``
-    and ``to_grid(tokens) -> (B, H, W, D')``), a task head is put on top of it, both train with AdamW
-    on ``train`` and are evaluated on ``test``. Samples without a target (label -1, NaN box, mask all
-    ignored) are left out of both. Results depend only on the inputs and the seeds.
+    builds a fresh fusion head (a :class:`fusion.FusionHead`: ``forward(grids) -> (B, N, D)``,
+    ``forward_deepstack(grids) -> ((B, N, D), [extra (B, N, D), ...])`` and ``to_grid(tokens) ->
+    (B, H, W, D')``), a task head is put on top of it (it sees the main tokens plus the sum of the
+    DeepStack extra sets: :class:`ProbeModel`), both train with AdamW on ``train`` and are
+    evaluated on ``test``. Samples without a target (label -1, NaN box, mask all ignored) are left
+    out of both. Results depend only on the inputs and the seeds.
 
     Args:
         task: ``classification``, ``dense`` or ``localization`` (see ``TASKS``).
