@@ -477,10 +477,19 @@ def vlm_options(cfg: Any) -> VlmOptions:
     """:class:`VlmOptions` from ``llm`` and ``bench`` (prompt and decode tokens, projections).
 
     Raises:
-        ValueError: as :class:`VlmOptions`, or a ``bench.project_llms`` entry that is not a preset.
+        ValueError: as :class:`VlmOptions`, a ``bench.project_llms`` entry that is not a preset, or
+            more DeepStack token sets than the language model has layers.
     """
+    spec = llm_spec(cfg.llm)
+    sets = sum(len(layers) for layers in plain(cfg.fusion.deepstack_layers).values())
+    if spec is not None and sets > spec.num_layers:
+        raise ValueError(
+            f"fusion.deepstack_layers={plain(cfg.fusion.deepstack_layers)} gives {sets} DeepStack token "
+            f"sets, one per decoder layer, but llm={spec.name} has {spec.num_layers} layers; accepted: "
+            f"at most {spec.num_layers} sets"
+        )
     return VlmOptions(
-        llm=llm_spec(cfg.llm),
+        llm=spec,
         prompt_tokens=cfg.bench.prompt_tokens,
         decode_tokens=cfg.bench.decode_tokens,
         project=tuple(llm_preset(name, "bench.project_llms entry") for name in plain(cfg.bench.project_llms)),

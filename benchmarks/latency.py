@@ -171,9 +171,9 @@ def fuse_stage(head: nn.Module) -> nn.Module:
 
 
 def streamed_forward(fused: FusedEncoder, streams: Sequence[torch.cuda.Stream]) -> Callable:
-    """The fused forward with each encoder's preprocess and blocks on its own CUDA stream."""
+    """``fused.forward_deepstack`` with each encoder's preprocess and blocks on its own CUDA stream."""
 
-    def forward(images: torch.Tensor) -> torch.Tensor:
+    def forward(images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         main = torch.cuda.current_stream()
         grids = []
         for encoder, stream in zip(fused.encoders, streams):
@@ -184,14 +184,19 @@ def streamed_forward(fused: FusedEncoder, streams: Sequence[torch.cuda.Stream]) 
             main.wait_stream(stream)
             for grid in layers:  # allocated on a side stream, consumed on the main one
                 grid.record_stream(main)
-        return fused.head(grids)
+        return fused.head.forward_deepstack(grids)
 
     return forward
 
 
 @dataclass
 class Pipeline:
-    """One pipeline's stages as callables, each taking the previous stage's output."""
+    """One pipeline's stages as callables, each taking the previous stage's output.
+
+    The end-to-end call is ``fused.forward_deepstack``: the main tokens and a DeepStack strategy's
+    extra token sets (an empty list for the others), whose projection is its own stage,
+    ``deepstack``, and which the language model's prefill adds to its first layers.
+    """
 
     name: str
     fused: FusedEncoder
@@ -219,10 +224,12 @@ class Pipeline:
             stages["connector"] = wrap(head.connector)
         else:
             stages["head"] = wrap(head)
+        if head.deepstack.entries:
+            stages["deepstack"] = wrap(lambda grids: head.deepstack(grids, head.aligners))
         if options.streams and len(fused.encoders) > 1:
             end_to_end = wrap(streamed_forward(fused, [torch.cuda.Stream(device) for _ in fused.encoders]))
         else:
-            end_to_end = wrap(fused)
+            end_to_end = wrap(fused.forward_deepstack)
         if language is not None:
             stages["llm.prefill"] = language.prefill
         return cls(name, fused, stages, end_to_end, language)
@@ -246,8 +253,12 @@ class Pipeline:
         else:
             inputs["head"] = (grids,)
             tokens = self.stages["head"](grids)
+        extras = []
+        if "deepstack" in self.stages:
+            inputs["deepstack"] = (grids,)
+            extras = self.stages["deepstack"](grids)
         if self.language is not None:
-            inputs["llm.prefill"] = (tokens,)
+            inputs["llm.prefill"] = (tokens, extras)
         return inputs
 
 
@@ -445,7 +456,9 @@ def measure_latency(
                 if language is not None:
                     per_batch[name][str(batch)]["vlm"] = vlm_timings(samples, name, batch, vlm.decode_tokens)
         one_image = random_images(1, options.image_size, options.seed, device)
-        flops = {name: gflops_per_image(bound(p.fused, one_image)) for name, p in built.items()}
+        flops = {
+            name: gflops_per_image(bound(p.fused.forward_deepstack, one_image)) for name, p in built.items()
+        }
         flops_stages = {
             name: stage_gflops(p, bound, one_image, vlm.prompt_tokens) for name, p in built.items()
         }

@@ -204,6 +204,20 @@ class LanguageModel:
         self.seed = seed
         self._cache_keyword = cache_keyword(model)
         self._forward = wrap(self._prefill_forward)
+        self.layers = model.get_decoder().layers
+        self._deepstack: tuple[list[torch.Tensor], int] | None = None
+        for index, layer in enumerate(self.layers):
+            layer.register_forward_hook(functools.partial(self._add_deepstack, index))
+
+    def _add_deepstack(self, index: int, module: nn.Module, args: tuple, output):
+        """After decoder layer ``index``, add DeepStack set ``index`` (when there is one) to the hidden
+        states at the visual positions, the first ones."""
+        if self._deepstack is None or index >= len(self._deepstack[0]):
+            return None
+        extras, visual = self._deepstack
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[:, :visual] += extras[index].to(hidden.dtype)
+        return output
 
     @property
     def device(self) -> torch.device:
@@ -218,29 +232,45 @@ class LanguageModel:
     def _prefill_forward(self, embeds: torch.Tensor):
         return self.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
 
-    def prefill_with_cache(self, visual: torch.Tensor):
-        """Prefill ``visual`` (B, N, hidden) + the prompt; returns the model output (last position's
-        logits and the KV cache)."""
+    def prefill_with_cache(self, visual: torch.Tensor, extras: Sequence[torch.Tensor] = ()):
+        """Prefill ``visual`` (B, N, hidden) + the prompt, adding DeepStack set ``k`` of ``extras``
+        (each (B, N, hidden)) to the hidden states of decoder layer ``k`` at the visual positions;
+        returns the model output (last position's logits and the KV cache).
+
+        Raises:
+            ValueError: more DeepStack sets than decoder layers.
+        """
+        if len(extras) > len(self.layers):
+            raise ValueError(
+                f"{len(extras)} DeepStack token sets need as many decoder layers, but llm={self.spec.name} "
+                f"has {len(self.layers)}; accepted: at most {len(self.layers)} deepstack_layers"
+            )
         embeddings = self.model.get_input_embeddings()
         prompt = embeddings(self.prompt_ids(visual.shape[0]))
         embeds = torch.cat([visual.to(prompt.dtype), prompt], dim=1)
-        return self._forward(embeds)
+        self._deepstack = (list(extras), visual.shape[1]) if extras else None
+        try:
+            return self._forward(embeds)
+        finally:
+            self._deepstack = None
 
-    def prefill(self, visual: torch.Tensor) -> torch.Tensor:
+    def prefill(self, visual: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """The first token's logits (B, vocab) after prefilling ``visual`` and the prompt."""
-        return self.prefill_with_cache(visual).logits[:, -1]
+        return self.prefill_with_cache(visual, extras).logits[:, -1]
 
-    def first_token(
-        self, images: torch.Tensor, vision: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor:
-        """Raw ``images`` through ``vision`` (the pipeline's forward), then :meth:`prefill`: TTFT."""
-        return self.prefill(vision(images))
+    def first_token(self, images: torch.Tensor, vision: Callable) -> torch.Tensor:
+        """Raw ``images`` through ``vision`` (the pipeline's ``forward_deepstack``: tokens and
+        DeepStack sets), then :meth:`prefill`: the time to first token."""
+        return self.prefill(*vision(images))
 
-    def decoder(self, visual: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Prefill ``visual`` and the prompt once; returns a call that runs ``decode_tokens`` greedy
-        steps from that KV cache and then cuts the cache back to its prefill length, so that every
-        call starts from the same state. The call returns the generated ids (B, decode_tokens)."""
-        output = self.prefill_with_cache(visual)
+    def decoder(
+        self, visual: torch.Tensor, extras: Sequence[torch.Tensor] = ()
+    ) -> Callable[[], torch.Tensor]:
+        """Prefill ``visual`` (and its DeepStack ``extras``) and the prompt once; returns a call that
+        runs ``decode_tokens`` greedy steps from that KV cache and then cuts the cache back to its
+        prefill length, so that every call starts from the same state. The call returns the generated
+        ids (B, decode_tokens)."""
+        output = self.prefill_with_cache(visual, extras)
         # the output names the cache as the forward's keyword does
         cache, first = output[self._cache_keyword], output.logits[:, -1].argmax(-1, keepdim=True)
 

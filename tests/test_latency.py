@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.config import llm_preset
 from benchmarks.latency import LatencyOptions, gflops_per_image, measure_latency, stats
-from benchmarks.llm import VlmOptions, prefill_flops
+from benchmarks.llm import LanguageModel, VlmOptions, prefill_flops
 from fusion import FusedEncoder
 from fusion.encoders import build_encoder
 from fusion.encoders.tiny import tiny_spec
@@ -228,3 +228,30 @@ def test_cuda_events_memory_and_streams(pipelines):
         fused = pipelines["interleave"]
         streams = [torch.cuda.Stream() for _ in fused.encoders]
         torch.testing.assert_close(streamed_forward(fused, streams)(images), fused(images))
+
+
+def test_a_deepstack_pipeline_times_its_extra_sets_and_feeds_them_to_the_prefill():
+    torch.manual_seed(4)
+    clip = build_encoder(tiny_spec("clip", layers=(1, -1)))
+    connector = {"kind": "mlp", "depth": 2, "out_dim": 32}
+    pipelines = {
+        "clip_only": FusedEncoder([clip], connector=connector),
+        "deepstack": FusedEncoder([clip], connector=connector, deepstack_layers={"clip": [1, -1]}),
+    }
+    vlm = VlmOptions(llm=llm_preset("tiny"), prompt_tokens=4, decode_tokens=2)
+    seen = []
+    original = LanguageModel.prefill_with_cache
+
+    def spy(self, visual, extras=()):
+        seen.append(len(extras))
+        return original(self, visual, extras)
+
+    LanguageModel.prefill_with_cache = spy
+    try:
+        results = measure_latency(pipelines, LatencyOptions(**FAST), vlm=vlm)
+    finally:
+        LanguageModel.prefill_with_cache = original
+    assert "deepstack" in results["deepstack"]["latency"]["stages"]
+    assert "deepstack" not in results["clip_only"]["latency"]["stages"]
+    assert set(seen) == {0, 2}  # the DeepStack pipeline's prefills carry its two sets, the other none
+    assert results["deepstack"]["gflops_stages"]["deepstack"] > 0

@@ -195,3 +195,46 @@ def test_bad_presets_name_the_field_and_list_the_accepted():
         dataclasses.replace(llm_preset("tiny"), hidden_size=30)
     with pytest.raises(ValueError, match=r"llm='custom' leaves \['vocab_size'\] unset"):
         llm_spec(make("llm=tiny", "llm.name=custom", "llm.vocab_size=null").llm)
+
+
+def test_deepstack_sets_are_added_after_the_first_layers_at_the_visual_positions():
+    """Layer 1's input with DeepStack is layer 0's output without it plus set 0, at the visual
+    positions only; a set of zeros changes nothing; more sets than layers are refused."""
+    language = tiny_language_model(prompt_tokens=3)
+    generator = torch.Generator().manual_seed(8)
+    visual = torch.randn(2, 5, 32, generator=generator)
+    extras = [torch.randn(2, 5, 32, generator=generator) for _ in range(2)]
+    outputs, inputs = {}, {}
+
+    def output_of(module, args, output):
+        outputs[module] = (output[0] if isinstance(output, tuple) else output).clone()
+
+    def input_of(module, args, kwargs):
+        inputs[module] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    first, second = language.layers[0], language.layers[1]
+    hooks = [
+        first.register_forward_hook(output_of),
+        second.register_forward_pre_hook(input_of, with_kwargs=True),
+    ]
+    with torch.inference_mode():
+        plain = language.prefill(visual)
+        expected = outputs[first].clone()
+        stacked = language.prefill(visual, extras)
+        received = inputs[second]
+        zeros = language.prefill(visual, [torch.zeros_like(e) for e in extras])
+    for hook in hooks:
+        hook.remove()
+    shift = torch.zeros(2, 8, 32)
+    shift[:, :5] = extras[0]
+    torch.testing.assert_close(received, expected + shift)  # the prompt's positions are untouched
+    assert not torch.allclose(stacked, plain)
+    torch.testing.assert_close(zeros, plain)
+    with pytest.raises(
+        ValueError, match=r"5 DeepStack token sets need as many decoder layers, but llm=tiny has 4"
+    ):
+        language.prefill(visual, [torch.zeros(2, 5, 32)] * 5)
+    with pytest.raises(
+        ValueError, match=r"gives 5 DeepStack token sets, one per decoder layer, but llm=tiny has 4"
+    ):
+        vlm_options(make("experiment=smoke", "fusion=deepstack", "fusion.deepstack_layers.clip=[0,1,2,3,4]"))
