@@ -267,15 +267,16 @@ def test_a_smoke_sweep_over_the_newer_multilayer_presets(tmp_path):
     tokens = {"dense_connector_sti": 16 + 2 * 2, "dense_connector_dci": 16, "mmfuser": 16, "deepstack": 16}
     for job, preset in enumerate(presets):
         report = check_report(sweep / str(job) / "report.json", ["classification"], preset)
-        for record in report["strategies"]:
-            assert not record["errors"], (preset, record["errors"])
-        fused = report["strategies"][-1]
-        assert fused["tokens"] == tokens[preset]
-        assert fused["config"]["head"]["normalize"] is (preset == "deepstack")
+        for record in report.strategies:
+            assert not record.errors, (preset, record.errors)
+        fused = report.strategies[-1]
+        assert fused.tokens == tokens[preset]
+        assert fused.config["head"]["normalize"] is (preset == "deepstack")
+        # the language model takes the DeepStack sets: their projectors are a timed stage
+        assert ("deepstack" in fused.latency["stages"]) is (preset == "deepstack")
     # the CLIP-only baseline keeps CLIP's DeepStack layers: it differs only in the second encoder
     layers = [
-        s["config"]["head"]["deepstack_layers"]
-        for s in load_report(sweep / "3" / "report.json")["strategies"]
+        s.config["head"]["deepstack_layers"] for s in load_report(sweep / "3" / "report.json").strategies
     ]
     assert layers == [{"clip": [-9, -5, -2]}, {}, {"clip": [-9, -5, -2]}]
 
