@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusion.align import Registry
+from fusion.registry import Registry
 
 CONNECTORS = Registry("connector")
 

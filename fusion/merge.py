@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 import kernels
-from fusion.align import Aligner, Registry, attention_heads
+from fusion.align import Aligner, attention_heads
+from fusion.registry import Registry
 
 LN_EPS = 1e-6
 

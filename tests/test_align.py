@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion.align import ALIGNERS, Registry, build_aligner
+from fusion.align import ALIGNERS, build_aligner
+from fusion.registry import Registry
 
 
 def channels_first(op, x):
