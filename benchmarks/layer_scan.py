@@ -28,6 +28,7 @@ import torch
 
 from benchmarks.io import atomic_path, atomic_write, write_json
 from benchmarks.latency import LatencyOptions, Timer, fixed_threads, random_images, round_robin, stats
+from benchmarks.render import save_whole
 from benchmarks.stats import metric_ci
 from benchmarks.tasks import TASKS, FeatureSplit, run_probe
 from fusion import EncoderGeometry, FusionHead
@@ -229,7 +230,7 @@ def plot(scan: Mapping, path: Path, title_prefix: str) -> None:
         axis.legend(fontsize=8)
     figure.suptitle(f"{title_prefix}accuracy by depth (bands: 95 % intervals)")
     with atomic_path(path) as temp:
-        figure.savefig(temp, dpi=100)
+        save_whole(figure, temp, dpi=100)
 
 
 def write(scan: Mapping, out: Path, notice: str, title_prefix: str) -> Path:

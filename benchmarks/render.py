@@ -279,8 +279,8 @@ def pareto_figure(report: Report):
 
     tasks = report.tasks or ["(no task)"]
     with_llm = any(s.vlm is not None for s in report.strategies)
-    # constrained layout sizes the margins to the text, so no title or label is clipped
-    figure = Figure(figsize=(5.5 * len(tasks), 4.8), layout="constrained")
+    # constrained layout spaces the panels; save_whole keeps text that still overflows them
+    figure = Figure(figsize=(max(8.0, 5.5 * len(tasks)), 5.0), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(tasks), squeeze=False)
     for axis, task in zip(axes[0], tasks):
@@ -326,9 +326,15 @@ def pareto_figure(report: Report):
     return figure
 
 
+def save_whole(figure, path: str | os.PathLike, dpi: int) -> None:
+    """Save ``figure`` with its canvas grown to every piece of text on it: a long title, or a label
+    placed beside a point near the edge, is never cut off."""
+    figure.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+
+
 def plot_pareto(report: Report, path: str | os.PathLike) -> Path:
     """Save :func:`pareto_figure` as a PNG at ``path``, atomically."""
     figure = pareto_figure(report)
     with atomic_path(path) as temp:
-        figure.savefig(temp, dpi=110)
+        save_whole(figure, temp, dpi=110)
     return Path(path)

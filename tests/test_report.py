@@ -364,3 +364,24 @@ def test_environment_names_device_and_command():
     assert env["command"] == "fusion-bench experiment=smoke" and env["device_type"] == "cpu"
     assert "cores" in env["device"] and env["torch"]
     assert job_overrides() == []  # outside Hydra
+
+
+def test_no_text_of_the_pareto_figure_is_cut_off(tmp_path):
+    """A long title and a long label beside the rightmost point stick out of the panels; the saved
+    picture still holds every piece of text."""
+    from PIL import Image
+
+    from benchmarks.render import plot_pareto
+
+    records = three_strategies()
+    records[2].name = "comm [" + ",".join(f"option_{i}=value_{i}" for i in range(8)) + "]"
+    report = build_report(records, env=ENV)
+    figure = pareto_figure(report)
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    text = figure.get_tightbbox(renderer)  # inches, every artist's text included
+    width = figure.get_size_inches()[0]
+    assert text.x1 > width  # the label does overflow the canvas it was drawn on
+    with Image.open(plot_pareto(report, tmp_path / "pareto.png")) as png:
+        assert png.width >= 110 * text.width and png.height >= 110 * text.height
+    assert figure.texts[0].get_text().startswith("RANDOM WEIGHTS")
