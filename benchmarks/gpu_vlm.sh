@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole vision-language model's cost on one GPU: the default strategies (CLIP-only, DINOv2-only and
 # the default fusion) with each 7B language model, bf16 and CUDA events (bench=gpu), one job per
-# language model, then one aggregated report. About 3 minutes per language model on an H100.
+# language model, then one aggregated report. LIMIT_S caps the sweep so that the whole script fits in
+# 8 minutes of GPU time; a sweep cut there keeps its finished jobs. Not yet run on a GPU.
 # Usage: benchmarks/gpu_vlm.sh OUT_DIR [more fusion-bench overrides]
 #   LLMS     language-model presets, comma-separated (default qwen2_5_7b,vicuna_7b)
 #   FUSIONS  fusion presets, comma-separated (default eagle)
