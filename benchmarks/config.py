@@ -44,7 +44,10 @@ def choices(name: str, names: tuple[str, ...] | list[str]) -> type[Enum]:
 
 
 ROLES = ("clip", "dino")
-BASELINES = {"clip": "clip_only", "dino": "dino_only"}
+# an encoder that is only ever a baseline: one distilled encoder (C-RADIO) against the fused pair
+BASELINE_ONLY_ROLES = ("radio",)
+BASELINES = {"clip": "clip_only", "dino": "dino_only", "radio": "radio_only"}
+Baseline = choices("Baseline", tuple(BASELINES.values()))
 Role = choices("Role", ROLES)
 Source = choices("Source", SOURCES)
 OnMissing = choices("OnMissing", ON_MISSING)
@@ -76,10 +79,11 @@ class HookConfig:
 
 @dataclass
 class HooksConfig:
-    """The hooks of both roles (group ``hooks``)."""
+    """The hooks of every role (group ``hooks``)."""
 
     clip: HookConfig = field(default_factory=HookConfig)
     dino: HookConfig = field(default_factory=HookConfig)
+    radio: HookConfig = field(default_factory=HookConfig)
 
 
 @dataclass
@@ -97,10 +101,12 @@ class EncoderConfig:
 
 @dataclass
 class EncodersConfig:
-    """The pair (group ``encoders``; the singles are its subgroups ``encoders/clip``, ``encoders/dino``)."""
+    """The pair (group ``encoders``; the singles are its subgroups ``encoders/clip``, ``encoders/dino``)
+    and, for the ``radio_only`` baseline, one distilled encoder (``encoders/radio``, null by default)."""
 
     clip: EncoderConfig = MISSING
     dino: EncoderConfig = MISSING
+    radio: EncoderConfig | None = None
 
 
 @dataclass
@@ -136,7 +142,9 @@ class DeepStackConfig:
 @dataclass
 class FusionConfig:
     """A fusion strategy (group ``fusion``): which roles it merges and how. ``normalize``: layer-
-    normalise each hooked layer (false: raw block outputs)."""
+    normalise each hooked layer (false: raw block outputs). ``baselines``: the single-encoder rows
+    measured beside it; ``clip_only`` is the reference of every ratio and change, and ``radio_only``
+    needs ``encoders/radio``."""
 
     name: str = MISSING
     encoders: list[Role] = field(default_factory=lambda: [Role.clip, Role.dino])
@@ -145,6 +153,7 @@ class FusionConfig:
     merge_dim: int | None = None
     normalize: bool = True
     deepstack_layers: DeepStackConfig = field(default_factory=DeepStackConfig)
+    baselines: list[Baseline] = field(default_factory=lambda: [Baseline.clip_only, Baseline.dino_only])
 
 
 @dataclass
@@ -348,15 +357,34 @@ def with_options(node: Any) -> dict:
 
 
 def encoder_specs(cfg: Any) -> dict[str, EncoderSpec]:
-    """role -> :class:`EncoderSpec` from ``encoders.<role>`` and ``hooks.<role>``.
+    """role -> :class:`EncoderSpec` from ``encoders.<role>`` and ``hooks.<role>``, for the roles the
+    run uses: the pair, and ``radio`` when ``fusion.baselines`` lists ``radio_only``.
 
     Raises:
-        ValueError: a field the spec rejects (the message names it).
+        ValueError: a field the spec rejects (the message names it), or ``radio_only`` without
+            ``encoders/radio``.
     """
     return {
         role: EncoderSpec.from_any({**plain(cfg.encoders[role]), "hooks": plain(cfg.hooks[role])})
-        for role in ROLES
+        for role in used_roles(cfg)
     }
+
+
+def used_roles(cfg: Any) -> tuple[str, ...]:
+    """The pair's roles, then each baseline-only role that ``fusion.baselines`` lists.
+
+    Raises:
+        ValueError: ``radio_only`` listed without ``encoders/radio``.
+    """
+    listed = plain(cfg.fusion.baselines)
+    extra = tuple(role for role in BASELINE_ONLY_ROLES if BASELINES[role] in listed)
+    for role in extra:
+        if cfg.encoders[role] is None:
+            raise ValueError(
+                f"fusion.baselines lists {BASELINES[role]} but encoders.{role} is not set; accepted: "
+                f"choose one, e.g. encoders/{role}=radio_v3_b"
+            )
+    return ROLES + extra
 
 
 @dataclass(frozen=True)
@@ -396,7 +424,7 @@ def head_config(cfg: Any, roles: tuple[str, ...]) -> dict:
         },
         "merge_dim": None if single else cfg.fusion.merge_dim,
         "normalize": cfg.fusion.normalize,
-        "deepstack_layers": {cfg.encoders[r].name: deepstack[r] for r in roles if deepstack[r]},
+        "deepstack_layers": {cfg.encoders[r].name: deepstack[r] for r in roles if deepstack.get(r)},
     }
 
 
@@ -418,16 +446,28 @@ def connector_out_dim(cfg: Any) -> int | None:
 
 
 def strategies(cfg: Any) -> list[Strategy]:
-    """The strategies of a run: the CLIP-only and DINOv2-only baselines, then ``cfg.fusion`` unless
-    it is itself a single-encoder strategy (then the baselines are the whole run).
+    """The strategies of a run: the baselines of ``fusion.baselines`` (CLIP-only first), then
+    ``cfg.fusion`` unless it is itself a single-encoder strategy (then the baselines are the whole run).
 
     Raises:
-        ValueError: ``fusion.encoders`` empty or naming a role twice.
+        ValueError: ``fusion.encoders`` empty or naming a role twice; ``fusion.baselines`` without
+            ``clip_only`` or naming one twice.
     """
     roles = tuple(plain(cfg.fusion.encoders))
     if not roles or len(set(roles)) != len(roles):
         raise ValueError(f"fusion.encoders={list(roles)} must name each of {list(ROLES)} at most once")
-    runs = [Strategy(BASELINES[r], "baseline", (r,), head_config(cfg, (r,))) for r in ROLES]
+    listed = plain(cfg.fusion.baselines)
+    if BASELINES["clip"] not in listed or len(set(listed)) != len(listed):
+        raise ValueError(
+            f"fusion.baselines={listed} must list clip_only (the reference of every ratio and change) "
+            f"and each baseline at most once; accepted: {', '.join(BASELINES.values())}"
+        )
+    by_name = {name: role for role, name in BASELINES.items()}
+    ordered = sorted(listed, key=lambda name: name != BASELINES["clip"])  # CLIP-only first
+    used_roles(cfg)  # radio_only needs its encoder
+    runs = [
+        Strategy(name, "baseline", (by_name[name],), head_config(cfg, (by_name[name],))) for name in ordered
+    ]
     if len(roles) > 1:
         runs.append(Strategy(cfg.fusion.name, "fused", roles, head_config(cfg, roles)))
     names = [s.name for s in runs]

@@ -25,7 +25,6 @@ import torch.distributed as dist
 
 from benchmarks.assess import add_delta_intervals, assess
 from benchmarks.config import (
-    ROLES,
     Strategy,
     assess_options,
     config_hash,
@@ -35,6 +34,7 @@ from benchmarks.config import (
     plain,
     probe_settings,
     strategies,
+    used_roles,
     vlm_options,
 )
 from benchmarks.datasets import ImageDataset, build_train_test, load_batch
@@ -182,7 +182,7 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], cache: FeatureCache) 
                 grids[role] = None
                 continue
             try:
-                if plants[role] is not None:
+                if plants.get(role) is not None:
                     grids[role] = planted_grids(
                         plants[role],
                         batch,
@@ -480,7 +480,7 @@ def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Pa
         "overrides": job_overrides(),
         "config_hash": config_hash(cfg),
         "data_sizes": {which: len(split.dataset) for which, split in splits.items()},
-        "roles": list(ROLES),
+        "roles": list(used_roles(cfg)),
         "phase_seconds": seconds,
     }
     report = build_report(

@@ -32,3 +32,33 @@ def test_smoke_sweep_of_tiny_siglip2_against_tiny_dinov3(tmp_path):
     assert report_main([str(sweep)]) == 0
     names = {s.name for s in load_report(sweep / "report.json").strategies}
     assert {"eagle [fusion=eagle]", "comm [fusion=comm]"} <= names
+
+
+def test_one_distilled_encoder_against_fusing_two(tmp_path):
+    """fusion.baselines lists radio_only: a C-RADIO row beside the CLIP-only and DINOv2-only ones,
+    probed and timed against CLIP-only in the same run as the fused pair."""
+    from hydra import compose, initialize_config_dir
+    from test_bench_e2e import CONF
+
+    from benchmarks.run import run_benchmark
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=smoke",
+                "encoders/radio=tiny_radio",
+                "fusion.baselines=[clip_only,dino_only,radio_only]",
+                f"bench.cache_dir={tmp_path / 'cache'}",
+            ],
+        )
+    report = load_report(run_benchmark(cfg, tmp_path / "run"))
+    assert [s.name for s in report.strategies] == ["clip_only", "dino_only", "radio_only", "eagle"]
+    radio = report.record("radio_only")
+    assert radio.role == "baseline" and radio.encoders == ["radio"] and not radio.errors
+    assert radio.config["encoders"]["radio"]["model"] == "naflexvit_base_patch16_radio_v3.c_radio"
+    assert radio.accuracy["classification"]["delta_ci"] is not None
+    assert radio.vlm.ratios["ttft"] == pytest.approx(
+        radio.vlm.ttft["median"] / report.strategies[0].vlm.ttft["median"]
+    )
+    assert "| radio_only | radio |" in (tmp_path / "run" / "report.md").read_text()
