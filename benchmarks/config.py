@@ -29,6 +29,7 @@ from benchmarks.features import STORAGE_DTYPES
 from benchmarks.latency import DTYPES, LatencyOptions
 from benchmarks.llm import FAMILIES, LlmSpec, VlmOptions
 from benchmarks.planted import PLANTS
+from benchmarks.records import BASELINE
 from benchmarks.tasks import TASKS
 from fusion import EncoderSpec
 from fusion.align import ALIGNERS
@@ -46,7 +47,7 @@ def choices(name: str, names: tuple[str, ...] | list[str]) -> type[Enum]:
 ROLES = ("clip", "dino")
 # an encoder that is only ever a baseline: one distilled encoder (C-RADIO) against the fused pair
 BASELINE_ONLY_ROLES = ("radio",)
-BASELINES = {"clip": "clip_only", "dino": "dino_only", "radio": "radio_only"}
+BASELINES = {"clip": BASELINE, "dino": "dino_only", "radio": "radio_only"}
 Baseline = choices("Baseline", tuple(BASELINES.values()))
 Role = choices("Role", ROLES)
 Source = choices("Source", SOURCES)

@@ -52,11 +52,11 @@ from benchmarks.llm import (
     vlm_records,
     vlm_timings,
 )
+from benchmarks.records import BASELINE
 from benchmarks.stats import check_resamples, ratio_ci, stats
 from fusion import FusedEncoder
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-BASELINE = "clip_only"
 RSS_INTERVAL_S = 0.001
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 SCHEMA_VERSION = 2
 ROLES = ("baseline", "fused")
+# the strategy every ratio and accuracy change is measured against
+BASELINE = "clip_only"
 
 
 def _checked_fields(cls: type, data: Mapping, where: str) -> dict:

@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.io import atomic_write, write_json
-from benchmarks.records import Report, StrategyRecord
+from benchmarks.records import BASELINE, Report, StrategyRecord
 from benchmarks.render import plot_pareto, random_encoders, render_markdown
 
-BASELINE = "clip_only"
 REPORT_FILES = ("report.json", "report.md", "pareto.png")
 ERROR_FILE = "error.json"
 

@@ -44,8 +44,8 @@ from benchmarks.layer_scan import depth_latency, probe_layers, recommend, scan_e
 from benchmarks.layer_scan import write as write_layer_scan
 from benchmarks.llm import VlmOptions, check_fits
 from benchmarks.planted import planted_grids
-from benchmarks.records import StrategyRecord
-from benchmarks.report import BASELINE, build_report, environment, render_markdown, write_report
+from benchmarks.records import BASELINE, StrategyRecord
+from benchmarks.report import build_report, environment, render_markdown, write_report
 from benchmarks.tasks import TASKS, FeatureSplit, run_probe
 from fusion import EncoderGeometry, FusedEncoder, FusionHead
 from fusion.encoders import Encoder, build_encoder
