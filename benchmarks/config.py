@@ -37,6 +37,7 @@ from fusion.connector import CONNECTORS
 from fusion.encoders.base import ON_MISSING, SOURCES
 from fusion.hooks import NORMS, PREFIX_POLICIES
 from fusion.merge import ENCODER_MERGES, LAYER_COMBINES
+from fusion.model import plain
 
 
 def choices(name: str, names: tuple[str, ...] | list[str]) -> type[Enum]:
@@ -342,13 +343,6 @@ def llm_preset(name: str, what: str = "llm preset") -> LlmSpec:
     preset = OmegaConf.load(conf_dir() / "llm" / f"{name}.yaml")
     node = OmegaConf.merge(OmegaConf.structured(LlmConfig), preset)
     return llm_spec(node)
-
-
-def plain(node: Any) -> Any:
-    """A config node or value as plain Python (interpolations resolved, Enums as their names)."""
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-    return node.name if isinstance(node, Enum) else node
 
 
 def with_options(node: Any) -> dict:

@@ -31,7 +31,6 @@ from benchmarks.config import (
     encoder_specs,
     head_config,
     latency_options,
-    plain,
     probe_settings,
     strategies,
     used_roles,
@@ -49,6 +48,7 @@ from benchmarks.report import build_report, environment, render_markdown, write_
 from benchmarks.tasks import TASKS, FeatureSplit, run_probe
 from fusion import EncoderGeometry, FusedEncoder, FusionHead
 from fusion.encoders import Encoder, build_encoder
+from fusion.model import plain
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,11 @@ ADDED_FIELDS = {"normalize": True, "deepstack_layers": {}}
 
 
 def plain(value: Any) -> Any:
-    """An OmegaConf node as plain Python containers (anything else unchanged)."""
+    """An OmegaConf node as plain Python containers (interpolations resolved, Enums of a structured
+    config as their names), an Enum as its name, anything else unchanged."""
     if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
+        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+    return value.name if isinstance(value, Enum) else value
 
 
 def json_ready(value: Any) -> Any:
