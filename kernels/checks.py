@@ -186,8 +186,9 @@ def check_grid_fuse_values(layer_weights: torch.Tensor | Sequence[float], eps: f
     """Validate the values of a call that :func:`check_grid_fuse_inputs` accepted: ``eps`` and the
     layer weights, which would otherwise turn the output into NaN.
 
-    The values of a layer-weight tensor on an accelerator are taken on trust: reading them would make
-    every call wait for the device.
+    The values of a layer-weight tensor are checked only in host memory and outside tracing: on an
+    accelerator reading them would make every call wait for the device, and ``torch.compile``
+    cannot put a check of values into a graph.
 
     Raises:
         ValueError: naming the argument, the value and what is accepted.
@@ -195,7 +196,7 @@ def check_grid_fuse_values(layer_weights: torch.Tensor | Sequence[float], eps: f
     if not _is_number(eps) or not 0 <= eps < math.inf:
         raise ValueError(f"grid_fuse eps must be a finite number >= 0, got {eps!r}")
     if isinstance(layer_weights, torch.Tensor):
-        if layer_weights.device.type != "cpu":
+        if layer_weights.device.type != "cpu" or torch.compiler.is_compiling():
             return
         layer_weights = layer_weights.tolist()  # a few numbers: cheaper to read than a reduction
     index = next((i for i, v in enumerate(layer_weights) if not math.isfinite(v)), None)
