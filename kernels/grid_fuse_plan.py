@@ -192,10 +192,10 @@ def _make_plan(
 
 
 # Plans of recent calls by call signature. A repeated call (one model, fixed shapes: the common
-# case) skips the signature checks and the plan, which halves its host time: 51 us instead of
-# 103 us per inference call at both built-in shapes, bf16, on a 2-core x86 CPU (2026-12-03), from
-# `python -m benchmarks.kernel.host --dtype bf16` (launches stubbed; rows "inference" and
-# "inference, plan rebuilt").
+# case) skips the signature checks and the plan, which halves its host time: 52-54 us instead of
+# 103-109 us per inference call at the built-in shapes, bf16 and fp32, on a 2-core x86 CPU
+# (2026-12-03), from `python -m benchmarks.kernel.host --calls 300` (launches stubbed; the rows
+# "inference" and "inference, plan rebuilt").
 _PLAN_CACHE: OrderedDict[tuple, Plan] = OrderedDict()
 _PLAN_CACHE_SIZE = 64
 
