@@ -803,12 +803,12 @@ def test_tiling_sweep_keeps_going_past_a_failing_candidate(tmp_path, monkeypatch
     """A candidate that raises gets a row saying why; the others are still timed."""
     from benchmarks.kernel import tiles as kernel_tiles
 
-    launch = kernel_tiles.triton_grid_fuse
+    fuse = kernel_tiles.triton_grid_fuse
 
     def flaky(*args, tiles=None, **kwargs):
         if tiles is not None and tiles.num_warps == 2:  # the default has 1 warp here
             raise RuntimeError("out of resources")
-        return launch(*args, tiles=tiles, **kwargs)
+        return fuse(*args, tiles=tiles, **kwargs)
 
     monkeypatch.setattr(kernel_tiles, "triton_grid_fuse", flaky)
     out = tmp_path / "tiles.json"
