@@ -7,7 +7,7 @@ argument gets the same ValueError on either path, naming the argument, the value
   weights); both paths run it on every call.
 
 What only the Triton kernels need on top (their dtypes, channel limit, a device they can run on) is
-checked by :mod:`kernels.grid_fuse_plan` and :mod:`kernels.grid_fuse_triton`.
+checked by :mod:`kernels.grid_fuse_plan` and :mod:`kernels.launch`.
 """
 
 from __future__ import annotations
