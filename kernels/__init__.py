@@ -1,8 +1,9 @@
 """Fusion kernels: ``grid_fuse`` (align + LayerNorm + weight + merge in one pass; the LayerNorm is
 skipped with ``normalize=False``).
 
-``kernels.reference`` holds the PyTorch definition, ``kernels.grid_fuse`` (the module) the Triton
-kernels; :func:`grid_fuse` here picks one per call:
+``kernels.reference`` holds the PyTorch definition, ``kernels.grid_fuse_triton`` the Triton path
+(on the kernels of ``kernels.grid_fuse_jit``, planned by ``kernels.grid_fuse_plan``); both validate
+their arguments with ``kernels.checks``. :func:`grid_fuse` here picks one per call:
 
 * ``FUSION_KERNEL=auto`` (the default): Triton for CUDA tensors of a dtype it supports (fp32, bf16,
   fp16), the reference for everything else (CPU tensors, float64).
@@ -19,11 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kernels import reference
-from kernels.grid_fuse import SUPPORTED_DTYPES, triton_grid_fuse
-
-# Importing the submodule above bound ``kernels.grid_fuse`` to the module; the function defined
-# below rebinds the name, so ``kernels.grid_fuse(...)`` is the dispatching function while
-# ``from kernels.grid_fuse import ...`` still reaches the module through sys.modules.
+from kernels.grid_fuse_plan import SUPPORTED_DTYPES
+from kernels.grid_fuse_triton import triton_grid_fuse
 
 MODES = reference.MODES
 KERNEL_ENV = "FUSION_KERNEL"
@@ -36,7 +34,7 @@ KERNEL_CHOICES = ("auto", *BACKENDS)
 
 def _auto_backend(sources: Sequence[torch.Tensor]) -> str:
     first = sources[0] if isinstance(sources, Sequence) and len(sources) else None
-    # Anything malformed goes to the reference, whose checks name the problem.
+    # Anything malformed goes to the reference; its checks (shared with Triton) name the problem.
     if isinstance(first, torch.Tensor) and first.is_cuda and first.dtype in SUPPORTED_DTYPES:
         return "triton"
     return "reference"

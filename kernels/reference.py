@@ -18,93 +18,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-MODES = ("bilinear", "nearest", "area")
+from kernels.checks import MODES, check_grid_fuse_inputs, check_grid_fuse_values
 
-
-def check_grid_fuse_inputs(
-    sources: Sequence[torch.Tensor],
-    out_hw: Sequence[int],
-    groups: Sequence[int],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None,
-    ln_bias: Sequence[torch.Tensor | None] | None,
-    mode: str,
-    normalize: bool,
-) -> list[int]:
-    """Validate ``grid_fuse`` arguments; return the channel width of each group, in group order.
-
-    Raises:
-        ValueError: naming the argument, the value and what is accepted.
-    """
-    if mode not in MODES:
-        raise ValueError(f"grid_fuse mode={mode!r} is unknown; accepted: {', '.join(MODES)}")
-    if not isinstance(normalize, bool):
-        raise ValueError(f"grid_fuse normalize must be True or False, got {normalize!r}")
-    if isinstance(sources, torch.Tensor) or len(sources) == 0:
-        raise ValueError("grid_fuse sources must be a non-empty list of (B, h, w, C) tensors")
-    if (
-        len(out_hw) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in out_hw)
-    ):
-        raise ValueError(f"grid_fuse out_hw must be a pair of positive ints (H, W), got {out_hw!r}")
-    count = len(sources)
-    for i, x in enumerate(sources):
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"grid_fuse sources[{i}] must be a 4-D (B, h, w, C) tensor, got {shape}")
-        if not x.is_floating_point():
-            raise ValueError(f"grid_fuse sources[{i}] must be floating point, got {x.dtype}")
-        if min(x.shape) == 0:
-            raise ValueError(f"grid_fuse sources[{i}] has an empty dimension: {tuple(x.shape)}")
-    batch = sources[0].shape[0]
-    for i, x in enumerate(sources):
-        if x.shape[0] != batch:
-            raise ValueError(
-                f"grid_fuse sources[{i}] has batch size {x.shape[0]} but sources[0] has {batch}; "
-                "all sources must share the batch size"
-            )
-        if x.dtype != sources[0].dtype or x.device != sources[0].device:
-            raise ValueError(
-                f"grid_fuse sources[{i}] is {x.dtype} on {x.device} but sources[0] is "
-                f"{sources[0].dtype} on {sources[0].device}; all sources must share dtype and device"
-            )
-    if len(groups) != count or not all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
-        raise ValueError(f"grid_fuse groups must hold one int per source ({count}), got {list(groups)!r}")
-    if sorted(set(groups)) != list(range(len(set(groups)))):
-        raise ValueError(
-            f"grid_fuse groups {list(groups)} must number the output slots 0..G-1 with none skipped"
-        )
-    widths: dict[int, int] = {}
-    for i, (g, x) in enumerate(zip(groups, sources)):
-        if widths.setdefault(g, x.shape[-1]) != x.shape[-1]:
-            raise ValueError(
-                f"grid_fuse sources of group {g} differ in width: sources[{i}] has {x.shape[-1]} channels, "
-                f"an earlier source of that group has {widths[g]}; one group shares one width"
-            )
-    weight_count = layer_weights.numel() if isinstance(layer_weights, torch.Tensor) else len(layer_weights)
-    if isinstance(layer_weights, torch.Tensor) and layer_weights.ndim != 1:
-        raise ValueError(f"grid_fuse layer_weights must be 1-D, got shape {tuple(layer_weights.shape)}")
-    if weight_count != count:
-        raise ValueError(
-            f"grid_fuse layer_weights has {weight_count} entries but there are {count} sources; "
-            "give one weight per source"
-        )
-    for name, params in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if params is None:
-            continue
-        if not normalize and any(p is not None for p in params):
-            raise ValueError(
-                f"grid_fuse {name} is given with normalize=False; the affine belongs to the LayerNorm "
-                f"that normalize=False skips: pass {name}=None"
-            )
-        if len(params) != count:
-            raise ValueError(f"grid_fuse {name} has {len(params)} entries; give one per source ({count})")
-        for i, (p, x) in enumerate(zip(params, sources)):
-            if p is not None and tuple(p.shape) != (x.shape[-1],):
-                raise ValueError(
-                    f"grid_fuse {name}[{i}] has shape {tuple(p.shape)}; sources[{i}] needs ({x.shape[-1]},)"
-                )
-    return [widths[g] for g in range(len(widths))]
+__all__ = ["MODES", "grid_fuse", "resample"]
 
 
 def resample(x: torch.Tensor, out_hw: Sequence[int], mode: str) -> torch.Tensor:
@@ -146,11 +62,12 @@ def grid_fuse(
         (B, H*W, sum of group widths) in the sources' dtype, slots in group order.
 
     Raises:
-        ValueError: see :func:`check_grid_fuse_inputs`.
+        ValueError: a bad argument (:mod:`kernels.checks`, the validation the Triton path shares).
     """
     widths = check_grid_fuse_inputs(
         sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize
     )
+    check_grid_fuse_values(layer_weights, eps)
     dtype = sources[0].dtype
     compute = torch.promote_types(dtype, torch.float32)
     weights = torch.as_tensor(layer_weights, device=sources[0].device)
@@ -165,7 +82,7 @@ def grid_fuse(
                 (aligned.shape[-1],),
                 None if w is None else w.to(compute),
                 None if b is None else b.to(compute),
-                eps,
+                float(eps),
             )
         term = weights[i].to(compute) * aligned
         slots[g] = term if slots[g] is None else slots[g] + term

@@ -7,8 +7,8 @@ kernels on CUDA. The interpreter is slow, so grids stay tiny except along the ch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import importlib
 import json
 import re
 from collections import OrderedDict
@@ -20,20 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels import reference
-from kernels.grid_fuse import (
-    MAX_CHANNELS,
-    Tiles,
-    default_tiles,
-    grid_fuse_backward,
-    grid_fuse_forward,
-    triton_grid_fuse,
-)
+import kernels.grid_fuse_plan as plan
+import kernels.grid_fuse_triton as gf
+from kernels import launch, reference
+from kernels.grid_fuse_jit import INTERPRETED
+from kernels.grid_fuse_plan import MAX_CHANNELS, Tiles, default_tiles
+from kernels.grid_fuse_triton import grid_fuse_backward, grid_fuse_forward, triton_grid_fuse
 
-# The module; the attribute ``kernels.grid_fuse`` is the dispatching function.
-gf = importlib.import_module("kernels.grid_fuse")
-
-DEVICE = "cuda" if torch.cuda.is_available() and not gf._INTERPRETED else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 EPS = 1e-6
 MODES = reference.MODES
 # (rtol, atol) per dtype. atol is relative to the largest magnitude of the expected tensor:
@@ -279,13 +273,19 @@ def test_every_tiling_matches_reference(tiles, mode, normalize):
 def test_parameter_reduction_over_many_partial_rows(monkeypatch, programs):
     """More backward row programs than the reduction takes rows a step (4 at 1536 channels), with
     a ragged last step; and the GPU's grid rule (at least 8 tiles a program, 4 programs an SM)."""
+    gpu = contextlib.nullcontext()
     if programs == "one per tile":
         monkeypatch.setattr(gf, "_row_programs", lambda tiles, per_sm, device: tiles)
-    else:
-        monkeypatch.setattr(gf, "_sm_count", lambda device: 2)
+    else:  # the launch hook: kernels run as usual, their grids sized for 2 multiprocessors
+
+        def run(kernel, grid, args, kwargs):
+            kernel[grid](*args, **kwargs)
+
+        gpu = launch.hooked_launches(launch.LaunchHook(run, sm_count=2))
     case = Case(((2, 3, 1536), (3, 3, 1536)), (0, 0), (3, 3), affine="some")
     tiles = Tiles(block_t=1, num_warps=4, prefetch=True, backward_block_t=1, backward_warps=4, rows_per_sm=4)
-    check_against_reference(case, "bilinear", torch.float32, tiles=tiles)
+    with gpu:
+        check_against_reference(case, "bilinear", torch.float32, tiles=tiles)
 
 
 def test_default_tiles_hold_a_fixed_tile_whatever_the_dtype():
@@ -317,7 +317,7 @@ def test_bad_tiles_are_rejected(field, value, message):
 def test_tiles_must_be_a_tiles_object():
     case = Case(((2, 2, 4),), (0,), (2, 2))
     inputs = make_inputs(case, torch.float32)
-    with pytest.raises(ValueError, match=r"tiles must be a kernels\.grid_fuse\.Tiles or None, got dict"):
+    with pytest.raises(ValueError, match=r"tiles must be a kernels\.grid_fuse_plan\.Tiles or None, got dict"):
         call(triton_grid_fuse, inputs, case, "bilinear", tiles={"block_t": 2})
 
 
@@ -665,9 +665,9 @@ def test_repeated_call_skips_the_checks_but_not_a_changed_argument(monkeypatch):
     """The second call of a signature reuses the checked plan (and still matches the reference);
     a call that differs in any checked property, even True for 1 in groups, is checked again."""
     checks = []
-    check = gf._check_kernel_inputs
-    monkeypatch.setattr(gf, "_check_kernel_inputs", lambda *a: checks.append(1) or check(*a))
-    monkeypatch.setattr(gf, "_PLAN_CACHE", OrderedDict())
+    make_plan = plan._make_plan
+    monkeypatch.setattr(plan, "_make_plan", lambda *a: checks.append(1) or make_plan(*a))
+    monkeypatch.setattr(plan, "_PLAN_CACHE", OrderedDict())
     case = Case(((2, 3, 5), (3, 3, 5)), (0, 0), (3, 3), batch=1)
     check_against_reference(case, "bilinear", torch.float32)
     assert len(checks) == 1
@@ -687,10 +687,10 @@ def test_repeated_call_skips_the_checks_but_not_a_changed_argument(monkeypatch):
 
 
 def test_plan_cache_stays_bounded(monkeypatch):
-    monkeypatch.setattr(gf, "_PLAN_CACHE", OrderedDict())
-    for width in range(1, gf._PLAN_CACHE_SIZE + 6):
+    monkeypatch.setattr(plan, "_PLAN_CACHE", OrderedDict())
+    for width in range(1, plan._PLAN_CACHE_SIZE + 6):
         small_call(triton_grid_fuse, sources=[grid(1, 1, 1, width)])
-    assert len(gf._PLAN_CACHE) == gf._PLAN_CACHE_SIZE
+    assert len(plan._PLAN_CACHE) == plan._PLAN_CACHE_SIZE
 
 
 def test_no_autograd_node_when_no_gradient_is_wanted():
@@ -719,14 +719,14 @@ def test_no_autograd_node_when_no_gradient_is_wanted():
     ],
 )
 def test_interpreter_problem_is_named(interpreted, triton_version, numpy_version, broken):
-    problem = gf.interpreter_problem(interpreted, triton_version, numpy_version)
+    problem = launch.interpreter_problem(interpreted, triton_version, numpy_version)
     assert (problem is not None) == broken
     if broken:
         assert "install numpy<2.4 or triton>=3.7" in problem
 
 
 def test_broken_interpreter_is_reported_before_any_launch(monkeypatch):
-    monkeypatch.setattr(gf, "_INTERPRETER_PROBLEM", "the reason")
+    monkeypatch.setattr(launch, "_INTERPRETER_PROBLEM", "the reason")
     with pytest.raises(RuntimeError, match="grid_fuse \\(triton\\): the reason"):
         small_call(triton_grid_fuse)
 
@@ -752,7 +752,7 @@ def test_bad_buffers_are_rejected():
 @pytest.mark.slow
 def test_benchmark_quick_run_writes_ratios(tmp_path, capsys):
     """A smoke run of the benchmark on a tiny case (torch.compile with its quick 'eager' backend)."""
-    from benchmarks import kernels as bench
+    from benchmarks.kernel import bench
 
     out = tmp_path / "bench.json"
     argv = ["--quick", "--case", "tiny=2x2x8*2+3x3x8*1->2x2", "--batch", "1", "--compile-backend", "eager"]
@@ -776,7 +776,7 @@ def test_benchmark_quick_run_writes_ratios(tmp_path, capsys):
 def test_tiling_sweep_varies_one_field_at_a_time(tmp_path):
     """The tiling sweep (interpreted on the CPU: plumbing only) writes one row per candidate, the
     default first with ratio 1, each other candidate one field away from it, every output right."""
-    from benchmarks import kernel_tiles
+    from benchmarks.kernel import tiles as kernel_tiles
 
     out = tmp_path / "tiles.json"
     argv = ["--device", DEVICE, "--quick", "--case", "tiny=2x2x8*2+3x3x8*1->3x3", "--batch", "1"]
@@ -801,16 +801,16 @@ def test_tiling_sweep_varies_one_field_at_a_time(tmp_path):
 
 def test_tiling_sweep_keeps_going_past_a_failing_candidate(tmp_path, monkeypatch):
     """A candidate that raises gets a row saying why; the others are still timed."""
-    from benchmarks import kernel_tiles
+    from benchmarks.kernel import tiles as kernel_tiles
 
-    launch = gf.triton_grid_fuse
+    fuse = kernel_tiles.triton_grid_fuse
 
     def flaky(*args, tiles=None, **kwargs):
         if tiles is not None and tiles.num_warps == 2:  # the default has 1 warp here
             raise RuntimeError("out of resources")
-        return launch(*args, tiles=tiles, **kwargs)
+        return fuse(*args, tiles=tiles, **kwargs)
 
-    monkeypatch.setattr(gf, "triton_grid_fuse", flaky)
+    monkeypatch.setattr(kernel_tiles, "triton_grid_fuse", flaky)
     out = tmp_path / "tiles.json"
     argv = ["--device", DEVICE, "--quick", "--case", "tiny=2x2x8*2->2x2", "--batch", "1", "--dtype", "fp32"]
     kernel_tiles.main([*argv, "--pass", "fwd", "--out", str(out)])
@@ -824,17 +824,17 @@ def test_tiling_sweep_keeps_going_past_a_failing_candidate(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("spec", ["tiny", "tiny=2x2x8->2x2", "tiny=2x2x8*2->0x2", "=2x2x8*1->2x2"])
 def test_benchmark_rejects_malformed_case_specs(spec):
-    from benchmarks.kernels import parse_case
+    from benchmarks.kernel.harness import parse_case
 
     with pytest.raises(ValueError, match=re.escape(f"--case {spec!r}")):
         parse_case(spec)
 
 
 def test_benchmark_case_spec_and_bytes():
-    from benchmarks.kernels import Encoder, bytes_moved, make_problem, parse_case
+    from benchmarks.kernel.harness import EncoderShape, bytes_moved, make_problem, parse_case
 
     case = parse_case("pair=3x2x4*2+1x1x6*1->2x2")
-    assert case.encoders == (Encoder(3, 2, 4, 2), Encoder(1, 1, 6, 1)) and case.out_hw == (2, 2)
+    assert case.encoders == (EncoderShape(3, 2, 4, 2), EncoderShape(1, 1, 6, 1)) and case.out_hw == (2, 2)
     problem = make_problem(case, 2, torch.float32, torch.device("cpu"))
     assert problem.groups == [0, 0, 1]
     inputs = 4 * (2 * (2 * 3 * 2 * 4) + 2 * 6 + 3 + 2 * (2 * 4 + 6))  # sources, layer weights, LN affines

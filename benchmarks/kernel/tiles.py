@@ -1,13 +1,13 @@
 """Sweep of the Triton ``grid_fuse`` tilings: every candidate against the default, in one run.
 
-    python -m benchmarks.kernel_tiles --batch 32 128 --dtype bf16 fp32 \\
+    python -m benchmarks.kernel.tiles --batch 32 128 --dtype bf16 fp32 \\
         --out benchmarks/results/grid_fuse_tiles.json
 
-The tiling (:class:`kernels.grid_fuse.Tiles`) decides how many tokens a program takes, with how
+The tiling (:class:`kernels.grid_fuse_plan.Tiles`) decides how many tokens a program takes, with how
 many warps, whether the next source's loads are issued before the current one is reduced, and how
-many backward rows programs share a multiprocessor. :func:`kernels.grid_fuse.default_tiles` picks
-one from the channel count; this sweep times the default and its neighbours, one field changed at
-a time, on the shapes of :mod:`benchmarks.kernels`:
+many backward rows programs share a multiprocessor. :func:`kernels.grid_fuse_plan.default_tiles`
+picks one from the channel count; this sweep times the default and its neighbours, one field changed
+at a time, on the cases of :mod:`benchmarks.kernel.harness`:
 
 * ``fwd`` (inference, no grad): ``block_t`` halved and doubled, ``num_warps`` halved and doubled,
   ``prefetch`` flipped;
@@ -30,27 +30,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import shlex
-import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 
-from benchmarks.kernels import (
+from benchmarks.kernel.harness import (
     DTYPES,
+    BenchCase,
     add_shape_arguments,
     bytes_moved,
     copy_bandwidth_gbps,
-    device_name,
+    header_lines,
     make_problem,
     make_step,
     median_ms,
     parsed_shapes,
+    report_header,
     save_report,
 )
 from kernels import reference
+from kernels.grid_fuse_plan import Tiles, default_tiles
+from kernels.grid_fuse_triton import triton_grid_fuse
+
+MODULE = "benchmarks.kernel.tiles"
 
 # Fields varied per pass (prefetch applies to both kernels, so it is varied in both).
 _FIELDS = {
@@ -59,7 +62,7 @@ _FIELDS = {
 }
 
 
-def candidate_tilings(default, pass_name: str) -> list[tuple[str, object]]:
+def candidate_tilings(default: Tiles, pass_name: str) -> list[tuple[str, Tiles]]:
     """``(label, tiles)`` for the default and each neighbour valid for ``pass_name``: one field
     halved or doubled (flipped for ``prefetch``); values outside what ``Tiles`` accepts are skipped."""
     out = [("default", default)]
@@ -77,7 +80,8 @@ def candidate_tilings(default, pass_name: str) -> list[tuple[str, object]]:
 
 
 def run(
-    cases: Sequence,
+    report: dict,
+    cases: Sequence[BenchCase],
     batches: Sequence[int],
     dtypes: Sequence[str],
     passes: Sequence[str],
@@ -85,19 +89,11 @@ def run(
     quick: bool = False,
     on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Time every candidate tiling on every case, batch, dtype and pass; return the report dict."""
-    from kernels.grid_fuse import default_tiles, triton_grid_fuse
-
-    copy_gbps = copy_bandwidth_gbps(device, quick)
+    """Time every candidate tiling on every case, batch, dtype and pass into ``report`` (a
+    :func:`~benchmarks.kernel.harness.report_header`); return it."""
     rows: list[dict] = []
-    report = {
-        "device": device_name(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.kernel_tiles " + shlex.join(sys.argv[1:]),
-        "copy_gbps": copy_gbps,
-        "torch": torch.__version__,
-        "rows": rows,
-    }
+    copy_gbps = copy_bandwidth_gbps(device, quick)
+    report.update(copy_gbps=copy_gbps, rows=rows)
     for case in cases:
         default = default_tiles(max(encoder.channels for encoder in case.encoders))
         for batch in batches:
@@ -158,10 +154,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# grid_fuse tiling sweep",
         "",
-        f"- device: {report['device']}",
-        f"- date: {report['date']}",
-        f"- command: `{report['command']}`",
-        f"- torch: {report['torch']}",
+        *header_lines(report),
         f"- device-to-device copy bandwidth: {report['copy_gbps']:.1f} GB/s",
         "- x default: default median / candidate median, same run (above 1: the candidate is faster)",
         "",
@@ -180,12 +173,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list]:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[BenchCase]]:
     """The sweep's command line and the cases it names; exits with a message for a bad batch or
     case, or a missing GPU."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.kernel_tiles", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
     add_shape_arguments(parser, batches=[32, 128])
     parser.add_argument("--device", default=None, help="cuda, or cpu with TRITON_INTERPRET=1 (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a plumbing check on the CPU)")
@@ -202,12 +193,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list]:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the sweep from command-line arguments; print the table; return the report."""
     args, cases = parse_args(argv)
+    device = torch.device(args.device or "cuda")
     report = run(
+        report_header(MODULE, argv, device),
         cases,
         args.batch,
         args.dtype,
         args.passes,
-        torch.device(args.device or "cuda"),
+        device,
         quick=args.quick,
         on_progress=lambda report: save_report(args.out, report, markdown(report)),
     )

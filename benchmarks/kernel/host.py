@@ -1,46 +1,50 @@
 """Host time of one ``triton_grid_fuse`` call with the GPU taken out: what Python, the input checks,
 the plan, autograd and Triton's launcher cost before a kernel reaches the GPU.
 
-    python -m benchmarks.kernel_host --out benchmarks/results/grid_fuse_host_cpu.json
+    python -m benchmarks.kernel.host --out benchmarks/results/grid_fuse_host_cpu.json
 
 Every kernel launch is compiled once for sm_90 and then returns where it would launch
-(``benchmarks.kernel_registers.compile_only``), so the numbers hold no GPU time at all. Per case
+(:func:`benchmarks.kernel.registers.compile_only`), so the numbers hold no GPU time at all. Per case
 and dtype, each row is the median over many calls of one way of calling, all in one run:
 
 * ``inference``: under ``torch.no_grad``, a call signature seen before (checked plan reused);
-* ``inference, plan rebuilt``: the same with the plan cache emptied before every call, i.e. the
-  input checks and the plan on every call;
+* ``inference, plan rebuilt``: the same with the plan cache emptied before every call
+  (:func:`kernels.grid_fuse_plan.clear_plan_cache`), i.e. the input checks and the plan on every
+  call;
 * ``autograd forward``: inputs that require grad (an autograd node is recorded);
 * ``forward + backward``: ``torch.autograd.grad`` of the output for every input.
 
 ``x inference`` is each median over the first row's. On a GPU machine the launches themselves add
-to this (see the ``host ms`` column of ``benchmarks.kernels``); at small batch the sum is what a
-call costs. Run it with ``TRITON_INTERPRET`` unset.
+to this (see the ``host ms`` column of ``benchmarks.kernel.bench``); at small batch the sum is what
+a call costs. The tensors here are on the CPU, whose layer weights the value check reads (a CUDA
+tensor's it does not). Run it with ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks.kernel_registers import compile_only
-from benchmarks.kernels import (
+from benchmarks.kernel.harness import (
     DTYPES,
+    BenchCase,
     add_shape_arguments,
-    device_name,
+    header_lines,
     make_problem,
     make_step,
     parsed_shapes,
+    report_header,
     save_report,
 )
+from benchmarks.kernel.registers import compile_only
+from kernels.grid_fuse_plan import clear_plan_cache
+from kernels.grid_fuse_triton import triton_grid_fuse
 
-WAYS = ("inference", "inference, plan rebuilt", "autograd forward", "forward + backward")
+MODULE = "benchmarks.kernel.host"
 
 
 def median_us(step: Callable[[], object], calls: int) -> float:
@@ -55,28 +59,29 @@ def median_us(step: Callable[[], object], calls: int) -> float:
     return statistics.median(times)
 
 
-def steps(case, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+def steps(case: BenchCase, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     """One no-argument callable per way of calling (see the module docstring)."""
-    gf = importlib.import_module("kernels.grid_fuse")
     problem = make_problem(case, 1, dtype, torch.device("cpu"))  # every tensor requires grad
-    grad_out = torch.ones_like(problem.call(gf.triton_grid_fuse))
-    inference = make_step(gf.triton_grid_fuse, problem, "fwd", grad_out)  # under no_grad
+    grad_out = torch.ones_like(problem.call(triton_grid_fuse))
+    inference = make_step(triton_grid_fuse, problem, "fwd", grad_out)  # under no_grad
 
     def rebuilt():
-        gf._PLAN_CACHE.clear()
+        clear_plan_cache()
         return inference()
 
     return {
         "inference": inference,
         "inference, plan rebuilt": rebuilt,
-        "autograd forward": lambda: problem.call(gf.triton_grid_fuse),
-        "forward + backward": make_step(gf.triton_grid_fuse, problem, "fwdbwd", grad_out),
+        "autograd forward": lambda: problem.call(triton_grid_fuse),
+        "forward + backward": make_step(triton_grid_fuse, problem, "fwdbwd", grad_out),
     }
 
 
-def run(cases: Sequence, dtypes: Sequence[str], calls: int) -> dict:
-    """Time every way of calling on every case and dtype; return the report dict."""
-    rows = []
+def run(report: dict, cases: Sequence[BenchCase], dtypes: Sequence[str], calls: int) -> dict:
+    """Time every way of calling on every case and dtype into ``report`` (a
+    :func:`~benchmarks.kernel.harness.report_header`); return it."""
+    rows: list[dict] = []
+    report.update(calls=calls, rows=rows)
     with compile_only():
         for case in cases:
             for dtype_name in dtypes:
@@ -91,13 +96,7 @@ def run(cases: Sequence, dtypes: Sequence[str], calls: int) -> dict:
                             "vs_inference": us / timed["inference"],
                         }
                     )
-    return {
-        "machine": device_name(torch.device("cpu")),
-        "command": "python -m benchmarks.kernel_host " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__,
-        "calls": calls,
-        "rows": rows,
-    }
+    return report
 
 
 def markdown(report: dict) -> str:
@@ -105,8 +104,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# grid_fuse host time per call (launches stubbed: no GPU time)",
         "",
-        f"- machine: {report['machine']}; torch {report['torch']}",
-        f"- command: `{report['command']}`",
+        *header_lines(report),
         f"- median of {report['calls']} calls each; x inference: over the first row of the case",
         "",
         "| case | dtype | way | median us | x inference |",
@@ -121,16 +119,14 @@ def markdown(report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Time the cases from command-line arguments; print the table; return the report."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.kernel_host", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
     add_shape_arguments(parser, batches=None, passes=False)
     parser.add_argument("--calls", type=int, default=200, help="calls timed per way (default 200)")
     args = parser.parse_args(argv)
     cases = parsed_shapes(parser, args)
     if args.calls < 1:
         parser.error(f"--calls must be at least 1, got {args.calls}")
-    report = run(cases, args.dtype, args.calls)
+    report = run(report_header(MODULE, argv, torch.device("cpu")), cases, args.dtype, args.calls)
     save_report(args.out, report, markdown(report))
     print(markdown(report))
     return report

@@ -1,7 +1,7 @@
 """Registers, spills and occupancy of the Triton ``grid_fuse`` kernels, compiled for an NVIDIA GPU
 on any machine (no GPU needed).
 
-    python -m benchmarks.kernel_registers --arch 90 --dtype bf16 fp32 \\
+    python -m benchmarks.kernel.registers --arch 90 --dtype bf16 fp32 \\
         --out benchmarks/results/grid_fuse_registers_sm90.json
 
 Each kernel that a forward (with and without the statistics a backward needs) and a backward call
@@ -11,7 +11,7 @@ registers per thread, spill bytes, how many programs fit on one multiprocessor (
 and blocks; the limits of sm_80 to sm_90) and, for the forward and backward rows kernels, how many
 bytes of source tiles those programs have requested at once: ``programs x tile bytes``, twice that
 with prefetching. That last column is a model, not a measurement: it says why a tiling may or may
-not keep enough bytes in flight to reach the copy bandwidth; ``benchmarks.kernel_tiles`` measures.
+not keep enough bytes in flight to reach the copy bandwidth; ``benchmarks.kernel.tiles`` measures.
 
 Run it with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled).
 """
@@ -20,37 +20,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.kernels import (
+from benchmarks.kernel.harness import (
     DTYPES,
     BenchCase,
     add_shape_arguments,
+    command_line,
     make_problem,
     parsed_shapes,
     save_report,
 )
+from kernels.grid_fuse_jit import INTERPRETED
+from kernels.grid_fuse_plan import Tiles, default_tiles
+from kernels.grid_fuse_triton import grid_fuse_backward, grid_fuse_forward
+from kernels.launch import LaunchHook, hooked_launches
+
+MODULE = "benchmarks.kernel.registers"
 
 # Per multiprocessor, sm_80 to sm_90: 64K 32-bit registers, 64 resident warps, 32 resident blocks.
 REGISTERS_PER_SM = 65536
 WARPS_PER_SM = 64
 BLOCKS_PER_SM = 32
 SM_COUNT = 132  # H100 SXM: sizes the backward grids the way the host code does on that GPU
-KERNELS = (
-    "_grid_fuse_forward_kernel",
-    "_grid_fuse_backward_rows_kernel",
-    "_grid_fuse_backward_gather_kernel",
-    "_grid_fuse_param_grads_kernel",
-)
 
 
 @dataclass(frozen=True)
@@ -136,15 +135,13 @@ def programs_per_sm(registers: int, num_warps: int) -> int:
     return min(WARPS_PER_SM // num_warps, BLOCKS_PER_SM, REGISTERS_PER_SM // (per_warp * num_warps))
 
 
-def parse_tiles(spec: str):
+def parse_tiles(spec: str) -> Tiles:
     """``BLOCK_T,WARPS,PREFETCH,BACKWARD_BLOCK_T,BACKWARD_WARPS,ROWS_PER_SM`` (PREFETCH 0 or 1) as
-    a :class:`kernels.grid_fuse.Tiles`.
+    a :class:`kernels.grid_fuse_plan.Tiles`.
 
     Raises:
         ValueError: a spec of another form, or values ``Tiles`` does not accept.
     """
-    from kernels.grid_fuse import Tiles
-
     parts = spec.split(",")
     if len(parts) != 6 or not all(p.isdigit() for p in parts) or parts[2] not in ("0", "1"):
         raise ValueError(f"--tiles {spec!r} must be six integers like 2,4,1,1,4,4 (the third 0 or 1)")
@@ -155,59 +152,44 @@ def parse_tiles(spec: str):
 @contextlib.contextmanager
 def compile_only(arch: int = 90) -> Iterator[list[tuple[str, dict, object]]]:
     """Inside: every grid_fuse kernel launch compiles (once) for ``sm_<arch>`` and returns without
-    launching, CPU tensors pass the host checks, and the backward grids are sized for an H100.
-    Yields the list of ``(kernel name, launch keyword arguments, compiled kernel)`` of each launch.
+    launching, CPU tensors pass the host checks, and the backward grids are sized for an H100 (all
+    through :class:`kernels.launch.LaunchHook`). Yields the list of ``(kernel name,
+    launch keyword arguments, compiled kernel)`` of each launch.
 
     Raises:
         RuntimeError: the kernels are interpreted (``TRITON_INTERPRET`` was set at import).
     """
-    gf = importlib.import_module("kernels.grid_fuse")
-    if gf._INTERPRETED:
+    if INTERPRETED:
         raise RuntimeError("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
     from triton.runtime import driver
 
     launches: list[tuple[str, dict, object]] = []
-    originals = {name: getattr(gf, name).run for name in KERNELS}
 
-    def stub(name):
-        def run(*args, grid, warmup, **kwargs):
-            kernel = originals[name](*args, grid=grid, warmup=True, **kwargs)
-            launches.append((name, kwargs, kernel))
-            return kernel
-
-        return run
+    def compile_launch(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)
+        launches.append((kernel.__name__, kwargs, compiled))
 
     driver.set_active(_CompileOnlyDriver(arch))  # stays: without a GPU there is no driver to restore
-    previous = gf._INTERPRETED, gf._sm_count
-    gf._INTERPRETED = True  # let CPU tensors through the host checks: nothing is launched
-    gf._sm_count = lambda device: SM_COUNT  # grids (and the reduction's rows a step) as on an H100
-    try:
-        for name in KERNELS:
-            getattr(gf, name).run = stub(name)
+    with hooked_launches(LaunchHook(compile_launch, SM_COUNT)):
         yield launches
-    finally:
-        for name in KERNELS:
-            del getattr(gf, name).run  # back to the class's method
-        gf._INTERPRETED, gf._sm_count = previous
 
 
-def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles=None) -> list[KernelInfo]:
+def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles: Tiles | None = None) -> list[KernelInfo]:
     """Compile every kernel a forward and backward of ``case`` launches with ``tiles``
-    (:func:`kernels.grid_fuse.default_tiles` if None); one row per variant."""
-    gf = importlib.import_module("kernels.grid_fuse")
+    (:func:`kernels.grid_fuse_plan.default_tiles` if None); one row per variant."""
     dtype = DTYPES[dtype_name]
     with compile_only(arch) as compiled:
         p = make_problem(case, 1, dtype, torch.device("cpu"))
         args = (p.sources, p.out_hw, p.groups, p.layer_weights, p.ln_weight, p.ln_bias, "bilinear")
         variants = []
-        gf.grid_fuse_forward(*args, tiles=tiles)
+        grid_fuse_forward(*args, tiles=tiles)
         variants.append("inference")
-        out, mean, rstd = gf.grid_fuse_forward(*args, save_stats=True, tiles=tiles)
+        out, mean, rstd = grid_fuse_forward(*args, save_stats=True, tiles=tiles)
         variants.append("training")
-        gf.grid_fuse_backward(torch.ones_like(out), *args, mean, rstd, tiles=tiles)
+        grid_fuse_backward(torch.ones_like(out), *args, mean, rstd, tiles=tiles)
         variants += ["training"] * (len(compiled) - len(variants))
     channels = max(encoder.channels for encoder in case.encoders)
-    tiles = tiles or gf.default_tiles(channels)
+    tiles = tiles or default_tiles(channels)
     rows = []
     for (name, kwargs, kernel), variant in zip(compiled, variants):
         registers, spills = _ptxas(kernel.asm["ptx"], arch)
@@ -274,9 +256,7 @@ def markdown(rows: Sequence[KernelInfo], arch: int, command: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[KernelInfo]:
     """Compile the cases from command-line arguments; print the table; return the rows."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.kernel_registers", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     add_shape_arguments(parser, batches=None, passes=False)
     parser.add_argument(
@@ -293,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> list[KernelInfo]:
     if args.arch < 80:
         parser.error(f"--arch {args.arch}: the limits used here hold for sm_80 and newer; give 80 or more")
     cases = parsed_shapes(parser, args)
-    command = "python -m benchmarks.kernel_registers " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(MODULE, argv)
     rows: list[KernelInfo] = []
     for case in cases:
         for dtype_name in args.dtype:

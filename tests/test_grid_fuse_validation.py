@@ -1,0 +1,154 @@
+"""``kernels.grid_fuse`` validates its arguments once for both paths: every bad argument gets the
+same ValueError from the reference and from the Triton kernels (interpreted on the CPU: conftest sets
+``TRITON_INTERPRET=1``), before any launch, with or without an autograd node to record."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import launch
+from kernels.grid_fuse_jit import INTERPRETED
+
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+BACKENDS = ("reference", "triton")
+
+
+def grid(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(*shape, dtype=dtype, device=device) + 0.5
+
+
+@contextlib.contextmanager
+def no_launch():
+    """Any kernel launch fails the test: a bad argument must be refused before one."""
+
+    def refuse(kernel, grid, args, kwargs):
+        raise AssertionError(f"{kernel.__name__} was launched (grid {grid}) despite a bad argument")
+
+    with launch.hooked_launches(launch.LaunchHook(refuse, sm_count=1)):
+        yield
+
+
+def fuse(backend, monkeypatch, grad, **overrides):
+    """``kernels.grid_fuse`` on ``backend`` with one source (1, 2, 2, 3) -> (3, 2) unless overridden;
+    with ``grad`` the default source requires grad (the Triton path then records an autograd node)."""
+    monkeypatch.setenv("FUSION_KERNEL", backend)
+    args = {
+        "sources": [grid(1, 2, 2, 3).requires_grad_(grad)],
+        "out_hw": (3, 2),
+        "groups": [0],
+        "layer_weights": [0.5],
+        **overrides,
+    }
+    return kernels.grid_fuse(args.pop("sources"), args.pop("out_hw"), **args)
+
+
+NAN, INF = math.nan, math.inf
+# name: (arguments, the whole message)
+BAD_ARGUMENTS = {
+    "eps below 0": ({"eps": -1.0}, "grid_fuse eps must be a finite number >= 0, got -1.0"),
+    "eps NaN": ({"eps": NAN}, "grid_fuse eps must be a finite number >= 0, got nan"),
+    "eps infinite": ({"eps": INF}, "grid_fuse eps must be a finite number >= 0, got inf"),
+    "eps a string": ({"eps": "1e-6"}, "grid_fuse eps must be a finite number >= 0, got '1e-6'"),
+    "eps a bool": ({"eps": True}, "grid_fuse eps must be a finite number >= 0, got True"),
+    "NaN in a list of layer weights": (
+        {"sources": [grid(1, 2, 2, 3), grid(1, 3, 3, 3)], "groups": [0, 0], "layer_weights": [0.5, NAN]},
+        "grid_fuse layer_weights[1] is nan; every layer weight must be a finite number",
+    ),
+    "NaN in a layer-weight tensor": (
+        {"layer_weights": torch.tensor([NAN])},
+        "grid_fuse layer_weights[0] is nan; every layer weight must be a finite number",
+    ),
+    "infinity in a trainable layer-weight tensor": (
+        {"layer_weights": torch.tensor([-INF], requires_grad=True)},
+        "grid_fuse layer_weights[0] is -inf; every layer weight must be a finite number",
+    ),
+    "layer weights a number": (
+        {"layer_weights": 0.5},
+        "grid_fuse layer_weights must be a 1-D tensor or a list of numbers, got 0.5",
+    ),
+    "layer weights of ints": (
+        {"layer_weights": torch.tensor([1])},
+        "grid_fuse layer_weights must be floating point, got torch.int64",
+    ),
+    "sources on the meta device": (
+        {"sources": [torch.empty(1, 2, 2, 3, device="meta")]},
+        "grid_fuse sources[0] is on the meta device, which holds no values; "
+        "give tensors on a device with data (cpu, cuda)",
+    ),
+    "layer weights on the meta device": (
+        {"layer_weights": torch.ones(1, device="meta")},
+        f"grid_fuse layer_weights is on meta but the sources are on {torch.device(DEVICE)}; "
+        "all tensors must share one device",
+    ),
+    "ln_bias on the meta device": (
+        {"ln_bias": [torch.zeros(3, device="meta")]},
+        f"grid_fuse ln_bias[0] is on meta but the sources are on {torch.device(DEVICE)}; "
+        "all tensors must share one device",
+    ),
+    "out_hw an int": ({"out_hw": 4}, "grid_fuse out_hw must be a pair of positive ints (H, W), got 4"),
+    "out_hw a string of digits": (
+        {"out_hw": "44"},
+        "grid_fuse out_hw must be a pair of positive ints (H, W), got '44'",
+    ),
+    "out_hw of floats": (
+        {"out_hw": (3.0, 2)},
+        "grid_fuse out_hw must be a pair of positive ints (H, W), got (3.0, 2)",
+    ),
+    "groups an int": ({"groups": 0}, "grid_fuse groups must hold one int per source (1), got 0"),
+    "sources one tensor": (
+        {"sources": grid(1, 2, 2, 3)},
+        "grid_fuse sources must be a non-empty list of (B, h, w, C) tensors, got (1, 2, 2, 3)",
+    ),
+    "ln_weight one tensor": (
+        {"ln_weight": torch.ones(1, 3)},
+        "grid_fuse ln_weight must be None or a list with one (C,) tensor or None per source, got (1, 3)",
+    ),
+    "ln_weight entry a list": (
+        {"ln_weight": [[1.0, 1.0, 1.0]]},
+        "grid_fuse ln_weight[0] must be a (3,) tensor or None, got list",
+    ),
+    "ln_weight of ints": (
+        {"ln_weight": [torch.ones(3, dtype=torch.int64, device=DEVICE)]},
+        "grid_fuse ln_weight[0] must be floating point, got torch.int64",
+    ),
+    "mode unknown": (
+        {"mode": "bicubic"},
+        "grid_fuse mode='bicubic' is unknown; accepted: bilinear, nearest, area",
+    ),
+}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize(("overrides", "message"), BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_both_paths_refuse_a_bad_argument_with_one_message(monkeypatch, overrides, message, grad):
+    got = {}
+    for backend in BACKENDS:
+        with no_launch(), pytest.raises(ValueError) as refused:
+            fuse(backend, monkeypatch, grad, **overrides)
+        got[backend] = str(refused.value)
+    assert got == {backend: message for backend in BACKENDS}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # the interpreter also evaluates the masked-off lanes of a tile, where eps 0 divides by zero
+        pytest.param({"eps": 0}, marks=pytest.mark.filterwarnings("ignore::RuntimeWarning")),
+        {"eps": 1},
+        {"layer_weights": [-1.5]},
+        {"layer_weights": torch.tensor([0.0], device=DEVICE)},
+    ],
+    ids=["eps 0", "eps an int", "a negative weight", "a zero weight tensor"],
+)
+def test_both_paths_accept_the_edges_of_what_is_valid_and_agree(monkeypatch, overrides):
+    outputs = {}
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        outputs[backend] = fuse(backend, monkeypatch, False, **overrides)
+    assert torch.isfinite(outputs["reference"]).all()
+    torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-4, atol=1e-5)

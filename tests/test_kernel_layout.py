@@ -1,0 +1,43 @@
+"""The house rules of ``kernels/``: it imports only torch, triton and the standard library, and no
+file of it is over 600 lines except the file of jitted kernels, whose docstring states its length."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+FILES = sorted(KERNELS.glob("*.py"))
+JITTED = KERNELS / "grid_fuse_jit.py"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_imports_only_torch_triton_and_the_standard_library(path):
+    tree = ast.parse(path.read_text())
+    roots = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    roots |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    outside = roots - {"torch", "triton", "kernels"} - sys.stdlib_module_names
+    assert outside == set(), f"{path.name} imports {sorted(outside)}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_no_file_is_over_600_lines_but_the_jitted_kernels_state_their_length(path):
+    lines = len(path.read_text().splitlines())
+    if path == JITTED:
+        stated = re.search(r"\((\d+) lines\)", ast.get_docstring(ast.parse(path.read_text())) or "")
+        assert stated is not None and int(stated.group(1)) == lines, f"{path.name} has {lines} lines"
+    else:
+        assert lines <= 600, f"{path.name} has {lines} lines"
