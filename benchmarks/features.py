@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from benchmarks.fingerprint import FileIndex
 from benchmarks.io import atomic_path, atomic_write, file_sha256
 from fusion.encoders import Encoder
+from fusion.encoders.weights import tensors_sha256
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,7 @@ def resolve_cache_dir(configured: str | os.PathLike | None = None) -> Path:
 
 def parameter_digest(module: torch.nn.Module) -> str:
     """A sha256 over every parameter and buffer (names, shapes, dtypes and bytes) of ``module``."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
+    return tensors_sha256(module.state_dict())
 
 
 def encoder_key(encoder: Encoder) -> dict:
