@@ -37,7 +37,7 @@ def missing_cluster() -> str | None:
         return "sinfo did not answer within 10 s: no SLURM controller is reachable"
     states = found.stdout.split()
     if found.returncode or not {"idle", "mixed", "allocated", "completing", "planned"} & set(states):
-        why = found.stderr.strip() or f"node states {states}"
+        why = (found.stderr.strip().splitlines() or [f"node states {states}"])[-1]
         return (
             f"no SLURM node is up ({why}); start one with tests/slurm/cluster.sh start DIR and "
             "export SLURM_CONF=DIR/slurm.conf"

@@ -44,7 +44,8 @@ start() {
     # what jobs may ask for: the machine's memory less 1 GB for the system and the daemons
     memory="$(awk '/MemTotal/ {print int($2 / 1024) - 1024}' /proc/meminfo)"
     mkdir -p "$dir/munge" "$dir/state" "$dir/spool"
-    chmod 755 "$dir/munge"  # munged refuses a socket folder that others cannot enter
+    # munged refuses a socket whose folders others cannot enter (mktemp -d makes DIR 0700)
+    chmod 755 "$dir" "$dir/munge"
     dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
     chmod 400 "$dir/munge/munge.key"
     cat > "$dir/slurm.conf" << EOF
