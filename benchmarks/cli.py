@@ -4,9 +4,11 @@
 processes (add ``bench.extract_only=true`` to only fill the cache before a sweep).
 
 ``fusion-bench`` runs one benchmark, or a sweep with ``-m``; each job writes ``report.json`` (its
-finished marker) or, when it fails, ``error.json`` into its folder. A job whose folder already holds a
-report of the same resolved config (``run.config_hash``) is skipped, so re-running an interrupted
-sweep with the same ``hydra.sweep.dir`` only runs what is missing.
+finished marker) or, when it fails, ``error.json`` into its folder. A job whose config (its
+``run.config_hash``) already has a finished result, in its folder or anywhere in the sweep folder, is
+skipped, so re-running an interrupted sweep with the same ``hydra.sweep.dir`` only runs what is
+missing (see :mod:`benchmarks.sweep`). A job that fails, a bad setting included, exits non-zero with
+one line saying why (Hydra prints the whole trace with ``HYDRA_FULL_ERROR=1``; ``error.json`` keeps it).
 """
 
 from __future__ import annotations
@@ -17,24 +19,30 @@ import traceback
 from pathlib import Path
 
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-import benchmarks.config  # noqa: F401  (registers the structured config schema)
+import benchmarks.config  # noqa: F401  (registers the structured config schema and the resolvers)
 from benchmarks.config import conf_dir, config_hash
 from benchmarks.io import write_json
-from benchmarks.report import ERROR_FILE, aggregate, load_report
+from benchmarks.report import aggregate
+from benchmarks.sweep import ERROR_FILE, check_own_folder, finished_result
 
 CONF_DIR = str(conf_dir())
 
 
-def finished_report(out_dir: Path, cfg: DictConfig) -> Path | None:
-    """``out_dir/report.json`` when it exists and was written for this very config; else None."""
-    path = out_dir / "report.json"
-    try:
-        report = load_report(path)
-    except (FileNotFoundError, ValueError):  # none yet, or unreadable: the job runs (again)
+class JobFailed(CompactHydraException):
+    """A failed ``fusion-bench`` job: Hydra prints its one-line message, without a trace, and exits 1."""
+
+
+def sweep_folder() -> Path | None:
+    """The sweep folder of this Hydra job (None outside a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    return path if report.run.get("config_hash") == config_hash(cfg) else None
+    return Path(HydraConfig.get().sweep.dir)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -42,24 +50,37 @@ def bench_main(cfg: DictConfig) -> str:
     """``fusion-bench``: run the composed benchmark; returns the path of its ``report.json`` ('' when
     only features were extracted).
 
-    A failure is written to ``error.json`` in the job folder (so ``fusion-report`` lists it) and
-    re-raised.
+    Raises:
+        JobFailed: the run failed; its error (and traceback) is in ``error.json`` in the job folder, so
+            ``fusion-report`` lists it. A folder holding another config's result is refused without
+            writing anything into it.
     """
-    from benchmarks.run import output_dir, run_benchmark
+    from benchmarks.run import error_text, job_overrides, output_dir, run_benchmark
 
-    out = output_dir(cfg, None)
-    done = finished_report(out, cfg)
+    out, digest = output_dir(cfg, None), config_hash(cfg)
+    done = finished_result(digest, out, sweep_folder())
     if done is not None:
-        print(f"Skipping: {done} already holds this config's result (config_hash {config_hash(cfg)[:12]})")
+        print(f"Skipping: {done} already holds this config's result (config_hash {digest[:12]})")
         return str(done)
+    try:
+        check_own_folder(out, digest)
+    except ValueError as error:
+        raise JobFailed(f"fusion-bench: {error}") from None
     try:
         path = run_benchmark(cfg, out)
     except Exception as error:
         write_json(
             out / ERROR_FILE,
-            {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()},
+            {
+                "error": error_text(error),
+                "traceback": traceback.format_exc(),
+                "config_hash": digest,
+                "overrides": job_overrides(),
+            },
         )
-        raise
+        # one line, whatever the library wrote: the whole message and trace are in error.json
+        line = " ".join(error_text(error).split())
+        raise JobFailed(f"fusion-bench: {line} (traceback: {out / ERROR_FILE})") from error
     if path is None:  # features only (bench.extract_only, or a torchrun rank other than 0)
         return ""
     (out / ERROR_FILE).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -24,13 +25,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from benchmarks.assess import AssessOptions
-from benchmarks.datasets import DATASETS
+from benchmarks.datasets import DATASETS, ImageDataset, build_train_test
 from benchmarks.features import STORAGE_DTYPES
 from benchmarks.latency import DTYPES, LatencyOptions
 from benchmarks.llm import FAMILIES, LlmSpec, VlmOptions
 from benchmarks.planted import PLANTS
 from benchmarks.records import BASELINE
 from benchmarks.tasks import TASKS
+from benchmarks.tasks.probe import check_recipe
 from fusion import EncoderSpec
 from fusion.align import ALIGNERS
 from fusion.connector import CONNECTORS
@@ -291,11 +293,31 @@ class RunConfig:
 
 
 SCHEMA_NAME = "run_schema"
+# hex digits of config_hash that name a sweep job's folder: 48 bits, no collision in any real sweep
+FOLDER_HASH_DIGITS = 12
+
+
+def job_folder_name(*, _root_: Any) -> str:
+    """Resolver ``${config_hash:}`` (``hydra.sweep.subdir``): the leading digits of the job's
+    :func:`config_hash`, so a config always lands in its own folder of a sweep, whatever the order
+    of the values or the sweep it comes from."""
+    task = OmegaConf.masked_copy(_root_, [key for key in _root_ if key != "hydra"])
+    return config_hash(task)[:FOLDER_HASH_DIGITS]
+
+
+def run_id() -> str:
+    """Resolver ``${run_id:}`` (``hydra.run.dir``, ``hydra.sweep.dir``): this process's id, so two runs
+    started in the same second never share a folder; under ``torchrun`` the launcher's, so that all
+    ranks of one run share it. Cached, so a sweep's jobs resolve their sweep's value."""
+    return str(os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid())
 
 
 def register_configs() -> None:
-    """Register :class:`RunConfig` as ``run_schema`` (the first default of ``conf/config.yaml``)."""
+    """Register :class:`RunConfig` as ``run_schema`` (the first default of ``conf/config.yaml``) and the
+    resolvers that ``conf/config.yaml`` names its output folders with."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+    OmegaConf.register_new_resolver("config_hash", job_folder_name, replace=True)
+    OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
 
 
 register_configs()
@@ -532,16 +554,34 @@ def vlm_options(cfg: Any) -> VlmOptions:
 
 
 def probe_settings(cfg: Any) -> dict:
-    """Keyword arguments of :func:`benchmarks.tasks.run_probe` from ``task`` and ``bench.device``."""
+    """Keyword arguments of :func:`benchmarks.tasks.run_probe` from ``task`` and ``bench.device``.
+
+    Raises:
+        ValueError: a recipe value out of range (the message names its ``task.`` key).
+    """
     task = plain(cfg.task)
-    return {
-        "seeds": task["seeds"],
-        "epochs": task["epochs"],
-        "lr": task["lr"],
-        "batch_size": task["batch_size"],
-        "weight_decay": task["weight_decay"],
-        "device": cfg.bench.device,
-    }
+    recipe = {key: task[key] for key in ("seeds", "epochs", "lr", "batch_size", "weight_decay")}
+    check_recipe(**recipe, where="task.")
+    return {**recipe, "device": cfg.bench.device}
+
+
+def build_datasets(cfg: Any) -> tuple[ImageDataset, ImageDataset]:
+    """The train and test datasets that ``cfg.data`` and ``cfg.seed`` describe (file lists and
+    annotations read; no image decoded).
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`benchmarks.datasets.build_train_test`.
+    """
+    data = plain(cfg.data)
+    return build_train_test(
+        data["name"],
+        data["root"],
+        limit=data["limit"],
+        test_fraction=data["test_fraction"],
+        seed=cfg.seed,
+        require=data["require"],
+        **data["options"],
+    )
 
 
 # keys that say where or how loudly a run happens, not what it computes

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 import yaml
@@ -137,6 +138,15 @@ class ImageDataset:
         """Whether ``record`` carries ``annotation`` (``"label"``, ``"mask"`` or ``"box"``)."""
         return getattr(record, annotation) is not None
 
+    def class_count(self, annotation: str) -> int:
+        """The classes ``annotation`` takes: ``num_classes`` for labels, ``num_mask_classes`` for masks,
+        0 for boxes."""
+        return {"label": self.num_classes, "mask": self.num_mask_classes}.get(annotation, 0)
+
+    def image_paths(self) -> list[Path]:
+        """The image file of every record, in order (empty for generated data)."""
+        return [record.image for record in self.records if record.image is not None]
+
     def subset(self, indices: Sequence[int]) -> ImageDataset:
         """A dataset of the same kind holding only ``indices`` (in the order given)."""
         view = object.__new__(type(self))
@@ -145,8 +155,9 @@ class ImageDataset:
         return view
 
     def identity(self) -> dict:
-        """A JSON-able description that changes whenever the images or their labels would: name,
-        root, split, options, size and a digest of the image keys (for cache keys and reports)."""
+        """A JSON-able description of the images: name, root, split, options, size, a digest of the
+        image keys and what decodes the pixels (for cache keys and reports). The files' contents are
+        not read here; a feature cache key adds them (:class:`benchmarks.fingerprint.FileIndex`)."""
         digest = hashlib.sha256("\n".join(r.key for r in self.records).encode()).hexdigest()[:16]
         return {
             "name": self.NAME,
@@ -155,7 +166,13 @@ class ImageDataset:
             "options": self.options,
             "size": len(self),
             "keys_sha256": digest,
+            "pixels_from": self.pixels_from(),
         }
+
+    def pixels_from(self) -> dict:
+        """What the pixels depend on besides the files: the decoder (another Pillow may decode a
+        file differently)."""
+        return {"pillow": PIL.__version__}
 
     def load(self, record: Record) -> Sample:
         """Decode one record: the image, its mask (checked against the image size) and its box."""
@@ -598,6 +615,8 @@ class SyntheticShapesDataset(ImageDataset):
     NAME = "synthetic"
     NEEDS_ROOT = False
     SPLITS = ()
+    # bump whenever load() draws other pixels for the same options: it is part of every cache key
+    GENERATOR_VERSION = 1
 
     def __init__(
         self,
@@ -633,6 +652,11 @@ class SyntheticShapesDataset(ImageDataset):
 
     def has(self, record: Record, annotation: str) -> bool:
         return True
+
+    def pixels_from(self) -> dict:
+        """The generator's version and the libraries that draw (Pillow: the shapes, words and
+        resizing; numpy: the random streams); its parameters are the options."""
+        return {"generator": self.GENERATOR_VERSION, "pillow": PIL.__version__, "numpy": np.__version__}
 
     def load(self, record: Record) -> Sample:
         size, label = self.image_size, record.label

@@ -2,10 +2,11 @@
 
 Encoders are frozen, so the grids they return for one dataset never change. A sweep over fusion
 strategies reads them from here instead of running the backbone again. An entry is keyed by
-everything that changes the grids: the encoder (source, model, weights and, for a local checkpoint,
-its size and modification time; for random weights a digest of the parameters), the architecture
-overrides, the input size, the hooked layers, norm and prefix policy, the preprocessing, the
-dataset (name, root, options), the load size, the sample indices, the storage dtype and whether the
+everything that changes the grids: the encoder (source, model, and a digest of its parameters as
+loaded, whatever file or cache they came from), the architecture overrides, the input size, the
+hooked layers, norm and prefix policy, the preprocessing, the images (the caller's ``source``: for
+:mod:`benchmarks.run`, the dataset's identity and the contents of its image files, see
+:mod:`benchmarks.fingerprint`), the load size, the sample indices, the storage dtype and whether the
 grids are stored pooled (``pool=True``: each layer's tokens averaged to one ``(1, 1, C)`` cell as
 each batch is extracted, for probes that read only the mean token; memory per entry is then
 ``samples x layers x C`` values instead of ``samples x layers x h x w x C``).
@@ -42,16 +43,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from benchmarks.io import atomic_path, atomic_write
+from benchmarks.fingerprint import FileIndex
+from benchmarks.io import atomic_path, atomic_write, file_sha256
 from fusion.encoders import Encoder
-from fusion.encoders.weights import local_weights_path
+from fusion.encoders.weights import tensors_sha256
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "FUSION_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/encoder-fusion/features"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FILE_INDEX = "file-index"  # content hashes of image files (benchmarks.fingerprint), beside the entries
+FORMAT_VERSION = 2  # 2: weights keyed by their parameters, images by their files' contents
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # a shard holds whole samples and stays near this size, so no single file gets huge
 SHARD_BYTES = 256 * 2**20
@@ -72,33 +75,23 @@ def resolve_cache_dir(configured: str | os.PathLike | None = None) -> Path:
 
 def parameter_digest(module: torch.nn.Module) -> str:
     """A sha256 over every parameter and buffer (names, shapes, dtypes and bytes) of ``module``."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
+    return tensors_sha256(module.state_dict())
 
 
 def encoder_key(encoder: Encoder) -> dict:
     """The fields of ``encoder`` that determine its grids, as a JSON-ready dict.
 
-    Random weights differ between builds unless the caller seeds them, so they are keyed by a digest
-    of the parameters; a local checkpoint by its path, size and modification time.
+    The weights are keyed by a digest of the parameters as loaded, whatever they came from (random
+    initialisation, a local file or folder, a hub cache), so new weights under an old name or path
+    never meet old features; it costs one pass over the parameters (a few seconds for a ViT-L).
     """
     spec = encoder.spec
-    local = local_weights_path(spec.weights)
-    weights_file = None
-    if local is not None:
-        stat = local.stat()
-        weights_file = {"path": str(local.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {
         "source": spec.source,
         "model": spec.model,
         "weights": spec.weights,
-        "weights_file": weights_file,
         "weights_loaded": encoder.weights_loaded,
-        "parameters": parameter_digest(encoder.model) if encoder.weights_loaded == "random" else None,
+        "parameters": parameter_digest(encoder.model),
         "model_kwargs": spec.model_kwargs,
         "image_size": list(encoder.image_size),
         "layers": list(encoder.layer_indices),
@@ -118,15 +111,6 @@ def key_digest(key: Mapping) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(2**22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``fcntl`` lock on ``path`` (created if needed) for the block's duration."""
@@ -144,6 +128,13 @@ def distributed_shard() -> tuple[int, int] | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.get_rank(), dist.get_world_size()
     return None
+
+
+def extraction_device(device: str) -> str:
+    """Under ``torchrun`` on GPUs, each process extracts on its own (``LOCAL_RANK``) device."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
 
 
 def all_ranks(flag: bool) -> bool:
@@ -185,6 +176,7 @@ class FeatureCache:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"FeatureCache batch_size={batch_size!r} must be a positive int")
         self.root = resolve_cache_dir(root)
+        self.files = FileIndex(self.root / FILE_INDEX)
         self.dtype = dtype
         self.batch_size = batch_size
         self.device = torch.device(device)

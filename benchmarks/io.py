@@ -1,8 +1,10 @@
-"""Atomic file writes: a reader never sees half a file, and a failed write leaves no temporary behind."""
+"""Atomic file writes (a reader never sees half a file, and a failed write leaves no temporary behind)
+and file digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -44,3 +46,12 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
 def write_json(path: str | os.PathLike, data: object) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     return atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(2**22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

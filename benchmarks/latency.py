@@ -79,7 +79,7 @@ class LatencyOptions:
         ci_resamples: bootstrap resamples of each ratio's interval (see :func:`benchmarks.stats.ratio_ci`).
 
     Raises:
-        ValueError: naming the field, the value and what is accepted.
+        ValueError: naming the config key the field comes from, the value and what is accepted.
     """
 
     batch_sizes: tuple[int, ...] = (1,)
@@ -96,31 +96,35 @@ class LatencyOptions:
     ci_resamples: int = 2000
 
     def __post_init__(self) -> None:
+        # messages name the config keys these fields come from (benchmarks.config.latency_options)
         check_resamples(self.ci_resamples)
         sizes = self.batch_sizes
         if isinstance(sizes, int) or not isinstance(sizes, Sequence) or not sizes:
-            raise ValueError(f"latency batch_sizes must be a non-empty list of ints, got {sizes!r}")
+            raise ValueError(f"bench.latency.batch_sizes={sizes!r} must be a non-empty list of ints >= 1")
         object.__setattr__(self, "batch_sizes", tuple(sizes))
         for name, value, least in (
-            *(("batch_sizes", size, 1) for size in self.batch_sizes),
-            ("warmup", self.warmup, 0),
-            ("repeats", self.repeats, 1),
-            ("image_size", self.image_size, 1),
+            *(("bench.latency.batch_sizes", size, 1) for size in self.batch_sizes),
+            ("bench.latency.warmup", self.warmup, 0),
+            ("bench.latency.repeats", self.repeats, 1),
+            ("data.image_size", self.image_size, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"latency {name}={value!r} must be an int >= {least}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"latency threads={self.threads!r} must be None or an int >= 1")
+                raise ValueError(f"{name}={value!r} must be an int >= {least}")
+        threads = self.threads
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"bench.threads={threads!r} must be null (keep torch's count) or an int >= 1")
         if self.dtype not in DTYPES:
-            raise ValueError(f"latency dtype={self.dtype!r} is unknown; accepted: {', '.join(DTYPES)}")
+            raise ValueError(f"bench.latency.dtype={self.dtype!r} is unknown; accepted: {', '.join(DTYPES)}")
         try:
             device = torch.device(self.device)
         except RuntimeError as error:
-            raise ValueError(f"latency device={self.device!r} is not a device: {error}") from None
+            raise ValueError(f"bench.device={self.device!r} is not a device: {error}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"latency device={self.device!r} but CUDA is not available; accepted: cpu")
+            raise ValueError(f"bench.device={self.device!r} but CUDA is not available; accepted: cpu")
         if self.streams and device.type != "cuda":
-            raise ValueError(f"latency streams=true needs a CUDA device, got device={self.device!r}")
+            raise ValueError(
+                f"bench.latency.streams=true needs a CUDA device, got bench.device={self.device!r}"
+            )
 
 
 @contextlib.contextmanager

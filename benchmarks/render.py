@@ -171,6 +171,19 @@ def detection_lines(report: Report) -> list[str]:
     return ["Too few test items:", "", *lines, ""] if lines else []
 
 
+def sweep_lines(report: Report) -> list[str]:
+    """An aggregate's jobs with and without a result, near the top, so that a missing job is seen."""
+    run = report.run
+    if "finished" not in run:
+        return []
+    text = f"Sweep: {run['finished']} job(s) with a result"
+    if report.failed_jobs:
+        text += f", **{len(report.failed_jobs)} without** (see Errors)"
+    if run.get("planned") is not None:
+        text += f"; its last launch planned {run['planned']}"
+    return [text + ".", ""]
+
+
 def render_markdown(report: Report) -> str:
     """The report as markdown: the random-weights notice first (when any), the verdicts, the language
     model, then one table with a row per strategy (accuracy ± std and change against CLIP-only with
@@ -188,6 +201,7 @@ def render_markdown(report: Report) -> str:
     lines += [
         "# encoder-fusion benchmark",
         "",
+        *sweep_lines(report),
         *verdict_lines(report),
         *language_model_lines(report),
         f"Device: {env.get('device')} · torch {env.get('torch')} · {env.get('date')}  ",

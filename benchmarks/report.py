@@ -25,9 +25,9 @@ import torch
 from benchmarks.io import atomic_write, write_json
 from benchmarks.records import BASELINE, Report, StrategyRecord
 from benchmarks.render import plot_pareto, random_encoders, render_markdown
+from benchmarks.sweep import ERROR_FILE, PLAN_FILE, job_folders, job_state, planned_jobs
 
 REPORT_FILES = ("report.json", "report.md", "pareto.png")
-ERROR_FILE = "error.json"
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -168,11 +168,13 @@ def job_labels(reports: Mapping[str, Report]) -> dict[str, str]:
 def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
     """Gather every job of a sweep into one report in the format of a single run.
 
-    Each job folder holding a ``report.json`` contributes its fused strategies, named after the
-    overrides that set the job apart, and its baselines, once per distinct baseline configuration
-    (labelled by job only where one baseline name has several configurations); ratios and deltas stay
-    those measured within each job. Folders with an ``error.json`` (a job that raised), and job folders
-    with neither file (a job that died or is running), are listed under ``failed_jobs``.
+    Each finished config contributes its fused strategies, named after the overrides that set its job
+    apart, and its baselines, once per distinct baseline configuration (labelled by job only where one
+    baseline name has several configurations); ratios and deltas stay those measured within each job.
+    A config finished in two folders (a resumed sweep) counts once. ``failed_jobs`` lists every job
+    without a result: folders with an ``error.json`` (the job raised) or with neither file (it died,
+    was cancelled, or is running), and the jobs the last sweep planned (its ``multirun.yaml``) that
+    never got a folder; ``run`` says how many were planned and how many have a result.
 
     Args:
         sweep_dir: the multirun folder (``multirun/<date>/<time>`` or ``hydra.sweep.dir``).
@@ -183,34 +185,47 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
 
     Raises:
         FileNotFoundError: ``sweep_dir`` does not exist.
-        ValueError: no job folder in ``sweep_dir``.
+        ValueError: no job folder and no sweep plan in ``sweep_dir``.
     """
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
         raise FileNotFoundError(f"sweep folder {sweep} does not exist")
-    job_dirs = sorted(
-        (p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_job_dir(p)),
-        key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name),
-    )
-    if not job_dirs:
+    plan = planned_jobs(sweep)
+    states = [job_state(folder) for folder in job_folders(sweep)]
+    if not states and not plan:
         raise ValueError(
-            f"sweep folder {sweep} holds no job folder (one with report.json, {ERROR_FILE} or .hydra/)"
+            f"sweep folder {sweep} holds no job folder (one with report.json, {ERROR_FILE} or .hydra/) "
+            f"and no {PLAN_FILE}"
         )
+    order = {job: index for index, job in enumerate(plan or [])}
+    states.sort(
+        key=lambda state: min((order.get(o, len(order)) for o in state.overrides), default=len(order))
+    )
     reports: dict[str, Report] = {}
-    failed = []
-    for job_dir in job_dirs:
+    finished_hashes, finished_overrides, failed = set(), set(), []
+    for state in states:
+        if state.status != "finished" or (state.config_hash and state.config_hash in finished_hashes):
+            continue
         try:
-            if (job_dir / "report.json").is_file():
-                reports[job_dir.name] = load_report(job_dir / "report.json")
-            elif (job_dir / ERROR_FILE).is_file():
-                error = json.loads((job_dir / ERROR_FILE).read_text(encoding="utf-8"))
-                failed.append({"job": job_dir.name, "error": error.get("error", "unknown")})
-            else:
-                failed.append(
-                    {"job": job_dir.name, "error": "no report.json: the job died or is still running"}
-                )
+            reports[state.folder.name] = load_report(state.folder / "report.json")
         except ValueError as error:
-            failed.append({"job": job_dir.name, "error": f"unreadable result: {error}"})
+            failed.append({"job": state.folder.name, "error": f"unreadable result: {error}"})
+            continue
+        finished_hashes.add(state.config_hash)
+        finished_overrides.update(state.overrides)
+    for state in states:
+        # a job of a config finished elsewhere (a resumed sweep) is not a failure
+        if state.status == "finished" or state.config_hash in finished_hashes - {None}:
+            continue
+        if state.status == "unfinished" and finished_overrides.intersection(state.overrides):
+            continue
+        failed.append({"job": state.folder.name, "error": state.error})
+    covered = {o for state in states for o in state.overrides}
+    never_started = [job for job in plan or [] if job not in covered]
+    failed += [
+        {"job": ",".join(job), "error": "planned by the sweep, never started (no job folder)"}
+        for job in never_started
+    ]
     labels = job_labels(reports)
     baseline_configs: dict[str, set[str]] = {}
     for report in reports.values():
@@ -234,7 +249,12 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     first = next(iter(reports.values()), None)
     merged = build_report(
         strategies,
-        run={"sweep_dir": str(sweep), "jobs": len(job_dirs)},
+        run={
+            "sweep_dir": str(sweep),
+            "jobs": len(reports) + len(failed),
+            "planned": None if plan is None else len(plan),
+            "finished": len(reports),
+        },
         # the jobs' device (the aggregating machine may be a login node); this command and date
         env={**(first.environment if first else {}), **_now_and_command()},
         tasks=tasks,
@@ -249,7 +269,3 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
 
 def _config_key(record: StrategyRecord) -> str:
     return json.dumps(record.config, sort_keys=True, default=str)
-
-
-def _is_job_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in ("report.json", ERROR_FILE, ".hydra"))

@@ -2,8 +2,10 @@
 every strategy, time every pipeline, write the reports.
 
 The strategies of a run are the CLIP-only and DINOv2-only baselines and the configured fusion (see
-:func:`benchmarks.config.strategies`). A failure in one strategy or one task is recorded in the report
-with its error; only what every strategy needs (the dataset, the encoders) ends the run.
+:func:`benchmarks.config.strategies`). Every setting is checked before any encoder runs or any image
+is read (:mod:`benchmarks.validate`). A failure in one strategy or one task at run time is recorded in
+the report with its error; what every strategy needs (the dataset, the encoders) ends the run, and so
+does a run in which every strategy failed, once its report is written.
 """
 
 from __future__ import annotations
@@ -26,26 +28,22 @@ import torch.distributed as dist
 from benchmarks.assess import add_delta_intervals, assess
 from benchmarks.config import (
     Strategy,
-    assess_options,
     config_hash,
     encoder_specs,
     head_config,
-    latency_options,
-    probe_settings,
-    strategies,
     used_roles,
-    vlm_options,
 )
-from benchmarks.datasets import ImageDataset, build_train_test, load_batch
+from benchmarks.datasets import ImageDataset, load_batch
 from benchmarks.features import FeatureCache
-from benchmarks.latency import DTYPES, LatencyOptions, fixed_threads, measure_latency
+from benchmarks.latency import LatencyOptions, fixed_threads, measure_latency
 from benchmarks.layer_scan import depth_latency, probe_layers, recommend, scan_encoder
 from benchmarks.layer_scan import write as write_layer_scan
-from benchmarks.llm import VlmOptions, check_fits
+from benchmarks.llm import VlmOptions
 from benchmarks.planted import planted_grids
-from benchmarks.records import BASELINE, StrategyRecord
+from benchmarks.records import BASELINE, Report, StrategyRecord
 from benchmarks.report import build_report, environment, render_markdown, write_report
 from benchmarks.tasks import TASKS, FeatureSplit, run_probe
+from benchmarks.validate import CheckedRun, check_config, check_heads, strategy_heads
 from fusion import EncoderGeometry, FusedEncoder, FusionHead
 from fusion.encoders import Encoder, build_encoder
 from fusion.model import plain
@@ -103,13 +101,6 @@ def init_distributed() -> int | None:
     return dist.get_rank()
 
 
-def extraction_device(device: str) -> str:
-    """Under ``torchrun`` on GPUs, each process extracts on its own (``LOCAL_RANK``) device."""
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return device
-
-
 def error_text(error: BaseException) -> str:
     """``Type: message`` of an exception, as reports show it."""
     return f"{type(error).__name__}: {error}"
@@ -125,16 +116,12 @@ class Split:
 
     def features(self, roles: tuple[str, ...], task: str) -> FeatureSplit:
         """The probe input of ``task`` for the encoders ``roles``."""
-        num_classes = {
-            "classification": self.dataset.num_classes,
-            "dense": self.dataset.num_mask_classes,
-        }.get(task, 0)
         return FeatureSplit(
             grids=[self.grids[role] for role in roles],
             labels=self.batch["labels"],
             masks=self.batch["masks"],
             boxes=self.batch["boxes"],
-            num_classes=num_classes,
+            num_classes=self.dataset.class_count(TASKS[task].ANNOTATION),
         )
 
 
@@ -148,34 +135,29 @@ def build_encoders(cfg: Any) -> dict[str, Encoder]:
     return encoders
 
 
-def build_datasets(cfg: Any) -> tuple[ImageDataset, ImageDataset]:
-    """The train and test datasets that ``cfg.data`` and ``cfg.seed`` describe."""
-    data = plain(cfg.data)
-    return build_train_test(
-        data["name"],
-        data["root"],
-        limit=data["limit"],
-        test_fraction=data["test_fraction"],
-        seed=cfg.seed,
-        require=data["require"],
-        **data["options"],
-    )
+def image_source(dataset: ImageDataset, load_size: int, cache: FeatureCache) -> dict:
+    """What a split's pixels depend on, for the feature cache key: the dataset's identity, the
+    contents of its image files (see :mod:`benchmarks.fingerprint`) and the load size."""
+    return {
+        **dataset.identity(),
+        "contents": cache.files.digest(dataset.image_paths()),
+        "load_size": load_size,
+    }
 
 
-def load_splits(cfg: Any, encoders: Mapping[str, Encoder], cache: FeatureCache) -> tuple[dict, dict]:
-    """Build the train / test datasets, load their batches and every role's grids (cached).
+def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) -> tuple[dict, dict]:
+    """Load the train / test batches and every role's grids (cached).
 
     Returns:
         ``(splits, role_errors)``: ``{"train": Split, "test": Split}`` and role -> the error that
         stopped its extraction.
     """
-    train, test = build_datasets(cfg)
-    load_size = cfg.data.image_size
+    load_size, cache = cfg.data.image_size, checked.cache
     plants = plain(cfg.plant)
     splits, role_errors = {}, {}
-    for number, (which, dataset) in enumerate((("train", train), ("test", test))):
+    for number, (which, dataset) in enumerate((("train", checked.train), ("test", checked.test))):
         batch = load_batch(dataset, range(len(dataset)), load_size)
-        source = {**dataset.identity(), "load_size": load_size}
+        source = image_source(dataset, load_size, cache)
         grids: dict[str, list[torch.Tensor] | None] = {}
         for offset, (role, encoder) in enumerate(encoders.items()):
             if role in role_errors:
@@ -243,7 +225,7 @@ def plain_spec(encoder: Encoder) -> dict:
 
 
 def run_probes(
-    cfg: Any, plan: list[Strategy], records: dict[str, StrategyRecord], encoders, splits, role_errors
+    cfg: Any, checked: CheckedRun, records: dict[str, StrategyRecord], encoders, splits, role_errors
 ) -> dict[tuple[str, str], torch.Tensor]:
     """Every task of ``cfg.task.names`` for every strategy; results and errors go into ``records``.
 
@@ -251,9 +233,8 @@ def run_probes(
         (strategy, task) -> the per-item statistics of its test items per seed (for the paired
         intervals; kept out of the report).
     """
-    settings = probe_settings(cfg)
     items = {}
-    for strategy in plan:
+    for strategy in checked.strategies:
         record = records[strategy.name]
         missing = [role_errors[r] for r in strategy.encoders if r in role_errors]
         if missing:
@@ -266,7 +247,7 @@ def run_probes(
                 train = splits["train"].features(strategy.encoders, task)
                 test = splits["test"].features(strategy.encoders, task)
                 started = time.perf_counter()
-                result = run_probe(task, make_head, train, test, **settings)
+                result = run_probe(task, make_head, train, test, **checked.probe)
                 items[strategy.name, task] = torch.tensor(result.pop("item_stats"), dtype=torch.float64)
                 record.accuracy[task] = result
                 log.info(
@@ -355,15 +336,31 @@ def run_benchmark(
         The path of ``report.json``; None when no report was written (``extract_only``, or a rank
         other than 0).
 
+    Every setting is checked first (:mod:`benchmarks.validate`), before any encoder runs or any image
+    is read; then the encoders are built and everything that needs their geometry is checked.
+
     Raises:
-        ValueError, FileNotFoundError: a config, dataset or encoder error that leaves nothing to measure.
+        ValueError, FileNotFoundError: a bad setting (named with its value and what is accepted), or a
+            dataset or encoder error that leaves nothing to measure.
+        RuntimeError: every strategy failed (their errors are in the report written first).
     """
+    checked = check_config(cfg)
     configure_hub(plain(cfg.bench.hub))
     with fixed_threads(cfg.bench.threads):
-        return _run(cfg, out_dir, command)
+        return _run(cfg, checked, out_dir, command)
 
 
-def run_layer_scan(cfg: Any, out: Path, command: str | None) -> Path:
+def layer_geometry(encoder: Encoder, layer: int) -> EncoderGeometry:
+    """The geometry of one layer of an encoder read alone (its own width and grid: a ConvNeXt's
+    stages differ in both)."""
+    info = encoder.layers[layer]
+    height, width = encoder.image_size
+    return EncoderGeometry(
+        encoder.spec.name, info.channels, (height // info.reduction, width // info.reduction), 1
+    )
+
+
+def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -> Path:
     """``experiment=layer_scan`` (see :mod:`benchmarks.layer_scan`): every encoder hooked at every
     block, one pass over the data each, a probe per layer and task, latency by depth.
 
@@ -371,26 +368,32 @@ def run_layer_scan(cfg: Any, out: Path, command: str | None) -> Path:
         The path of ``layer_scan.json``.
     """
     tasks = plain(cfg.task.names)
-    resamples = assess_options(cfg).ci_resamples
-    options = latency_options(cfg)
     pooled = all(TASKS[task].POOLED for task in tasks)
     seconds: dict[str, float] = {}
     with phase("encoders", seconds):
         encoders = {role: scan_encoder(spec) for role, spec in encoder_specs(cfg).items()}
-    cache = FeatureCache(
-        cfg.bench.cache_dir,
-        dtype=plain(cfg.bench.cache_dtype),
-        batch_size=cfg.bench.extract_batch_size,
-        device=cfg.bench.device,
-        progress=cfg.bench.progress,
-    )
-    datasets = dict(zip(("train", "test"), build_datasets(cfg)))
-    batches = {which: load_batch(d, range(len(d)), cfg.data.image_size) for which, d in datasets.items()}
-    num_classes = {
-        "classification": datasets["train"].num_classes,
-        "dense": datasets["train"].num_mask_classes,
-        "localization": 0,
+    # one layer at a time, bilinear to the encoder's own grid: what each block carries alone
+    heads = {
+        role: {
+            **head_config(cfg, (role,)),
+            "grid": None,
+            "align": {"kind": "bilinear"},
+            "layer_merge": {"kind": "last"},
+        }
+        for role in encoders
     }
+    check_heads(
+        cfg,
+        encoders.values(),
+        (
+            (f"the layer-scan head of {e.spec.name!r} layer {layer}", [layer_geometry(e, layer)], heads[role])
+            for role, e in encoders.items()
+            for layer in range(e.depth)
+        ),
+    )
+    datasets = {"train": checked.train, "test": checked.test}
+    batches = {which: load_batch(d, range(len(d)), cfg.data.image_size) for which, d in datasets.items()}
+    num_classes = {task: checked.train.class_count(TASKS[task].ANNOTATION) for task in TASKS}
     scan: dict[str, Any] = {
         "environment": environment(cfg.bench.device, command),
         "run": {**plain(cfg), "overrides": job_overrides(), "config_hash": config_hash(cfg)},
@@ -406,20 +409,24 @@ def run_layer_scan(cfg: Any, out: Path, command: str | None) -> Path:
         with phase(f"layer scan of {name}", seconds):
             grids = {}
             for which, dataset in datasets.items():
-                source = {**dataset.identity(), "load_size": cfg.data.image_size}
+                source = image_source(dataset, cfg.data.image_size, checked.cache)
                 images = batches[which]["images"]
                 indices = list(range(len(dataset)))
-                grids[which] = cache.grids(
+                grids[which] = checked.cache.grids(
                     encoder, source, indices, lambda i, b=images: b[list(i)], pool=pooled
                 )
                 scan["feature_bytes"] += sum(g.numel() * g.element_size() for g in grids[which])
-            # one layer at a time, bilinear to the encoder's own grid: what each block carries alone
-            head = {**head_config(cfg, (role,)), "grid": None, "align": {"kind": "bilinear"}}
-            head["layer_merge"] = {"kind": "last"}
             rows, errors = probe_layers(
-                encoder, grids, batches, num_classes, head, probe_settings(cfg), tasks, resamples
+                encoder,
+                grids,
+                batches,
+                num_classes,
+                heads[role],
+                checked.probe,
+                tasks,
+                checked.judging.ci_resamples,
             )
-            latency = depth_latency(encoder.spec, encoder.depth, options)
+            latency = depth_latency(encoder.spec, encoder.depth, checked.latency)
         for row, milliseconds in zip(rows, latency):
             row["latency_ms"] = milliseconds
         scan["encoders"][name] = {
@@ -441,40 +448,32 @@ def run_layer_scan(cfg: Any, out: Path, command: str | None) -> Path:
     return path
 
 
-def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Path | None:
+def _run(
+    cfg: Any, checked: CheckedRun, out_dir: str | os.PathLike | None, command: str | None
+) -> Path | None:
     out = output_dir(cfg, out_dir)
     if plain(cfg.bench.mode) == "layer_scan":
-        return run_layer_scan(cfg, out, command)
-    # every setting that can be checked without a model is checked before any model is built
-    plan = strategies(cfg)
-    options, vlm, judging = latency_options(cfg), vlm_options(cfg), assess_options(cfg)
-    if vlm.llm is not None and not cfg.bench.extract_only:
-        check_fits(vlm.llm, DTYPES[options.dtype] or torch.float32, torch.device(options.device))
+        return run_layer_scan(cfg, checked, out, command)
     seconds: dict[str, float] = {}
     with phase("encoders", seconds):
         encoders = build_encoders(cfg)
+    check_heads(cfg, encoders.values(), strategy_heads(checked.strategies, encoders))
     rank = init_distributed()
-    cache = FeatureCache(
-        cfg.bench.cache_dir,
-        dtype=plain(cfg.bench.cache_dtype),
-        batch_size=cfg.bench.extract_batch_size,
-        device=extraction_device(cfg.bench.device),
-        progress=cfg.bench.progress and not rank,
-    )
+    checked.cache.progress = cfg.bench.progress and not rank
     with phase("data and features", seconds):
-        splits, role_errors = load_splits(cfg, encoders, cache)
+        splits, role_errors = load_splits(cfg, encoders, checked)
     if rank is not None:
         dist.destroy_process_group()
     if cfg.bench.extract_only or rank:
         where = "" if rank is None else f" (rank {rank})"
-        print(f"Features cached in {cache.root}{where}; errors: {role_errors or 'none'}")
+        print(f"Features cached in {checked.cache.root}{where}; errors: {role_errors or 'none'}")
         return None
-    records = {s.name: strategy_record(s, encoders, plain(cfg.plant)) for s in plan}
+    records = {s.name: strategy_record(s, encoders, plain(cfg.plant)) for s in checked.strategies}
     with phase("probes", seconds):
-        items = run_probes(cfg, plan, records, encoders, splits, role_errors)
-        add_delta_intervals(records, items, BASELINE, judging)
+        items = run_probes(cfg, checked, records, encoders, splits, role_errors)
+        add_delta_intervals(records, items, BASELINE, checked.judging)
     with phase("latency", seconds):
-        run_latency(plan, records, encoders, options, vlm)
+        run_latency(checked.strategies, records, encoders, checked.latency, checked.vlm)
     run = {
         **plain(cfg),
         "overrides": job_overrides(),
@@ -491,8 +490,25 @@ def _run(cfg: Any, out_dir: str | os.PathLike | None, command: str | None) -> Pa
     )
     for record in report.strategies:
         if record.role == "fused":
-            assess(record, judging)
+            assess(record, checked.judging)
     path = write_report(report, out)
     print(render_markdown(report))
     print(f"Report: {path.resolve()}  (report.md, pareto.png beside it)")
+    check_some_strategy_succeeded(report, out)
     return path
+
+
+def check_some_strategy_succeeded(report: Report, out: Path) -> None:
+    """A run in which every strategy recorded an error answers nothing: it fails, once its report
+    (which lists the errors) is written.
+
+    Raises:
+        RuntimeError: naming the report and the first strategy's first error.
+    """
+    if all(record.errors for record in report.strategies):
+        record = report.strategies[0]
+        first = record.errors[0]
+        raise RuntimeError(
+            f"every strategy failed (their errors: {out / 'report.md'}); first: {record.name} / "
+            f"{first['where']}: {first['error']}"
+        )

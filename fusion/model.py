@@ -28,6 +28,7 @@ from fusion.connector import CONNECTORS
 from fusion.deepstack import deepstack_entries
 from fusion.encoders import Encoder, EncoderSpec, build_encoder
 from fusion.encoders.base import as_hw
+from fusion.encoders.weights import check_finite, fit_problems, tensors_sha256
 from fusion.head import EncoderGeometry, FusionHead, check_layer_merge
 from fusion.merge import ENCODER_MERGES, LAYER_COMBINES
 
@@ -264,38 +265,61 @@ class FusedEncoder(nn.Module):
         }
 
     def save_trained(self, path: str | os.PathLike) -> Path:
-        """Write the trained tensors to a safetensors file, with :attr:`config` as JSON in its metadata.
+        """Write the trained tensors to a safetensors file, with :attr:`config` as JSON and a sha256 of
+        the tensors in its metadata.
 
         Only the head is written (and the encoders when ``freeze_encoders=False``), so the file stays
         small; the write is atomic (a temporary file renamed into place).
 
         Returns:
             The path written.
+
+        Raises:
+            ValueError: a folder on the way to ``path`` is a file (named).
+            OSError: the file cannot be written (the message names it).
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(
+                f"save_trained path {path}: {blocking} is a file, not a folder; accepted: a path whose "
+                "parents are folders (or do not exist yet)"
+            )
         tensors = {key: tensor.detach().contiguous().clone() for key, tensor in self.trained_state().items()}
-        metadata = {"format": TRAINED_FORMAT, "config": json.dumps(self.config, sort_keys=True)}
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
+        metadata = {
+            "format": TRAINED_FORMAT,
+            "config": json.dumps(self.config, sort_keys=True),
+            "sha256": tensors_sha256(tensors),
+        }
+        temporary = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(handle)
             save_file(tensors, temporary, metadata=metadata)
             os.replace(temporary, path)
+        except OSError as error:
+            raise OSError(f"save_trained could not write {path}: {error.strerror or error}") from error
         finally:
-            if os.path.exists(temporary):
+            if temporary is not None and os.path.exists(temporary):
                 os.remove(temporary)
         return path
 
     def load_trained(self, path: str | os.PathLike) -> FusedEncoder:
         """Load tensors written by :meth:`save_trained` into this model, in place; returns ``self``.
 
-        Build the model from the file's config first (``FusedEncoder.from_config(config)``) when
-        it is not at hand; the config is in the file's metadata under ``"config"``.
+        All or nothing: the file is read and checked whole (format, config, keys, shapes, the
+        checksum of its tensors, finite values) before any tensor of the model changes. Build the
+        model from the file's config first (``FusedEncoder.from_config(config)``) when it is not at
+        hand; the config is in the file's metadata under ``"config"``. A file written before
+        checksums were stored (no ``"sha256"`` in its metadata) loads without that check.
 
         Raises:
             FileNotFoundError: no file at ``path``.
-            ValueError: not a trained-fusion safetensors file, a config that differs from this
-                model's (the differing fields are named), or tensors that do not fit.
+            ValueError: naming the file: not a trained-fusion safetensors file, metadata that does not
+                parse, a config that differs from this model's (the differing fields are named),
+                tensors that do not fit (a few named), tensors that differ from the checksum written
+                with them (the file was altered or damaged), or NaN or Inf values (a few named).
         """
         path = Path(path)
         if not path.is_file():
@@ -311,7 +335,13 @@ class FusedEncoder(nn.Module):
                 f"{path} is not a trained-fusion file (metadata format {metadata.get('format')!r}, "
                 f"expected {TRAINED_FORMAT!r}); write it with FusedEncoder.save_trained"
             )
-        saved, current = {**ADDED_FIELDS, **json.loads(metadata["config"])}, self.config
+        try:
+            saved = json.loads(metadata["config"])
+            if not isinstance(saved, dict):
+                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+        except ValueError as error:
+            raise ValueError(f"{path}: its metadata 'config' is not a JSON config ({error})") from None
+        saved, current = {**ADDED_FIELDS, **saved}, self.config
         differing = [key for key in CONFIG_FIELDS if saved.get(key) != current.get(key)]
         if differing:
             details = "; ".join(
@@ -319,15 +349,16 @@ class FusedEncoder(nn.Module):
             )
             raise ValueError(f"{path} was trained with a different config ({details})")
         expected = self.trained_state()
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{path} does not fit this model: missing {missing}, unexpected {unexpected}")
+        problems = fit_problems(expected, tensors)
+        if problems:
+            raise ValueError(f"{path} does not fit this model: " + "; ".join(problems))
+        if "sha256" in metadata and tensors_sha256(tensors) != metadata["sha256"]:
+            raise ValueError(
+                f"{path}: its tensors differ from the sha256 written with them; the file was altered or "
+                "damaged after it was saved (save it again)"
+            )
+        check_finite(tensors, str(path))
         with torch.no_grad():
             for key, tensor in expected.items():
-                if tensor.shape != tensors[key].shape:
-                    raise ValueError(
-                        f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                        f"the model needs {tuple(tensor.shape)}"
-                    )
                 tensor.copy_(tensors[key])
         return self

@@ -48,6 +48,16 @@ def run_ok(command: list[str], env: dict, timeout: int = 300) -> subprocess.Comp
     return result
 
 
+def job_reports(sweep: Path) -> dict[str, Path]:
+    """The ``report.json`` of each finished job of a sweep (its folders are named by config hash), by
+    each override that only that job has (``fusion=comm``)."""
+    found: dict[str, list[Path]] = {}
+    for path in sweep.glob("*/report.json"):
+        for override in json.loads(path.read_text())["run"]["overrides"]:
+            found.setdefault(override, []).append(path)
+    return {override: paths[0] for override, paths in found.items() if len(paths) == 1}
+
+
 def check_report(path: Path, tasks: list[str], fused: str) -> dict:
     """The report's files and the fields every record must carry; returns the report."""
     report = load_report(path)
@@ -143,17 +153,54 @@ def test_a_second_strategy_on_the_same_data_extracts_nothing(tmp_path, monkeypat
     check_report(path, ["classification"], "mmvp_interleave")
 
 
-def test_a_failing_strategy_is_recorded_not_lost(tmp_path):
-    # a 3x3 target cannot be pixel-unshuffled from the 4x4 grids: every head fails to build
-    path = run_benchmark(
-        make(f"bench.cache_dir={tmp_path / 'cache'}", "align=pixel_unshuffle", "align.grid=[3,3]"), tmp_path
+def test_a_failing_strategy_is_recorded_not_lost(tmp_path, monkeypatch):
+    """A failure that no setting predicts (here the fused strategy's probe) is recorded against its
+    strategy; the other strategies keep their results and the run succeeds."""
+    import benchmarks.run
+
+    original = benchmarks.run.run_probe
+
+    def failing_when_fused(task, make_head, train, test, **settings):
+        if len(train.grids) == 2:
+            raise RuntimeError("probe diverged")
+        return original(task, make_head, train, test, **settings)
+
+    monkeypatch.setattr(benchmarks.run, "run_probe", failing_when_fused)
+    report = load_report(run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path))
+    clip, dino, fused = report.strategies
+    assert fused.errors == [{"where": "probe:classification", "error": "RuntimeError: probe diverged"}]
+    assert fused.accuracy["classification"]["mean"] is None and fused.latency is not None
+    assert not clip.errors and not dino.errors and clip.accuracy["classification"]["mean"] is not None
+    text = (tmp_path / "report.md").read_text()
+    assert "- eagle / probe:classification: RuntimeError: probe diverged" in text
+
+
+def test_a_run_whose_every_strategy_failed_fails_after_writing_its_report(tmp_path, monkeypatch):
+    import benchmarks.run
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("probe diverged")
+
+    monkeypatch.setattr(benchmarks.run, "run_probe", failing)
+    with pytest.raises(RuntimeError, match=r"every strategy failed .*first: clip_only / probe:classif"):
+        run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path)
+    report = load_report(tmp_path / "report.json")
+    assert all(s.errors for s in report.strategies)
+    # through the Hydra main: exit 1, one line, error.json beside the report for fusion-report
+    failing_main = (
+        "import benchmarks.run as run\n"
+        "def failing(*args, **kwargs): raise RuntimeError('probe diverged')\n"
+        "run.run_probe = failing\n" + BENCH
     )
-    report = load_report(path)
-    for record in report.strategies:
-        wheres = {e["where"] for e in record.errors}
-        assert {"probe:classification", "latency"} <= wheres
-        assert record.accuracy["classification"]["mean"] is None
-    assert "## Errors" in (tmp_path / "report.md").read_text()
+    run_dir = f"hydra.run.dir={tmp_path / 'cli'}"
+    command, env = bench_process("experiment=smoke", run_dir, cache=tmp_path / "cache")
+    result = subprocess.run(
+        [sys.executable, "-c", failing_main, *command[3:]], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "fusion-bench: RuntimeError: every strategy failed" in result.stderr
+    assert (tmp_path / "cli" / "report.json").is_file()
+    assert "every strategy failed" in json.loads((tmp_path / "cli" / "error.json").read_text())["error"]
 
 
 def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
@@ -175,12 +222,13 @@ def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
         assert record.accuracy["dense"]["metric"] == "miou"
         check_layer_weights(record, ["classification", "dense", "localization"])
     assert all("layer_weights" in s.accuracy["dense"]["extra"] for s in report.strategies)
+    # Tiny-ImageNet has no masks: the probes it can feed
     tiny = run_benchmark(
         make(
             "data=tinyimagenet",
             f"data.root={datasets_root}",
             "data.limit=400",
-            "task=all",
+            "task.names=[classification,localization]",
             f"bench.cache_dir={tmp_path / 'cache'}",
         ),
         tmp_path / "tiny",
@@ -188,16 +236,10 @@ def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
     report = load_report(tiny)
     assert report.run["data_sizes"] == {"train": 200, "test": 200}
     for record in report.strategies:
-        # Tiny-ImageNet has no masks: the dense probe's error is recorded, the other probes ran
-        assert [e["where"] for e in record.errors] == ["probe:dense"]
-        assert "masks" in record.errors[0]["error"]
+        assert not record.errors, record.errors
         assert 0.0 <= record.accuracy["classification"]["mean"] <= 1.0
         assert 0.0 <= record.accuracy["localization"]["mean"] <= 1.0
-    assert json.loads((tmp_path / "tiny" / "report.json").read_text())["tasks"] == [
-        "classification",
-        "dense",
-        "localization",
-    ]
+    assert report.tasks == ["classification", "localization"]
 
 
 def test_a_sweep_killed_midway_resumes_and_aggregates(tmp_path):
@@ -212,19 +254,25 @@ def test_a_sweep_killed_midway_resumes_and_aggregates(tmp_path):
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while not (sweep / "0" / "report.json").exists():
+        while not list(sweep.glob("*/report.json")):
             assert first.poll() is None and time.monotonic() < deadline, "job 0 never finished"
             time.sleep(0.1)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert not (sweep / "2" / "report.json").exists(), "the sweep was not interrupted midway"
-    finished = (sweep / "0" / "report.json").read_bytes()
+    (done,) = sweep.glob("*/report.json")  # the sweep was interrupted midway
+    finished = done.read_bytes()
+    # fusion-report on the interrupted sweep names the two planned jobs that never ran
+    assert report_main([str(sweep)]) == 0
+    partial = load_report(sweep / "report.json")
+    assert partial.run["planned"] == 3 and partial.run["finished"] == 1
+    assert len(partial.failed_jobs) == 2
+    assert "Sweep: 1 job(s) with a result, **2 without**" in (sweep / "report.md").read_text()
 
     second = run_ok(command, env)
-    assert f"Skipping: {sweep / '0' / 'report.json'} already holds this config's result" in second.stdout
-    assert (sweep / "0" / "report.json").read_bytes() == finished  # not run again
-    assert all((sweep / str(job) / "report.json").is_file() for job in range(3))
+    assert f"Skipping: {done} already holds this config's result" in second.stdout
+    assert done.read_bytes() == finished  # not run again
+    assert len(list(sweep.glob("*/report.json"))) == 3
 
     assert report_main([str(sweep)]) == 0
     report = load_report(sweep / "report.json")
@@ -265,8 +313,9 @@ def test_a_smoke_sweep_over_the_newer_multilayer_presets(tmp_path):
     run_ok(command, env)
     # the smoke encoders' 4x4 grids: sparse_token adds 16 // 8 = 2 pooled tokens for each of 2 layers
     tokens = {"dense_connector_sti": 16 + 2 * 2, "dense_connector_dci": 16, "mmfuser": 16, "deepstack": 16}
-    for job, preset in enumerate(presets):
-        report = check_report(sweep / str(job) / "report.json", ["classification"], preset)
+    reports = job_reports(sweep)
+    for preset in presets:
+        report = check_report(reports[f"fusion={preset}"], ["classification"], preset)
         for record in report.strategies:
             assert not record.errors, (preset, record.errors)
         fused = report.strategies[-1]
@@ -276,7 +325,7 @@ def test_a_smoke_sweep_over_the_newer_multilayer_presets(tmp_path):
         assert ("deepstack" in fused.latency["stages"]) is (preset == "deepstack")
     # the CLIP-only baseline keeps CLIP's DeepStack layers: it differs only in the second encoder
     layers = [
-        s.config["head"]["deepstack_layers"] for s in load_report(sweep / "3" / "report.json").strategies
+        s.config["head"]["deepstack_layers"] for s in load_report(reports["fusion=deepstack"]).strategies
     ]
     assert layers == [{"clip": [-9, -5, -2]}, {}, {"clip": [-9, -5, -2]}]
 
@@ -292,8 +341,9 @@ def test_parallel_jobs_on_submitit_local_share_one_cache(tmp_path):
         cache=tmp_path / "cache",
     )
     run_ok(command, env, timeout=400)
-    for job in ("0", "1"):
-        check_report(sweep / job / "report.json", ["classification"], ["eagle", "mmvp_interleave"][int(job)])
+    reports = job_reports(sweep)
+    for fused in ("eagle", "mmvp_interleave"):
+        check_report(reports[f"fusion={fused}"], ["classification"], fused)
     # both jobs read the same encoders on the same data: one entry per encoder and split, each whole
     entries = sorted(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
     assert len(entries) == 4

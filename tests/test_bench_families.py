@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from test_bench_e2e import bench_process, check_report, run_ok
+from test_bench_e2e import bench_process, check_report, job_reports, run_ok
 
 from benchmarks.cli import report_main
 from benchmarks.report import load_report
@@ -19,8 +19,8 @@ def test_smoke_sweep_of_tiny_siglip2_against_tiny_dinov3(tmp_path):
         f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache",
     )  # fmt: skip
     run_ok(command, env)
-    for job, fused in (("0", "eagle"), ("1", "comm")):
-        report = check_report(sweep / job / "report.json", ["classification"], fused)
+    for fused in ("eagle", "comm"):
+        report = check_report(job_reports(sweep)[f"fusion={fused}"], ["classification"], fused)
         models = {
             role: spec["model"] for s in report.strategies for role, spec in s.config["encoders"].items()
         }

@@ -18,6 +18,7 @@ from PIL import Image
 
 from benchmarks.config import (
     ROLES,
+    build_datasets,
     config_hash,
     encoder_specs,
     head_config,
@@ -26,7 +27,6 @@ from benchmarks.config import (
     probe_settings,
     strategies,
 )
-from benchmarks.run import build_datasets
 from benchmarks.tasks import TASKS
 from fusion import EncoderGeometry, FusedEncoder, FusionHead
 from fusion.encoders import build_encoder

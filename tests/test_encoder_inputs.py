@@ -189,7 +189,7 @@ def test_unknown_source_library_is_refused():
         ("timm", "convnext_base", {"depths": (1, 1, 1, 1), "dims": (8, 8, 8, 8)}, r"'post' is not available"),
         ("open_clip", "ViT-B-16", {"depth": 2}, r"key 'depth' is not an open_clip vision setting"),
         ("transformers", "dinov2", {"not_a_field": 1}, r"'not_a_field' is not a setting of Dinov2Config"),
-        ("timm", "vit_small_patch14_dinov2", {"not_a_field": 1}, r"model_kwargs \['not_a_field'\]"),
+        ("timm", "vit_small_patch14_dinov2", {"not_a_field": 1}, r"model_kwargs={'not_a_field': 1} are not"),
     ],
 )
 def test_models_and_settings_the_adapters_cannot_serve_are_refused(source, model, kwargs, message):

@@ -117,18 +117,27 @@ def test_every_key_field_makes_a_new_entry(tmp_path):
     assert cache.entry_dir(cache.key(other, SOURCE, INDICES)) != seen["base"]
 
 
-def test_a_local_checkpoint_is_keyed_by_size_and_mtime(tmp_path):
-    encoder = tiny("dino")
+def test_a_local_checkpoint_is_keyed_by_its_weights_not_its_name_or_mtime(tmp_path):
     path = tmp_path / "dino.safetensors"
-    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, path)
-    spec = replace(encoder.spec, weights=str(path), on_missing="error")
+
+    def write(seed: int) -> None:
+        weights = tiny("dino", seed=seed).model.state_dict()
+        save_file({k: v.contiguous() for k, v in weights.items()}, path)
+
+    def entry():
+        spec = replace(tiny("dino").spec, weights=str(path), on_missing="error")
+        return cache.entry_dir(cache.key(build_encoder(spec), SOURCE, INDICES))
+
     cache = FeatureCache(tmp_path / "cache", progress=False)
-    before = cache.key(build_encoder(spec), SOURCE, INDICES)
-    assert before["encoder"]["weights_file"]["size"] == path.stat().st_size
-    stamp = path.stat().st_mtime_ns + 5_000_000_000
+    write(seed=0)
+    stamp = path.stat().st_mtime_ns
+    before = entry()
+    later = stamp + 5_000_000_000
+    os.utime(path, ns=(later, later))
+    assert entry() == before  # touched, same weights: the same features
+    write(seed=1)  # other weights under the same name, size and modification time
     os.utime(path, ns=(stamp, stamp))
-    after = cache.key(build_encoder(spec), SOURCE, INDICES)
-    assert cache.entry_dir(after) != cache.entry_dir(before)
+    assert entry() != before
 
 
 def damage_missing_manifest(entry: Path) -> None:

@@ -124,13 +124,14 @@ def test_bf16_and_compile_paths_run_with_a_language_model(vlm_pipelines):
     ("field", "value", "message"),
     [
         ("dtype", "fp8", r"dtype='fp8' is unknown; accepted: fp32, bf16"),
-        ("batch_sizes", (), r"batch_sizes must be a non-empty list"),
+        ("batch_sizes", (), r"bench.latency.batch_sizes=\(\) must be a non-empty list"),
         ("batch_sizes", (2, 0), r"batch_sizes=0 must be an int >= 1"),
         ("repeats", 0, r"repeats=0 must be an int >= 1"),
         ("warmup", -1, r"warmup=-1 must be an int >= 0"),
-        ("threads", 0, r"threads=0 must be None or an int >= 1"),
+        ("threads", 0, r"bench.threads=0 must be null \(keep torch's count\) or an int >= 1"),
         ("streams", True, r"streams=true needs a CUDA device"),
-        ("device", "tpu9", r"device='tpu9' is not a device"),
+        ("device", "tpu9", r"bench.device='tpu9' is not a device"),
+        ("image_size", 0, r"data.image_size=0 must be an int >= 1"),
     ],
 )
 def test_bad_options_name_the_field(field, value, message):

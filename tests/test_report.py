@@ -330,7 +330,7 @@ def test_aggregate_lists_every_job_and_every_failure(tmp_path):
     )
     assert [j["job"] for j in report.failed_jobs] == ["3", "4"]
     assert "does not divide 14" in report.failed_jobs[0]["error"]
-    assert "died or is still running" in report.failed_jobs[1]["error"]
+    assert "the job died, was cancelled or is still running" in report.failed_jobs[1]["error"]
     text = (sweep / "report.md").read_text()
     assert text.startswith("**RANDOM WEIGHTS")
     assert "- job 3: ValueError: align.grid=[5, 5] does not divide 14" in text

@@ -427,7 +427,7 @@ def test_run_probe_errors(honesty_features):
     with pytest.raises(ValueError, match=r"localization probe needs train FeatureSplit\.boxes"):
         run_probe("localization", make_head, train, test)
     for field, value in (("epochs", 0), ("batch_size", -2), ("lr", 0.0), ("seeds", []), ("seeds", [0.5])):
-        with pytest.raises(ValueError, match=f"run_probe {field} must be"):
+        with pytest.raises(ValueError, match=f"run_probe {field}=.* must be"):
             run_probe("classification", make_head, train, test, **{field: value})
     with pytest.raises(ValueError, match="make_head must be a callable"):
         run_probe("classification", None, train, test)

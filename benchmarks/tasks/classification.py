@@ -32,6 +32,7 @@ class ClassificationTask(ClassIdTask, MeanOfItemsTask):
     NAME = "classification"
     METRIC = "top1"
     TARGET = "labels"
+    ANNOTATION = "label"
     POOLED = True
 
     def valid(self, targets: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,7 @@ class DenseTask(ClassIdTask):
     NAME = "dense"
     METRIC = "miou"
     TARGET = "masks"
+    ANNOTATION = "mask"
     INPUT = "grid"
 
     def targets(self, split: FeatureSplit, grid_hw: tuple[int, int]) -> torch.Tensor:

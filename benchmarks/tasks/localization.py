@@ -62,6 +62,7 @@ class LocalizationTask(MeanOfItemsTask):
     NAME = "localization"
     METRIC = "mean_iou"
     TARGET = "boxes"
+    ANNOTATION = "box"
     INPUT = "grid"
 
     def check(self, split: FeatureSplit, which: str) -> None:

@@ -94,13 +94,15 @@ class ProbeTask:
 
     Attributes:
         NAME: registry name. METRIC: the main metric's name. TARGET: the :class:`FeatureSplit`
-        field it reads. INPUT: ``"tokens"`` (the head gets ``(B, N, D)``) or ``"grid"`` (it gets
-        ``fusion.to_grid(tokens)``, ``(B, H, W, D')``).
+        field it reads. ANNOTATION: the dataset annotation that field comes from (``label``,
+        ``mask``, ``box``; see :mod:`benchmarks.datasets`). INPUT: ``"tokens"`` (the head gets
+        ``(B, N, D)``) or ``"grid"`` (it gets ``fusion.to_grid(tokens)``, ``(B, H, W, D')``).
     """
 
     NAME: ClassVar[str]
     METRIC: ClassVar[str]
     TARGET: ClassVar[str]
+    ANNOTATION: ClassVar[str]
     INPUT: ClassVar[str] = "tokens"
     # the head reads only the mean token, so a layer scan may cache features pooled
     POOLED: ClassVar[bool] = False
@@ -203,10 +205,35 @@ class ProbeModel(nn.Module):
         return self.head(self.fusion.to_grid(tokens) if self.head_input == "grid" else tokens)
 
 
-def _positive(value, name: str, kinds: tuple[type, ...]) -> None:
-    if not isinstance(value, kinds) or isinstance(value, bool) or not value > 0:
-        kind = " or ".join(k.__name__ for k in kinds)
-        raise ValueError(f"run_probe {name} must be a positive {kind}, got {value!r}")
+def check_recipe(
+    seeds: Sequence[int] | int, epochs: int, lr: float, batch_size: int, weight_decay: float, where: str
+) -> list[int]:
+    """Check a probe's training recipe; returns the seeds as a list.
+
+    Args:
+        where: how the messages name the fields (``"run_probe "``, or ``"task."`` for the config keys).
+
+    Raises:
+        ValueError: naming the field, the value and what is accepted.
+    """
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"{where}seeds={seeds!r} must be a non-empty list of ints")
+    for name, value, kinds in (
+        ("epochs", epochs, (int,)),
+        ("batch_size", batch_size, (int,)),
+        ("lr", lr, (int, float)),
+    ):
+        if not isinstance(value, kinds) or isinstance(value, bool) or not 0 < value < math.inf:
+            kind = " or ".join(k.__name__ for k in kinds)
+            raise ValueError(f"{where}{name}={value!r} must be a positive, finite {kind}")
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or not 0 <= weight_decay < math.inf
+    ):
+        raise ValueError(f"{where}weight_decay={weight_decay!r} must be a finite number >= 0")
+    return seeds
 
 
 def _check_matching(train: FeatureSplit, test: FeatureSplit) -> None:
@@ -342,14 +369,7 @@ def run_probe(
     probe = TASKS[task]
     if not callable(make_head):
         raise ValueError(f"run_probe make_head must be a callable returning a FusionHead, got {make_head!r}")
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"run_probe seeds must be a non-empty list of ints, got {seeds!r}")
-    _positive(epochs, "epochs", (int,))
-    _positive(batch_size, "batch_size", (int,))
-    _positive(lr, "lr", (int, float))
-    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"run_probe weight_decay must be a number >= 0, got {weight_decay!r}")
+    seeds = check_recipe(seeds, epochs, lr, batch_size, weight_decay, "run_probe ")
     probe.check(train, "train")
     probe.check(test, "test")
     _check_matching(train, test)

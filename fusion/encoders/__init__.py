@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 
 from fusion.encoders.base import SOURCES, Encoder, EncoderSpec, LayerInfo, LayerTokens, Preprocessing
+from fusion.encoders.weights import looks_like_path
 
 # source library -> "module:builder"; each builder takes an EncoderSpec and returns an Encoder
 ADAPTERS: dict[str, str] = {
@@ -43,9 +45,18 @@ def build_encoder(spec: EncoderSpec | dict) -> Encoder:
 
     Raises:
         ValueError: unknown source or model, layer index out of range, a checkpoint that does not fit.
-        FileNotFoundError: a missing weights path, or no weights with ``on_missing="error"``.
+        FileNotFoundError: a model or weights path where nothing is, or no weights with
+            ``on_missing="error"``.
     """
     spec = EncoderSpec.from_any(spec)
+    folder = Path(spec.model).expanduser()
+    if looks_like_path(spec.model) and not folder.exists():
+        # a path is never a model name: say so, rather than look it up on a hub
+        raise FileNotFoundError(
+            f"EncoderSpec.model={spec.model!r} of encoder {spec.name!r} is a local path, and there is no "
+            f"folder at {folder.resolve()}; accepted: an existing model folder (source='transformers') or "
+            f"a model name of source={spec.source!r}"
+        )
     return adapter_for(spec.source)(spec)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -15,6 +16,8 @@ from torch import nn
 from fusion.hooks import HookSpec
 
 SOURCES = ("timm", "open_clip", "transformers")
+# how far float pixels may stray outside [0, 1] from rounding (a resize, a colour conversion)
+PIXEL_SLACK = 1e-3
 ON_MISSING = ("error", "random")
 RESIZE_MODES = ("crop", "squash")
 
@@ -181,6 +184,33 @@ def check_images(images: torch.Tensor, min_size: int, encoder: str) -> None:
         )
 
 
+def check_pixel_values(images: torch.Tensor, encoder: str, *, unit_range: bool) -> None:
+    """Refuse pixels that would poison every token of their image without an error: NaN or Inf, and
+    (``unit_range``, for raw images) float values outside [0, 1], such as 0..255 or -1..1 images,
+    which normalisation would take to hundreds. One pass over the batch (its minimum and maximum);
+    the offending images are found only when there are some.
+
+    Raises:
+        ValueError: naming the images (their index in the batch) or the range found, and the fix.
+    """
+    if not images.is_floating_point() or images.numel() == 0:
+        return  # integer pixels are finite, and uint8 is 0..255 by its type
+    low, high = (float(v) for v in torch.aminmax(images.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = (~torch.isfinite(images.detach())).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        raise ValueError(
+            f"images for encoder {encoder!r} hold NaN or Inf pixels in image(s) {shown} of the batch of "
+            f"{images.shape[0]}; accepted: finite pixels"
+        )
+    if unit_range and (low < -PIXEL_SLACK or high > 1 + PIXEL_SLACK):
+        raise ValueError(
+            f"images for encoder {encoder!r} are {images.dtype} with values in [{low:.4g}, {high:.4g}]; "
+            "accepted: uint8 0..255, or float in [0, 1]. Convert 0..255 floats with images / 255, and "
+            "-1..1 (already normalised) ones with (images + 1) / 2"
+        )
+
+
 class Encoder(nn.Module):
     """A frozen backbone read at several layers through its library's own intermediate-layer API.
 
@@ -222,6 +252,8 @@ class Encoder(nn.Module):
         self.weights_loaded = weights_loaded
         self.layer_indices = spec.hooks.resolve(self.depth, spec.name, unit)
         self.stride = max(self.layers[i].reduction for i in self.layer_indices)
+        self._cropped: set[tuple[int, int]] = set()
+        self.warn_crop(preprocessing.image_size)
         mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
@@ -277,14 +309,31 @@ class Encoder(nn.Module):
         height, width = image_size or self.image_size
         return height // self.patch_size, width // self.patch_size
 
+    def warn_crop(self, size: tuple[int, int]) -> None:
+        """Warn, once per size, that pixels of ``size`` lose their last partial patch row or column."""
+        height, width = (side - side % self.stride for side in size)
+        if (height, width) == tuple(size) or tuple(size) in self._cropped:
+            return
+        self._cropped.add(tuple(size))
+        warnings.warn(
+            f"encoder {self.spec.name!r}: {size[0]}x{size[1]} pixels are not a multiple of its "
+            f"{self.stride}-pixel patch; it reads the top-left {height}x{width} "
+            f"({height // self.stride}x{width // self.stride} patches) and drops the rest. Set "
+            f"image_size to a multiple of {self.stride} to use every pixel",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Turn raw images (uint8 0..255 or float in [0, 1], (B, 3, H, W), any size) into this
         encoder's normalised pixels of shape (B, 3, *image_size), float32.
 
         Raises:
-            ValueError: not a 4-D 3-channel uint8/float batch, or smaller than one patch.
+            ValueError: not a 4-D 3-channel uint8/float batch, smaller than one patch, NaN or Inf
+                pixels (the images named), or float values outside [0, 1].
         """
         check_images(images, self.stride, self.spec.name)
+        check_pixel_values(images, self.spec.name, unit_range=True)
         pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         pixels = resize_images(pixels, self.preprocessing)
         return (pixels - self.pixel_mean) / self.pixel_std
@@ -298,9 +347,12 @@ class Encoder(nn.Module):
         which would fail on it, included) sees the same pixels.
 
         Raises:
-            ValueError: pixels that are not (B, 3, H, W) or are smaller than one patch.
+            ValueError: pixels that are not (B, 3, H, W), are smaller than one patch, or hold NaN or
+                Inf (the images named).
         """
         check_images(pixels, self.stride, self.spec.name)
+        check_pixel_values(pixels, self.spec.name, unit_range=False)
+        self.warn_crop(tuple(pixels.shape[-2:]))
         height, width = (size - size % self.stride for size in pixels.shape[-2:])
         read = self.read_layers(pixels[..., :height, :width])
         by_index = dict(zip(sorted(self.layer_indices), read))

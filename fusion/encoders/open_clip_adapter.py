@@ -272,10 +272,10 @@ def _build_tower(spec: EncoderSpec, model_cfg: dict, quick_gelu: bool) -> nn.Mod
     try:
         with timm_trunk_overrides(trunk_kwargs):
             tower = _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
-    except TypeError as error:
+    except (TypeError, AssertionError) as error:  # an unknown argument, or sizes that do not agree
         raise ValueError(
-            f"EncoderSpec.model_kwargs {sorted(spec.model_kwargs or {})} are not accepted by open_clip "
-            f"model {spec.model!r}: {error}"
+            f"EncoderSpec.model_kwargs={spec.model_kwargs} are not accepted by open_clip model "
+            f"{spec.model!r}: {error or type(error).__name__}"
         ) from error
     return tower
 

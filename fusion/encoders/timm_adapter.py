@@ -26,6 +26,7 @@ from fusion.encoders.base import (
 )
 from fusion.encoders.weights import (
     RANDOM_WEIGHTS,
+    fit_problems,
     hub_checkpoint,
     load_checked,
     local_weights_path,
@@ -196,9 +197,11 @@ def load_timm_checkpoint(trunk: nn.Module, path, what: str) -> None:
     try:
         state_dict = checkpoint_filter(state_dict, trunk)
     except (RuntimeError, KeyError, ValueError, IndexError, AttributeError) as error:
+        # the filter fails inside a conversion; the keys say which checkpoint this is
+        problems = fit_problems(trunk.state_dict(), state_dict) or [f"{type(error).__name__}: {error}"]
         raise ValueError(
-            f"checkpoint {path} does not fit {what} (is it another architecture?): "
-            f"{type(error).__name__}: {str(error)[:200]}"
+            f"checkpoint {path} does not fit {what} (is it another architecture or size?); "
+            + "; ".join(problems)
         ) from error
     # the classifier the encoder is built without (num_classes=0) is not part of the encoder
     expected = trunk.state_dict()
@@ -273,10 +276,10 @@ def build_timm_encoder(spec: EncoderSpec) -> TimmEncoder:
     kwargs = {**creation_kwargs(family, spec.image_size, spec.model_kwargs or {}), "num_classes": 0}
     try:
         trunk = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as error:
+    except (TypeError, AssertionError) as error:  # an unknown argument, or sizes that do not agree
         raise ValueError(
-            f"EncoderSpec.model_kwargs {sorted(spec.model_kwargs or {})} are not accepted by timm model "
-            f"{name!r}: {error}"
+            f"EncoderSpec.model_kwargs={spec.model_kwargs} are not accepted by timm model {name!r}: "
+            f"{error or type(error).__name__}"
         ) from error
     if wants_random:
         weights_loaded = "random"

@@ -232,9 +232,17 @@ def resolve_config(spec: EncoderSpec) -> tuple[object, Path | str | None]:
     """
     folder = Path(spec.model).expanduser()
     if folder.is_dir():
-        if not (folder / "config.json").is_file():
+        config = folder / "config.json"
+        if not config.is_file():
             raise ValueError(f"EncoderSpec.model={spec.model!r} is a folder without config.json")
-        return transformers.AutoConfig.from_pretrained(str(folder)), folder
+        try:
+            return transformers.AutoConfig.from_pretrained(str(folder)), folder
+        except (OSError, ValueError) as error:  # not JSON, or no model_type transformers knows
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"EncoderSpec.model={spec.model!r}: {config} is not a Hugging Face model config ({reason}); "
+                f"accepted: the config.json of a vision model of type {', '.join(FAMILIES)}"
+            ) from None
     if spec.model in FAMILIES:
         return transformers.AutoConfig.for_model(spec.model), None
     if _looks_like_hub_id(spec.model):
@@ -251,7 +259,8 @@ def vision_config_of(config, spec: EncoderSpec) -> tuple[object, HfFamily]:
     """The vision part of ``config`` with ``spec.model_kwargs`` applied, and its family.
 
     Raises:
-        ValueError: an unsupported model type, or a model_kwargs key the config lacks.
+        ValueError: an unsupported model type, a model_kwargs key the config lacks, or a width the
+            attention heads do not divide.
     """
     family = FAMILIES.get(config.model_type)
     if family is None:
@@ -267,6 +276,13 @@ def vision_config_of(config, spec: EncoderSpec) -> tuple[object, HfFamily]:
                 f"({spec.model!r})"
             )
         setattr(vision, key, value)
+    heads = getattr(vision, "num_attention_heads", None)
+    if heads and vision.hidden_size % heads:
+        raise ValueError(
+            f"EncoderSpec.model_kwargs={spec.model_kwargs} give {type(vision).__name__} hidden_size "
+            f"{vision.hidden_size} and num_attention_heads {heads} ({spec.model!r}); accepted: a hidden_size "
+            "that num_attention_heads divides"
+        )
     sized_in_pixels = hasattr(vision, "image_size")  # SigLIP2 counts patches; its table is resampled anyway
     built_in_code = spec.model in FAMILIES
     if (

@@ -8,6 +8,7 @@ so a checkpoint that does not fit names its offending keys instead of failing de
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -42,10 +43,15 @@ def hub_offline() -> bool:
     return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
 
 
+def looks_like_path(value: str | os.PathLike) -> bool:
+    """Whether ``value`` is written as a local path (``/``, ``./``, ``../``, ``~``), not a name."""
+    return isinstance(value, os.PathLike) or os.fspath(value).startswith(("/", "./", "../", "~", "\\"))
+
+
 def local_weights_path(weights: str | os.PathLike | None) -> Path | None:
     """The local path that ``weights`` names, or None when it is a tag or repo id (or None).
 
-    A value is a path when it exists, starts like one (``/``, ``./``, ``../``, ``~``) or ends with a
+    A value is a path when it exists, is written as one (:func:`looks_like_path`) or ends with a
     checkpoint suffix (``.safetensors``, ``.pt``, ``.pth``, ``.bin``, ``.ckpt``).
 
     Raises:
@@ -57,12 +63,7 @@ def local_weights_path(weights: str | os.PathLike | None) -> Path | None:
     path = Path(text).expanduser()
     if path.exists():
         return path
-    looks_like_path = (
-        isinstance(weights, os.PathLike)
-        or text.startswith(("/", "./", "../", "~", "\\"))
-        or text.lower().endswith(CHECKPOINT_SUFFIXES)
-    )
-    if looks_like_path:
+    if looks_like_path(weights) or text.lower().endswith(CHECKPOINT_SUFFIXES):
         raise FileNotFoundError(f"weights file or folder not found: {path}")
     return None
 
@@ -194,13 +195,9 @@ def _shown(keys: list[str]) -> str:
     return ", ".join(keys[:SHOWN_KEYS]) + more
 
 
-def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, what: str) -> None:
-    """Load ``state_dict`` into ``module`` strictly, after checking every key and shape.
-
-    Raises:
-        ValueError: missing keys, unexpected keys or wrong shapes, a few of each named.
-    """
-    expected = module.state_dict()
+def fit_problems(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """How ``state_dict`` fails to fit a model whose state dict is ``expected``: missing keys,
+    unexpected keys and wrong shapes, a few of each named; empty when it fits."""
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong_shape = [
@@ -215,11 +212,52 @@ def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sour
         problems.append(f"unexpected keys: {_shown(unexpected)}")
     if wrong_shape:
         problems.append(f"wrong shapes: {_shown(wrong_shape)}")
+    return problems
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf: loaded, they turn every output into NaN without an error.
+
+    Raises:
+        ValueError: naming ``source`` and a few of the tensors.
+    """
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"{source} holds NaN or Inf in {len(bad)} tensor(s): {_shown(bad)}; accepted: finite weights "
+            "(a diverged training run or a damaged file writes such values)"
+        )
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, what: str) -> None:
+    """Load ``state_dict`` into ``module`` strictly, after checking every key and shape and that every
+    weight is finite.
+
+    Raises:
+        ValueError: missing keys, unexpected keys or wrong shapes, a few of each named; NaN or Inf in
+            some tensors, a few named.
+    """
+    problems = fit_problems(module.state_dict(), state_dict)
     if problems:
         raise ValueError(
             f"checkpoint {source} does not fit {what} (is it another architecture or size?); "
             + "; ".join(problems)
         )
+    check_finite(state_dict, f"checkpoint {source}")
     module.load_state_dict(dict(state_dict), strict=True)
 
 

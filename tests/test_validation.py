@@ -1,0 +1,163 @@
+"""Every setting is checked before any encoder runs or any image is read: a bad value ends the run at
+once, naming the key, the value and what is accepted, and the command line exits non-zero with that
+one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import benchmarks.run
+from benchmarks.run import run_benchmark
+from fusion.encoders import Encoder
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = "from benchmarks.cli import bench_main; bench_main()"
+
+
+def make(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=["experiment=smoke", *overrides])
+
+
+def write_imagefolder(root: Path, classes: tuple[str, ...]) -> Path:
+    for index, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (24, 24), (40 * index, 7 * i, 90)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Fail the test if an image is loaded or an encoder runs."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before every setting was checked")
+
+    monkeypatch.setattr(benchmarks.run, "load_batch", forbidden)
+    monkeypatch.setattr(Encoder, "forward_tokens", forbidden)
+
+
+BAD_SETTINGS = [
+    # unknown keys, however added
+    (["+task.epoch=3"], r"task\.epoch=3 is not a setting; accepted under task: names, seeds, epochs, lr"),
+    (
+        ["++bench.latency.warmups=2"],
+        r"bench\.latency\.warmups=2 is not a setting; accepted under bench\.latency",
+    ),
+    (["+foo=1"], r"foo=1 is not a setting; accepted under the top level: encoders, hooks"),
+    (["+hooks.clip.depth=3"], r"hooks\.clip\.depth=3 is not a setting; accepted under hooks\.clip: layers"),
+    (["+data.options.bogus=1"], r"dataset 'synthetic' got unknown option\(s\) \['bogus'\]"),
+    (["+align.options.foo=1"], r"align='bilinear' got unknown option\(s\) \['foo'\]; accepted: none"),
+    (["+fusion.layer_merge.options.gate=1"], r"layer_merge='last' got unknown option\(s\) \['gate'\]"),
+    # ranges
+    (["task.seeds=[]"], r"task\.seeds=\[\] must be a non-empty list of ints"),
+    (["task.epochs=-1"], r"task\.epochs=-1 must be a positive, finite int"),
+    (["task.lr=-1"], r"task\.lr=-1\.0 must be a positive, finite int or float"),
+    (["task.lr=nan"], r"task\.lr=nan must be a positive, finite"),
+    (["task.batch_size=0"], r"task\.batch_size=0 must be a positive, finite int"),
+    (["task.weight_decay=-1"], r"task\.weight_decay=-1\.0 must be a finite number >= 0"),
+    (["task.names=[]"], r"task\.names=\[\] names no probe; accepted: one or more of classification"),
+    (["bench.latency.batch_sizes=[0]"], r"bench\.latency\.batch_sizes=0 must be an int >= 1"),
+    (["bench.latency.repeats=0"], r"bench\.latency\.repeats=0 must be an int >= 1"),
+    (["bench.threads=0"], r"bench\.threads=0 must be null \(keep torch's count\) or an int >= 1"),
+    (["bench.extract_batch_size=0"], r"FeatureCache batch_size=0 must be a positive int"),
+    (["bench.ci_resamples=0"], r"bench\.ci_resamples=0 must be an int >= 100"),
+    (["bench.max_overhead=0.5"], r"bench\.max_overhead=0\.5 must be null or a ratio > 1"),
+    (["plant.noise=-1"], r"plant\.noise=-1\.0 must be a finite number >= 0"),
+    (["data.limit=0"], r"limit must be a positive int, got 0"),
+    (["data.test_fraction=1.5"], r"test_fraction must be a number in \(0, 1\), got 1\.5"),
+    (["data.image_size=0"], r"data\.image_size=0 must be an int >= 1"),
+    (["data.options.image_size=8"], r"synthetic image_size must be an int >= 16, got 8"),
+    (["encoders.clip.image_size=0"], r"EncoderSpec\.image_size must be a positive int"),
+    # split sizes
+    (["data.options.num_images=1"], r"data=synthetic gives 1 train and 0 test images .*accepted: settings"),
+    # what needs the built encoders (none has run)
+    (["data.image_size=8"], r"data\.image_size=8 is smaller than one 16-pixel patch of encoder 'clip'"),
+    (["hooks.clip.layers=[99]"], r"HookSpec\.layers index 99 is out of range for encoder 'clip'"),
+    (["llm=none", "connector.out_dim=0"], r"strategy 'clip_only' .*connector out_dim must be a positive"),
+    (["connector.out_dim=0"], r"connector\.out_dim=0 cannot feed llm=tiny \(hidden size 32\); accepted: 32"),
+    (
+        ["align.grid=[0,0]"],
+        r"strategy 'clip_only' .*grid must be a positive int or an \(height, width\) pair",
+    ),
+    (["fusion.merge_dim=-1"], r"strategy 'eagle' .*merge_dim must be None or a positive int, got -1"),
+    (["fusion=comm", "fusion.merge_dim=-1"], r"strategy 'comm' .*merge_dim must be None or a positive int"),
+    (["align=pixel_unshuffle", "align.grid=[3,3]"], r"cannot fold a 4x4 grid onto 3x3"),
+    (["experiment=layer_scan", "task.epochs=0"], r"task\.epochs=0 must be a positive, finite int"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_SETTINGS, ids=[" ".join(o) for o, _ in BAD_SETTINGS])
+def test_a_bad_setting_fails_before_any_work(overrides, message, tmp_path, nothing_runs):
+    with pytest.raises(ValueError, match=message) as caught:
+        run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}", *overrides), tmp_path / "run")
+    assert "\n" not in str(caught.value)  # one line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_gpu_setting_without_a_gpu_fails_before_any_work(tmp_path, nothing_runs):
+    with pytest.raises(ValueError, match=r"bench\.device='cuda' but CUDA is not available; accepted: cpu"):
+        run_benchmark(make("bench.device=cuda"), tmp_path)
+
+
+def test_tasks_must_fit_the_data(tmp_path, nothing_runs):
+    one = write_imagefolder(tmp_path / "one", ("cat",))
+    with pytest.raises(
+        ValueError, match=r"classification needs at least 2 label classes, and data=imagefolder"
+    ):
+        run_benchmark(make("data=imagefolder", f"data.root={one}"), tmp_path / "a")
+    two = write_imagefolder(tmp_path / "two", ("cat", "dog"))
+    for task, annotation in (("dense", "mask"), ("localization", "box")):
+        with pytest.raises(
+            ValueError,
+            match=rf"{task} needs a {annotation} on each image it reads, and no image of a "
+            rf"data=imagefolder split has one; accepted for this data: \['classification'\]",
+        ):
+            run_benchmark(make("data=imagefolder", f"data.root={two}", f"task={task}"), tmp_path / "b")
+
+
+def test_dense_on_a_dataset_without_masks_fails_before_any_work(tmp_path, datasets_root, nothing_runs):
+    with pytest.raises(
+        ValueError, match=r"dense needs a mask .*accepted for this data: \['classification', 'loc"
+    ):
+        run_benchmark(
+            make("data=tinyimagenet", f"data.root={datasets_root}", "data.limit=400", "task=all"), tmp_path
+        )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+task.epoch=3", "task.epoch=3 is not a setting; accepted under task:"),
+        ("task.lr=-1", "task.lr=-1.0 must be a positive, finite int or float"),
+        ("align.grid=[0,0]", "grid must be a positive int or an (height, width) pair, got [0, 0]"),
+    ],
+)
+def test_the_command_line_exits_non_zero_with_one_line(override, message, tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", BENCH, "experiment=smoke", override, f"hydra.run.dir={run}"],
+        cwd=REPO,
+        env={**os.environ, "FUSION_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fusion-bench: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    # the job's folder holds the error for fusion-report, and no report
+    assert message in json.loads((run / "error.json").read_text())["error"]
+    assert not (run / "report.json").exists()
