@@ -24,9 +24,9 @@ from omegaconf import DictConfig
 
 import benchmarks.config  # noqa: F401  (registers the structured config schema and the resolvers)
 from benchmarks.config import conf_dir, config_hash
-from benchmarks.io import write_json
 from benchmarks.report import aggregate
 from benchmarks.sweep import ERROR_FILE, check_own_folder, finished_result
+from fusion.io import write_json
 
 CONF_DIR = str(conf_dir())
 

@@ -44,9 +44,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from benchmarks.fingerprint import FileIndex
-from benchmarks.io import atomic_path, atomic_write, file_sha256
 from fusion.encoders import Encoder
 from fusion.encoders.weights import tensors_sha256
+from fusion.io import atomic_path, atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 

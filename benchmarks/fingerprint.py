@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.io import atomic_write, file_sha256
+from fusion.io import atomic_write, file_sha256
 
 BLOCK = 64 * 2**10
 INDEX_VERSION = 1

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.io import atomic_path, atomic_write, write_json
 from benchmarks.latency import LatencyOptions, Timer, fixed_threads, random_images, round_robin, stats
 from benchmarks.render import save_whole
 from benchmarks.stats import metric_ci
 from benchmarks.tasks import TASKS, FeatureSplit, run_probe
 from fusion import EncoderGeometry, FusionHead
 from fusion.encoders import Encoder, EncoderSpec, build_encoder
+from fusion.io import atomic_path, atomic_write, write_json
 
 log = logging.getLogger(__name__)
 

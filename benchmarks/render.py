@@ -11,8 +11,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from benchmarks.io import atomic_path
 from benchmarks.records import Report, StrategyRecord
+from fusion.io import atomic_path
 
 
 def random_encoders(strategies: Sequence[StrategyRecord]) -> list[str]:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.io import atomic_write, write_json
 from benchmarks.records import BASELINE, Report, StrategyRecord
 from benchmarks.render import plot_pareto, random_encoders, render_markdown
 from benchmarks.sweep import ERROR_FILE, PLAN_FILE, job_folders, job_state, planned_jobs
+from fusion.io import atomic_write, write_json
 
 REPORT_FILES = ("report.json", "report.md", "pareto.png")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
@@ -30,6 +29,7 @@ from fusion.encoders import Encoder, EncoderSpec, build_encoder
 from fusion.encoders.base import as_hw
 from fusion.encoders.weights import check_finite, fit_problems, tensors_sha256
 from fusion.head import EncoderGeometry, FusionHead, check_layer_merge
+from fusion.io import atomic_path
 from fusion.merge import ENCODER_MERGES, LAYER_COMBINES
 
 CONFIG_FIELDS = (
@@ -291,18 +291,11 @@ class FusedEncoder(nn.Module):
             "config": json.dumps(self.config, sort_keys=True),
             "sha256": tensors_sha256(tensors),
         }
-        temporary = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(handle)
-            save_file(tensors, temporary, metadata=metadata)
-            os.replace(temporary, path)
+            with atomic_path(path) as temporary:
+                save_file(tensors, temporary, metadata=metadata)
         except OSError as error:
             raise OSError(f"save_trained could not write {path}: {error.strerror or error}") from error
-        finally:
-            if temporary is not None and os.path.exists(temporary):
-                os.remove(temporary)
         return path
 
     def load_trained(self, path: str | os.PathLike) -> FusedEncoder:

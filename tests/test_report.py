@@ -9,11 +9,11 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pytest
 
-from benchmarks.io import atomic_write, write_json
 from benchmarks.records import SCHEMA_VERSION, StrategyRecord, VlmRecord
 from benchmarks.render import pareto_figure, render_markdown
 from benchmarks.report import aggregate, build_report, environment, load_report, write_report
 from benchmarks.run import job_overrides
+from fusion.io import atomic_write, write_json
 
 
 def record(name, role, encoders, accuracy, median, ratio, weights="random", errors=()):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.io import atomic_write
+from fusion.io import atomic_write
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PASSES = ("fwd", "fwdbwd")
