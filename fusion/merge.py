@@ -371,9 +371,8 @@ class ChannelConcat(EncoderMerge):
         return torch.cat(list(tokens), dim=-1)
 
 
-@register_merge("sequence_concat")
-class SequenceConcat(EncoderMerge):
-    """All tokens of encoder 0, then all tokens of encoder 1, ...: ``N' = E*N``."""
+class EveryTokenMerge(EncoderMerge):
+    """A merge that keeps every token of every encoder in the sequence: ``N' = E*N``."""
 
     def __init__(
         self,
@@ -384,6 +383,11 @@ class SequenceConcat(EncoderMerge):
     ) -> None:
         super().__init__(names, widths, grid, strides)
         self.output_tokens = len(self.names) * self.tokens
+
+
+@register_merge("sequence_concat")
+class SequenceConcat(EveryTokenMerge):
+    """All tokens of encoder 0, then all tokens of encoder 1, ...: ``N' = E*N``."""
 
     def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(tokens), dim=1)
@@ -395,18 +399,8 @@ class SequenceConcat(EncoderMerge):
 
 
 @register_merge("interleave")
-class Interleave(EncoderMerge):
+class Interleave(EveryTokenMerge):
     """Token by token, one of each encoder in turn: ``N' = E*N``."""
-
-    def __init__(
-        self,
-        names: Sequence[str],
-        widths: Sequence[int],
-        grid: tuple[int, int],
-        strides: Sequence[int] = (1,),
-    ) -> None:
-        super().__init__(names, widths, grid, strides)
-        self.output_tokens = len(self.names) * self.tokens
 
     def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack(list(tokens), dim=2)  # (B, N, E, C)
