@@ -66,7 +66,11 @@ def random_notice(report: Report) -> str:
             "from the labels (experiment=planted); the accuracies below show that the harness detects a "
             "real gain, not what any encoder can do. Latency is that of the encoders' architectures.**"
         )
-    names = report.random_encoders or random_encoders(report.strategies)
+    return random_weights_notice(report.random_encoders or random_encoders(report.strategies))
+
+
+def random_weights_notice(names: Sequence[str]) -> str:
+    """The first line of a report whose encoders ``names`` ran on random weights ('' for none)."""
     if not names:
         return ""
     return (

@@ -41,6 +41,7 @@ from benchmarks.layer_scan import write as write_layer_scan
 from benchmarks.llm import VlmOptions
 from benchmarks.planted import planted_grids
 from benchmarks.records import BASELINE, Report, StrategyRecord
+from benchmarks.render import random_weights_notice
 from benchmarks.report import build_report, environment, render_markdown, write_report
 from benchmarks.tasks import TASKS, FeatureSplit, run_probe
 from benchmarks.validate import CheckedRun, check_config, check_heads, strategy_heads
@@ -145,6 +146,15 @@ def image_source(dataset: ImageDataset, load_size: int, cache: FeatureCache) -> 
     }
 
 
+def cached_grids(
+    cache: FeatureCache, encoder: Encoder, source: Mapping, batch: dict, *, pool: bool = False
+) -> list[torch.Tensor]:
+    """``encoder``'s grids of every image of ``batch`` (a split's :func:`load_batch`), from the cache
+    or extracted now."""
+    images = batch["images"]
+    return cache.grids(encoder, source, list(range(len(images))), lambda idx: images[list(idx)], pool=pool)
+
+
 def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) -> tuple[dict, dict]:
     """Load the train / test batches and every role's grids (cached).
 
@@ -177,9 +187,7 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) 
                         noise_seed=cfg.seed + 100 * (number + 1) + offset,
                     )
                     continue
-                grids[role] = cache.grids(
-                    encoder, source, list(range(len(dataset))), lambda idx, b=batch: b["images"][list(idx)]
-                )
+                grids[role] = cached_grids(cache, encoder, source, batch)
             except Exception as error:  # recorded against every strategy using this encoder
                 role_errors[role] = f"feature extraction ({which}): {error_text(error)}"
                 log.error("feature extraction of %s failed:\n%s", role, traceback.format_exc())
@@ -393,6 +401,7 @@ def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None
     )
     datasets = {"train": checked.train, "test": checked.test}
     batches = {which: load_batch(d, range(len(d)), cfg.data.image_size) for which, d in datasets.items()}
+    sources = {which: image_source(d, cfg.data.image_size, checked.cache) for which, d in datasets.items()}
     num_classes = {task: checked.train.class_count(TASKS[task].ANNOTATION) for task in TASKS}
     scan: dict[str, Any] = {
         "environment": environment(cfg.bench.device, command),
@@ -407,15 +416,11 @@ def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None
     for role, encoder in encoders.items():
         name = encoder.spec.name
         with phase(f"layer scan of {name}", seconds):
-            grids = {}
-            for which, dataset in datasets.items():
-                source = image_source(dataset, cfg.data.image_size, checked.cache)
-                images = batches[which]["images"]
-                indices = list(range(len(dataset)))
-                grids[which] = checked.cache.grids(
-                    encoder, source, indices, lambda i, b=images: b[list(i)], pool=pooled
-                )
-                scan["feature_bytes"] += sum(g.numel() * g.element_size() for g in grids[which])
+            grids = {
+                which: cached_grids(checked.cache, encoder, sources[which], batches[which], pool=pooled)
+                for which in datasets
+            }
+            scan["feature_bytes"] += sum(g.numel() * g.element_size() for gs in grids.values() for g in gs)
             rows, errors = probe_layers(
                 encoder,
                 grids,
@@ -436,13 +441,7 @@ def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None
         }
         scan["errors"] += errors
     random = sorted(n for n, state in scan["weights"].items() if state == "random")
-    notice = (
-        f"**RANDOM WEIGHTS: encoder(s) {', '.join(random)} ran on random weights; the accuracies below test "
-        "the pipeline, not the encoders.**"
-        if random
-        else ""
-    )
-    path = write_layer_scan(scan, out, notice, "RANDOM WEIGHTS - " if random else "")
+    path = write_layer_scan(scan, out, random_weights_notice(random), "RANDOM WEIGHTS - " if random else "")
     print((out / "layer_scan.md").read_text(encoding="utf-8"))
     print(f"Layer scan: {path.resolve()}  (layer_scan.md, layer_scan.png beside it)")
     return path
