@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 out="${1:?usage: benchmarks/gpu_vlm.sh OUT_DIR [overrides]}"
 shift
 mkdir -p "$out"
-command=(python3 -m benchmarks.cli -m bench=gpu "llm=${LLMS:-qwen2_5_7b,vicuna_7b}" "fusion=${FUSIONS:-eagle}"
+command=(python3 -m encoder_fusion.benchmarks.cli -m bench=gpu "llm=${LLMS:-qwen2_5_7b,vicuna_7b}" "fusion=${FUSIONS:-eagle}"
     "hydra.sweep.dir=$out/sweep" "$@")
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
@@ -25,7 +25,7 @@ command=(python3 -m benchmarks.cli -m bench=gpu "llm=${LLMS:-qwen2_5_7b,vicuna_7
 } > "$out/env.txt"
 timeout "${LIMIT_S:-420}" "${command[@]}" > "$out/log.txt" 2>&1
 echo "sweep exit $?" >> "$out/env.txt"
-python3 -c "import sys; from benchmarks.cli import report_main; sys.exit(report_main(sys.argv[1:]))" \
+python3 -c "import sys; from encoder_fusion.benchmarks.cli import report_main; sys.exit(report_main(sys.argv[1:]))" \
     "$out/sweep" >> "$out/log.txt" 2>&1
 echo "report exit $?" >> "$out/env.txt"
 cat "$out/env.txt"

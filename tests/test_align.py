@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion.align import ALIGNERS, build_aligner
-from fusion.registry import Registry
+from encoder_fusion.align import ALIGNERS, build_aligner
+from encoder_fusion.registry import Registry
 
 
 def channels_first(op, x):

@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import fusion.model
-from fusion import FusedEncoder
-from fusion.encoders import build_encoder
-from fusion.encoders.tiny import tiny_spec
+import encoder_fusion.model
+from encoder_fusion import FusedEncoder
+from encoder_fusion.encoders import build_encoder
+from encoder_fusion.encoders.tiny import tiny_spec
 
 SOURCES = ("timm", "open_clip", "transformers")
 HEAD = {"layer_merge": "weighted_ln", "connector": {"kind": "mlp", "out_dim": 8}}
@@ -193,7 +193,7 @@ def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path, model, monke
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(fusion.model, "save_file", full_disk)
+    monkeypatch.setattr(encoder_fusion.model, "save_file", full_disk)
     with pytest.raises(OSError, match=r"save_trained could not write .*fusion\.safetensors: No space left"):
         model.save_trained(tmp_path / "fusion.safetensors")
     assert list(tmp_path.iterdir()) == []

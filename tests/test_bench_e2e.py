@@ -15,14 +15,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import benchmarks.features as features
-from benchmarks.cli import report_main
-from benchmarks.report import load_report
-from benchmarks.run import run_benchmark
+import encoder_fusion.benchmarks.features as features
+from encoder_fusion.benchmarks.cli import report_main
+from encoder_fusion.benchmarks.report import load_report
+from encoder_fusion.benchmarks.run import run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-BENCH = "from benchmarks.cli import bench_main; bench_main()"
+BENCH = "from encoder_fusion.benchmarks.cli import bench_main; bench_main()"
 
 pytestmark = pytest.mark.slow
 
@@ -156,16 +156,16 @@ def test_a_second_strategy_on_the_same_data_extracts_nothing(tmp_path, monkeypat
 def test_a_failing_strategy_is_recorded_not_lost(tmp_path, monkeypatch):
     """A failure that no setting predicts (here the fused strategy's probe) is recorded against its
     strategy; the other strategies keep their results and the run succeeds."""
-    import benchmarks.run
+    import encoder_fusion.benchmarks.run
 
-    original = benchmarks.run.run_probe
+    original = encoder_fusion.benchmarks.run.run_probe
 
     def failing_when_fused(task, make_head, train, test, **settings):
         if len(train.grids) == 2:
             raise RuntimeError("probe diverged")
         return original(task, make_head, train, test, **settings)
 
-    monkeypatch.setattr(benchmarks.run, "run_probe", failing_when_fused)
+    monkeypatch.setattr(encoder_fusion.benchmarks.run, "run_probe", failing_when_fused)
     report = load_report(run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path))
     clip, dino, fused = report.strategies
     assert fused.errors == [{"where": "probe:classification", "error": "RuntimeError: probe diverged"}]
@@ -176,19 +176,19 @@ def test_a_failing_strategy_is_recorded_not_lost(tmp_path, monkeypatch):
 
 
 def test_a_run_whose_every_strategy_failed_fails_after_writing_its_report(tmp_path, monkeypatch):
-    import benchmarks.run
+    import encoder_fusion.benchmarks.run
 
     def failing(*args, **kwargs):
         raise RuntimeError("probe diverged")
 
-    monkeypatch.setattr(benchmarks.run, "run_probe", failing)
+    monkeypatch.setattr(encoder_fusion.benchmarks.run, "run_probe", failing)
     with pytest.raises(RuntimeError, match=r"every strategy failed .*first: clip_only / probe:classif"):
         run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path)
     report = load_report(tmp_path / "report.json")
     assert all(s.errors for s in report.strategies)
     # through the Hydra main: exit 1, one line, error.json beside the report for fusion-report
     failing_main = (
-        "import benchmarks.run as run\n"
+        "import encoder_fusion.benchmarks.run as run\n"
         "def failing(*args, **kwargs): raise RuntimeError('probe diverged')\n"
         "run.run_probe = failing\n" + BENCH
     )
@@ -367,8 +367,8 @@ def test_two_process_extraction_equals_one_process(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     common = ["experiment=smoke", "task=all", "bench.extract_only=true"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    torchrun += ["-m", "benchmarks.cli"]
-    module = [sys.executable, "-m", "benchmarks.cli"]
+    torchrun += ["-m", "encoder_fusion.benchmarks.cli"]
+    module = [sys.executable, "-m", "encoder_fusion.benchmarks.cli"]
     two = run_ok(
         [*torchrun, *common, f"bench.cache_dir={tmp_path / 'two'}", f"hydra.run.dir={tmp_path / 'r2'}"], env
     )

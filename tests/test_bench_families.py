@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from test_bench_e2e import bench_process, check_report, job_reports, run_ok
 
-from benchmarks.cli import report_main
-from benchmarks.report import load_report
+from encoder_fusion.benchmarks.cli import report_main
+from encoder_fusion.benchmarks.report import load_report
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def test_one_distilled_encoder_against_fusing_two(tmp_path):
     from hydra import compose, initialize_config_dir
     from test_bench_e2e import CONF
 
-    from benchmarks.run import run_benchmark
+    from encoder_fusion.benchmarks.run import run_benchmark
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(

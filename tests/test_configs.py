@@ -16,7 +16,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.utils import get_class
 from PIL import Image
 
-from benchmarks.config import (
+from encoder_fusion import EncoderGeometry, FusedEncoder, FusionHead
+from encoder_fusion.benchmarks.config import (
     ROLES,
     build_datasets,
     config_hash,
@@ -27,10 +28,9 @@ from benchmarks.config import (
     probe_settings,
     strategies,
 )
-from benchmarks.tasks import TASKS
-from fusion import EncoderGeometry, FusedEncoder, FusionHead
-from fusion.encoders import build_encoder
-from fusion.encoders.tiny import RECIPES, tiny_spec
+from encoder_fusion.benchmarks.tasks import TASKS
+from encoder_fusion.encoders import build_encoder
+from encoder_fusion.encoders.tiny import RECIPES, tiny_spec
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PLUGIN_LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusion.connector import CONNECTORS, build_connector
+from encoder_fusion.connector import CONNECTORS, build_connector
 
 
 def linears(connector):

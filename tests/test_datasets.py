@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from benchmarks.datasets import (
+from encoder_fusion.benchmarks.datasets import (
     DATASETS,
     IGNORE_INDEX,
     SHAPES,

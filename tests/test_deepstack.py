@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fusion.model
-from benchmarks.tasks.probe import ProbeModel
-from fusion import EncoderGeometry, FusedEncoder, FusionHead
-from fusion.encoders import build_encoder
-from fusion.encoders.tiny import tiny_spec
+import encoder_fusion.model
+from encoder_fusion import EncoderGeometry, FusedEncoder, FusionHead
+from encoder_fusion.benchmarks.tasks.probe import ProbeModel
+from encoder_fusion.encoders import build_encoder
+from encoder_fusion.encoders.tiny import tiny_spec
 
 EPS = 1e-6
 # hooks as written: CLIP's three blocks with negative indices, DINOv2's two with positive ones
@@ -245,7 +245,7 @@ def test_fused_encoder_refuses_before_building_any_encoder(monkeypatch, change, 
     def no_build(spec):
         raise AssertionError(f"encoder {spec.name} was built despite bad input")
 
-    monkeypatch.setattr(fusion.model, "build_encoder", no_build)
+    monkeypatch.setattr(encoder_fusion.model, "build_encoder", no_build)
     specs = [tiny_spec("clip", layers=(1, 2, -1)), tiny_spec("dino_reg", "dino", layers=(-1,))]
     with pytest.raises(ValueError, match=re.escape(message)):
         FusedEncoder(specs, **{**DEEPSTACK, **change})

@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from fusion.encoders import EncoderSpec, build_encoder
-from fusion.encoders.tiny import RECIPES, tiny_spec
+from encoder_fusion.encoders import EncoderSpec, build_encoder
+from encoder_fusion.encoders.tiny import RECIPES, tiny_spec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

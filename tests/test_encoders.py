@@ -1,5 +1,5 @@
 """Encoder adapters against their own libraries, family by family, on tiny random models of the real
-architectures (the recipes of fusion.encoders.tiny).
+architectures (the recipes of encoder_fusion.encoders.tiny).
 
 Each parity test builds a model with the source library, perturbs every parameter (so that norms and
 tokens are not at their init values), saves it as a checkpoint, loads it back through an EncoderSpec
@@ -20,10 +20,10 @@ import transformers
 from checkpoints import perturb
 from safetensors.torch import save_file
 
-from fusion import FusedEncoder
-from fusion.encoders import EncoderSpec, build_encoder
-from fusion.encoders.tiny import RECIPES, tiny_spec
-from fusion.hooks import HookSpec
+from encoder_fusion import FusedEncoder
+from encoder_fusion.encoders import EncoderSpec, build_encoder
+from encoder_fusion.encoders.tiny import RECIPES, tiny_spec
+from encoder_fusion.hooks import HookSpec
 
 LAYERS = (-1, 0)  # out of order on purpose: outputs follow the spec, not the block order
 PREFIX_TOKENS = {

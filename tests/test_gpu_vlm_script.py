@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import load_report
+from encoder_fusion.benchmarks.report import load_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,8 @@ def test_gpu_vlm_script_sweeps_language_models_and_aggregates(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sweep exit 0" in done.stdout and "report exit 0" in done.stdout
-    assert "command: python3 -m benchmarks.cli -m bench=gpu llm=tiny,none fusion=eagle" in done.stdout
+    command = "command: python3 -m encoder_fusion.benchmarks.cli -m bench=gpu llm=tiny,none fusion=eagle"
+    assert command in done.stdout
     report = load_report(tmp_path / "out" / "sweep" / "report.json")
     assert report.llms == ["tiny"] and report.failed_jobs == []
     fused = {s.name: s for s in report.strategies if s.role == "fused"}

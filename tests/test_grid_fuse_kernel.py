@@ -19,13 +19,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernels
-import kernels.grid_fuse_plan as plan
-import kernels.grid_fuse_triton as gf
-from kernels import launch, reference
-from kernels.grid_fuse_jit import INTERPRETED
-from kernels.grid_fuse_plan import MAX_CHANNELS, Tiles, default_tiles
-from kernels.grid_fuse_triton import grid_fuse_backward, grid_fuse_forward, triton_grid_fuse
+import encoder_fusion.kernels
+import encoder_fusion.kernels.grid_fuse_plan as plan
+import encoder_fusion.kernels.grid_fuse_triton as gf
+from encoder_fusion.kernels import launch, reference
+from encoder_fusion.kernels.grid_fuse_jit import INTERPRETED
+from encoder_fusion.kernels.grid_fuse_plan import MAX_CHANNELS, Tiles, default_tiles
+from encoder_fusion.kernels.grid_fuse_triton import grid_fuse_backward, grid_fuse_forward, triton_grid_fuse
 
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 EPS = 1e-6
@@ -317,7 +317,8 @@ def test_bad_tiles_are_rejected(field, value, message):
 def test_tiles_must_be_a_tiles_object():
     case = Case(((2, 2, 4),), (0,), (2, 2))
     inputs = make_inputs(case, torch.float32)
-    with pytest.raises(ValueError, match=r"tiles must be a kernels\.grid_fuse_plan\.Tiles or None, got dict"):
+    message = r"tiles must be an encoder_fusion\.kernels\.grid_fuse_plan\.Tiles or None, got dict"
+    with pytest.raises(ValueError, match=message):
         call(triton_grid_fuse, inputs, case, "bilinear", tiles={"block_t": 2})
 
 
@@ -486,7 +487,7 @@ def test_forward_writes_every_element_of_a_given_out_buffer():
 # -- dispatch ------------------------------------------------------------------------------------
 
 
-def small_call(fn=kernels.grid_fuse, **overrides):
+def small_call(fn=encoder_fusion.kernels.grid_fuse, **overrides):
     args = {
         "sources": [torch.randn(1, 2, 2, 3, device=DEVICE) + 0.1],
         "out_hw": (3, 2),
@@ -499,15 +500,15 @@ def small_call(fn=kernels.grid_fuse, **overrides):
 
 @pytest.fixture
 def backend_calls(monkeypatch):
-    """Record which backend each ``kernels.grid_fuse`` call reaches."""
+    """Record which backend each ``encoder_fusion.kernels.grid_fuse`` call reaches."""
     calls = []
-    for name, fn in list(kernels.BACKENDS.items()):
+    for name, fn in list(encoder_fusion.kernels.BACKENDS.items()):
 
         def spy(*args, _name=name, _fn=fn, **kwargs):
             calls.append(_name)
             return _fn(*args, **kwargs)
 
-        monkeypatch.setitem(kernels.BACKENDS, name, spy)
+        monkeypatch.setitem(encoder_fusion.kernels.BACKENDS, name, spy)
     return calls
 
 
@@ -561,8 +562,9 @@ def test_unknown_fusion_kernel_is_rejected(monkeypatch):
 
 
 def test_fusion_head_fused_route_matches_the_reference(monkeypatch):
-    """FusedEncoder's trainable head fuses through kernels.grid_fuse: Triton equals the reference."""
-    from fusion.model import EncoderGeometry, FusionHead
+    """FusedEncoder's trainable head fuses through encoder_fusion.kernels.grid_fuse: Triton equals the
+    reference."""
+    from encoder_fusion.model import EncoderGeometry, FusionHead
 
     torch.manual_seed(0)
     head = FusionHead(
@@ -752,7 +754,7 @@ def test_bad_buffers_are_rejected():
 @pytest.mark.slow
 def test_benchmark_quick_run_writes_ratios(tmp_path, capsys):
     """A smoke run of the benchmark on a tiny case (torch.compile with its quick 'eager' backend)."""
-    from benchmarks.kernel import bench
+    from encoder_fusion.benchmarks.kernel import bench
 
     out = tmp_path / "bench.json"
     argv = ["--quick", "--case", "tiny=2x2x8*2+3x3x8*1->2x2", "--batch", "1", "--compile-backend", "eager"]
@@ -776,7 +778,7 @@ def test_benchmark_quick_run_writes_ratios(tmp_path, capsys):
 def test_tiling_sweep_varies_one_field_at_a_time(tmp_path):
     """The tiling sweep (interpreted on the CPU: plumbing only) writes one row per candidate, the
     default first with ratio 1, each other candidate one field away from it, every output right."""
-    from benchmarks.kernel import tiles as kernel_tiles
+    from encoder_fusion.benchmarks.kernel import tiles as kernel_tiles
 
     out = tmp_path / "tiles.json"
     argv = ["--device", DEVICE, "--quick", "--case", "tiny=2x2x8*2+3x3x8*1->3x3", "--batch", "1"]
@@ -801,7 +803,7 @@ def test_tiling_sweep_varies_one_field_at_a_time(tmp_path):
 
 def test_tiling_sweep_keeps_going_past_a_failing_candidate(tmp_path, monkeypatch):
     """A candidate that raises gets a row saying why; the others are still timed."""
-    from benchmarks.kernel import tiles as kernel_tiles
+    from encoder_fusion.benchmarks.kernel import tiles as kernel_tiles
 
     fuse = kernel_tiles.triton_grid_fuse
 
@@ -824,14 +826,14 @@ def test_tiling_sweep_keeps_going_past_a_failing_candidate(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("spec", ["tiny", "tiny=2x2x8->2x2", "tiny=2x2x8*2->0x2", "=2x2x8*1->2x2"])
 def test_benchmark_rejects_malformed_case_specs(spec):
-    from benchmarks.kernel.harness import parse_case
+    from encoder_fusion.benchmarks.kernel.harness import parse_case
 
     with pytest.raises(ValueError, match=re.escape(f"--case {spec!r}")):
         parse_case(spec)
 
 
 def test_benchmark_case_spec_and_bytes():
-    from benchmarks.kernel.harness import EncoderShape, bytes_moved, make_problem, parse_case
+    from encoder_fusion.benchmarks.kernel.harness import EncoderShape, bytes_moved, make_problem, parse_case
 
     case = parse_case("pair=3x2x4*2+1x1x6*1->2x2")
     assert case.encoders == (EncoderShape(3, 2, 4, 2), EncoderShape(1, 1, 6, 1)) and case.out_hw == (2, 2)

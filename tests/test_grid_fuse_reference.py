@@ -1,4 +1,5 @@
-"""``kernels.reference.grid_fuse`` against a naive implementation written with loops over tokens."""
+"""``encoder_fusion.kernels.reference.grid_fuse`` against a naive implementation written with loops over
+tokens."""
 
 import math
 import re
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.reference import grid_fuse
+from encoder_fusion.kernels.reference import grid_fuse
 
 EPS = 1e-6
 

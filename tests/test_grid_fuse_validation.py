@@ -1,5 +1,5 @@
-"""``kernels.grid_fuse`` validates its arguments once for both paths: every bad argument gets the
-same ValueError from the reference and from the Triton kernels (interpreted on the CPU: conftest sets
+"""``encoder_fusion.kernels.grid_fuse`` validates its arguments once for both paths: every bad argument gets
+the same ValueError from the reference and from the Triton kernels (interpreted on the CPU: conftest sets
 ``TRITON_INTERPRET=1``), before any launch, with or without an autograd node to record."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import launch
-from kernels.grid_fuse_jit import INTERPRETED
+import encoder_fusion.kernels
+from encoder_fusion.kernels import launch
+from encoder_fusion.kernels.grid_fuse_jit import INTERPRETED
 
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 BACKENDS = ("reference", "triton")
@@ -34,8 +34,9 @@ def no_launch():
 
 
 def fuse(backend, monkeypatch, grad, **overrides):
-    """``kernels.grid_fuse`` on ``backend`` with one source (1, 2, 2, 3) -> (3, 2) unless overridden;
-    with ``grad`` the default source requires grad (the Triton path then records an autograd node)."""
+    """``encoder_fusion.kernels.grid_fuse`` on ``backend`` with one source (1, 2, 2, 3) -> (3, 2) unless
+    overridden; with ``grad`` the default source requires grad (the Triton path then records an autograd
+    node)."""
     monkeypatch.setenv("FUSION_KERNEL", backend)
     args = {
         "sources": [grid(1, 2, 2, 3).requires_grad_(grad)],
@@ -44,7 +45,7 @@ def fuse(backend, monkeypatch, grad, **overrides):
         "layer_weights": [0.5],
         **overrides,
     }
-    return kernels.grid_fuse(args.pop("sources"), args.pop("out_hw"), **args)
+    return encoder_fusion.kernels.grid_fuse(args.pop("sources"), args.pop("out_hw"), **args)
 
 
 NAN, INF = math.nan, math.inf

@@ -1,4 +1,4 @@
-"""The compile-only register report of the grid_fuse kernels (benchmarks.kernel.registers)."""
+"""The compile-only register report of the grid_fuse kernels (encoder_fusion.benchmarks.kernel.registers)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kernel.registers import parse_tiles, programs_per_sm
+from encoder_fusion.benchmarks.kernel.registers import parse_tiles, programs_per_sm
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_CASE = "tiny=3x3x40*2+4x4x40*1->4x4"  # 3x3 and 4x4 grids of 40 channels fused to 4x4
 
 
 @pytest.mark.parametrize(
@@ -35,7 +36,7 @@ def test_report_compiles_every_kernel_for_sm90_without_a_gpu(tmp_path):
     backward rows, gather and parameter kernels all compile for sm_90a and report registers."""
     out = tmp_path / "registers.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "benchmarks.kernel.registers", "--case", "tiny=3x3x40*2+4x4x40*1->4x4"]
+    command = [sys.executable, "-m", "encoder_fusion.benchmarks.kernel.registers", "--case", TINY_CASE]
     command += ["--tiles", "2,2,1,1,2,4"]
     subprocess.run(
         [*command, "--dtype", "bf16", "--out", str(out)], cwd=ROOT, env=env, check=True, timeout=300
@@ -81,26 +82,26 @@ def test_tiles_spec_round_trip():
 
 def test_report_refuses_interpreted_kernels():
     """In this process TRITON_INTERPRET=1 (conftest): compiling must be refused with the reason."""
-    from benchmarks.kernel.harness import CASES
-    from benchmarks.kernel.registers import compile_case
+    from encoder_fusion.benchmarks.kernel.harness import CASES
+    from encoder_fusion.benchmarks.kernel.registers import compile_case
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET is set"):
         compile_case(CASES["clip-B16+dinov2-B14"], "bf16", 90)
 
 
 def test_ptxas_rejection_is_reported_with_its_output():
-    from benchmarks.kernel.registers import _ptxas
+    from encoder_fusion.benchmarks.kernel.registers import _ptxas
 
     with pytest.raises(RuntimeError, match=r"ptxas -v failed \(exit [1-9]\d*\):\n.*"):
         _ptxas("this is not PTX", 90)
 
 
 def test_host_time_report_times_every_way_of_calling(tmp_path):
-    """benchmarks.kernel.host (launches stubbed, in a process without TRITON_INTERPRET): one row per
-    way of calling, positive medians, ratios over the inference row of the same case."""
+    """encoder_fusion.benchmarks.kernel.host (launches stubbed, in a process without TRITON_INTERPRET): one
+    row per way of calling, positive medians, ratios over the inference row of the same case."""
     out = tmp_path / "host.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "benchmarks.kernel.host", "--case", "tiny=3x3x40*2+4x4x40*1->4x4"]
+    command = [sys.executable, "-m", "encoder_fusion.benchmarks.kernel.host", "--case", TINY_CASE]
     subprocess.run(
         [*command, "--dtype", "fp32", "--calls", "3", "--out", str(out)], cwd=ROOT, env=env, check=True
     )

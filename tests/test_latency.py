@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.config import llm_preset
-from benchmarks.latency import LatencyOptions, gflops_per_image, measure_latency, stats
-from benchmarks.llm import LanguageModel, VlmOptions, prefill_flops
-from fusion import FusedEncoder
-from fusion.encoders import build_encoder
-from fusion.encoders.tiny import tiny_spec
+from encoder_fusion import FusedEncoder
+from encoder_fusion.benchmarks.config import llm_preset
+from encoder_fusion.benchmarks.latency import LatencyOptions, gflops_per_image, measure_latency, stats
+from encoder_fusion.benchmarks.llm import LanguageModel, VlmOptions, prefill_flops
+from encoder_fusion.encoders import build_encoder
+from encoder_fusion.encoders.tiny import tiny_spec
 
 CONNECTOR = {"kind": "mlp", "depth": 2, "out_dim": 24}
 FAST = {"warmup": 1, "repeats": 3, "image_size": 50, "threads": 1}
@@ -224,7 +224,7 @@ def test_cuda_events_memory_and_streams(pipelines):
         assert result["memory"]["peak_mb"] > 0
     with torch.inference_mode():
         images = torch.randint(0, 256, (2, 3, 50, 50), dtype=torch.uint8, device="cuda")
-        from benchmarks.latency import streamed_forward
+        from encoder_fusion.benchmarks.latency import streamed_forward
 
         fused = pipelines["interleave"]
         streams = [torch.cuda.Stream() for _ in fused.encoders]

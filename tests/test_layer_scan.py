@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import benchmarks.features as features
-from benchmarks.layer_scan import encoder_depth, recommend
-from benchmarks.run import run_benchmark
+import encoder_fusion.benchmarks.features as features
+from encoder_fusion.benchmarks.layer_scan import encoder_depth, recommend
+from encoder_fusion.benchmarks.run import run_benchmark
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -11,11 +11,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-import benchmarks.llm as llm
-import benchmarks.run as run
-from benchmarks.config import llm_preset, llm_spec, strategies, vlm_options
-from benchmarks.latency import gflops_per_image
-from benchmarks.llm import LanguageModel, LlmSpec, VlmOptions, build_language_model, check_fits
+import encoder_fusion.benchmarks.llm as llm
+import encoder_fusion.benchmarks.run as run
+from encoder_fusion.benchmarks.config import llm_preset, llm_spec, strategies, vlm_options
+from encoder_fusion.benchmarks.latency import gflops_per_image
+from encoder_fusion.benchmarks.llm import LanguageModel, LlmSpec, VlmOptions, build_language_model, check_fits
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion.align import build_aligner
-from fusion.merge import (
+from encoder_fusion.align import build_aligner
+from encoder_fusion.merge import (
     ENCODER_MERGES,
     LAYER_COMBINES,
     build_encoder_merge,

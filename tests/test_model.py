@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-import kernels
-from fusion import EncoderGeometry, EncoderSpec, FusedEncoder, FusionHead, HookSpec
-from fusion.encoders import Encoder, LayerInfo, LayerTokens, Preprocessing, build_encoder
-from fusion.encoders.tiny import tiny_spec
+import encoder_fusion.kernels
+from encoder_fusion import EncoderGeometry, EncoderSpec, FusedEncoder, FusionHead, HookSpec
+from encoder_fusion.encoders import Encoder, LayerInfo, LayerTokens, Preprocessing, build_encoder
+from encoder_fusion.encoders.tiny import tiny_spec
 
 ALIGNS = ("bilinear", "bicubic", "nearest", "area", "pixel_unshuffle", "learned")
 LAYER_MERGES = ("last", "mean", "concat", "weighted_ln")
@@ -127,19 +127,19 @@ def test_grid_none_takes_the_first_encoders_grid():
 
 def count_grid_fuse_calls(monkeypatch):
     calls = []
-    original = kernels.grid_fuse
+    original = encoder_fusion.kernels.grid_fuse
 
     def counting(sources, out_hw, **kwargs):
         calls.append({"shapes": [tuple(s.shape) for s in sources], "out_hw": tuple(out_hw), **kwargs})
         return original(sources, out_hw, **kwargs)
 
-    monkeypatch.setattr(kernels, "grid_fuse", counting)
+    monkeypatch.setattr(encoder_fusion.kernels, "grid_fuse", counting)
     return calls
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 @pytest.mark.parametrize("layer_merge", FUSED_MERGES)
-@pytest.mark.parametrize("align", kernels.MODES)
+@pytest.mark.parametrize("align", encoder_fusion.kernels.MODES)
 def test_channel_concat_with_kernel_modes_is_one_grid_fuse_call(monkeypatch, align, layer_merge, normalize):
     calls = count_grid_fuse_calls(monkeypatch)
     head = head_for(align, layer_merge, normalize=normalize)
@@ -223,7 +223,7 @@ def hand_written_fusion(grids, align, layer_merge, head):
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 @pytest.mark.parametrize("layer_merge", FUSED_MERGES)
-@pytest.mark.parametrize("align", kernels.MODES)
+@pytest.mark.parametrize("align", encoder_fusion.kernels.MODES)
 def test_grid_fuse_route_equals_the_formula_written_out(align, layer_merge, normalize):
     torch.manual_seed(1)
     merge = {"kind": "weighted_ln", "linear": True} if layer_merge == "weighted_ln" else layer_merge
@@ -238,7 +238,7 @@ def test_grid_fuse_route_equals_the_formula_written_out(align, layer_merge, norm
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 @pytest.mark.parametrize("layer_merge", FUSED_MERGES)
-@pytest.mark.parametrize("align", kernels.MODES)
+@pytest.mark.parametrize("align", encoder_fusion.kernels.MODES)
 def test_grid_fuse_route_and_per_encoder_route_agree(align, layer_merge, normalize):
     torch.manual_seed(3)
     merge = {"kind": "weighted_ln", "linear": True} if layer_merge == "weighted_ln" else layer_merge
@@ -616,7 +616,8 @@ def test_from_config_builds_the_model_and_round_trips_its_config():
 
 
 def test_from_config_accepts_an_omegaconf_node_with_a_hydra_target():
-    node = OmegaConf.create({"_target_": "fusion.FusedEncoder", **TINY_CONFIG, "encoder_merge": "interleave"})
+    target = {"_target_": "encoder_fusion.FusedEncoder"}
+    node = OmegaConf.create({**target, **TINY_CONFIG, "encoder_merge": "interleave"})
     node.merge_dim = 16
     model = FusedEncoder.from_config(node)
     assert model.output_tokens() == 24 and model.head.out_dim == 64

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from fusion import EncoderGeometry, FusionHead
+from encoder_fusion import EncoderGeometry, FusionHead
 
 # two encoders of different widths and grids, hooking as many layers (sparse_token lines up the
 # encoders' token sets, one per hooked layer)

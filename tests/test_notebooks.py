@@ -81,7 +81,7 @@ def execute_notebook(
     if isinstance(notebook, Path):
         notebook = nbformat.read(notebook, as_version=4)
     workdir.mkdir(parents=True, exist_ok=True)
-    # the repository first on the path: the notebooks import fusion and benchmarks even when the
+    # the repository first on the path: the notebooks import encoder_fusion and benchmarks even when the
     # project is not installed in this interpreter
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     # figures display inline (as in Jupyter) even when the caller's environment picks another backend

@@ -9,11 +9,11 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pytest
 
-from benchmarks.records import SCHEMA_VERSION, StrategyRecord, VlmRecord
-from benchmarks.render import pareto_figure, render_markdown
-from benchmarks.report import aggregate, build_report, environment, load_report, write_report
-from benchmarks.run import job_overrides
-from fusion.io import atomic_write, write_json
+from encoder_fusion.benchmarks.records import SCHEMA_VERSION, StrategyRecord, VlmRecord
+from encoder_fusion.benchmarks.render import pareto_figure, render_markdown
+from encoder_fusion.benchmarks.report import aggregate, build_report, environment, load_report, write_report
+from encoder_fusion.benchmarks.run import job_overrides
+from encoder_fusion.io import atomic_write, write_json
 
 
 def record(name, role, encoders, accuracy, median, ratio, weights="random", errors=()):
@@ -371,7 +371,7 @@ def test_no_text_of_the_pareto_figure_is_cut_off(tmp_path):
     picture still holds every piece of text."""
     from PIL import Image
 
-    from benchmarks.render import plot_pareto
+    from encoder_fusion.benchmarks.render import plot_pareto
 
     records = three_strategies()
     records[2].name = "comm [" + ",".join(f"option_{i}=value_{i}" for i in range(8)) + "]"

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.assess import AssessOptions, assess, per_cost_step
-from benchmarks.records import StrategyRecord, VlmRecord
-from benchmarks.stats import metric_ci, needed_items, paired_delta_ci, ratio_ci, verdict
-from benchmarks.tasks import TASKS
-from benchmarks.tasks.dense import confusion_matrix, segmentation_scores
+from encoder_fusion.benchmarks.assess import AssessOptions, assess, per_cost_step
+from encoder_fusion.benchmarks.records import StrategyRecord, VlmRecord
+from encoder_fusion.benchmarks.stats import metric_ci, needed_items, paired_delta_ci, ratio_ci, verdict
+from encoder_fusion.benchmarks.tasks import TASKS
+from encoder_fusion.benchmarks.tasks.dense import confusion_matrix, segmentation_scores
 
 MEAN = TASKS["classification"].metric_from_sums
 

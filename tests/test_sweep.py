@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from test_bench_e2e import bench_process, job_reports, run_ok
 from test_report import ENV, three_strategies
 
-from benchmarks.cli import report_main
-from benchmarks.report import aggregate, build_report, load_report, write_report
-from benchmarks.sweep import check_own_folder, finished_result, job_state, planned_jobs
-from fusion.io import write_json
+from encoder_fusion.benchmarks.cli import report_main
+from encoder_fusion.benchmarks.report import aggregate, build_report, load_report, write_report
+from encoder_fusion.benchmarks.sweep import check_own_folder, finished_result, job_state, planned_jobs
+from encoder_fusion.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["experiment=smoke", "bench.latency.repeats=1", "data.options.num_images=24"]

@@ -15,12 +15,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-import benchmarks.run
-from benchmarks.run import run_benchmark
-from fusion.encoders import Encoder
+import encoder_fusion.benchmarks.run
+from encoder_fusion.benchmarks.run import run_benchmark
+from encoder_fusion.encoders import Encoder
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = "from benchmarks.cli import bench_main; bench_main()"
+BENCH = "from encoder_fusion.benchmarks.cli import bench_main; bench_main()"
 
 
 def make(*overrides: str):
@@ -43,7 +43,7 @@ def nothing_runs(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before every setting was checked")
 
-    monkeypatch.setattr(benchmarks.run, "load_batch", forbidden)
+    monkeypatch.setattr(encoder_fusion.benchmarks.run, "load_batch", forbidden)
     monkeypatch.setattr(Encoder, "forward_tokens", forbidden)
 
 

@@ -17,8 +17,8 @@ import transformers
 from checkpoints import perturb, put_in_hub_cache
 from safetensors.torch import save_file
 
-from fusion.encoders import EncoderSpec, build_encoder
-from fusion.encoders.weights import local_weights_path, read_state_dict
+from encoder_fusion.encoders import EncoderSpec, build_encoder
+from encoder_fusion.encoders.weights import local_weights_path, read_state_dict
 
 TIMM_DINO_REG = "vit_small_patch14_reg4_dinov2"
 TIMM_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2}

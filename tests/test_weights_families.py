@@ -14,8 +14,8 @@ from checkpoints import perturb, put_in_hub_cache
 from safetensors.torch import save_file
 from test_encoders import CASES
 
-from fusion.encoders import EncoderSpec, build_encoder
-from fusion.hooks import HookSpec
+from encoder_fusion.encoders import EncoderSpec, build_encoder
+from encoder_fusion.hooks import HookSpec
 
 TIMM_KWARGS = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 SIZE = (48, 80)

@@ -1,0 +1,267 @@
+"""What the kernel tools share: the arguments that name problems (``--case``, ``--batch``,
+``--dtype``, ``--pass``, ``--out``), the problems themselves (encoders' hooked layers fused to one
+grid, as tensors), timing, and the reports they write (JSON and markdown, each atomically).
+
+Built-in cases come from real encoder pairs (every source a (B, h, w, C) grid, ``bilinear``
+alignment):
+
+* ``clip-L14-336+dinov2-L14``: CLIP ViT-L/14-336 and DINOv2 ViT-L/14 at 336 px, 24x24 grids,
+  1024 channels, 3 layers each, target 24x24 (alignment is the identity);
+* ``clip-B16+dinov2-B14``: CLIP ViT-B/16 at 224 (14x14) and DINOv2 ViT-B/14 at 224 (16x16),
+  768 channels, 3 layers each, target 16x16.
+
+Bytes that must move: ``fwd`` reads every source and parameter once and writes the output once;
+``fwdbwd`` adds the backward pass, which reads every source again and the output gradient once and
+writes every source and parameter gradient once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from encoder_fusion.io import atomic_write
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PASSES = ("fwd", "fwdbwd")
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 27}
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """One encoder's hooked layers: grid (h, w), channels, number of layers."""
+
+    height: int
+    width: int
+    channels: int
+    layers: int
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """Encoders fused to one target grid; each encoder is one output group."""
+
+    name: str
+    encoders: tuple[EncoderShape, ...]
+    out_hw: tuple[int, int]
+
+
+CASES = {
+    case.name: case
+    for case in (
+        BenchCase(
+            "clip-L14-336+dinov2-L14",
+            (EncoderShape(24, 24, 1024, 3), EncoderShape(24, 24, 1024, 3)),
+            (24, 24),
+        ),
+        BenchCase(
+            "clip-B16+dinov2-B14", (EncoderShape(14, 14, 768, 3), EncoderShape(16, 16, 768, 3)), (16, 16)
+        ),
+    )
+}
+_CASE_SPEC = re.compile(r"^(?P<name>[\w.+-]+)=(?P<encoders>[\dx*+]+)->(?P<h>\d+)x(?P<w>\d+)$")
+_ENCODER_SPEC = re.compile(r"^(\d+)x(\d+)x(\d+)\*(\d+)$")
+
+
+def parse_case(spec: str) -> BenchCase:
+    """``NAME=HxWxC*L+HxWxC*L->HxW`` (one ``HxWxC*L`` per encoder) as a :class:`BenchCase`.
+
+    Raises:
+        ValueError: a spec that does not have this form or has a zero size.
+    """
+    match = _CASE_SPEC.match(spec)
+    encoders = [_ENCODER_SPEC.match(part) for part in match["encoders"].split("+")] if match else [None]
+    if match is None or not all(encoders):
+        raise ValueError(f"--case {spec!r} must look like NAME=HxWxC*L+HxWxC*L->HxW, e.g. tiny=2x2x8*2->2x2")
+    case = BenchCase(
+        match["name"],
+        tuple(EncoderShape(*(int(v) for v in m.groups())) for m in encoders),
+        (int(match["h"]), int(match["w"])),
+    )
+    if min(case.out_hw) == 0 or any(0 in asdict(e).values() for e in case.encoders):
+        raise ValueError(f"--case {spec!r} has a zero size; every size must be positive")
+    return case
+
+
+@dataclass
+class Problem:
+    """The tensors of one benchmark call (sources, grouping, parameters, output gradient)."""
+
+    sources: list[torch.Tensor]
+    groups: list[int]
+    layer_weights: torch.Tensor
+    ln_weight: list[torch.Tensor]
+    ln_bias: list[torch.Tensor]
+    out_hw: tuple[int, int]
+
+    def call(self, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """``fn`` (a ``grid_fuse``) on this problem, ``bilinear``."""
+        return fn(
+            self.sources,
+            self.out_hw,
+            groups=self.groups,
+            layer_weights=self.layer_weights,
+            ln_weight=self.ln_weight,
+            ln_bias=self.ln_bias,
+            mode="bilinear",
+        )
+
+    def leaves(self) -> list[torch.Tensor]:
+        """Every input tensor: sources, layer weights, LayerNorm affines."""
+        return [*self.sources, self.layer_weights, *self.ln_weight, *self.ln_bias]
+
+
+def make_problem(case: BenchCase, batch: int, dtype: torch.dtype, device: torch.device) -> Problem:
+    """Random sources and parameters for ``case``; all of them require grad."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype).requires_grad_()
+
+    sources, groups, widths = [], [], []
+    for group, encoder in enumerate(case.encoders):
+        for _ in range(encoder.layers):
+            sources.append(rand(batch, encoder.height, encoder.width, encoder.channels))
+            groups.append(group)
+            widths.append(encoder.channels)
+    layer_weights = torch.full((len(sources),), 1.0 / 3, device=device, dtype=dtype).requires_grad_()
+    return Problem(
+        sources, groups, layer_weights, [rand(c) for c in widths], [rand(c) for c in widths], case.out_hw
+    )
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bytes_moved(problem: Problem, out_bytes: int, pass_name: str) -> int:
+    """The bytes a pass must move at least: see the module docstring."""
+    inputs = _nbytes(problem.leaves())
+    forward = inputs + out_bytes
+    # backward: read sources and parameters again, read grad_out, write one gradient per input
+    return forward if pass_name == "fwd" else forward + 2 * inputs + out_bytes
+
+
+def make_step(
+    fn: Callable[..., torch.Tensor], problem: Problem, pass_name: str, grad_out: torch.Tensor
+) -> Callable[[], object]:
+    """A no-argument callable running one forward (no grad) or forward + backward of ``fn``."""
+    if pass_name == "fwd":
+
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                return problem.call(fn)
+
+        return forward
+    leaves = problem.leaves()
+
+    def forward_backward() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(problem.call(fn), leaves, grad_out)
+
+    return forward_backward
+
+
+def median_ms(step: Callable[[], object], device: torch.device, quick: bool) -> float:
+    """Median time of ``step`` in milliseconds: do_bench on CUDA, perf_counter on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+    for _ in range(1 if quick else 3):
+        step()
+    times = []
+    for _ in range(3 if quick else 10):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second, in GB/s)."""
+    size = COPY_BYTES[device.type] // (8 if quick else 1)
+    src = torch.empty(size, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return 2 * size / (median_ms(lambda: dst.copy_(src), device, quick) * 1e6)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def add_shape_arguments(
+    parser: argparse.ArgumentParser, *, batches: Sequence[int] | None, passes: bool = True
+) -> None:
+    """The arguments the kernel tools share: ``--batch`` (when ``batches`` gives its default),
+    ``--dtype``, ``--pass`` (when ``passes``), ``--case`` and ``--out``."""
+    if batches is not None:
+        parser.add_argument("--batch", type=int, nargs="+", default=list(batches))
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    if passes:
+        parser.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES))
+    parser.add_argument(
+        "--case",
+        dest="cases",
+        nargs="+",
+        metavar="NAME|NAME=HxWxC*L+...->HxW",
+        help=f"built-in cases ({', '.join(CASES)}) or a custom spec; default: all built-in cases",
+    )
+    parser.add_argument("--out", type=Path, help="write the report as JSON here and as markdown beside it")
+
+
+def parsed_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[BenchCase]:
+    """The cases ``--case`` names (all built-in ones by default); exits through ``parser`` on a
+    non-positive ``--batch`` or a malformed case spec."""
+    if any(b <= 0 for b in getattr(args, "batch", [1])):
+        parser.error(f"--batch sizes must be positive, got {args.batch}")
+    try:
+        return [CASES[spec] if spec in CASES else parse_case(spec) for spec in args.cases or list(CASES)]
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that runs ``python -m module`` with ``argv`` (the process's arguments if None)."""
+    return f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def report_header(module: str, argv: Sequence[str] | None, device: torch.device) -> dict:
+    """What every report starts with: the device, the date, the command and torch's version."""
+    return {
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(module, argv),
+        "torch": torch.__version__,
+    }
+
+
+def header_lines(report: dict) -> list[str]:
+    """:func:`report_header`'s fields as markdown list items."""
+    return [
+        f"- device: {report['device']}",
+        f"- date: {report['date']}",
+        f"- command: `{report['command']}`",
+        f"- torch: {report['torch']}",
+    ]
+
+
+def save_report(out: Path | None, data: object, table: str) -> None:
+    """Write ``data`` as JSON to ``out`` and ``table`` beside it as ``.md``, each atomically."""
+    if out is not None:
+        atomic_write(out, json.dumps(data, indent=2) + "\n")
+        atomic_write(out.with_suffix(".md"), table)

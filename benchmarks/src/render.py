@@ -1,0 +1,358 @@
+"""Reports as people read them: ``report.md`` (:func:`render_markdown`) and ``pareto.png``
+(:func:`pareto_figure`), from a :class:`~encoder_fusion.benchmarks.records.Report`.
+
+Every accuracy change is shown with its paired 95 % interval (``+1.2 pp [-0.4, +2.9]``) and every
+ratio with its interval (``1.05x [1.01, 1.09]``); the first lines give each fused strategy's verdict.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from encoder_fusion.benchmarks.records import Report, StrategyRecord
+from encoder_fusion.io import atomic_path
+
+
+def random_encoders(strategies: Sequence[StrategyRecord]) -> list[str]:
+    """The encoders that ran on random weights in any strategy, sorted."""
+    return sorted({name for s in strategies for name, state in s.weights.items() if state == "random"})
+
+
+# -- markdown ---------------------------------------------------------------------------------------
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def _signed_pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:+.1f}"
+
+
+def _ratio(value: float | None, interval: Sequence[float] | None = None) -> str:
+    """``1.05x``, with its interval when known: ``1.05x [1.01, 1.09]``."""
+    if value is None:
+        return "—"
+    return f"{value:.2f}x" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def delta_cell(result: Mapping | None) -> str:
+    """A change against the baseline in percentage points with its paired interval:
+    ``+1.2 pp [-0.4, +2.9]``."""
+    delta = (result or {}).get("delta")
+    if delta is None:
+        return "—"
+    interval = result.get("delta_ci")
+    shown = f"{100 * delta:+.1f} pp"
+    return shown + (f" [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]" if interval else "")
+
+
+def _timing(stats: Mapping | None) -> str:
+    return "—" if not stats else f"{stats['median']:.2f} ({stats['p10']:.2f}–{stats['p90']:.2f})"
+
+
+def planted_encoders(report: Report) -> list[str]:
+    """The encoders whose features the harness planted (``experiment=planted``), sorted."""
+    return sorted({n for s in report.strategies for n, state in s.weights.items() if state == "planted"})
+
+
+def random_notice(report: Report) -> str:
+    """The line that opens every report of a run with planted features or random encoder weights
+    ('' when neither)."""
+    planted = planted_encoders(report)
+    if planted:
+        return (
+            f"**PLANTED SIGNAL: the features of encoder(s) {', '.join(planted)} were planted by the harness "
+            "from the labels (experiment=planted); the accuracies below show that the harness detects a "
+            "real gain, not what any encoder can do. Latency is that of the encoders' architectures.**"
+        )
+    return random_weights_notice(report.random_encoders or random_encoders(report.strategies))
+
+
+def random_weights_notice(names: Sequence[str]) -> str:
+    """The first line of a report whose encoders ``names`` ran on random weights ('' for none)."""
+    if not names:
+        return ""
+    return (
+        f"**RANDOM WEIGHTS: encoder(s) {', '.join(names)} ran on random weights (no pretrained "
+        "checkpoint was found offline); the accuracies below test the pipeline, not the encoders.**"
+    )
+
+
+def accuracy_cell(result: Mapping | None) -> str:
+    """``mean ± std`` in percent, or the error marker."""
+    if result is None:
+        return "—"
+    if result.get("mean") is None:
+        return "error"
+    return f"{_pct(result['mean'])} ± {_pct(result.get('std') or 0.0)}"
+
+
+def projected_presets(report: Report) -> list[str]:
+    """The presets any row has a projected TTFT for, in first-seen order."""
+    return list(dict.fromkeys(p for s in report.strategies if s.vlm is not None for p in s.vlm.projected))
+
+
+def language_model_lines(report: Report) -> list[str]:
+    """The lines that name the language model(s) and say what the two ratios mean."""
+    vlms = [s.vlm for s in report.strategies if s.vlm is not None]
+    if not vlms:
+        return [
+            "Language model: none (llm=none): overhead = the vision pipeline's end-to-end time / "
+            f"{report.baseline}'s, measured in the same run.  "
+        ]
+    first = vlms[0]
+    lines = [
+        f"Language model: {', '.join(report.llms)} (random weights; latency does not depend on their "
+        f"values) · {first.prompt_tokens} prompt tokens after the visual ones · {first.decode_tokens} "
+        "decode steps  ",
+        "overhead = time to first token (raw images in, first token's logits out: vision, connector "
+        f"and the language model's prefill) / {report.baseline}'s with the same language model, "
+        "measured in the same run; vision overhead = the vision pipeline alone / "
+        f"{report.baseline}'s.  ",
+    ]
+    presets = projected_presets(report)
+    if presets:
+        lines.append(
+            f"Projected (not measured): the overhead with {', '.join(presets)} in place of the language "
+            "model run here, from the prefill FLOP rate measured here.  "
+        )
+    return lines
+
+
+def verdict_lines(report: Report) -> list[str]:
+    """One line per fused strategy with a verdict: the verdict, each task's change, the overheads,
+    the accuracy bought per +10 % of time to first token and of vision time, and the budget."""
+    lines = []
+    for record in report.strategies:
+        if record.verdict is None:
+            continue
+        changes = "; ".join(f"{task} {delta_cell(record.accuracy.get(task))}" for task in report.tasks)
+        cost = f"overhead {_ratio(record.overhead(), record.overhead_ci())}"
+        if record.vlm is not None:
+            cost += f", vision {_ratio(record.vision_overhead(), record.vision_overhead_ci())}"
+        tradeoff = record.tradeoff or {}
+        bought = []
+        for key, what in (("pp_per_10pct_ttft", "TTFT"), ("pp_per_10pct_vision", "vision time")):
+            per_task = {t: v for t, v in (tradeoff.get(key) or {}).items() if v is not None}
+            if per_task:
+                shown = ", ".join(f"{v:+.2f} ({t})" for t, v in per_task.items())
+                bought.append(f"pp per +10 % {what}: {shown}")
+        budget = tradeoff.get("max_overhead")
+        if budget is not None and tradeoff.get("fits_budget") is not None:
+            bought.append(f"{'fits' if tradeoff['fits_budget'] else 'exceeds'} the {budget:.2f}x budget")
+        lines.append(
+            f"- **{record.name}: {record.verdict}**: {changes} · {cost}" + "".join(f" · {b}" for b in bought)
+        )
+    if lines:
+        lines = [
+            "Verdicts (gain: some task's 95 % interval lies above 0 and none below; worse: the reverse; "
+            "no detectable gain: otherwise):",
+            "",
+            *lines,
+            "",
+        ]
+    return lines
+
+
+def detection_lines(report: Report) -> list[str]:
+    """Where a test split is too small for a fused strategy's change to detect
+    ``bench.min_detectable_pp``, and how many items it would take."""
+    lines = []
+    for record in report.strategies:
+        if record.role != "fused":
+            continue
+        for task in report.tasks:
+            result = record.accuracy.get(task) or {}
+            detection = result.get("detection") or {}
+            if detection.get("needed_items") is None:
+                continue
+            lines.append(
+                f"- {record.name} / {task}: {result.get('test_size', '?')} test items cannot detect a "
+                f"{100 * detection['min_detectable']:.1f} pp change (the interval's half-width is "
+                f"{100 * detection['half_width']:.1f} pp); about {detection['needed_items']} would."
+            )
+    return ["Too few test items:", "", *lines, ""] if lines else []
+
+
+def sweep_lines(report: Report) -> list[str]:
+    """An aggregate's jobs with and without a result, near the top, so that a missing job is seen."""
+    run = report.run
+    if "finished" not in run:
+        return []
+    text = f"Sweep: {run['finished']} job(s) with a result"
+    if report.failed_jobs:
+        text += f", **{len(report.failed_jobs)} without** (see Errors)"
+    if run.get("planned") is not None:
+        text += f"; its last launch planned {run['planned']}"
+    return [text + ".", ""]
+
+
+def render_markdown(report: Report) -> str:
+    """The report as markdown: the random-weights notice first (when any), the verdicts, the language
+    model, then one table with a row per strategy (accuracy ± std and change against CLIP-only with
+    its interval per task, visual tokens, TTFT and its overhead, the vision-only overhead, the language
+    model's share of TTFT, decode speed, projected overheads, peak memory, parameters, GFLOPs), then
+    the tasks whose test split is too small, and any errors."""
+    lines = []
+    notice = random_notice(report)
+    if notice:
+        lines += [notice, ""]
+    env, strategies = report.environment, report.strategies
+    first_latency = next((s.latency for s in strategies if s.latency), {})
+    with_llm = any(s.vlm is not None for s in strategies)
+    presets = projected_presets(report)
+    lines += [
+        "# encoder-fusion benchmark",
+        "",
+        *sweep_lines(report),
+        *verdict_lines(report),
+        *language_model_lines(report),
+        f"Device: {env.get('device')} · torch {env.get('torch')} · {env.get('date')}  ",
+        f"Command: `{env.get('command')}`  ",
+        f"Latency: batch {first_latency.get('batch_size', '—')}, {first_latency.get('dtype', '—')}, "
+        f"compile {'on' if first_latency.get('compile') else 'off'}; median (p10–p90) in ms.",
+        "",
+    ]
+    tasks = report.tasks
+    metrics = {
+        t: next((s.accuracy[t].get("metric") for s in strategies if t in s.accuracy), "") for t in tasks
+    }
+    header = ["strategy", "encoders", "weights"]
+    for task in tasks:
+        header += [f"{task} {metrics[task]} (%)", "Δ vs CLIP [95 % CI]"]
+    header += ["visual tokens"]
+    if with_llm:
+        header += ["TTFT ms", "overhead", "vision overhead", "LLM share of TTFT", "decode tok/s"]
+        header += [f"overhead with {p} (projected)" for p in presets]
+    header += ["vision ms"] + ([] if with_llm else ["overhead"])
+    header += ["peak mem MB", "params trainable / total", "GFLOPs/img"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in strategies:
+        name = f"**{record.name}**" if record.role == "fused" else record.name
+        weights = ", ".join(f"{k}: {v}" for k, v in record.weights.items()) or "—"
+        row = [name, " + ".join(record.encoders) or "—", weights]
+        for task in tasks:
+            result = record.accuracy.get(task)
+            row += [accuracy_cell(result), delta_cell(result)]
+        row.append("—" if record.tokens is None else str(record.tokens))
+        vlm = record.vlm
+        if with_llm:
+            rate = vlm.decode_tokens_per_s if vlm else None
+            row += [
+                _timing(vlm.ttft if vlm else None),
+                _ratio(record.overhead() if vlm else None, record.overhead_ci() if vlm else None),
+                _ratio(record.vision_overhead(), record.vision_overhead_ci()),
+                "—" if vlm is None else f"{100 * vlm.llm_share:.0f} %",
+                "—" if not rate else f"{rate['median']:.1f}",
+            ]
+            row += [_ratio(((vlm.projected if vlm else {}).get(p) or {}).get("ratio")) for p in presets]
+        row.append(_timing((record.latency or {}).get("end_to_end")))
+        if not with_llm:
+            row.append(_ratio(record.overhead(), record.overhead_ci()))
+        peak = (record.memory or {}).get("peak_mb")
+        row.append(f"{peak:.0f}" if peak is not None else "—")
+        params = record.params
+        row.append(f"{params['trainable'] / 1e6:.2f}M / {params['total'] / 1e6:.2f}M" if params else "—")
+        row.append(f"{record.gflops:.3g}" if record.gflops is not None else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    detection = detection_lines(report)
+    if detection:
+        lines += ["", *detection[:-1]]
+    memory_kinds = sorted({(s.memory or {}).get("kind", "") for s in strategies} - {""})
+    if memory_kinds:
+        scope = "the whole VLM's first token" if with_llm else "the vision pipeline"
+        lines += ["", f"Peak memory ({scope}): {'; '.join(memory_kinds)}."]
+    errors = [(s.name, e) for s in strategies for e in s.errors]
+    if errors or report.failed_jobs:
+        lines += ["", "## Errors", ""]
+        lines += [f"- {name} / {e['where']}: {e['error']}" for name, e in errors]
+        lines += [f"- job {job['job']}: {job['error']}" for job in report.failed_jobs]
+    return "\n".join(lines) + "\n"
+
+
+# -- plot -------------------------------------------------------------------------------------------
+def _error_bar(value: float, interval: Sequence[float] | None, scale: float = 1.0):
+    """The ``(2, 1)`` below/above distances of an interval around ``value``, for ``errorbar``; None
+    without an interval."""
+    if not interval:
+        return None
+    return [[scale * max(0.0, value - interval[0])], [scale * max(0.0, interval[1] - value)]]
+
+
+def pareto_figure(report: Report):
+    """The Pareto figure: per task, accuracy change against the baseline (pp) over the cost overhead
+    (x baseline), one labelled point per strategy (squares: baselines, circles: fused strategies),
+    with the 95 % intervals of both as error bars. With a language model the filled marker is the
+    time-to-first-token overhead and a hollow marker, joined to it by a dotted line, the vision-only
+    overhead of the same strategy.
+
+    Returns:
+        A :class:`matplotlib.figure.Figure` on its own Agg canvas, outside pyplot: drawing it changes
+        neither the process's matplotlib backend nor pyplot's figures (a notebook keeps showing its
+        own), and nothing needs closing.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = report.tasks or ["(no task)"]
+    with_llm = any(s.vlm is not None for s in report.strategies)
+    # constrained layout spaces the panels; save_whole keeps text that still overflows them
+    figure = Figure(figsize=(max(8.0, 5.5 * len(tasks)), 5.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(tasks), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for record in report.strategies:
+            overhead, vision = record.overhead(), record.vision_overhead()
+            delta = (record.accuracy.get(task) or {}).get("delta")
+            if overhead is None or delta is None:
+                continue
+            color = "black" if record.is_baseline else "tab:blue"
+            marker = "s" if record.is_baseline else "o"
+            axis.errorbar(
+                overhead,
+                100 * delta,
+                xerr=_error_bar(overhead, record.overhead_ci()),
+                yerr=_error_bar(delta, (record.accuracy.get(task) or {}).get("delta_ci"), scale=100),
+                fmt="none",
+                ecolor=color,
+                elinewidth=1,
+                capsize=3,
+                zorder=2,
+            )
+            axis.scatter(overhead, 100 * delta, marker=marker, s=70, color=color, zorder=3, label=record.name)
+            if with_llm and vision is not None:
+                axis.scatter(
+                    vision, 100 * delta, marker=marker, s=70, facecolors="none", edgecolors=color, zorder=3
+                )
+                axis.plot([vision, overhead], [100 * delta] * 2, linestyle=":", color=color, linewidth=1)
+            axis.annotate(record.name, (overhead, 100 * delta), textcoords="offset points", xytext=(6, 4))
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.axvline(1.0, color="grey", linewidth=0.8)
+        cost = "time-to-first-token overhead" if with_llm else "latency overhead"
+        axis.set_xlabel(f"{cost} (x {report.baseline})" + ("; hollow: vision only" if with_llm else ""))
+        axis.set_ylabel(f"{task}: accuracy change vs {report.baseline} (pp)")
+        axis.set_title(task)
+        axis.grid(alpha=0.3)
+    cost = f"TTFT overhead ({', '.join(report.llms)})" if with_llm else "latency overhead"
+    title = f"accuracy gain vs {cost}"
+    if planted_encoders(report):
+        title = "PLANTED SIGNAL - " + title
+    elif report.weights_random:
+        title = "RANDOM WEIGHTS - " + title
+    figure.suptitle(title)
+    return figure
+
+
+def save_whole(figure, path: str | os.PathLike, dpi: int) -> None:
+    """Save ``figure`` with its canvas grown to every piece of text on it: a long title, or a label
+    placed beside a point near the edge, is never cut off."""
+    figure.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+
+
+def plot_pareto(report: Report, path: str | os.PathLike) -> Path:
+    """Save :func:`pareto_figure` as a PNG at ``path``, atomically."""
+    figure = pareto_figure(report)
+    with atomic_path(path) as temp:
+        save_whole(figure, temp, dpi=110)
+    return Path(path)

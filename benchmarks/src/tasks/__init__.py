@@ -1,0 +1,19 @@
+"""Accuracy probes on cached encoder features: classification, dense segmentation, localization.
+
+``run_probe(task, make_head, train, test, ...)`` trains the fusion head plus a small task head per
+seed and returns the test metric's mean and std; ``TASKS`` lists the registered tasks.
+"""
+
+from encoder_fusion.benchmarks.tasks import classification, dense, localization
+from encoder_fusion.benchmarks.tasks.probe import TASKS, FeatureSplit, ProbeTask, register_task, run_probe
+
+__all__ = [
+    "TASKS",
+    "FeatureSplit",
+    "ProbeTask",
+    "classification",
+    "dense",
+    "localization",
+    "register_task",
+    "run_probe",
+]

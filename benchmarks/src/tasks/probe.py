@@ -1,0 +1,501 @@
+"""The shared probe: train the fusion head plus a small task head on cached features, evaluate it.
+
+A probe task (classification, dense, localization) says which targets it reads, how to prepare them
+for the fused grid, which head sits on the fused tokens, its loss and its metrics; :func:`run_probe`
+does the rest identically for all: a fresh fusion head per seed, AdamW with a cosine schedule on the
+train split, one pass over the test split, mean and std over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+Grids = list[list[torch.Tensor]]  # [encoder][layer] -> (N, h, w, C)
+
+
+@dataclass
+class FeatureSplit:
+    """Cached features of one split and its targets.
+
+    Attributes:
+        grids: ``grids[e][l]`` is the float ``(N, h, w, C)`` grid of layer ``l`` of encoder ``e``,
+            sample dimension first, the same N everywhere.
+        labels: long ``(N,)`` class ids, -1 for none; or None.
+        masks: long ``(N, H, W)`` masks at image resolution, -1 for ignored pixels; or None.
+        boxes: float ``(N, 4)`` normalised xyxy boxes, NaN rows for none; or None.
+        num_classes: classes of ``labels`` (classification) or of ``masks`` (dense); 0 when unused.
+
+    Raises:
+        ValueError: grids that are not a non-empty list of lists of 4-D float tensors with one N,
+            or targets whose shape does not fit N.
+    """
+
+    grids: Grids
+    labels: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+    num_classes: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grids, (list, tuple)) or not self.grids:
+            raise ValueError("FeatureSplit.grids must be a non-empty list (one entry per encoder)")
+        sizes = set()
+        for e, layers in enumerate(self.grids):
+            if not isinstance(layers, (list, tuple)) or not layers:
+                raise ValueError(f"FeatureSplit.grids[{e}] must be a non-empty list of (N, h, w, C) tensors")
+            for i, grid in enumerate(layers):
+                if not isinstance(grid, torch.Tensor) or grid.ndim != 4 or not grid.is_floating_point():
+                    shape = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
+                    raise ValueError(
+                        f"FeatureSplit.grids[{e}][{i}] must be a float (N, h, w, C) tensor, got {shape}"
+                    )
+                sizes.add(grid.shape[0])
+        if len(sizes) != 1 or 0 in sizes:
+            raise ValueError(
+                f"FeatureSplit.grids must share one non-zero sample count N, got {sorted(sizes)}"
+            )
+        n = sizes.pop()
+        expected = {"labels": (n,), "masks": (n, None, None), "boxes": (n, 4)}
+        for field, shape in expected.items():
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if (
+                not isinstance(value, torch.Tensor)
+                or value.ndim != len(shape)
+                or any(want is not None and got != want for got, want in zip(value.shape, shape))
+            ):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                want = ", ".join("*" if s is None else str(s) for s in shape)
+                raise ValueError(f"FeatureSplit.{field} must have shape ({want}) for N={n}, got {got}")
+        if (
+            not isinstance(self.num_classes, int)
+            or isinstance(self.num_classes, bool)
+            or self.num_classes < 0
+        ):
+            raise ValueError(f"FeatureSplit.num_classes must be an int >= 0, got {self.num_classes!r}")
+
+    def __len__(self) -> int:
+        return self.grids[0][0].shape[0]
+
+    def select(self, index: torch.Tensor) -> Grids:
+        """The grids of the samples ``index``, in the same nesting."""
+        return [[grid[index] for grid in layers] for layers in self.grids]
+
+
+class ProbeTask:
+    """What one probe task adds to the shared loop. Subclasses set the class attributes and methods.
+
+    Attributes:
+        NAME: registry name. METRIC: the main metric's name. TARGET: the :class:`FeatureSplit`
+        field it reads. ANNOTATION: the dataset annotation that field comes from (``label``,
+        ``mask``, ``box``; see :mod:`encoder_fusion.benchmarks.datasets`). INPUT: ``"tokens"`` (the head gets
+        ``(B, N, D)``) or ``"grid"`` (it gets ``fusion.to_grid(tokens)``, ``(B, H, W, D')``).
+    """
+
+    NAME: ClassVar[str]
+    METRIC: ClassVar[str]
+    TARGET: ClassVar[str]
+    ANNOTATION: ClassVar[str]
+    INPUT: ClassVar[str] = "tokens"
+    # the head reads only the mean token, so a layer scan may cache features pooled
+    POOLED: ClassVar[bool] = False
+
+    def check(self, split: FeatureSplit, which: str) -> None:
+        """Raise ValueError when ``split`` lacks or has invalid targets for this task."""
+        if getattr(split, self.TARGET) is None:
+            raise ValueError(f"the {self.NAME} probe needs {which} FeatureSplit.{self.TARGET}, got None")
+
+    def targets(self, split: FeatureSplit, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """The per-sample targets in the form the loss and metrics take."""
+        return getattr(split, self.TARGET)
+
+    def valid(self, targets: torch.Tensor) -> torch.Tensor:
+        """Bool ``(N,)``: samples with something to learn from (others are left out)."""
+        raise NotImplementedError
+
+    def build_head(self, width: int, grid_hw: tuple[int, int], num_classes: int) -> nn.Module:
+        """The task head on fused features of ``width`` channels on a ``grid_hw`` grid."""
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scores(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
+        """Metrics over a whole split: the main one under ``METRIC``, others beside it."""
+        raise NotImplementedError
+
+    def baseline(
+        self, train_targets: torch.Tensor, test_targets: torch.Tensor, num_classes: int
+    ) -> dict[str, float]:
+        """The metrics of the best constant prediction learnt from the train targets (no features)."""
+        raise NotImplementedError
+
+    def item_stats(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Float64 ``(N, d)``: per test item, the additive statistics the main metric is computed from,
+        so that the metric of any resample of the items is :meth:`metric_from_sums` of its rows' sum
+        (what the paired bootstrap resamples)."""
+        raise NotImplementedError
+
+    def metric_from_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """The main metric from summed item statistics ``(..., d) -> (...)``."""
+        raise NotImplementedError
+
+
+class MeanOfItemsTask(ProbeTask):
+    """A probe whose main metric is a mean over test items of a per-item value (:meth:`item_value`)."""
+
+    def item_value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def item_stats(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+        value = self.item_value(outputs, targets).double()
+        return torch.stack([value, torch.ones_like(value)], dim=1)
+
+    def metric_from_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        return sums[..., 0] / sums[..., 1]
+
+
+class ClassIdTask(ProbeTask):
+    """A probe whose targets are long class ids in ``[0, num_classes)``, -1 where unlabelled."""
+
+    def check(self, split: FeatureSplit, which: str) -> None:
+        super().check(split, which)
+        if split.num_classes < 2:
+            raise ValueError(f"the {self.NAME} probe needs {which} num_classes >= 2, got {split.num_classes}")
+        ids = getattr(split, self.TARGET)
+        if ids.dtype != torch.long or bool(((ids < -1) | (ids >= split.num_classes)).any()):
+            raise ValueError(
+                f"{which} FeatureSplit.{self.TARGET} must be long class ids in [0, {split.num_classes}) "
+                f"or -1, got dtype {ids.dtype}, range [{int(ids.min())}, {int(ids.max())}]"
+            )
+
+
+TASKS: dict[str, ProbeTask] = {}
+
+
+def register_task(cls: type[ProbeTask]) -> type[ProbeTask]:
+    """Class decorator: make ``run_probe(cls.NAME, ...)`` use this task."""
+    TASKS[cls.NAME] = cls()
+    return cls
+
+
+class ProbeModel(nn.Module):
+    """The fusion head followed by the task head.
+
+    The task head sees the main tokens plus the sum of the fusion head's DeepStack extra token sets
+    (``deepstack_layers``; none for most strategies): a language model adds those sets to its
+    hidden states at the visual positions, so their sum is the closest stand-in a probe without a
+    language model has for what they contribute.
+    """
+
+    def __init__(self, fusion: nn.Module, head: nn.Module, head_input: str) -> None:
+        super().__init__()
+        self.fusion, self.head, self.head_input = fusion, head, head_input
+
+    def forward(self, grids: Grids) -> torch.Tensor:
+        tokens, extras = self.fusion.forward_deepstack(grids)
+        tokens = sum(extras, tokens)
+        return self.head(self.fusion.to_grid(tokens) if self.head_input == "grid" else tokens)
+
+
+def check_recipe(
+    seeds: Sequence[int] | int, epochs: int, lr: float, batch_size: int, weight_decay: float, where: str
+) -> list[int]:
+    """Check a probe's training recipe; returns the seeds as a list.
+
+    Args:
+        where: how the messages name the fields (``"run_probe "``, or ``"task."`` for the config keys).
+
+    Raises:
+        ValueError: naming the field, the value and what is accepted.
+    """
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"{where}seeds={seeds!r} must be a non-empty list of ints")
+    for name, value, kinds in (
+        ("epochs", epochs, (int,)),
+        ("batch_size", batch_size, (int,)),
+        ("lr", lr, (int, float)),
+    ):
+        if not isinstance(value, kinds) or isinstance(value, bool) or not 0 < value < math.inf:
+            kind = " or ".join(k.__name__ for k in kinds)
+            raise ValueError(f"{where}{name}={value!r} must be a positive, finite {kind}")
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or not 0 <= weight_decay < math.inf
+    ):
+        raise ValueError(f"{where}weight_decay={weight_decay!r} must be a finite number >= 0")
+    return seeds
+
+
+def _check_matching(train: FeatureSplit, test: FeatureSplit) -> None:
+    """Train and test must have the same encoders, layers and channel widths."""
+    layout = lambda s: [[tuple(g.shape[3:]) for g in layers] for layers in s.grids]
+    if layout(train) != layout(test):
+        raise ValueError(
+            f"train and test FeatureSplit grids differ in encoders/layers/channels: "
+            f"{layout(train)} vs {layout(test)}"
+        )
+
+
+def fit(
+    model: ProbeModel,
+    task: ProbeTask,
+    split: FeatureSplit,
+    targets: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[float]:
+    """Train ``model`` with AdamW and a linear-warm-up cosine schedule; returns the mean loss per epoch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    n = len(targets)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total, warmup = epochs * steps_per_epoch, max(1, epochs * steps_per_epoch // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)),
+    )
+    history = []
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        running = 0.0
+        for start in range(0, n, batch_size):
+            batch = order[start : start + batch_size]
+            loss = task.loss(model(split.select(batch)), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            running += loss.item() * len(batch)
+        history.append(running / n)
+    return history
+
+
+@torch.no_grad()
+def predict(model: ProbeModel, split: FeatureSplit, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The model's outputs on every sample of ``split``, in order (eval mode)."""
+    model.eval()
+    n = len(split)
+    outputs = [
+        model(split.select(torch.arange(start, min(start + batch_size, n), device=device)))
+        for start in range(0, n, batch_size)
+    ]
+    return torch.cat(outputs)
+
+
+def _to_device(split: FeatureSplit, device: torch.device, keep: torch.Tensor) -> FeatureSplit:
+    """The samples ``keep`` of ``split`` with grids as float32 on ``device``."""
+    return FeatureSplit(
+        grids=[
+            [g[keep.to(g.device)].to(device=device, dtype=torch.float32) for g in layers]
+            for layers in split.grids
+        ],
+        num_classes=split.num_classes,
+    )
+
+
+def _summary(values: Sequence[float]) -> dict:
+    """Mean, sample std (0.0 for one value) and the values themselves."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "per_seed": values}
+
+
+def run_probe(
+    task: str,
+    make_head: Callable[[], nn.Module],
+    train: FeatureSplit,
+    test: FeatureSplit,
+    *,
+    seeds: Sequence[int] = (0,),
+    epochs: int = 30,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    weight_decay: float = 0.01,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Train and evaluate one probe for each seed.
+
+    For each seed, with the global RNG seeded to it (and restored afterwards): ``make_head()``
+    builds a fresh fusion head (a :class:`encoder_fusion.FusionHead`: ``forward(grids) -> (B, N, D)``,
+    ``forward_deepstack(grids) -> ((B, N, D), [extra (B, N, D), ...])`` and ``to_grid(tokens) ->
+    (B, H, W, D')``), a task head is put on top of it (it sees the main tokens plus the sum of the
+    DeepStack extra sets: :class:`ProbeModel`), both train with AdamW on ``train`` and are
+    evaluated on ``test``. Samples without a target (label -1, NaN box, mask all ignored) are left
+    out of both. Results depend only on the inputs and the seeds.
+
+    Args:
+        task: ``classification``, ``dense`` or ``localization`` (see ``TASKS``).
+        make_head: builds an untrained fusion head for the encoders of the features.
+        train, test: the features and targets of the two splits.
+        seeds, epochs, lr, batch_size, weight_decay: the training recipe.
+        device: where to train.
+
+    Returns:
+        ``{"task", "metric", "mean", "std", "per_seed", "seeds", "extra", "train_size", "test_size",
+        "epochs", "lr", "batch_size", "weight_decay"}``; ``std`` is the sample std over seeds (0.0 with
+        one seed); ``extra`` holds the other metrics as ``{"mean", "std", "per_seed"}``, the
+        ``baseline`` metrics of the best constant prediction, ``train_loss`` (last-epoch loss per
+        seed) and, when the trained fusion heads learn layer weights (``weighted_ln`` combines, read
+        through ``head.layer_weights()`` after training), ``layer_weights`` ``{encoder: [weight per
+        hooked layer]}``, the mean over seeds of each seed's softmax weights, and
+        ``layer_weights_per_seed`` ``{encoder: [[weight per hooked layer] per seed]}``; ``train_size``
+        and ``test_size`` count the samples used (those with a target); ``item_stats`` is the
+        ``(seeds, test_size, d)`` nested list of :meth:`ProbeTask.item_stats` per seed (for paired
+        intervals; large, so reports leave it out).
+
+    Raises:
+        ValueError: unknown task; missing or invalid targets; mismatched train/test grids; bad
+            seeds, epochs, lr, batch_size or weight_decay; a split without any usable sample.
+    """
+    if task not in TASKS:
+        raise ValueError(f"probe task={task!r} is unknown; accepted: {', '.join(sorted(TASKS))}")
+    probe = TASKS[task]
+    if not callable(make_head):
+        raise ValueError(f"run_probe make_head must be a callable returning a FusionHead, got {make_head!r}")
+    seeds = check_recipe(seeds, epochs, lr, batch_size, weight_decay, "run_probe ")
+    probe.check(train, "train")
+    probe.check(test, "test")
+    _check_matching(train, test)
+    device = torch.device(device)
+
+    per_seed: list[dict[str, float]] = []
+    items: list[torch.Tensor] = []
+    losses: list[float] = []
+    learned: list[dict[str, list[float]]] = []
+    prepared: dict[tuple[int, int], tuple] = {}
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    recipe = {
+        "epochs": epochs,
+        "lr": float(lr),
+        "batch_size": batch_size,
+        "weight_decay": float(weight_decay),
+    }
+    for seed in seeds:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            scores, item_stats, loss, weights = _train_and_test(
+                probe, make_head, train, test, prepared, seed, recipe, device
+            )
+        per_seed.append(scores)
+        items.append(item_stats)
+        losses.append(loss)
+        learned.append(weights)
+
+    metrics = {name: _summary([s[name] for s in per_seed]) for name in per_seed[0]}
+    main = metrics.pop(probe.METRIC)
+    _, train_targets, _, test_targets = next(iter(prepared.values()))
+    return {
+        "task": probe.NAME,
+        "metric": probe.METRIC,
+        **main,
+        "seeds": seeds,
+        "extra": {
+            **metrics,
+            "baseline": probe.baseline(train_targets.cpu(), test_targets.cpu(), train.num_classes),
+            "train_loss": losses,
+            **_layer_weight_summary(learned),
+        },
+        "train_size": len(train_targets),
+        "test_size": len(test_targets),
+        **recipe,
+        "item_stats": torch.stack(items).tolist(),
+    }
+
+
+def _train_and_test(
+    probe: ProbeTask,
+    make_head: Callable[[], nn.Module],
+    train: FeatureSplit,
+    test: FeatureSplit,
+    prepared: dict,
+    seed: int,
+    recipe: dict,
+    device: torch.device,
+) -> tuple[dict[str, float], torch.Tensor, float, dict[str, list[float]]]:
+    """One seed: a fresh fusion head and task head, trained, then scored on test. ``prepared``
+    caches the splits' targets per fused grid size. Returns the scores, the per-item statistics, the
+    last epoch's loss and the trained fusion head's learned layer weights (``{}`` when it learns none)."""
+    fusion = make_head()
+    if not isinstance(fusion, nn.Module):
+        raise ValueError(f"run_probe make_head() must return an nn.Module, got {type(fusion).__name__}")
+    fusion = fusion.to(device)
+    # one sample through the fusion head tells the fused grid and the task head's input width
+    with torch.no_grad():
+        fusion.eval()
+        tokens = fusion([[g[:1].to(device=device, dtype=torch.float32) for g in ls] for ls in train.grids])
+        grid = fusion.to_grid(tokens)
+    grid_hw = tuple(grid.shape[1:3])
+    width = (grid if probe.INPUT == "grid" else tokens).shape[-1]
+    if grid_hw not in prepared:
+        prepared[grid_hw] = _prepare(probe, train, test, grid_hw, device)
+    train_split, train_targets, test_split, test_targets = prepared[grid_hw]
+    head = probe.build_head(width, grid_hw, train.num_classes)
+    model = ProbeModel(fusion, head, probe.INPUT).to(device)
+    history = fit(
+        model,
+        probe,
+        train_split,
+        train_targets,
+        **recipe,
+        generator=torch.Generator().manual_seed(seed),
+        device=device,
+    )
+    outputs = predict(model, test_split, recipe["batch_size"], device)
+    scores = probe.scores(outputs, test_targets, train.num_classes)
+    item_stats = probe.item_stats(outputs, test_targets, train.num_classes).cpu()
+    return scores, item_stats, history[-1], _learned_weights(fusion)
+
+
+def _learned_weights(fusion: nn.Module) -> dict[str, list[float]]:
+    """``fusion.layer_weights()`` of a trained :class:`encoder_fusion.model.FusionHead`; ``{}`` for a head
+    without that method (``make_head`` may build any module with the FusionHead forward contract)."""
+    layer_weights = getattr(fusion, "layer_weights", None)
+    return dict(layer_weights()) if callable(layer_weights) else {}
+
+
+def _layer_weight_summary(learned: Sequence[dict[str, list[float]]]) -> dict:
+    """``{"layer_weights": {encoder: mean over seeds}, "layer_weights_per_seed": {encoder: [per seed]}}``
+    from each seed's learned weights; ``{}`` when no seed's head learned any."""
+    if not any(learned):
+        return {}
+    encoders = list(learned[0])
+    shapes = [{name: len(weights) for name, weights in seed.items()} for seed in learned]
+    if any(shape != shapes[0] for shape in shapes):
+        raise ValueError(
+            f"run_probe make_head() must build heads with the same learned layer weights for every "
+            f"seed; got encoder -> layer counts {shapes}"
+        )
+    per_seed = {name: [[float(w) for w in seed[name]] for seed in learned] for name in encoders}
+    mean = {
+        name: [math.fsum(column) / len(column) for column in zip(*seeds)] for name, seeds in per_seed.items()
+    }
+    return {"layer_weights": mean, "layer_weights_per_seed": per_seed}
+
+
+def _prepare(probe: ProbeTask, train: FeatureSplit, test: FeatureSplit, grid_hw: tuple[int, int], device):
+    """Targets for the fused grid, and both splits reduced to the samples that have one, on ``device``."""
+    prepared = []
+    for which, split in (("train", train), ("test", test)):
+        targets = probe.targets(split, grid_hw)
+        keep = probe.valid(targets)
+        if not bool(keep.any()):
+            raise ValueError(f"the {which} split has no sample with a usable {probe.TARGET} target")
+        prepared += [_to_device(split, device, keep), targets[keep].to(device)]
+    return tuple(prepared)

@@ -1,0 +1,210 @@
+"""Every setting of a run checked before any encoder runs or any image is read.
+
+A bad value must end a run within seconds, naming the key, the value and what is accepted, not after
+feature extraction or as the only rows of a report. :func:`check_config` checks the settings alone:
+keys the schema does not have however they were added (``+task.epoch=3``), every builder of
+:mod:`encoder_fusion.benchmarks.config`, the probes' recipe, the feature cache's settings, the language
+model's memory, and the data: both datasets built (file lists and annotations read, no image decoded), both
+splits non-empty, and every task's annotation present in both splits with at least two classes. Once
+the encoders are built (none has run), :func:`check_heads` checks what needs their geometry: the
+load size against each encoder's patch, and the fusion head of every strategy (alignment grids,
+merges, connector widths), each built once and discarded.
+
+The builders raise the errors; this module only decides that they all run first, and returns what
+they built (:class:`CheckedRun`) so that nothing is built or checked twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from encoder_fusion import EncoderGeometry, FusionHead
+from encoder_fusion.benchmarks.assess import AssessOptions
+from encoder_fusion.benchmarks.config import (
+    RunConfig,
+    Strategy,
+    assess_options,
+    build_datasets,
+    encoder_specs,
+    latency_options,
+    plain,
+    probe_settings,
+    strategies,
+    vlm_options,
+)
+from encoder_fusion.benchmarks.datasets import ImageDataset
+from encoder_fusion.benchmarks.features import FeatureCache, extraction_device
+from encoder_fusion.benchmarks.latency import DTYPES, LatencyOptions
+from encoder_fusion.benchmarks.llm import VlmOptions, check_fits
+from encoder_fusion.benchmarks.tasks import TASKS
+from encoder_fusion.encoders import Encoder
+
+
+@dataclass
+class CheckedRun:
+    """What :func:`check_config` built: the run uses these instead of building them again."""
+
+    strategies: list[Strategy]
+    latency: LatencyOptions
+    vlm: VlmOptions
+    judging: AssessOptions
+    probe: dict
+    cache: FeatureCache
+    train: ImageDataset
+    test: ImageDataset
+
+
+def schema_of(hint: Any) -> type | None:
+    """The dataclass a field's type names (``X`` or ``X | None``), or None (a value, or a free dict)."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)
+
+
+def unknown_key(data: Mapping, schema: type, prefix: str = "") -> tuple[str, Any, list[str]] | None:
+    """The first key of ``data`` that ``schema`` (a dataclass) does not have, recursing into nested
+    schemas: ``(dotted key, its value, the keys accepted there)``; None when there is none. Free
+    dicts (``options``, ``model_kwargs``) are left to the code that reads them."""
+    hints = typing.get_type_hints(schema)
+    for key, value in data.items():
+        if key not in hints:
+            return f"{prefix}{key}", value, list(hints)
+        inner = schema_of(hints[key])
+        if inner is not None and isinstance(value, Mapping):
+            found = unknown_key(value, inner, f"{prefix}{key}.")
+            if found is not None:
+                return found
+    return None
+
+
+def check_keys(cfg: Any) -> None:
+    """Refuse a key the schema does not have. Hydra checks plain overrides against the schema, but
+    lets ``+key=value`` and ``++key=value`` add any key.
+
+    Raises:
+        ValueError: naming the key, its value and the keys accepted beside it.
+    """
+    data = {key: value for key, value in plain(cfg).items() if key != "hydra"}
+    found = unknown_key(data, RunConfig)
+    if found is not None:
+        key, value, accepted = found
+        section = key.rpartition(".")[0] or "the top level"
+        raise ValueError(f"{key}={value!r} is not a setting; accepted under {section}: {', '.join(accepted)}")
+
+
+def check_plant(cfg: Any) -> None:
+    """``plant.noise`` must be a finite number >= 0 (the std of the noise added to planted features).
+
+    Raises:
+        ValueError: naming the value.
+    """
+    noise = cfg.plant.noise
+    if not 0 <= noise < math.inf:
+        raise ValueError(f"plant.noise={noise!r} must be a finite number >= 0 (a standard deviation)")
+
+
+def check_splits(cfg: Any, train: ImageDataset, test: ImageDataset, tasks: Sequence[str]) -> None:
+    """Both splits hold images, and each task's annotation is on some image of each split, with at
+    least two classes where the task classifies.
+
+    Raises:
+        ValueError: naming the data settings or the task, and what would be accepted.
+    """
+    name = train.name
+    if not len(train) or not len(test):
+        data = plain(cfg.data)
+        raise ValueError(
+            f"data={name} gives {len(train)} train and {len(test)} test images (data.limit={data['limit']}, "
+            f"data.test_fraction={data['test_fraction']}, data.options={data['options']}); accepted: "
+            "settings that leave at least one image in each split"
+        )
+
+    def annotated(task: str) -> bool:
+        needed = TASKS[task].ANNOTATION
+        return all(any(split.has(r, needed) for r in split.records) for split in (train, test))
+
+    usable = [task for task in TASKS if annotated(task) and train.class_count(TASKS[task].ANNOTATION) != 1]
+    for task in tasks:
+        needed = TASKS[task].ANNOTATION
+        if not annotated(task):
+            raise ValueError(
+                f"task.names={list(tasks)}: {task} needs a {needed} on each image it reads, and no image "
+                f"of a data={name} split has one; accepted for this data: {usable}"
+            )
+        if train.class_count(needed) == 1:
+            names = train.classes if needed == "label" else train.mask_classes
+            raise ValueError(
+                f"task.names={list(tasks)}: {task} needs at least 2 {needed} classes, and data={name} "
+                f"({train.root}) has 1 ({names[0]}); accepted: data with 2 or more {needed} classes"
+            )
+
+
+def check_config(cfg: Any) -> CheckedRun:
+    """Check every setting of ``cfg`` that needs no built encoder (see the module docstring).
+
+    Raises:
+        ValueError, FileNotFoundError: the first bad setting, named with its value and what is accepted.
+    """
+    check_keys(cfg)
+    plan = strategies(cfg)
+    encoder_specs(cfg)
+    latency, vlm, judging = latency_options(cfg), vlm_options(cfg), assess_options(cfg)
+    compares = plain(cfg.bench.mode) == "compare"
+    if compares and vlm.llm is not None and not cfg.bench.extract_only:
+        check_fits(vlm.llm, DTYPES[latency.dtype] or torch.float32, torch.device(latency.device))
+    probe = probe_settings(cfg)
+    tasks = plain(cfg.task.names)
+    if not tasks:
+        raise ValueError(f"task.names=[] names no probe; accepted: one or more of {', '.join(TASKS)}")
+    check_plant(cfg)
+    cache = FeatureCache(
+        cfg.bench.cache_dir,
+        dtype=plain(cfg.bench.cache_dtype),
+        batch_size=cfg.bench.extract_batch_size,
+        device=extraction_device(cfg.bench.device),
+        progress=cfg.bench.progress,
+    )
+    train, test = build_datasets(cfg)
+    check_splits(cfg, train, test, tasks)
+    return CheckedRun(plan, latency, vlm, judging, probe, cache, train, test)
+
+
+def check_heads(
+    cfg: Any, encoders: Iterable[Encoder], heads: Iterable[tuple[str, list[EncoderGeometry], dict]]
+) -> None:
+    """Check what needs the built encoders, before any of them runs: raw images of ``data.image_size``
+    cover one patch of every encoder, and every fusion head builds.
+
+    Args:
+        encoders: the built encoders.
+        heads: ``(what, geometries, FusionHead keyword arguments)`` of every head the run trains.
+
+    Raises:
+        ValueError: naming the setting, or the head and its error.
+    """
+    size = cfg.data.image_size
+    for encoder in encoders:
+        if size < encoder.stride:
+            raise ValueError(
+                f"data.image_size={size} is smaller than one {encoder.stride}-pixel patch of encoder "
+                f"{encoder.spec.name!r} ({encoder.spec.model}); accepted: data.image_size >= {encoder.stride}"
+            )
+    for what, geometries, head in heads:
+        try:
+            FusionHead(geometries, **head)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{what} (set by align.*, fusion.*, connector.*): {error}") from error
+
+
+def strategy_heads(plan: Sequence[Strategy], encoders: Mapping[str, Encoder]):
+    """``(what, geometries, head)`` of every strategy of a comparison, for :func:`check_heads`."""
+    for strategy in plan:
+        geometries = [EncoderGeometry.of(encoders[role]) for role in strategy.encoders]
+        yield f"the fusion head of strategy {strategy.name!r}", geometries, strategy.head

@@ -1,0 +1,357 @@
+"""FusedEncoder: frozen vision encoders read at several layers, fused into tokens for a language model.
+
+The trainable part is :class:`~encoder_fusion.head.FusionHead` (alignment, layer combine, encoder merge,
+connector, DeepStack extra token sets); it knows each encoder only by its
+:class:`~encoder_fusion.head.EncoderGeometry`, so it can be trained on cached features.
+:class:`FusedEncoder` adds the encoders, builds from a config, and saves / loads the trained part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
+from torch import nn
+
+from encoder_fusion.align import ALIGNERS
+from encoder_fusion.connector import CONNECTORS
+from encoder_fusion.deepstack import deepstack_entries
+from encoder_fusion.encoders import Encoder, EncoderSpec, build_encoder
+from encoder_fusion.encoders.base import as_hw
+from encoder_fusion.encoders.weights import check_finite, fit_problems, tensors_sha256
+from encoder_fusion.head import EncoderGeometry, FusionHead, check_layer_merge
+from encoder_fusion.io import atomic_path
+from encoder_fusion.merge import ENCODER_MERGES, LAYER_COMBINES
+
+CONFIG_FIELDS = (
+    "encoders",
+    "grid",
+    "align",
+    "layer_merge",
+    "encoder_merge",
+    "connector",
+    "merge_dim",
+    "normalize",
+    "deepstack_layers",
+    "freeze_encoders",
+)
+TRAINED_FORMAT = "encoder-fusion/trained/1"
+# Config fields added after files of TRAINED_FORMAT were first written, with the value every file
+# written before them was trained with (layer-normalised layers, no DeepStack sets).
+ADDED_FIELDS = {"normalize": True, "deepstack_layers": {}}
+
+
+def plain(value: Any) -> Any:
+    """An OmegaConf node as plain Python containers (interpolations resolved, Enums of a structured
+    config as their names), an Enum as its name, anything else unchanged."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+    return value.name if isinstance(value, Enum) else value
+
+
+def json_ready(value: Any) -> Any:
+    """Tuples to lists, recursively, so a config survives a JSON round trip unchanged."""
+    if isinstance(value, Mapping):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def as_spec(entry: Any, index: int) -> EncoderSpec:
+    """The spec of entry ``index`` of ``encoders``: a built Encoder's own, or an EncoderSpec or mapping.
+
+    Raises:
+        ValueError: prefixed with ``encoders[index]``.
+    """
+    if isinstance(entry, Encoder):
+        return entry.spec
+    try:
+        return EncoderSpec.from_any(plain(entry))
+    except ValueError as error:
+        raise ValueError(f"encoders[{index}]: {error}") from None
+
+
+class FusedEncoder(nn.Module):
+    """Vision encoders read at several layers and fused into tokens (B, N, D) for a language model.
+
+    Args:
+        encoders: per encoder an :class:`EncoderSpec`, a mapping of its fields, or a built
+            :class:`~encoder_fusion.encoders.Encoder`.
+        grid, align, layer_merge, encoder_merge, connector, merge_dim, normalize, deepstack_layers:
+            as for :class:`FusionHead`; ``grid=None`` takes the first encoder's grid;
+            ``deepstack_layers`` names encoders by ``EncoderSpec.name``.
+        freeze_encoders: True (default) keeps the encoders frozen and in eval mode, even under
+            ``.train()``; False trains them too.
+
+    What the specs alone decide (``normalize``, the hooked layers a ``layer_merge`` needs, the grid
+    when given, ``deepstack_layers``) is checked before any encoder is built or loaded.
+
+    Attributes:
+        encoders: ``nn.ModuleList`` of :class:`~encoder_fusion.encoders.Encoder`.
+        head: the :class:`FusionHead`.
+
+    Raises:
+        ValueError: no encoders, a bad spec (message prefixed ``encoders[i]``), or any
+            :class:`FusionHead` error.
+        FileNotFoundError: weights that cannot be found (``on_missing="error"``).
+    """
+
+    def __init__(
+        self,
+        encoders: Sequence[EncoderSpec | Mapping[str, Any] | Encoder],
+        grid: int | Sequence[int] | None = None,
+        align: str | Mapping[str, Any] = "bilinear",
+        layer_merge: str | Mapping[str, Any] = "weighted_ln",
+        encoder_merge: str | Mapping[str, Any] = "channel_concat",
+        connector: str | Mapping[str, Any] | None = None,
+        merge_dim: int | None = None,
+        normalize: bool = True,
+        deepstack_layers: Mapping[str, Sequence[int]] | None = None,
+        freeze_encoders: bool = True,
+    ) -> None:
+        super().__init__()
+        encoders = plain(encoders)
+        if (
+            isinstance(encoders, (str, Mapping, Encoder))
+            or not isinstance(encoders, Sequence)
+            or not encoders
+        ):
+            raise ValueError(f"encoders must be a non-empty list of encoder specs, got {encoders!r}")
+        if not isinstance(freeze_encoders, bool):
+            raise ValueError(f"freeze_encoders must be true or false, got {freeze_encoders!r}")
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {normalize!r}")
+        specs = [as_spec(entry, i) for i, entry in enumerate(encoders)]
+        hooks = {spec.name: spec.hooks.layers for spec in specs}
+        grid = plain(grid)
+        check_layer_merge(
+            plain(layer_merge),
+            {name: len(layers) for name, layers in hooks.items()},
+            None if grid is None else as_hw(grid, "grid"),
+        )
+        deepstack_layers = plain(deepstack_layers)
+        deepstack_entries(deepstack_layers, hooks)
+        self.encoders = nn.ModuleList(
+            entry if isinstance(entry, Encoder) else build_encoder(spec)
+            for entry, spec in zip(encoders, specs)
+        )
+        strategies = {
+            "align": ALIGNERS.canonical(plain(align)),
+            "layer_merge": LAYER_COMBINES.canonical(plain(layer_merge)),
+            "encoder_merge": ENCODER_MERGES.canonical(plain(encoder_merge)),
+            "connector": CONNECTORS.canonical("identity" if connector is None else plain(connector)),
+            "normalize": normalize,
+            "deepstack_layers": {name: list(layers) for name, layers in (deepstack_layers or {}).items()},
+        }
+        geometries = [EncoderGeometry.of(e) for e in self.encoders]
+        self.head = FusionHead(geometries, grid=grid, merge_dim=merge_dim, **strategies)
+        self.strategies = strategies
+        self.freeze_encoders = freeze_encoders
+        self.encoders.requires_grad_(not freeze_encoders)
+        self.train(self.training)
+
+    # -- running --------------------------------------------------------------------------------
+    def extract(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Each encoder's hooked grids for raw ``images`` (B, 3, H, W; uint8 or float in [0, 1]).
+
+        Every encoder resizes and normalises the batch its own way; frozen encoders run without
+        autograd.
+
+        Returns:
+            ``grids[e][l]``: encoder e's hooked layer l as (B, h_e, w_e, C_e).
+
+        Raises:
+            ValueError: a malformed image batch.
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
+            return [encoder.forward_grids(encoder.preprocess(images)) for encoder in self.encoders]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Fused tokens (B, output_tokens(), head.out_dim) for raw ``images``."""
+        return self.head(self.extract(images))
+
+    def forward_deepstack(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The fused tokens, as :meth:`forward`, and the DeepStack extra token sets for raw
+        ``images``: one (B, output_tokens(), head.out_dim) tensor per ``deepstack_layers`` entry,
+        encoders in model order and each encoder's entries in the order given (an empty list
+        without ``deepstack_layers``). A language model adds set ``k`` to the hidden states of its
+        decoder layer ``k`` at the visual positions (see :mod:`encoder_fusion.deepstack`)."""
+        return self.head.forward_deepstack(self.extract(images))
+
+    def output_tokens(self, image_size: int | Sequence[int] | None = None) -> int:
+        """The number of tokens emitted per image.
+
+        Every encoder resizes its input to its own size, so the count does not depend on the raw
+        ``image_size``; it is checked and accepted for symmetry with the benchmark harness.
+
+        Raises:
+            ValueError: a malformed ``image_size``.
+        """
+        if image_size is not None:
+            as_hw(image_size, "image_size")
+        return self.head.output_tokens
+
+    def train(self, mode: bool = True) -> FusedEncoder:
+        """Set training mode; frozen encoders stay in eval mode."""
+        super().train(mode)
+        if self.freeze_encoders:
+            self.encoders.eval()
+        return self
+
+    def weights_status(self) -> dict[str, str]:
+        """Each encoder's weights: ``"pretrained"`` or ``"random"``."""
+        return {encoder.spec.name: encoder.weights_loaded for encoder in self.encoders}
+
+    # -- config ---------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """A plain, JSON-ready dict that :meth:`from_config` accepts; strategies with all options."""
+        return json_ready(
+            {
+                "encoders": [dataclasses.asdict(encoder.spec) for encoder in self.encoders],
+                "grid": self.head.grid,
+                **self.strategies,
+                "merge_dim": self.head.merge_dim,
+                "freeze_encoders": self.freeze_encoders,
+            }
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | DictConfig) -> FusedEncoder:
+        """Build from a dict or OmegaConf node with the fields of :data:`CONFIG_FIELDS`.
+
+        ``encoders`` is required (a list of EncoderSpec fields); the rest default as in
+        ``__init__``. A Hydra ``_target_`` key is ignored.
+
+        Raises:
+            ValueError: not a mapping, a missing ``encoders``, or an unknown (misspelt) field; the
+                message names it and lists the accepted fields.
+        """
+        data = plain(cfg)
+        if not isinstance(data, Mapping):
+            raise ValueError(f"FusedEncoder config must be a mapping, got {type(cfg).__name__}")
+        data = {key: value for key, value in data.items() if key != "_target_"}
+        unknown = sorted(set(data) - set(CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"FusedEncoder config has unknown field(s) {unknown}; accepted: {', '.join(CONFIG_FIELDS)}"
+            )
+        if "encoders" not in data:
+            raise ValueError(
+                f"FusedEncoder config is missing the field 'encoders'; accepted: {', '.join(CONFIG_FIELDS)}"
+            )
+        return cls(**data)
+
+    # -- trained parameters ---------------------------------------------------------------------
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The tensors :meth:`save_trained` writes: the head, and the encoders when not frozen."""
+        parts = (
+            {"head": self.head} if self.freeze_encoders else {"head": self.head, "encoders": self.encoders}
+        )
+        return {
+            f"{prefix}.{key}": tensor
+            for prefix, module in parts.items()
+            for key, tensor in module.state_dict().items()
+        }
+
+    def save_trained(self, path: str | os.PathLike) -> Path:
+        """Write the trained tensors to a safetensors file, with :attr:`config` as JSON and a sha256 of
+        the tensors in its metadata.
+
+        Only the head is written (and the encoders when ``freeze_encoders=False``), so the file stays
+        small; the write is atomic (a temporary file renamed into place).
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: a folder on the way to ``path`` is a file (named).
+            OSError: the file cannot be written (the message names it).
+        """
+        path = Path(path)
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(
+                f"save_trained path {path}: {blocking} is a file, not a folder; accepted: a path whose "
+                "parents are folders (or do not exist yet)"
+            )
+        tensors = {key: tensor.detach().contiguous().clone() for key, tensor in self.trained_state().items()}
+        metadata = {
+            "format": TRAINED_FORMAT,
+            "config": json.dumps(self.config, sort_keys=True),
+            "sha256": tensors_sha256(tensors),
+        }
+        try:
+            with atomic_path(path) as temporary:
+                save_file(tensors, temporary, metadata=metadata)
+        except OSError as error:
+            raise OSError(f"save_trained could not write {path}: {error.strerror or error}") from error
+        return path
+
+    def load_trained(self, path: str | os.PathLike) -> FusedEncoder:
+        """Load tensors written by :meth:`save_trained` into this model, in place; returns ``self``.
+
+        All or nothing: the file is read and checked whole (format, config, keys, shapes, the
+        checksum of its tensors, finite values) before any tensor of the model changes. Build the
+        model from the file's config first (``FusedEncoder.from_config(config)``) when it is not at
+        hand; the config is in the file's metadata under ``"config"``. A file written before
+        checksums were stored (no ``"sha256"`` in its metadata) loads without that check.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: naming the file: not a trained-fusion safetensors file, metadata that does not
+                parse, a config that differs from this model's (the differing fields are named),
+                tensors that do not fit (a few named), tensors that differ from the checksum written
+                with them (the file was altered or damaged), or NaN or Inf values (a few named).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no trained fusion file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path} is not a safetensors file: {error}") from None
+        if metadata.get("format") != TRAINED_FORMAT or "config" not in metadata:
+            raise ValueError(
+                f"{path} is not a trained-fusion file (metadata format {metadata.get('format')!r}, "
+                f"expected {TRAINED_FORMAT!r}); write it with FusedEncoder.save_trained"
+            )
+        try:
+            saved = json.loads(metadata["config"])
+            if not isinstance(saved, dict):
+                raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+        except ValueError as error:
+            raise ValueError(f"{path}: its metadata 'config' is not a JSON config ({error})") from None
+        saved, current = {**ADDED_FIELDS, **saved}, self.config
+        differing = [key for key in CONFIG_FIELDS if saved.get(key) != current.get(key)]
+        if differing:
+            details = "; ".join(
+                f"{key}: file {saved.get(key)!r}, model {current.get(key)!r}" for key in differing
+            )
+            raise ValueError(f"{path} was trained with a different config ({details})")
+        expected = self.trained_state()
+        problems = fit_problems(expected, tensors)
+        if problems:
+            raise ValueError(f"{path} does not fit this model: " + "; ".join(problems))
+        if "sha256" in metadata and tensors_sha256(tensors) != metadata["sha256"]:
+            raise ValueError(
+                f"{path}: its tensors differ from the sha256 written with them; the file was altered or "
+                "damaged after it was saved (save it again)"
+            )
+        check_finite(tensors, str(path))
+        with torch.no_grad():
+            for key, tensor in expected.items():
+                tensor.copy_(tensors[key])
+        return self

@@ -1,0 +1,93 @@
+"""Fusion kernels: ``grid_fuse`` (align + LayerNorm + weight + merge in one pass; the LayerNorm is
+skipped with ``normalize=False``).
+
+``encoder_fusion.kernels.reference`` holds the PyTorch definition, ``encoder_fusion.kernels.grid_fuse_triton``
+the Triton path (on the kernels of ``encoder_fusion.kernels.grid_fuse_jit``, planned by
+``encoder_fusion.kernels.grid_fuse_plan``); both validate their arguments with
+``encoder_fusion.kernels.checks``. :func:`grid_fuse` here picks one per call:
+
+* ``FUSION_KERNEL=auto`` (the default): Triton for CUDA tensors of a dtype it supports (fp32, bf16,
+  fp16), the reference for everything else (CPU tensors, float64).
+* ``FUSION_KERNEL=triton``: always the Triton kernels (on the CPU this needs ``TRITON_INTERPRET=1``
+  set before triton is imported).
+* ``FUSION_KERNEL=reference``: always the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from encoder_fusion.kernels import reference
+from encoder_fusion.kernels.grid_fuse_plan import SUPPORTED_DTYPES
+from encoder_fusion.kernels.grid_fuse_triton import triton_grid_fuse
+
+MODES = reference.MODES
+KERNEL_ENV = "FUSION_KERNEL"
+BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": reference.grid_fuse,
+    "triton": triton_grid_fuse,
+}
+KERNEL_CHOICES = ("auto", *BACKENDS)
+
+
+def _auto_backend(sources: Sequence[torch.Tensor]) -> str:
+    first = sources[0] if isinstance(sources, Sequence) and len(sources) else None
+    # Anything malformed goes to the reference; its checks (shared with Triton) name the problem.
+    if isinstance(first, torch.Tensor) and first.is_cuda and first.dtype in SUPPORTED_DTYPES:
+        return "triton"
+    return "reference"
+
+
+def select_backend(sources: Sequence[torch.Tensor]) -> str:
+    """The backend (a key of :data:`BACKENDS`) that :func:`grid_fuse` uses for these sources.
+
+    Raises:
+        ValueError: ``FUSION_KERNEL`` holds a value other than ``auto``, ``triton`` or ``reference``.
+    """
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNEL_ENV}={choice!r} is unknown; accepted: {', '.join(KERNEL_CHOICES)}")
+    return _auto_backend(sources) if choice == "auto" else choice
+
+
+def grid_fuse(
+    sources: Sequence[torch.Tensor],
+    out_hw: Sequence[int],
+    *,
+    groups: Sequence[int],
+    layer_weights: torch.Tensor | Sequence[float],
+    ln_weight: Sequence[torch.Tensor | None] | None = None,
+    ln_bias: Sequence[torch.Tensor | None] | None = None,
+    mode: str = "bilinear",
+    eps: float = 1e-6,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Align, LayerNorm (unless ``normalize=False``), weight and merge channels-last grids on the
+    backend :func:`select_backend` picks; arguments, result and errors as
+    :func:`encoder_fusion.kernels.reference.grid_fuse`.
+
+    Returns:
+        (B, H*W, sum of group widths) in the sources' dtype, differentiable in sources,
+        layer_weights, ln_weight and ln_bias.
+
+    Raises:
+        ValueError: a bad argument (before any kernel launch) or a bad ``FUSION_KERNEL``.
+    """
+    backend = BACKENDS[select_backend(sources)]
+    return backend(
+        sources,
+        out_hw,
+        groups=groups,
+        layer_weights=layer_weights,
+        ln_weight=ln_weight,
+        ln_bias=ln_bias,
+        mode=mode,
+        eps=eps,
+        normalize=normalize,
+    )
+
+
+__all__ = ["BACKENDS", "KERNEL_CHOICES", "KERNEL_ENV", "MODES", "grid_fuse", "select_backend"]

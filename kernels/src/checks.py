@@ -1,0 +1,207 @@
+"""The one validation of ``grid_fuse`` arguments, shared by the reference and the Triton path: a bad
+argument gets the same ValueError on either path, naming the argument, the value and what is accepted.
+
+* :func:`check_grid_fuse_inputs` checks what the call's signature decides (kinds, shapes, dtypes,
+  devices, groups, mode); the Triton path caches its verdict per signature.
+* :func:`check_grid_fuse_values` checks the values no signature captures (``eps`` and the layer
+  weights); both paths run it on every call.
+
+What only the Triton kernels need on top (their dtypes, channel limit, a device they can run on) is
+checked by :mod:`encoder_fusion.kernels.grid_fuse_plan` and :mod:`encoder_fusion.kernels.launch`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+MODES = ("bilinear", "nearest", "area")
+
+
+def is_sequence(value: object) -> bool:
+    """Whether ``value`` can hold one entry per source: a list, tuple or other sequence, not a string."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_sources(sources: Sequence[torch.Tensor]) -> None:
+    if not is_sequence(sources) or len(sources) == 0:
+        got = tuple(sources.shape) if isinstance(sources, torch.Tensor) else repr(sources)
+        raise ValueError(f"grid_fuse sources must be a non-empty list of (B, h, w, C) tensors, got {got}")
+    for i, x in enumerate(sources):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"grid_fuse sources[{i}] must be a 4-D (B, h, w, C) tensor, got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"grid_fuse sources[{i}] must be floating point, got {x.dtype}")
+        if min(x.shape) == 0:
+            raise ValueError(f"grid_fuse sources[{i}] has an empty dimension: {tuple(x.shape)}")
+        if x.is_meta:
+            raise ValueError(
+                f"grid_fuse sources[{i}] is on the meta device, which holds no values; "
+                "give tensors on a device with data (cpu, cuda)"
+            )
+    first = sources[0]
+    for i, x in enumerate(sources):
+        if x.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"grid_fuse sources[{i}] has batch size {x.shape[0]} but sources[0] has {first.shape[0]}; "
+                "all sources must share the batch size"
+            )
+        if x.dtype != first.dtype or x.device != first.device:
+            raise ValueError(
+                f"grid_fuse sources[{i}] is {x.dtype} on {x.device} but sources[0] is "
+                f"{first.dtype} on {first.device}; all sources must share dtype and device"
+            )
+
+
+def _check_groups(groups: Sequence[int], sources: Sequence[torch.Tensor]) -> list[int]:
+    """The width of each group, in group order."""
+    count = len(sources)
+    if not is_sequence(groups) or len(groups) != count or not all(_is_int(g) for g in groups):
+        shown = list(groups) if is_sequence(groups) else groups
+        raise ValueError(f"grid_fuse groups must hold one int per source ({count}), got {shown!r}")
+    if sorted(set(groups)) != list(range(len(set(groups)))):
+        raise ValueError(
+            f"grid_fuse groups {list(groups)} must number the output slots 0..G-1 with none skipped"
+        )
+    widths: dict[int, int] = {}
+    for i, (g, x) in enumerate(zip(groups, sources)):
+        if widths.setdefault(g, x.shape[-1]) != x.shape[-1]:
+            raise ValueError(
+                f"grid_fuse sources of group {g} differ in width: sources[{i}] has {x.shape[-1]} channels, "
+                f"an earlier source of that group has {widths[g]}; one group shares one width"
+            )
+    return [widths[g] for g in range(len(widths))]
+
+
+def _check_on_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    if not tensor.is_floating_point():
+        raise ValueError(f"grid_fuse {name} must be floating point, got {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(
+            f"grid_fuse {name} is on {tensor.device} but the sources are on {device}; "
+            "all tensors must share one device"
+        )
+
+
+def _check_layer_weights(
+    layer_weights: torch.Tensor | Sequence[float], sources: Sequence[torch.Tensor]
+) -> None:
+    count = len(sources)
+    if isinstance(layer_weights, torch.Tensor):
+        if layer_weights.ndim != 1:
+            raise ValueError(f"grid_fuse layer_weights must be 1-D, got shape {tuple(layer_weights.shape)}")
+        weight_count = layer_weights.numel()
+    elif is_sequence(layer_weights) and all(_is_number(v) for v in layer_weights):
+        weight_count = len(layer_weights)
+    else:
+        shown = list(layer_weights) if is_sequence(layer_weights) else layer_weights
+        raise ValueError(f"grid_fuse layer_weights must be a 1-D tensor or a list of numbers, got {shown!r}")
+    if weight_count != count:
+        raise ValueError(
+            f"grid_fuse layer_weights has {weight_count} entries but there are {count} sources; "
+            "give one weight per source"
+        )
+    if isinstance(layer_weights, torch.Tensor):
+        _check_on_device("layer_weights", layer_weights, sources[0].device)
+
+
+def _check_affine(
+    name: str,
+    params: Sequence[torch.Tensor | None] | None,
+    sources: Sequence[torch.Tensor],
+    normalize: bool,
+) -> None:
+    if params is None:
+        return
+    count = len(sources)
+    if not is_sequence(params):
+        got = tuple(params.shape) if isinstance(params, torch.Tensor) else repr(params)
+        raise ValueError(
+            f"grid_fuse {name} must be None or a list with one (C,) tensor or None per source, got {got}"
+        )
+    if not normalize and any(p is not None for p in params):
+        raise ValueError(
+            f"grid_fuse {name} is given with normalize=False; the affine belongs to the LayerNorm "
+            f"that normalize=False skips: pass {name}=None"
+        )
+    if len(params) != count:
+        raise ValueError(f"grid_fuse {name} has {len(params)} entries; give one per source ({count})")
+    for i, (p, x) in enumerate(zip(params, sources)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(
+                f"grid_fuse {name}[{i}] must be a ({x.shape[-1]},) tensor or None, got {type(p).__name__}"
+            )
+        if tuple(p.shape) != (x.shape[-1],):
+            raise ValueError(
+                f"grid_fuse {name}[{i}] has shape {tuple(p.shape)}; sources[{i}] needs ({x.shape[-1]},)"
+            )
+        _check_on_device(f"{name}[{i}]", p, x.device)
+
+
+def check_grid_fuse_inputs(
+    sources: Sequence[torch.Tensor],
+    out_hw: Sequence[int],
+    groups: Sequence[int],
+    layer_weights: torch.Tensor | Sequence[float],
+    ln_weight: Sequence[torch.Tensor | None] | None,
+    ln_bias: Sequence[torch.Tensor | None] | None,
+    mode: str,
+    normalize: bool,
+) -> list[int]:
+    """Validate the signature of a ``grid_fuse`` call; return the channel width of each group, in
+    group order. Its verdict depends only on what the Triton path's plan cache keys a call by.
+
+    Raises:
+        ValueError: naming the argument, the value and what is accepted.
+    """
+    if mode not in MODES:
+        raise ValueError(f"grid_fuse mode={mode!r} is unknown; accepted: {', '.join(MODES)}")
+    if not isinstance(normalize, bool):
+        raise ValueError(f"grid_fuse normalize must be True or False, got {normalize!r}")
+    _check_sources(sources)
+    if not is_sequence(out_hw) or len(out_hw) != 2 or not all(_is_int(s) and s > 0 for s in out_hw):
+        raise ValueError(f"grid_fuse out_hw must be a pair of positive ints (H, W), got {out_hw!r}")
+    widths = _check_groups(groups, sources)
+    _check_layer_weights(layer_weights, sources)
+    _check_affine("ln_weight", ln_weight, sources, normalize)
+    _check_affine("ln_bias", ln_bias, sources, normalize)
+    return widths
+
+
+def check_grid_fuse_values(layer_weights: torch.Tensor | Sequence[float], eps: float) -> None:
+    """Validate the values of a call that :func:`check_grid_fuse_inputs` accepted: ``eps`` and the
+    layer weights, which would otherwise turn the output into NaN.
+
+    The values of a layer-weight tensor are checked only in host memory and outside tracing: on an
+    accelerator reading them would make every call wait for the device, and ``torch.compile``
+    cannot put a check of values into a graph.
+
+    Raises:
+        ValueError: naming the argument, the value and what is accepted.
+    """
+    if not _is_number(eps) or not 0 <= eps < math.inf:
+        raise ValueError(f"grid_fuse eps must be a finite number >= 0, got {eps!r}")
+    if isinstance(layer_weights, torch.Tensor):
+        if layer_weights.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        layer_weights = layer_weights.tolist()  # a few numbers: cheaper to read than a reduction
+    index = next((i for i, v in enumerate(layer_weights) if not math.isfinite(v)), None)
+    if index is not None:
+        raise ValueError(
+            f"grid_fuse layer_weights[{index}] is {layer_weights[index]}; "
+            "every layer weight must be a finite number"
+        )

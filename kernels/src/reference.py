@@ -1,0 +1,91 @@
+"""``grid_fuse`` in plain PyTorch: the definition the Triton kernel must match.
+
+For each group (output slot) g, with sources i in g::
+
+    out[..., slot g] = sum_i layer_weights[i] * LN_i(resample_i(x_i -> out_hw))
+
+``resample`` has ``F.interpolate`` semantics (bilinear with ``align_corners=False``, nearest, or
+area) and is the identity when a grid already has the target size; ``LN_i`` is a LayerNorm over
+channels with the optional affine ``(ln_weight[i], ln_bias[i])``, or the identity with
+``normalize=False`` (raw features, as the papers that concatenate block outputs use them; no affine
+then). Statistics are computed in at least float32; the output has the sources' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from encoder_fusion.kernels.checks import MODES, check_grid_fuse_inputs, check_grid_fuse_values
+
+__all__ = ["MODES", "grid_fuse", "resample"]
+
+
+def resample(x: torch.Tensor, out_hw: Sequence[int], mode: str) -> torch.Tensor:
+    """Resample a channels-last grid (B, h, w, C) to (B, H, W, C) with ``F.interpolate``'s ``mode``
+    (``align_corners=False`` where it applies); identity when it already fits."""
+    if tuple(x.shape[1:3]) == tuple(out_hw):
+        return x
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    moved = F.interpolate(x.permute(0, 3, 1, 2), size=tuple(out_hw), mode=mode, **kwargs)
+    return moved.permute(0, 2, 3, 1)
+
+
+def grid_fuse(
+    sources: Sequence[torch.Tensor],
+    out_hw: Sequence[int],
+    *,
+    groups: Sequence[int],
+    layer_weights: torch.Tensor | Sequence[float],
+    ln_weight: Sequence[torch.Tensor | None] | None = None,
+    ln_bias: Sequence[torch.Tensor | None] | None = None,
+    mode: str = "bilinear",
+    eps: float = 1e-6,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Align, LayerNorm, weight and merge channels-last grids; see the module docstring.
+
+    Args:
+        sources: S tensors of shape (B, h_i, w_i, C_i).
+        out_hw: the target grid (H, W).
+        groups: the output slot of each source; slots are numbered 0..G-1 and all sources of a slot
+            share one width.
+        layer_weights: S weights (a tensor, differentiable, or numbers).
+        ln_weight, ln_bias: per source a (C_i,) affine parameter or None; None for no affine at all.
+        mode: ``"bilinear"``, ``"nearest"`` or ``"area"``.
+        eps: LayerNorm epsilon.
+        normalize: LayerNorm each resampled source (True) or take it raw (False: no affine allowed).
+
+    Returns:
+        (B, H*W, sum of group widths) in the sources' dtype, slots in group order.
+
+    Raises:
+        ValueError: a bad argument (:mod:`encoder_fusion.kernels.checks`, the validation the Triton path
+        shares).
+    """
+    widths = check_grid_fuse_inputs(
+        sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize
+    )
+    check_grid_fuse_values(layer_weights, eps)
+    dtype = sources[0].dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    weights = torch.as_tensor(layer_weights, device=sources[0].device)
+    slots: list[torch.Tensor | None] = [None] * len(widths)
+    for i, (g, x) in enumerate(zip(groups, sources)):
+        aligned = resample(x.to(compute), out_hw, mode)
+        if normalize:
+            w = ln_weight[i] if ln_weight is not None else None
+            b = ln_bias[i] if ln_bias is not None else None
+            aligned = F.layer_norm(
+                aligned,
+                (aligned.shape[-1],),
+                None if w is None else w.to(compute),
+                None if b is None else b.to(compute),
+                float(eps),
+            )
+        term = weights[i].to(compute) * aligned
+        slots[g] = term if slots[g] is None else slots[g] + term
+    out = torch.cat(slots, dim=-1)
+    return out.reshape(out.shape[0], -1, out.shape[-1]).to(dtype)
