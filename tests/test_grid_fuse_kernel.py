@@ -564,7 +564,7 @@ def test_unknown_fusion_kernel_is_rejected(monkeypatch):
 def test_fusion_head_fused_route_matches_the_reference(monkeypatch):
     """FusedEncoder's trainable head fuses through encoder_fusion.kernels.grid_fuse: Triton equals the
     reference."""
-    from encoder_fusion.model import EncoderGeometry, FusionHead
+    from encoder_fusion import EncoderGeometry, FusionHead
 
     torch.manual_seed(0)
     head = FusionHead(

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
+from encoder_fusion import EncoderGeometry, FusionHead
 from encoder_fusion.benchmarks.datasets import build_dataset, build_train_test, load_batch, stratified_split
 from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, run_probe
 from encoder_fusion.benchmarks.tasks.classification import top1
@@ -19,7 +20,6 @@ from encoder_fusion.benchmarks.tasks.dense import confusion_matrix, masks_to_gri
 from encoder_fusion.benchmarks.tasks.localization import box_iou_pairs
 from encoder_fusion.encoders import build_encoder
 from encoder_fusion.encoders.tiny import tiny_spec
-from encoder_fusion.model import EncoderGeometry, FusionHead
 
 CONNECTOR = {"kind": "mlp", "depth": 2, "out_dim": 16}
 

@@ -13,17 +13,15 @@ the visual positions; the probes of ``benchmarks`` see the main tokens plus the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from encoder_fusion.align import Aligner
 from encoder_fusion.connector import CONNECTORS
+from encoder_fusion.geometry import EncoderGeometry
 from encoder_fusion.merge import build_layer_combine
-
-if TYPE_CHECKING:  # encoder_fusion.head builds a DeepStack: a run-time import would be circular
-    from encoder_fusion.head import EncoderGeometry
 
 
 def deepstack_entries(
@@ -81,15 +79,19 @@ class DeepStack(nn.Module):
 
     Args:
         deepstack_layers: encoder name -> hooked block indices, or None for no extra sets.
-        geometries: the head's :class:`~encoder_fusion.head.EncoderGeometry`, in head order.
-        aligners: the head's aligners, one per encoder (used, not owned: see :meth:`forward`).
+        geometries: the head's :class:`~encoder_fusion.geometry.EncoderGeometry`, in head order.
+        aligners: the head's aligners, one per encoder; each set is aligned by its encoder's, which
+            stays the head's (see ``aligners`` below).
         grid: the target grid (H, W).
         connector: the main connector's config; each set gets one of its kind and options.
         out_dim: the main tokens' width.
         normalize: layer-normalise each layer (as the head does).
 
     Attributes:
-        entries: (encoder index, hooked-layer position) per set; connectors: one per set.
+        entries: (encoder index, hooked-layer position) per set; aligners, combines, connectors: one
+            per set. ``aligners`` is a tuple, not a ModuleList: a set shares its encoder's aligner
+            with the main tokens (a learned one is trained by both), and the head alone registers
+            it, so its parameters are saved once, under the head's name.
 
     Raises:
         ValueError: as :func:`deepstack_entries`, or a connector that cannot project a layer's
@@ -108,6 +110,7 @@ class DeepStack(nn.Module):
     ) -> None:
         super().__init__()
         self.entries = deepstack_entries(deepstack_layers, {g.name: g.layers for g in geometries})
+        self.aligners = tuple(aligners[index] for index, _ in self.entries)
         self.combines = nn.ModuleList()
         self.connectors = nn.ModuleList()
         config = {**CONNECTORS.canonical("identity" if connector is None else connector), "out_dim": out_dim}
@@ -122,12 +125,11 @@ class DeepStack(nn.Module):
                     f"connector must project width {width} to the main tokens' {out_dim}: {error}"
                 ) from None
 
-    def forward(
-        self, grids: Sequence[Sequence[torch.Tensor]], aligners: Sequence[Aligner]
-    ) -> list[torch.Tensor]:
-        """The extra sets (B, H*W, out_dim) of ``grids[e][l]`` (as the head takes them), aligned by
-        the head's ``aligners`` (passed in so that their parameters have one owner, the head)."""
+    def forward(self, grids: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """The extra sets (B, H*W, out_dim) of ``grids[e][l]`` (as the head takes them)."""
         return [
-            connector(combine([grids[index][position]], aligners[index]))
-            for (index, position), combine, connector in zip(self.entries, self.combines, self.connectors)
+            connector(combine([grids[index][position]], aligner))
+            for (index, position), aligner, combine, connector in zip(
+                self.entries, self.aligners, self.combines, self.connectors
+            )
         ]

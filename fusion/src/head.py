@@ -1,13 +1,13 @@
 """FusionHead: the trainable part of a fused encoder (alignment, layer combine, encoder merge,
 connector, and the DeepStack extra token sets of :mod:`encoder_fusion.deepstack`).
 
-It knows each encoder only by its :class:`EncoderGeometry`, so it can be trained on cached features;
+It knows each encoder only by its :class:`~encoder_fusion.geometry.EncoderGeometry`, so it can be trained
+on cached features;
 :class:`encoder_fusion.model.FusedEncoder` puts it behind the encoders.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,8 +19,8 @@ import encoder_fusion.kernels
 from encoder_fusion.align import ALIGNERS, build_aligner
 from encoder_fusion.connector import build_connector
 from encoder_fusion.deepstack import DeepStack
-from encoder_fusion.encoders import Encoder
 from encoder_fusion.encoders.base import as_hw
+from encoder_fusion.geometry import EncoderGeometry
 from encoder_fusion.merge import (
     ENCODER_MERGES,
     LAYER_COMBINES,
@@ -28,59 +28,6 @@ from encoder_fusion.merge import (
     build_encoder_merge,
     build_layer_combine,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class EncoderGeometry:
-    """What the trainable head needs to know of one encoder.
-
-    Args:
-        name: the encoder's label (unique within a head).
-        width: channels of its hooked layers.
-        grid: its token grid (h, w).
-        num_layers: how many layers it hooks.
-        layers: the hooked block indices as its ``HookSpec.layers`` writes them (what
-            ``deepstack_layers`` names); None when not known.
-
-    Raises:
-        ValueError: an empty name, a non-positive width or layer count, a malformed grid, or
-            ``layers`` that are not ``num_layers`` ints.
-    """
-
-    name: str
-    width: int
-    grid: tuple[int, int]
-    num_layers: int
-    layers: tuple[int, ...] | None = None
-
-    @classmethod
-    def of(cls, encoder: Encoder) -> EncoderGeometry:
-        """The geometry of a built encoder."""
-        spec = encoder.spec
-        return cls(
-            spec.name, encoder.width, encoder.grid_size(), len(encoder.layer_indices), spec.hooks.layers
-        )
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"EncoderGeometry.name must be a non-empty string, got {self.name!r}")
-        for field in ("width", "num_layers"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(
-                    f"EncoderGeometry.{field} of encoder {self.name!r} must be a positive int, got {value!r}"
-                )
-        object.__setattr__(self, "grid", as_hw(self.grid, f"EncoderGeometry.grid of encoder {self.name!r}"))
-        if self.layers is not None:
-            layers = tuple(self.layers)
-            if len(layers) != self.num_layers or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in layers
-            ):
-                raise ValueError(
-                    f"EncoderGeometry.layers of encoder {self.name!r} must be {self.num_layers} block "
-                    f"indices (num_layers), got {self.layers!r}"
-                )
-            object.__setattr__(self, "layers", layers)
 
 
 def check_layer_merge(
@@ -174,7 +121,8 @@ class FusionHead(nn.Module):
         self.merge_dim = merge_dim
         self.normalize = normalize
         check_layer_merge(layer_merge, {g.name: g.num_layers for g in geometries}, self.grid)
-        self.aligners = nn.ModuleList(build_aligner(align, g.width, g.grid, self.grid) for g in geometries)
+        aligners = [build_aligner(align, g.width, g.grid, self.grid) for g in geometries]
+        self.aligners = nn.ModuleList(aligners)
         self.combines = nn.ModuleList(
             build_layer_combine(layer_merge, g.width, aligner.out_dim, g.num_layers, self.grid, normalize)
             for g, aligner in zip(geometries, self.aligners)
@@ -195,7 +143,7 @@ class FusionHead(nn.Module):
         self.merge = build_encoder_merge(encoder_merge, names, widths, self.grid, self.combines[0].strides)
         self.connector = build_connector(connector, self.merge.out_dim)
         self.deepstack = DeepStack(
-            deepstack_layers, geometries, self.aligners, self.grid, connector, self.out_dim, normalize
+            deepstack_layers, geometries, aligners, self.grid, connector, self.out_dim, normalize
         )
         cells = self.grid[0] * self.grid[1]
         if self.deepstack.entries and self.output_tokens != cells:
@@ -286,7 +234,7 @@ class FusionHead(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The main tokens, as :meth:`forward`, and the DeepStack extra token sets, each
         (B, output_tokens, out_dim): one per ``deepstack_layers`` entry, in order (none without)."""
-        return self(grids), self.deepstack(grids, self.aligners)
+        return self(grids), self.deepstack(grids)
 
     def forward_fused(self, grids: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
         """Align, combine and channel-concat every encoder in one ``encoder_fusion.kernels.grid_fuse``

@@ -2,7 +2,7 @@
 
 The trainable part is :class:`~encoder_fusion.head.FusionHead` (alignment, layer combine, encoder merge,
 connector, DeepStack extra token sets); it knows each encoder only by its
-:class:`~encoder_fusion.head.EncoderGeometry`, so it can be trained on cached features.
+:class:`~encoder_fusion.geometry.EncoderGeometry`, so it can be trained on cached features.
 :class:`FusedEncoder` adds the encoders, builds from a config, and saves / loads the trained part.
 """
 
@@ -28,7 +28,8 @@ from encoder_fusion.deepstack import deepstack_entries
 from encoder_fusion.encoders import Encoder, EncoderSpec, build_encoder
 from encoder_fusion.encoders.base import as_hw
 from encoder_fusion.encoders.weights import check_finite, fit_problems, tensors_sha256
-from encoder_fusion.head import EncoderGeometry, FusionHead, check_layer_merge
+from encoder_fusion.geometry import EncoderGeometry
+from encoder_fusion.head import FusionHead, check_layer_merge
 from encoder_fusion.io import atomic_path
 from encoder_fusion.merge import ENCODER_MERGES, LAYER_COMBINES
 
