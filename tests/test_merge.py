@@ -8,14 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from encoder_fusion.align import build_aligner
-from encoder_fusion.merge import (
-    ENCODER_MERGES,
-    LAYER_COMBINES,
-    build_encoder_merge,
-    build_layer_combine,
-    layout_to_grid,
-    layout_tokens,
-)
+from encoder_fusion.combine import LAYER_COMBINES, build_layer_combine
+from encoder_fusion.merge import ENCODER_MERGES, build_encoder_merge, layout_to_grid, layout_tokens
 
 EPS = 1e-6
 GRID_3x5 = (3, 5)

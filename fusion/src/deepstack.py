@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from encoder_fusion.align import Aligner
+from encoder_fusion.combine import build_layer_combine
 from encoder_fusion.connector import CONNECTORS
 from encoder_fusion.geometry import EncoderGeometry
-from encoder_fusion.merge import build_layer_combine
 
 
 def deepstack_entries(

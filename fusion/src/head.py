@@ -17,38 +17,12 @@ from torch import nn
 
 import encoder_fusion.kernels
 from encoder_fusion.align import ALIGNERS, build_aligner
+from encoder_fusion.combine import LAYER_COMBINES, LN_EPS, build_layer_combine, check_layer_merge
 from encoder_fusion.connector import build_connector
 from encoder_fusion.deepstack import DeepStack
 from encoder_fusion.encoders.base import as_hw
 from encoder_fusion.geometry import EncoderGeometry
-from encoder_fusion.merge import (
-    ENCODER_MERGES,
-    LAYER_COMBINES,
-    LN_EPS,
-    build_encoder_merge,
-    build_layer_combine,
-)
-
-
-def check_layer_merge(
-    layer_merge: str | Mapping[str, Any], hooked: Mapping[str, int], grid: tuple[int, int] | None
-) -> None:
-    """Check that ``layer_merge`` can take each encoder's number of hooked layers on ``grid`` (None:
-    not known yet) before anything is built.
-
-    Args:
-        hooked: encoder name -> how many layers it hooks.
-
-    Raises:
-        ValueError: an unknown strategy or option, or a count or grid it cannot take (the message
-            names the encoder).
-    """
-    combine, options = LAYER_COMBINES.strategy(layer_merge)
-    for name, count in hooked.items():
-        try:
-            combine.check(count, grid, options)
-        except ValueError as error:
-            raise ValueError(f"encoder {name!r}: {error}") from None
+from encoder_fusion.merge import ENCODER_MERGES, build_encoder_merge
 
 
 class FusionHead(nn.Module):
@@ -59,13 +33,13 @@ class FusionHead(nn.Module):
         geometries: one :class:`EncoderGeometry` per encoder, in merge order.
         grid: the target grid (H, W) or an int; None takes the first encoder's grid.
         align: an alignment mode of :mod:`encoder_fusion.align` (a name or ``{"kind": ..., **options}``).
-        layer_merge: a layer combine of :mod:`encoder_fusion.merge`.
+        layer_merge: a layer combine of :mod:`encoder_fusion.combine`.
         encoder_merge: an encoder merge of :mod:`encoder_fusion.merge`.
         connector: a connector config of :mod:`encoder_fusion.connector` (None: identity).
         merge_dim: when set, each encoder's combined tokens are projected by a Linear to this width
             before the merge; merges other than ``channel_concat`` need it when widths differ.
         normalize: True (default) layer-normalises each aligned layer over channels before the layer
-            combine (``last`` and ``mean`` included, without affine; see :mod:`encoder_fusion.merge`), so
+            combine (``last`` and ``mean`` included, without affine; see :mod:`encoder_fusion.combine`), so
             encoders of different scale meet on equal footing; False takes the raw layers.
         deepstack_layers: encoder name -> some of its hooked layers (block indices as in its
             ``HookSpec.layers``; the geometries must carry ``layers``): each becomes an extra token

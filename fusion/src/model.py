@@ -23,15 +23,16 @@ from safetensors.torch import safe_open, save_file
 from torch import nn
 
 from encoder_fusion.align import ALIGNERS
+from encoder_fusion.combine import LAYER_COMBINES, check_layer_merge
 from encoder_fusion.connector import CONNECTORS
 from encoder_fusion.deepstack import deepstack_entries
 from encoder_fusion.encoders import Encoder, EncoderSpec, build_encoder
 from encoder_fusion.encoders.base import as_hw
 from encoder_fusion.encoders.weights import check_finite, fit_problems, tensors_sha256
 from encoder_fusion.geometry import EncoderGeometry
-from encoder_fusion.head import FusionHead, check_layer_merge
+from encoder_fusion.head import FusionHead
 from encoder_fusion.io import atomic_path
-from encoder_fusion.merge import ENCODER_MERGES, LAYER_COMBINES
+from encoder_fusion.merge import ENCODER_MERGES
 
 CONFIG_FIELDS = (
     "encoders",
