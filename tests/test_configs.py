@@ -24,11 +24,11 @@ from encoder_fusion.benchmarks.config import (
     encoder_specs,
     head_config,
     latency_options,
-    plain,
     probe_settings,
     strategies,
 )
 from encoder_fusion.benchmarks.tasks import TASKS
+from encoder_fusion.containers import plain
 from encoder_fusion.encoders import build_encoder
 from encoder_fusion.encoders.tiny import RECIPES, tiny_spec
 

@@ -37,10 +37,10 @@ from encoder_fusion.benchmarks.tasks import TASKS
 from encoder_fusion.benchmarks.tasks.probe import check_recipe
 from encoder_fusion.combine import LAYER_COMBINES
 from encoder_fusion.connector import CONNECTORS
+from encoder_fusion.containers import plain
 from encoder_fusion.encoders.base import ON_MISSING, SOURCES
 from encoder_fusion.hooks import NORMS, PREFIX_POLICIES
 from encoder_fusion.merge import ENCODER_MERGES
-from encoder_fusion.model import plain
 
 
 def choices(name: str, names: tuple[str, ...] | list[str]) -> type[Enum]:

@@ -46,8 +46,8 @@ from encoder_fusion.benchmarks.render import random_weights_notice
 from encoder_fusion.benchmarks.report import build_report, environment, render_markdown, write_report
 from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, run_probe
 from encoder_fusion.benchmarks.validate import CheckedRun, check_config, check_heads, strategy_heads
+from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder, build_encoder
-from encoder_fusion.model import plain
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from encoder_fusion.benchmarks.config import (
     build_datasets,
     encoder_specs,
     latency_options,
-    plain,
     probe_settings,
     strategies,
     vlm_options,
@@ -44,6 +43,7 @@ from encoder_fusion.benchmarks.features import FeatureCache, extraction_device
 from encoder_fusion.benchmarks.latency import DTYPES, LatencyOptions
 from encoder_fusion.benchmarks.llm import VlmOptions, check_fits
 from encoder_fusion.benchmarks.tasks import TASKS
+from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder
 
 

@@ -12,12 +12,11 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 from torch import nn
@@ -25,6 +24,7 @@ from torch import nn
 from encoder_fusion.align import ALIGNERS
 from encoder_fusion.combine import LAYER_COMBINES, check_layer_merge
 from encoder_fusion.connector import CONNECTORS
+from encoder_fusion.containers import json_ready, plain
 from encoder_fusion.deepstack import deepstack_entries
 from encoder_fusion.encoders import Encoder, EncoderSpec, build_encoder
 from encoder_fusion.encoders.base import as_hw
@@ -50,23 +50,6 @@ TRAINED_FORMAT = "encoder-fusion/trained/1"
 # Config fields added after files of TRAINED_FORMAT were first written, with the value every file
 # written before them was trained with (layer-normalised layers, no DeepStack sets).
 ADDED_FIELDS = {"normalize": True, "deepstack_layers": {}}
-
-
-def plain(value: Any) -> Any:
-    """An OmegaConf node as plain Python containers (interpolations resolved, Enums of a structured
-    config as their names), an Enum as its name, anything else unchanged."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
-    return value.name if isinstance(value, Enum) else value
-
-
-def json_ready(value: Any) -> Any:
-    """Tuples to lists, recursively, so a config survives a JSON round trip unchanged."""
-    if isinstance(value, Mapping):
-        return {key: json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(item) for item in value]
-    return value
 
 
 def as_spec(entry: Any, index: int) -> EncoderSpec:
