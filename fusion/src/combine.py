@@ -63,14 +63,25 @@ class FuseInputs(NamedTuple):
     ln_bias: list[torch.Tensor] | None
 
 
+class CombineShape(NamedTuple):
+    """The layers a combine is built for: one encoder's hooked layers, aligned to the target grid.
+
+    ``in_dim`` is the encoder's width (before alignment), ``dim`` the width after it (``in_dim``
+    unless the aligner folds tokens into channels), ``num_layers`` how many layers the encoder
+    hooks and ``grid`` the target grid (H, W).
+    """
+
+    in_dim: int
+    dim: int
+    num_layers: int
+    grid: tuple[int, ...]
+
+
 class LayerCombine(nn.Module):
     """Combines the ``num_layers`` hooked layers of one encoder into its tokens.
 
     Args:
-        in_dim: the encoder's width (before alignment).
-        dim: the width after alignment (``in_dim`` unless the aligner folds tokens into channels).
-        num_layers: how many layers the encoder hooks.
-        grid: the target grid (H, W).
+        shape: the layers it combines; their fields are attributes of the combine too.
         normalize: layer-normalise each aligned layer (True) or take it raw.
 
     Attributes:
@@ -86,13 +97,11 @@ class LayerCombine(nn.Module):
 
     fused_output: ClassVar[bool] = True
 
-    def __init__(
-        self, in_dim: int, dim: int, num_layers: int, grid: Sequence[int], normalize: bool = True
-    ) -> None:
+    def __init__(self, shape: CombineShape, normalize: bool = True) -> None:
         super().__init__()
-        self.in_dim, self.dim, self.num_layers = in_dim, dim, num_layers
-        self.grid, self.normalize = tuple(grid), normalize
-        self.out_dim = dim
+        self.in_dim, self.dim, self.num_layers, self.grid = shape
+        self.normalize = normalize
+        self.out_dim = self.dim
         self.num_slots = 1
         self.strides: tuple[int, ...] = (1,)
 
@@ -164,11 +173,9 @@ class LayerCombine(nn.Module):
 class PerLayerSlots(LayerCombine):
     """Every hooked layer in its own ``grid_fuse`` slot, weight one: ``[N(x_1), ..., N(x_L)]``."""
 
-    def __init__(
-        self, in_dim: int, dim: int, num_layers: int, grid: Sequence[int], normalize: bool = True
-    ) -> None:
-        super().__init__(in_dim, dim, num_layers, grid, normalize)
-        self.num_slots = num_layers
+    def __init__(self, shape: CombineShape, normalize: bool = True) -> None:
+        super().__init__(shape, normalize)
+        self.num_slots = shape.num_layers
 
     def slots(self) -> list[int]:
         return list(range(self.num_layers))
@@ -195,11 +202,9 @@ class ConcatLayers(PerLayerSlots):
     """``[N(x_1), ..., N(x_L)]`` side by side in channels, in hooks order (Dense Connector's sparse
     channel integration)."""
 
-    def __init__(
-        self, in_dim: int, dim: int, num_layers: int, grid: Sequence[int], normalize: bool = True
-    ) -> None:
-        super().__init__(in_dim, dim, num_layers, grid, normalize)
-        self.out_dim = dim * num_layers
+    def __init__(self, shape: CombineShape, normalize: bool = True) -> None:
+        super().__init__(shape, normalize)
+        self.out_dim = shape.dim * shape.num_layers
 
 
 @LAYER_COMBINES.register("weighted_ln")
@@ -212,19 +217,11 @@ class WeightedLayerNorm(LayerCombine):
             whose weights sum to one) the order makes no difference to the result.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        dim: int,
-        num_layers: int,
-        grid: Sequence[int],
-        normalize: bool = True,
-        *,
-        linear: bool = False,
-    ) -> None:
-        super().__init__(in_dim, dim, num_layers, grid, normalize)
+    def __init__(self, shape: CombineShape, normalize: bool = True, *, linear: bool = False) -> None:
+        super().__init__(shape, normalize)
         if not isinstance(linear, bool):
             raise ValueError(f"layer_merge='weighted_ln' option linear={linear!r} must be true or false")
+        in_dim, dim, num_layers, _ = shape
         self.logits = nn.Parameter(torch.zeros(num_layers))
         # the affine belongs to the LayerNorm: raw layers have neither
         self.ln_weight = nn.Parameter(torch.ones(num_layers, dim)) if normalize else None
@@ -261,21 +258,13 @@ class DenseChannel(LayerCombine):
         layer_groups: how many groups (from 1 to the number of hooked layers; 2 in the paper).
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        dim: int,
-        num_layers: int,
-        grid: Sequence[int],
-        normalize: bool = True,
-        *,
-        layer_groups: int = 2,
-    ) -> None:
-        super().__init__(in_dim, dim, num_layers, grid, normalize)
-        self.check(num_layers, grid, {"layer_groups": layer_groups})
-        sizes = [num_layers // layer_groups + (g < num_layers % layer_groups) for g in range(layer_groups)]
+    def __init__(self, shape: CombineShape, normalize: bool = True, *, layer_groups: int = 2) -> None:
+        super().__init__(shape, normalize)
+        self.check(shape.num_layers, shape.grid, {"layer_groups": layer_groups})
+        count = shape.num_layers
+        sizes = [count // layer_groups + (g < count % layer_groups) for g in range(layer_groups)]
         self.groups = [g for g, size in enumerate(sizes) for _ in range(size)]
-        self.out_dim = dim * layer_groups
+        self.out_dim = shape.dim * layer_groups
         self.num_slots = layer_groups
 
     @classmethod
@@ -312,20 +301,11 @@ class SparseToken(PerLayerSlots):
 
     fused_output = False
 
-    def __init__(
-        self,
-        in_dim: int,
-        dim: int,
-        num_layers: int,
-        grid: Sequence[int],
-        normalize: bool = True,
-        *,
-        stride: int = 8,
-    ) -> None:
-        super().__init__(in_dim, dim, num_layers, grid, normalize)
-        self.check(num_layers, grid, {"stride": stride})
+    def __init__(self, shape: CombineShape, normalize: bool = True, *, stride: int = 8) -> None:
+        super().__init__(shape, normalize)
+        self.check(shape.num_layers, shape.grid, {"stride": stride})
         self.stride = stride
-        self.strides = (1,) + (stride,) * (num_layers - 1)
+        self.strides = (1,) + (stride,) * (shape.num_layers - 1)
 
     @classmethod
     def check(cls, num_layers: int, grid: Sequence[int] | None, options: dict[str, Any]) -> None:
@@ -364,18 +344,10 @@ class MMFuser(PerLayerSlots):
 
     fused_output = False
 
-    def __init__(
-        self,
-        in_dim: int,
-        dim: int,
-        num_layers: int,
-        grid: Sequence[int],
-        normalize: bool = True,
-        *,
-        heads: int | None = None,
-    ) -> None:
-        super().__init__(in_dim, dim, num_layers, grid, normalize)
-        self.check(num_layers, grid, {"heads": heads})
+    def __init__(self, shape: CombineShape, normalize: bool = True, *, heads: int | None = None) -> None:
+        super().__init__(shape, normalize)
+        self.check(shape.num_layers, shape.grid, {"heads": heads})
+        dim = shape.dim
         count = attention_heads(dim, heads)
         self.query_norm, self.key_norm, self.norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.cross_attention = nn.MultiheadAttention(dim, count, batch_first=True)
@@ -408,7 +380,7 @@ def build_layer_combine(
         ValueError: unknown name or option (the message lists the accepted ones), or hooked layers,
             a grid or options the combine cannot take.
     """
-    return LAYER_COMBINES.build(layer_merge, in_dim, dim, num_layers, tuple(grid), normalize)
+    return LAYER_COMBINES.build(layer_merge, CombineShape(in_dim, dim, num_layers, tuple(grid)), normalize)
 
 
 def check_layer_merge(
