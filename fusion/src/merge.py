@@ -19,7 +19,8 @@ mean of the tokens that cover it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -51,30 +52,38 @@ def layout_to_grid(tokens: torch.Tensor, grid: Sequence[int], strides: Sequence[
     return (total / count).reshape(batch, *grid, width)
 
 
+class MergeShape(NamedTuple):
+    """The encoders' tokens a merge is built for.
+
+    ``names`` are the encoders' names, for messages; ``widths`` each encoder's width ``C_e`` as it
+    reaches the merge; ``grid`` the target grid (H, W); ``strides`` the token layout of every encoder
+    (``LayerCombine.strides``; ``(1,)``: one set of the grid's cells).
+    """
+
+    names: tuple[str, ...]
+    widths: tuple[int, ...]
+    grid: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
 class EncoderMerge(nn.Module):
     """Merges the encoders' tokens (B, N, C_e), all in one layout, into tokens (B, output_tokens, out_dim).
 
     Args:
-        names: the encoders' names, for messages.
-        widths: each encoder's width ``C_e`` as it reaches the merge.
-        grid: the target grid (H, W).
-        strides: the token layout of every encoder (``LayerCombine.strides``): one set of the grid's
-            cells by default.
+        shape: the tokens it merges; its fields are attributes of the merge too (``names`` and
+            ``widths`` as lists).
 
     Attributes:
         out_dim: the token width ``D``; output_tokens: ``N'``; tokens: ``N``, each encoder's.
+        registry_name: the ``encoder_merge`` name, for messages.
     """
 
-    def __init__(
-        self,
-        names: Sequence[str],
-        widths: Sequence[int],
-        grid: tuple[int, int],
-        strides: Sequence[int] = (1,),
-    ) -> None:
+    registry_name: ClassVar[str]
+
+    def __init__(self, shape: MergeShape) -> None:
         super().__init__()
-        self.names, self.widths, self.grid = list(names), list(widths), tuple(grid)
-        self.strides = tuple(strides)
+        self.names, self.widths = list(shape.names), list(shape.widths)
+        self.grid, self.strides = shape.grid, shape.strides
         self.out_dim = self.common_width()
         self.tokens = layout_tokens(self.grid, self.strides)
         self.output_tokens = self.tokens
@@ -104,10 +113,10 @@ class EncoderMerge(nn.Module):
         return layout_to_grid(tokens, self.grid, self.strides)
 
 
-def register_merge(name: str):
+def register_merge(name: str) -> Callable[[type[EncoderMerge]], type[EncoderMerge]]:
     """Register an encoder merge and remember its name for messages."""
 
-    def add(cls: type) -> type:
+    def add(cls: type[EncoderMerge]) -> type[EncoderMerge]:
         cls.registry_name = name
         return ENCODER_MERGES.register(name)(cls)
 
@@ -128,14 +137,8 @@ class ChannelConcat(EncoderMerge):
 class EveryTokenMerge(EncoderMerge):
     """A merge that keeps every token of every encoder in the sequence: ``N' = E*N``."""
 
-    def __init__(
-        self,
-        names: Sequence[str],
-        widths: Sequence[int],
-        grid: tuple[int, int],
-        strides: Sequence[int] = (1,),
-    ) -> None:
-        super().__init__(names, widths, grid, strides)
+    def __init__(self, shape: MergeShape) -> None:
+        super().__init__(shape)
         self.output_tokens = len(self.names) * self.tokens
 
 
@@ -178,14 +181,8 @@ class Add(EncoderMerge):
 class GatedAdd(EncoderMerge):
     """``sum_e sigmoid(g_e) * x_e`` with a learned gate per encoder and channel (zeros at start: 1/2)."""
 
-    def __init__(
-        self,
-        names: Sequence[str],
-        widths: Sequence[int],
-        grid: tuple[int, int],
-        strides: Sequence[int] = (1,),
-    ) -> None:
-        super().__init__(names, widths, grid, strides)
+    def __init__(self, shape: MergeShape) -> None:
+        super().__init__(shape)
         self.gates = nn.Parameter(torch.zeros(len(self.names), self.out_dim))
 
     def forward(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -206,18 +203,10 @@ class CrossAttention(EncoderMerge):
         heads: attention heads (default: the largest of 8, 4, 2, 1 dividing the width).
     """
 
-    def __init__(
-        self,
-        names: Sequence[str],
-        widths: Sequence[int],
-        grid: tuple[int, int],
-        strides: Sequence[int] = (1,),
-        *,
-        heads: int | None = None,
-    ) -> None:
-        super().__init__(names, widths, grid, strides)
+    def __init__(self, shape: MergeShape, *, heads: int | None = None) -> None:
+        super().__init__(shape)
         width = self.out_dim
-        self.output_tokens = grid[0] * grid[1]
+        self.output_tokens = self.grid[0] * self.grid[1]
         self.queries = nn.Parameter(torch.randn(self.output_tokens, width) * 0.02)
         self.source_embedding = nn.Parameter(torch.randn(len(self.names), width) * 0.02)
         self.norm = nn.LayerNorm(width)
@@ -247,4 +236,5 @@ def build_encoder_merge(
     Raises:
         ValueError: unknown name or option; encoders of different widths for a merge that needs one.
     """
-    return ENCODER_MERGES.build(encoder_merge, list(names), list(widths), tuple(grid), tuple(strides))
+    shape = MergeShape(tuple(names), tuple(widths), tuple(grid), tuple(strides))
+    return ENCODER_MERGES.build(encoder_merge, shape)
