@@ -60,7 +60,23 @@ OPEN_CLIP_URL_CACHE = "~/.cache/clip"
 RESIZE_MODES = {"shortest": "crop", "squash": "squash", "longest": "crop"}
 
 
-class OpenClipEncoder(Encoder):
+class OpenClipTower(Encoder):
+    """An open_clip vision tower, read through its own ``forward_intermediates`` (both kinds of tower
+    have one, with the same arguments)."""
+
+    def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
+        out = self.model.forward_intermediates(
+            pixels,
+            indices=sorted(self.layer_indices),
+            normalize_intermediates=self.spec.hooks.norm == "post",
+            intermediates_only=True,
+            output_fmt="NCHW",
+            output_extra_tokens=self.num_prefix_tokens > 0,
+        )
+        return channels_last(out["image_intermediates"], out.get("image_intermediates_prefix"))
+
+
+class OpenClipEncoder(OpenClipTower):
     """An open_clip :class:`~open_clip.transformer.VisionTransformer`, pruned after the deepest hooked
     block by its ``prune_intermediate_layers``. Its position table has the fixed grid of the size it
     was built for (``image_size``; a checkpoint of another size is resampled at load), so it reads
@@ -92,35 +108,16 @@ class OpenClipEncoder(Encoder):
                 f"{self.image_size} ({self.model.grid_size[0]}x{self.model.grid_size[1]}); accepted: "
                 "pixels of its image_size (encoder.preprocess gives them)"
             )
-        out = self.model.forward_intermediates(
-            pixels,
-            indices=sorted(self.layer_indices),
-            normalize_intermediates=self.spec.hooks.norm == "post",
-            intermediates_only=True,
-            output_fmt="NCHW",
-            output_extra_tokens=True,
-        )
-        return channels_last(out["image_intermediates"], out["image_intermediates_prefix"])
+        return super().read_layers(pixels)
 
 
-class OpenClipTimmEncoder(Encoder):
+class OpenClipTimmEncoder(OpenClipTower):
     """An open_clip ``TimmModel`` tower read with its ``forward_intermediates``; its timm trunk is
     checked and pruned as the timm adapter does it."""
 
     def __init__(self, spec: EncoderSpec, tower: nn.Module, **settings) -> None:
         super().__init__(spec, tower, **trunk_settings(tower.trunk), **settings)
         prune_trunk(tower.trunk, spec, self.layer_indices)
-
-    def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
-        out = self.model.forward_intermediates(
-            pixels,
-            indices=sorted(self.layer_indices),
-            normalize_intermediates=self.spec.hooks.norm == "post",
-            intermediates_only=True,
-            output_fmt="NCHW",
-            output_extra_tokens=self.num_prefix_tokens > 0,
-        )
-        return channels_last(out["image_intermediates"], out.get("image_intermediates_prefix"))
 
 
 # image tower class -> its encoder; other towers (ModifiedResNet) are refused
