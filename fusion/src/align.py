@@ -16,7 +16,7 @@ reports its output width as ``out_dim``. Modes, by registry name:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -52,41 +52,35 @@ class Aligner(nn.Module):
 
 
 class Interpolate(Aligner):
-    """``F.interpolate`` of the grid; subclasses name the mode."""
+    """``F.interpolate`` of the grid; each subclass is registered under the mode it resamples with,
+    so its name and its mode cannot disagree."""
 
-    mode = "bilinear"
+    mode: ClassVar[str]
+
+    def __init_subclass__(cls, *, mode: str, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.mode = mode
+        ALIGNERS.register(mode)(cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Resample ``x`` (B, h, w, C) to (B, H, W, C); the identity when the grid already fits."""
         return resample(x, self.out_grid, self.mode)
 
 
-@ALIGNERS.register("bilinear")
-class Bilinear(Interpolate):
+class Bilinear(Interpolate, mode="bilinear"):
     """Bilinear interpolation, ``align_corners=False``."""
 
-    mode = "bilinear"
 
-
-@ALIGNERS.register("bicubic")
-class Bicubic(Interpolate):
+class Bicubic(Interpolate, mode="bicubic"):
     """Bicubic interpolation, ``align_corners=False``."""
 
-    mode = "bicubic"
 
-
-@ALIGNERS.register("nearest")
-class Nearest(Interpolate):
+class Nearest(Interpolate, mode="nearest"):
     """Nearest-neighbour sampling (PyTorch's ``nearest``: source index ``floor(i * h / H)``)."""
 
-    mode = "nearest"
 
-
-@ALIGNERS.register("area")
-class Area(Interpolate):
+class Area(Interpolate, mode="area"):
     """Adaptive average pooling: each target cell averages the source cells it covers."""
-
-    mode = "area"
 
 
 @ALIGNERS.register("pixel_unshuffle")
