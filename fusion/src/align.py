@@ -24,7 +24,7 @@ from torch import nn
 from encoder_fusion.kernels.reference import resample
 from encoder_fusion.registry import Registry
 
-ALIGNERS = Registry("align")
+ALIGNERS: Registry[Aligner] = Registry("align")
 
 
 class Aligner(nn.Module):

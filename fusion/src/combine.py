@@ -46,7 +46,7 @@ from encoder_fusion.registry import Registry
 
 LN_EPS = 1e-6
 
-LAYER_COMBINES = Registry("layer_merge")
+LAYER_COMBINES: Registry[LayerCombine] = Registry("layer_merge")
 
 
 class FuseInputs(NamedTuple):
@@ -234,7 +234,7 @@ class WeightedLayerNorm(LayerCombine):
         return torch.softmax(self.logits, dim=0, dtype=torch.promote_types(self.logits.dtype, torch.float32))
 
     def affine(self) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
-        if not self.normalize:
+        if self.ln_weight is None or self.ln_bias is None:  # normalize=False
             return None, None
         return list(self.ln_weight.unbind(0)), list(self.ln_bias.unbind(0))
 
@@ -372,7 +372,12 @@ class MMFuser(PerLayerSlots):
 
 
 def build_layer_combine(
-    layer_merge: object, in_dim: int, dim: int, num_layers: int, grid: Sequence[int], normalize: bool = True
+    layer_merge: str | Mapping[str, Any],
+    in_dim: int,
+    dim: int,
+    num_layers: int,
+    grid: Sequence[int],
+    normalize: bool = True,
 ) -> LayerCombine:
     """Build the layer combine named by ``layer_merge`` (a name or ``{"kind": name, **options}``).
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from encoder_fusion.registry import Registry
 
-CONNECTORS = Registry("connector")
+CONNECTORS: Registry[Connector] = Registry("connector")
 
 
 def check_positive(value: object, what: str) -> int:

@@ -56,7 +56,9 @@ def deepstack_entries(
         chosen = deepstack_layers.get(name, [])
         if isinstance(chosen, (str, int)) or not isinstance(chosen, Sequence):
             raise ValueError(f"deepstack_layers[{name!r}] must be a list of block indices, got {chosen!r}")
-        if chosen and hooked is None:
+        if not chosen:
+            continue
+        if hooked is None:
             raise ValueError(
                 f"deepstack_layers[{name!r}] needs the hooked block indices of encoder {name!r}; "
                 "give them as EncoderGeometry.layers"
@@ -116,6 +118,7 @@ class DeepStack(nn.Module):
         config = {**CONNECTORS.canonical("identity" if connector is None else connector), "out_dim": out_dim}
         for index, position in self.entries:
             geometry, width = geometries[index], aligners[index].out_dim
+            assert geometry.layers is not None  # deepstack_entries took this entry from them
             self.combines.append(build_layer_combine("last", geometry.width, width, 1, grid, normalize))
             try:
                 self.connectors.append(CONNECTORS.build(config, width))

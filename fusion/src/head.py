@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 import encoder_fusion.kernels
 from encoder_fusion.align import ALIGNERS, build_aligner
-from encoder_fusion.combine import LAYER_COMBINES, LN_EPS, build_layer_combine, check_layer_merge
+from encoder_fusion.combine import (
+    LAYER_COMBINES,
+    LN_EPS,
+    LayerCombine,
+    build_layer_combine,
+    check_layer_merge,
+)
 from encoder_fusion.connector import build_connector
 from encoder_fusion.deepstack import DeepStack
 from encoder_fusion.encoders.base import as_hw
@@ -97,11 +103,12 @@ class FusionHead(nn.Module):
         check_layer_merge(layer_merge, {g.name: g.num_layers for g in geometries}, self.grid)
         aligners = [build_aligner(align, g.width, g.grid, self.grid) for g in geometries]
         self.aligners = nn.ModuleList(aligners)
-        self.combines = nn.ModuleList(
+        combines = [
             build_layer_combine(layer_merge, g.width, aligner.out_dim, g.num_layers, self.grid, normalize)
-            for g, aligner in zip(geometries, self.aligners)
-        )
-        layouts = {g.name: c.strides for g, c in zip(geometries, self.combines)}
+            for g, aligner in zip(geometries, aligners)
+        ]
+        self.combines = nn.ModuleList(combines)
+        layouts = {g.name: c.strides for g, c in zip(geometries, combines)}
         if len(set(layouts.values())) > 1:
             counts = {name: len(strides) for name, strides in layouts.items()}
             raise ValueError(
@@ -111,10 +118,10 @@ class FusionHead(nn.Module):
             )
         self.projections = nn.ModuleList(
             nn.Identity() if merge_dim is None else nn.Linear(combine.out_dim, merge_dim)
-            for combine in self.combines
+            for combine in combines
         )
-        widths = [c.out_dim if merge_dim is None else merge_dim for c in self.combines]
-        self.merge = build_encoder_merge(encoder_merge, names, widths, self.grid, self.combines[0].strides)
+        widths = [c.out_dim if merge_dim is None else merge_dim for c in combines]
+        self.merge = build_encoder_merge(encoder_merge, names, widths, self.grid, combines[0].strides)
         self.connector = build_connector(connector, self.merge.out_dim)
         self.deepstack = DeepStack(
             deepstack_layers, geometries, aligners, self.grid, connector, self.out_dim, normalize
@@ -133,7 +140,7 @@ class FusionHead(nn.Module):
             align_kind in encoder_fusion.kernels.MODES
             and ENCODER_MERGES.kind(encoder_merge) == "channel_concat"
             and merge_dim is None
-            and all(c.fused_output for c in self.combines)
+            and all(c.fused_output for c in combines)
         )
         self.fuse_mode = align_kind
 
@@ -215,7 +222,8 @@ class FusionHead(nn.Module):
         call."""
         sources, groups, weights, ln_weight, ln_bias = [], [], [], [], []
         first_slot = 0
-        for combine, layers in zip(self.combines, grids):
+        # a ModuleList yields plain Modules to a type checker: these are the combines __init__ built
+        for combine, layers in zip(cast("Sequence[LayerCombine]", self.combines), grids):
             inputs = combine.fuse_inputs(layers)
             sources += inputs.sources
             groups += [first_slot + slot for slot in inputs.slots]
@@ -253,5 +261,6 @@ class FusionHead(nn.Module):
 
     def layer_weights(self) -> dict[str, list[float]]:
         """Each encoder's softmax-normalised learned layer weights (``weighted_ln``); else empty."""
-        learned = {g.name: c.learned_weights() for g, c in zip(self.geometries, self.combines)}
+        combines = cast("Sequence[LayerCombine]", self.combines)  # as in forward_fused
+        learned = {g.name: c.learned_weights() for g, c in zip(self.geometries, combines)}
         return {name: weights for name, weights in learned.items() if weights is not None}

@@ -32,12 +32,8 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     Returns:
         The path written.
     """
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with (
-        atomic_path(path) as temp,
-        open(temp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as handle,
-    ):
-        handle.write(data)
+    with atomic_path(path) as temp, open(temp, "wb") as handle:
+        handle.write(data if isinstance(data, bytes) else data.encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())
     return Path(path)

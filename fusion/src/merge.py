@@ -19,8 +19,8 @@ mean of the tokens that cover it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from torch import nn
 from encoder_fusion.align import attention_heads
 from encoder_fusion.registry import Registry
 
-ENCODER_MERGES = Registry("encoder_merge")
+ENCODER_MERGES: Registry[EncoderMerge] = Registry("encoder_merge")
 
 
 def layout_tokens(grid: Sequence[int], strides: Sequence[int]) -> int:
@@ -224,7 +224,7 @@ class CrossAttention(EncoderMerge):
 
 
 def build_encoder_merge(
-    encoder_merge: object,
+    encoder_merge: str | Mapping[str, Any],
     names: Sequence[str],
     widths: Sequence[int],
     grid: tuple[int, int],

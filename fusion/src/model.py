@@ -13,12 +13,12 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig
-from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from encoder_fusion.align import ALIGNERS
@@ -126,10 +126,11 @@ class FusedEncoder(nn.Module):
         )
         deepstack_layers = plain(deepstack_layers)
         deepstack_entries(deepstack_layers, hooks)
-        self.encoders = nn.ModuleList(
+        built = [
             entry if isinstance(entry, Encoder) else build_encoder(spec)
             for entry, spec in zip(encoders, specs)
-        )
+        ]
+        self.encoders = nn.ModuleList(built)
         strategies = {
             "align": ALIGNERS.canonical(plain(align)),
             "layer_merge": LAYER_COMBINES.canonical(plain(layer_merge)),
@@ -138,7 +139,7 @@ class FusedEncoder(nn.Module):
             "normalize": normalize,
             "deepstack_layers": {name: list(layers) for name, layers in (deepstack_layers or {}).items()},
         }
-        geometries = [EncoderGeometry.of(e) for e in self.encoders]
+        geometries = [EncoderGeometry.of(e) for e in built]
         self.head = FusionHead(geometries, grid=grid, merge_dim=merge_dim, **strategies)
         self.strategies = strategies
         self.freeze_encoders = freeze_encoders
@@ -146,6 +147,11 @@ class FusedEncoder(nn.Module):
         self.train(self.training)
 
     # -- running --------------------------------------------------------------------------------
+    @property
+    def encoder_list(self) -> Sequence[Encoder]:
+        """:attr:`encoders`, typed: a ModuleList yields plain Modules to a type checker."""
+        return cast("Sequence[Encoder]", self.encoders)
+
     def extract(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
         """Each encoder's hooked grids for raw ``images`` (B, 3, H, W; uint8 or float in [0, 1]).
 
@@ -159,7 +165,7 @@ class FusedEncoder(nn.Module):
             ValueError: a malformed image batch.
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
-            return [encoder.forward_grids(encoder.preprocess(images)) for encoder in self.encoders]
+            return [encoder.forward_grids(encoder.preprocess(images)) for encoder in self.encoder_list]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Fused tokens (B, output_tokens(), head.out_dim) for raw ``images``."""
@@ -195,7 +201,7 @@ class FusedEncoder(nn.Module):
 
     def weights_status(self) -> dict[str, str]:
         """Each encoder's weights: ``"pretrained"`` or ``"random"``."""
-        return {encoder.spec.name: encoder.weights_loaded for encoder in self.encoders}
+        return {encoder.spec.name: encoder.weights_loaded for encoder in self.encoder_list}
 
     # -- config ---------------------------------------------------------------------------------
     @property
@@ -203,7 +209,7 @@ class FusedEncoder(nn.Module):
         """A plain, JSON-ready dict that :meth:`from_config` accepts; strategies with all options."""
         return json_ready(
             {
-                "encoders": [dataclasses.asdict(encoder.spec) for encoder in self.encoders],
+                "encoders": [dataclasses.asdict(encoder.spec) for encoder in self.encoder_list],
                 "grid": self.head.grid,
                 **self.strategies,
                 "merge_dim": self.head.merge_dim,

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from torch import nn
 
+StrategyT = TypeVar("StrategyT", bound=nn.Module)
 
-class Registry:
+
+class Registry(Generic[StrategyT]):
     """A table of named strategy classes, built from a name or a ``{"kind": name, **options}`` mapping.
+
+    Typed by the base class of its strategies (``Registry[Aligner]``), so that what it builds is
+    known to be one.
 
     Args:
         what: the argument these strategies are chosen by (``"align"``, ``"layer_merge"``); it names
@@ -21,12 +26,12 @@ class Registry:
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self._entries: dict[str, type] = {}
+        self._entries: dict[str, type[StrategyT]] = {}
 
-    def register(self, name: str) -> Callable[[type], type]:
+    def register(self, name: str) -> Callable[[type[StrategyT]], type[StrategyT]]:
         """Class decorator adding a strategy under ``name``."""
 
-        def add(cls: type) -> type:
+        def add(cls: type[StrategyT]) -> type[StrategyT]:
             self._entries[name] = cls
             return cls
 
@@ -79,7 +84,7 @@ class Registry:
         kind, options = self.parse(value)
         return {"kind": kind, **self.defaults(kind), **options}
 
-    def build(self, value: str | Mapping[str, Any], *args: Any) -> nn.Module:
+    def build(self, value: str | Mapping[str, Any], *args: Any) -> StrategyT:
         """Instantiate the strategy named by ``value`` with the geometry ``args`` and its options."""
         kind, options = self.parse(value)
         return self._entries[kind](*args, **options)
@@ -88,7 +93,7 @@ class Registry:
         """The strategy name of ``value`` (validated)."""
         return self.parse(value)[0]
 
-    def strategy(self, value: str | Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    def strategy(self, value: str | Mapping[str, Any]) -> tuple[type[StrategyT], dict[str, Any]]:
         """The class ``value`` names and its options, defaults filled in (validated): what a check
         needs before anything is built."""
         options = self.canonical(value)
