@@ -22,6 +22,12 @@ ON_MISSING = ("error", "random")
 RESIZE_MODES = ("crop", "squash")
 
 
+def as_rgb(values: Sequence[float]) -> tuple[float, float, float]:
+    """A library's per-channel mean or std (any sequence of three numbers) as three floats."""
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue
+
+
 def as_hw(size: int | Sequence[int], what: str) -> tuple[int, int]:
     """Turn an int or an (h, w) pair into an (h, w) tuple of positive ints."""
     if isinstance(size, int) and not isinstance(size, bool):
@@ -231,6 +237,9 @@ class Encoder(nn.Module):
         stride: the largest reduction among the hooked layers; pixels are cropped to a multiple of it.
     """
 
+    pixel_mean: torch.Tensor  # buffers, registered in __init__
+    pixel_std: torch.Tensor
+
     def __init__(
         self,
         spec: EncoderSpec,
@@ -312,9 +321,9 @@ class Encoder(nn.Module):
     def warn_crop(self, size: tuple[int, int]) -> None:
         """Warn, once per size, that pixels of ``size`` lose their last partial patch row or column."""
         height, width = (side - side % self.stride for side in size)
-        if (height, width) == tuple(size) or tuple(size) in self._cropped:
+        if (height, width) == tuple(size) or size in self._cropped:
             return
-        self._cropped.add(tuple(size))
+        self._cropped.add(size)
         warnings.warn(
             f"encoder {self.spec.name!r}: {size[0]}x{size[1]} pixels are not a multiple of its "
             f"{self.stride}-pixel patch; it reads the top-left {height}x{width} "
@@ -352,7 +361,7 @@ class Encoder(nn.Module):
         """
         check_images(pixels, self.stride, self.spec.name)
         check_pixel_values(pixels, self.spec.name, unit_range=False)
-        self.warn_crop(tuple(pixels.shape[-2:]))
+        self.warn_crop((pixels.shape[-2], pixels.shape[-1]))
         height, width = (size - size % self.stride for size in pixels.shape[-2:])
         read = self.read_layers(pixels[..., :height, :width])
         by_index = dict(zip(sorted(self.layer_indices), read))

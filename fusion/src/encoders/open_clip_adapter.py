@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import cast
 
 import open_clip
 import open_clip.timm_model
@@ -16,7 +18,7 @@ import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from open_clip.transformer import VisionTransformer
-from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed import resample_abs_pos_embed
 from torch import nn
 
 from encoder_fusion.encoders.base import (
@@ -26,6 +28,7 @@ from encoder_fusion.encoders.base import (
     LayerTokens,
     Preprocessing,
     as_hw,
+    as_rgb,
     channels_last,
     unknown_model_error,
 )
@@ -64,6 +67,8 @@ class OpenClipTower(Encoder):
     """An open_clip vision tower, read through its own ``forward_intermediates`` (both kinds of tower
     have one, with the same arguments)."""
 
+    model: VisionTransformer | open_clip.timm_model.TimmModel
+
     def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
         out = self.model.forward_intermediates(
             pixels,
@@ -73,7 +78,9 @@ class OpenClipTower(Encoder):
             output_fmt="NCHW",
             output_extra_tokens=self.num_prefix_tokens > 0,
         )
-        return channels_last(out["image_intermediates"], out.get("image_intermediates_prefix"))
+        # open_clip types each value of this dict as Tensor | list; asked for indices, they are lists
+        grids = cast("list[torch.Tensor]", out["image_intermediates"])
+        return channels_last(grids, cast("list[torch.Tensor] | None", out.get("image_intermediates_prefix")))
 
 
 class OpenClipEncoder(OpenClipTower):
@@ -86,9 +93,11 @@ class OpenClipEncoder(OpenClipTower):
         ValueError: ``norm="post"`` on a tower that applies its final norm after attention pooling.
     """
 
-    def __init__(self, spec: EncoderSpec, tower: nn.Module, **settings) -> None:
+    model: VisionTransformer
+
+    def __init__(self, spec: EncoderSpec, tower: VisionTransformer, **settings) -> None:
         depth = len(tower.transformer.resblocks)
-        width, patch = tower.conv1.out_channels, tower.patch_size[0]
+        width, patch = tower.conv1.out_channels, tower.conv1.stride[0]
         super().__init__(
             spec, tower, layers=[LayerInfo(width, patch)] * depth, num_prefix_tokens=1, **settings
         )
@@ -115,13 +124,13 @@ class OpenClipTimmEncoder(OpenClipTower):
     """An open_clip ``TimmModel`` tower read with its ``forward_intermediates``; its timm trunk is
     checked and pruned as the timm adapter does it."""
 
-    def __init__(self, spec: EncoderSpec, tower: nn.Module, **settings) -> None:
+    def __init__(self, spec: EncoderSpec, tower: open_clip.timm_model.TimmModel, **settings) -> None:
         super().__init__(spec, tower, **trunk_settings(tower.trunk), **settings)
         prune_trunk(tower.trunk, spec, self.layer_indices)
 
 
 # image tower class -> its encoder; other towers (ModifiedResNet) are refused
-TOWERS: dict[type, type[Encoder]] = {
+TOWERS: dict[type, Callable[..., OpenClipTower]] = {
     VisionTransformer: OpenClipEncoder,
     open_clip.timm_model.TimmModel: OpenClipTimmEncoder,
 }
@@ -183,7 +192,7 @@ def _pretrained_tag(spec: EncoderSpec, wants_file: bool) -> str | None:
     return tag
 
 
-def _tag_checkpoint(pretrained: dict) -> str | None:
+def _tag_checkpoint(pretrained: dict) -> Path | None:
     """The tag's checkpoint from the Hugging Face or open_clip caches, else downloaded when online."""
     hub = pretrained.get("hf_hub", "")
     if hub:
@@ -203,16 +212,16 @@ def resample_position_embeddings(state_dict: dict, tower: nn.Module) -> dict:
         pos = state_dict["positional_embedding"]
         if pos.shape != tower.positional_embedding.shape and pos.ndim == 2:
             state_dict["positional_embedding"] = resample_abs_pos_embed(
-                pos.unsqueeze(0), new_size=tuple(tower.grid_size), num_prefix_tokens=1
+                pos.unsqueeze(0), new_size=list(tower.grid_size), num_prefix_tokens=1
             )[0]
     trunk = getattr(tower, "trunk", None)
     table = getattr(trunk, "pos_embed", None)  # a ConvNeXt trunk has none
-    if table is not None and "trunk.pos_embed" in state_dict:
+    if trunk is not None and table is not None and "trunk.pos_embed" in state_dict:
         pos = state_dict["trunk.pos_embed"]
         if pos.shape != table.shape and pos.ndim == 3:
             prefix = 0 if trunk.no_embed_class else trunk.num_prefix_tokens
             state_dict["trunk.pos_embed"] = resample_abs_pos_embed(
-                pos, new_size=tuple(trunk.patch_embed.grid_size), num_prefix_tokens=prefix
+                pos, new_size=list(trunk.patch_embed.grid_size), num_prefix_tokens=prefix
             )
     return state_dict
 
@@ -236,8 +245,8 @@ def preprocessing_of(model_cfg: dict, pretrained: dict, image_size: tuple[int, i
     interpolation = merged["interpolation"]
     return Preprocessing(
         image_size=image_size,
-        mean=tuple(float(v) for v in merged["mean"]),
-        std=tuple(float(v) for v in merged["std"]),
+        mean=as_rgb(merged["mean"]),
+        std=as_rgb(merged["std"]),
         interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bicubic",
         resize=RESIZE_MODES.get(merged["resize_mode"], "crop"),
     )
@@ -268,7 +277,7 @@ def _build_tower(spec: EncoderSpec, model_cfg: dict, quick_gelu: bool) -> nn.Mod
     embed_dim = model_level.get("output_dim", model_cfg["embed_dim"])
     try:
         with timm_trunk_overrides(trunk_kwargs):
-            tower = _build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
+            tower = _build_vision_tower(embed_dim, CLIPVisionCfg(**vision_cfg), quick_gelu=quick_gelu)
     except (TypeError, AssertionError) as error:  # an unknown argument, or sizes that do not agree
         raise ValueError(
             f"EncoderSpec.model_kwargs={spec.model_kwargs} are not accepted by open_clip model "
@@ -310,6 +319,7 @@ def build_open_clip_encoder(spec: EncoderSpec) -> Encoder:
             f"{spec.name!r} accepts open_clip VisionTransformer towers (ViT-*) and TimmModel towers of "
             f"these families: {accepted_families()}"
         )
+    assert isinstance(tower, (VisionTransformer, open_clip.timm_model.TimmModel))  # the towers of TOWERS
     what = f"open_clip model {spec.model!r}"
     if wants_random:
         weights_loaded = "random"
@@ -329,9 +339,10 @@ def build_open_clip_encoder(spec: EncoderSpec) -> Encoder:
         else:
             load_open_clip_checkpoint(tower, found, what)
             weights_loaded = "pretrained"
+    height, width = tower.image_size
     return encoder_class(
         spec,
         tower,
-        preprocessing=preprocessing_of(model_cfg, pretrained, tuple(tower.image_size)),
+        preprocessing=preprocessing_of(model_cfg, pretrained, (int(height), int(width))),
         weights_loaded=weights_loaded,
     )
