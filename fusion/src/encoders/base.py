@@ -94,6 +94,11 @@ class EncoderSpec:
                 )
             object.__setattr__(self, "model_kwargs", dict(self.model_kwargs.items()))
 
+    @property
+    def image_hw(self) -> tuple[int, int] | None:
+        """``image_size`` as ``__post_init__`` leaves it, (height, width) or None, typed as such."""
+        return None if self.image_size is None else as_hw(self.image_size, "EncoderSpec.image_size")
+
     @classmethod
     def from_any(cls, value: EncoderSpec | dict) -> EncoderSpec:
         """Build from an EncoderSpec or a mapping of its fields (a dict or an OmegaConf node)."""

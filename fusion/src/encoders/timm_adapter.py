@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import timm
 import torch
+from timm.data.config import resolve_data_config
 from torch import nn
 
 from encoder_fusion.encoders.base import (
@@ -21,6 +23,7 @@ from encoder_fusion.encoders.base import (
     LayerInfo,
     LayerTokens,
     Preprocessing,
+    as_rgb,
     channels_last,
     unknown_model_error,
 )
@@ -104,7 +107,7 @@ def check_post_norm(trunk: nn.Module, family: TimmFamily, indices: Sequence[int]
     """
     if spec.hooks.norm != "post":
         return
-    depth = len(trunk.feature_info)
+    depth = len(feature_info(trunk))
     if isinstance(getattr(trunk, family.final_norm), nn.Identity):
         reason = f"it has no final norm before pooling ({family.final_norm} is nn.Identity)"
     elif family.stages and list(indices) != [depth - 1]:
@@ -117,11 +120,17 @@ def check_post_norm(trunk: nn.Module, family: TimmFamily, indices: Sequence[int]
     )
 
 
+def feature_info(trunk: nn.Module) -> list[dict[str, Any]]:
+    """timm's ``feature_info`` of a trunk: per layer its channels and reduction. Every model timm
+    builds has it, which the nn.Module that ``timm.create_model`` returns cannot say."""
+    return cast("list[dict[str, Any]]", trunk.feature_info)
+
+
 def trunk_settings(trunk: nn.Module) -> dict:
     """The :class:`Encoder` geometry of a timm trunk: its layers from timm's ``feature_info``, its
     prefix tokens, and what its hooks index."""
     return {
-        "layers": [LayerInfo(info["num_chs"], info["reduction"]) for info in trunk.feature_info],
+        "layers": [LayerInfo(info["num_chs"], info["reduction"]) for info in feature_info(trunk)],
         "num_prefix_tokens": int(getattr(trunk, "num_prefix_tokens", 0)),
         "unit": "stages" if family_of(trunk).stages else "blocks",
     }
@@ -135,7 +144,8 @@ def prune_trunk(trunk: nn.Module, spec: EncoderSpec, indices: Sequence[int]) -> 
         ValueError: ``norm="post"`` where it cannot apply.
     """
     check_post_norm(trunk, family_of(trunk), sorted(indices), spec)
-    trunk.prune_intermediate_layers(list(indices), prune_norm=False, prune_head=True)
+    # every trunk timm builds has it (see feature_info)
+    trunk.prune_intermediate_layers(list(indices), prune_norm=False, prune_head=True)  # pyright: ignore[reportCallIssue]
 
 
 class TimmEncoder(Encoder):
@@ -148,7 +158,7 @@ class TimmEncoder(Encoder):
     def read_layers(self, pixels: torch.Tensor) -> list[LayerTokens]:
         # return_prefix_tokens only where there are some: Eva fails on it without prefix tokens
         extra = {"return_prefix_tokens": True} if self.num_prefix_tokens else {}
-        out = self.model.forward_intermediates(
+        out = self.model.forward_intermediates(  # pyright: ignore[reportCallIssue]  (see feature_info)
             pixels,
             indices=sorted(self.layer_indices),
             norm=self.spec.hooks.norm == "post",
@@ -215,7 +225,7 @@ def _load_pretrained(trunk: nn.Module, spec: EncoderSpec, name: str) -> str:
     repo = cfg.hf_hub_id if cfg is not None else None
     files = ([cfg.hf_hub_filename] if cfg is not None and cfg.hf_hub_filename else []) + list(TIMM_HUB_FILES)
     path = hub_checkpoint(repo, files) if repo else None
-    if path is None and cfg is not None and cfg.url:
+    if path is None and cfg is not None and isinstance(cfg.url, str) and cfg.url:
         path = url_checkpoint(cfg.url)
     if path is None:
         looked = f"timm pretrained weights {name!r}" + (f" (hub repo {repo})" if repo else "")
@@ -233,12 +243,12 @@ def _load_pretrained(trunk: nn.Module, spec: EncoderSpec, name: str) -> str:
 def timm_preprocessing(trunk: nn.Module, image_size: tuple[int, int] | None) -> Preprocessing:
     """timm's eval transform of the model's data config: mean, std, interpolation, crop mode and
     crop_pct, at ``image_size`` (None: the data config's input size, e.g. 256 for DINOv3)."""
-    config = timm.data.resolve_data_config({}, model=trunk)
+    config = resolve_data_config({}, model=trunk)
     interpolation = config.get("interpolation", "bicubic")
     return Preprocessing(
         image_size=image_size or tuple(config["input_size"][1:]),
-        mean=tuple(float(v) for v in config["mean"]),
-        std=tuple(float(v) for v in config["std"]),
+        mean=as_rgb(config["mean"]),
+        std=as_rgb(config["std"]),
         interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
         resize="squash" if config.get("crop_mode") == "squash" else "crop",
         crop_pct=float(config.get("crop_pct", 1.0)),
@@ -273,7 +283,7 @@ def build_timm_encoder(spec: EncoderSpec) -> TimmEncoder:
     path = None if wants_random else local_weights_path(spec.weights)
     name, family = _model_name(spec, None if path is not None or wants_random else spec.weights)
     # features only: no classifier head
-    kwargs = {**creation_kwargs(family, spec.image_size, spec.model_kwargs or {}), "num_classes": 0}
+    kwargs = {**creation_kwargs(family, spec.image_hw, spec.model_kwargs or {}), "num_classes": 0}
     try:
         trunk = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, AssertionError) as error:  # an unknown argument, or sizes that do not agree
@@ -291,6 +301,6 @@ def build_timm_encoder(spec: EncoderSpec) -> TimmEncoder:
     return TimmEncoder(
         spec,
         trunk,
-        preprocessing=timm_preprocessing(trunk, spec.image_size),
+        preprocessing=timm_preprocessing(trunk, spec.image_hw),
         weights_loaded=weights_loaded,
     )

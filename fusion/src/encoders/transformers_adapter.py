@@ -13,11 +13,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
-from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed import resample_abs_pos_embed
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
@@ -28,6 +30,7 @@ from encoder_fusion.encoders.base import (
     LayerInfo,
     LayerTokens,
     Preprocessing,
+    as_rgb,
     unknown_model_error,
 )
 from encoder_fusion.encoders.weights import (
@@ -46,8 +49,9 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 HF_CHECKPOINTS = ("model.safetensors", "pytorch_model.bin")
-# PIL resampling codes that Hugging Face image processors store
-PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+# PIL resampling codes that Hugging Face image processors store (keyed by object: the lookup takes
+# whatever JSON value a processor config holds under "resample")
+PIL_RESAMPLE: dict[object, str] = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 # -- model inputs from normalised (B, 3, H, W) pixels, per family ---------------------------------
@@ -150,7 +154,8 @@ FAMILIES: dict[str, HfFamily] = {
 TOWER_PREFIXES = ("vision_model.", "dinov2.", "model.")
 
 
-def _attr(module: nn.Module, dotted: str) -> nn.Module:
+def _attr(module: nn.Module, dotted: str) -> Any:
+    """The attribute at the ``dotted`` path: a submodule, a module list or a parameter, by path."""
     for part in dotted.split("."):
         module = getattr(module, part)
     return module
@@ -255,7 +260,7 @@ def resolve_config(spec: EncoderSpec) -> tuple[object, Path | str | None]:
     )
 
 
-def vision_config_of(config, spec: EncoderSpec) -> tuple[object, HfFamily]:
+def vision_config_of(config, spec: EncoderSpec) -> tuple[Any, HfFamily]:
     """The vision part of ``config`` with ``spec.model_kwargs`` applied, and its family.
 
     Raises:
@@ -285,19 +290,20 @@ def vision_config_of(config, spec: EncoderSpec) -> tuple[object, HfFamily]:
         )
     sized_in_pixels = hasattr(vision, "image_size")  # SigLIP2 counts patches; its table is resampled anyway
     built_in_code = spec.model in FAMILIES
+    size = spec.image_hw
     if (
         built_in_code
         and sized_in_pixels
-        and spec.image_size is not None
+        and size is not None
         and "image_size" not in (spec.model_kwargs or {})
     ):
         # a config built in code gets a position table of the input size (HF tables are square)
-        vision.image_size = max(spec.image_size)
+        vision.image_size = max(size)
     return vision, family
 
 
 # -- weights ------------------------------------------------------------------------------------
-def fit_keys(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def fit_keys(state_dict: dict[str, torch.Tensor], model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """Strip tower prefixes (``vision_model.`` of a CLIPModel / SiglipModel checkpoint, ``dinov2.``
     of a classifier), then rename the keys the model lacks with transformers' own table of checkpoint
     renamings (older releases' DINOv2 attention names, DINOv3's hub layout without ``model.``)."""
@@ -334,11 +340,11 @@ def resample_position_table(state_dict: dict, model: nn.Module, family: HfFamily
     pos = state_dict[key]
     batched = pos if pos.ndim == 3 else pos[None]
     # bicubic without antialias: what Hugging Face's interpolate_pos_encoding does at run time
-    resampled = resample_abs_pos_embed(batched, (side, side), num_prefix_tokens=prefix, antialias=False)
+    resampled = resample_abs_pos_embed(batched, [side, side], num_prefix_tokens=prefix, antialias=False)
     return {**state_dict, key: resampled if pos.ndim == 3 else resampled[0]}
 
 
-def load_hf_checkpoint(model: nn.Module, family: HfFamily, path, what: str) -> None:
+def load_hf_checkpoint(model: PreTrainedModel, family: HfFamily, path, what: str) -> None:
     """Load a checkpoint file or model folder (Hugging Face layout, also a whole CLIPModel /
     SiglipModel) into a vision tower, strictly.
 
@@ -381,8 +387,8 @@ def preprocessing_of(
     side = family.default_side(vision)
     return Preprocessing(
         image_size=image_size or crop or _as_hw(size) or (side, side),
-        mean=tuple(float(v) for v in processor.get("image_mean", family.mean)),
-        std=tuple(float(v) for v in processor.get("image_std", family.std)),
+        mean=as_rgb(processor.get("image_mean", family.mean)),
+        std=as_rgb(processor.get("image_std", family.std)),
         interpolation=PIL_RESAMPLE.get(processor.get("resample"), family.interpolation),
         resize=family.resize,
         crop_pct=min(1.0, min(crop) / edge) if crop and edge else 1.0,
@@ -445,6 +451,6 @@ def build_transformers_encoder(spec: EncoderSpec) -> Encoder:
         family=family,
         layers=[LayerInfo(vision.hidden_size, patch)] * depth,
         num_prefix_tokens=int(family.has_cls) + int(registers),
-        preprocessing=preprocessing_of(family, vision, source, spec.image_size),
+        preprocessing=preprocessing_of(family, vision, source, spec.image_hw),
         weights_loaded=weights_loaded,
     )
