@@ -231,7 +231,7 @@ class Pipeline:
         else:
             stages["head"] = wrap(head)
         if head.deepstack.entries:
-            stages["deepstack"] = wrap(lambda grids: head.deepstack(grids, head.aligners))
+            stages["deepstack"] = wrap(head.deepstack)
         if options.streams and len(fused.encoders) > 1:
             end_to_end = wrap(streamed_forward(fused, [torch.cuda.Stream(device) for _ in fused.encoders]))
         else:
