@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import re
@@ -27,12 +28,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from encoder_fusion.io import atomic_write
+from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PASSES = ("fwd", "fwdbwd")
@@ -95,36 +97,25 @@ def parse_case(spec: str) -> BenchCase:
     return case
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
-    """The tensors of one benchmark call (sources, grouping, parameters, output gradient)."""
+    """The arguments of one benchmark call (every tensor requires grad, every list is given)."""
 
-    sources: list[torch.Tensor]
-    groups: list[int]
-    layer_weights: torch.Tensor
-    ln_weight: list[torch.Tensor]
-    ln_bias: list[torch.Tensor]
-    out_hw: tuple[int, int]
+    args: GridFuseArgs
+    leaves: list[torch.Tensor]  # every input tensor: sources, layer weights, LayerNorm affines
+
+    @functools.cached_property
+    def keywords(self) -> dict[str, object]:
+        """The arguments after ``sources`` and ``out_hw``, by their public names."""
+        return {field.name: getattr(self.args, field.name) for field in fields(self.args) if field.kw_only}
 
     def call(self, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """``fn`` (a ``grid_fuse``) on this problem, ``bilinear``."""
-        return fn(
-            self.sources,
-            self.out_hw,
-            groups=self.groups,
-            layer_weights=self.layer_weights,
-            ln_weight=self.ln_weight,
-            ln_bias=self.ln_bias,
-            mode="bilinear",
-        )
-
-    def leaves(self) -> list[torch.Tensor]:
-        """Every input tensor: sources, layer weights, LayerNorm affines."""
-        return [*self.sources, self.layer_weights, *self.ln_weight, *self.ln_bias]
+        """``fn`` (a ``grid_fuse`` face) on this problem."""
+        return fn(self.args.sources, self.args.out_hw, **self.keywords)
 
 
 def make_problem(case: BenchCase, batch: int, dtype: torch.dtype, device: torch.device) -> Problem:
-    """Random sources and parameters for ``case``; all of them require grad."""
+    """Random sources and parameters for ``case``, ``bilinear``; all of them require grad."""
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -137,9 +128,11 @@ def make_problem(case: BenchCase, batch: int, dtype: torch.dtype, device: torch.
             groups.append(group)
             widths.append(encoder.channels)
     layer_weights = torch.full((len(sources),), 1.0 / 3, device=device, dtype=dtype).requires_grad_()
-    return Problem(
-        sources, groups, layer_weights, [rand(c) for c in widths], [rand(c) for c in widths], case.out_hw
+    ln_weight, ln_bias = [rand(c) for c in widths], [rand(c) for c in widths]
+    args = GridFuseArgs(
+        sources, case.out_hw, groups=groups, layer_weights=layer_weights, ln_weight=ln_weight, ln_bias=ln_bias
     )
+    return Problem(args, [*sources, layer_weights, *ln_weight, *ln_bias])
 
 
 def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -148,7 +141,7 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
 
 def bytes_moved(problem: Problem, out_bytes: int, pass_name: str) -> int:
     """The bytes a pass must move at least: see the module docstring."""
-    inputs = _nbytes(problem.leaves())
+    inputs = _nbytes(problem.leaves)
     forward = inputs + out_bytes
     # backward: read sources and parameters again, read grad_out, write one gradient per input
     return forward if pass_name == "fwd" else forward + 2 * inputs + out_bytes
@@ -165,7 +158,7 @@ def make_step(
                 return problem.call(fn)
 
         return forward
-    leaves = problem.leaves()
+    leaves = problem.leaves
 
     def forward_backward() -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(problem.call(fn), leaves, grad_out)

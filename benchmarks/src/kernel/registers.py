@@ -180,14 +180,13 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles: Tiles | Non
     (:func:`encoder_fusion.kernels.grid_fuse_plan.default_tiles` if None); one row per variant."""
     dtype = DTYPES[dtype_name]
     with compile_only(arch) as compiled:
-        p = make_problem(case, 1, dtype, torch.device("cpu"))
-        args = (p.sources, p.out_hw, p.groups, p.layer_weights, p.ln_weight, p.ln_bias, "bilinear")
+        args = make_problem(case, 1, dtype, torch.device("cpu")).args
         variants = []
-        grid_fuse_forward(*args, tiles=tiles)
+        grid_fuse_forward(args, tiles=tiles)
         variants.append("inference")
-        out, mean, rstd = grid_fuse_forward(*args, save_stats=True, tiles=tiles)
+        out, mean, rstd = grid_fuse_forward(args, save_stats=True, tiles=tiles)
         variants.append("training")
-        grid_fuse_backward(torch.ones_like(out), *args, mean, rstd, tiles=tiles)
+        grid_fuse_backward(torch.ones_like(out), args, mean, rstd, tiles=tiles)
         variants += ["training"] * (len(compiled) - len(variants))
     channels = max(encoder.channels for encoder in case.encoders)
     tiles = tiles or default_tiles(channels)
