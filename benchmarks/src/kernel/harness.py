@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from encoder_fusion.io import atomic_write
+from encoder_fusion.kernels import reference
 from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -188,6 +189,86 @@ def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
     src = torch.empty(size, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     return 2 * size / (median_ms(lambda: dst.copy_(src), device, quick) * 1e6)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep covers: every case, batch size and dtype (by name), each pass, on one device;
+    ``quick``: fewer repeats."""
+
+    cases: Sequence[BenchCase]
+    batches: Sequence[int]
+    dtypes: Sequence[str]
+    passes: Sequence[str]
+    device: torch.device
+    quick: bool = False
+
+
+@dataclass(frozen=True)
+class SweepProblem:
+    """One problem of a sweep (:func:`run_sweep`): its case, batch and dtype, the tensors, the eager
+    reference's output (no grad) and a random output gradient; its rows go into the report."""
+
+    spec: SweepSpec
+    case: BenchCase
+    batch: int
+    dtype: str
+    problem: Problem
+    expected: torch.Tensor
+    grad_out: torch.Tensor
+    copy_gbps: float
+    rows: list[dict]
+
+    def step(self, fn: Callable[..., torch.Tensor], pass_name: str) -> Callable[[], object]:
+        """:func:`make_step` of ``fn`` on this problem."""
+        return make_step(fn, self.problem, pass_name, self.grad_out)
+
+    def median_ms(self, step: Callable[[], object]) -> float:
+        """:func:`median_ms` of ``step`` on the sweep's device."""
+        return median_ms(step, self.spec.device, self.spec.quick)
+
+    def add_row(self, pass_name: str, ms: float | None, **fields: object) -> None:
+        """A row of the report for ``pass_name``: what names the problem, then for a time ``ms``
+        (None: nothing was timed) the median, the bytes moved, GB/s and its share of the copy
+        bandwidth, then ``fields``."""
+        row: dict[str, object] = {"case": self.case.name, "batch": self.batch, "dtype": self.dtype}
+        row["pass"] = pass_name
+        if ms is not None:
+            moved = bytes_moved(self.problem, self.expected.numel() * self.expected.element_size(), pass_name)
+            gbps = moved / (ms * 1e6)
+            row.update(median_ms=ms, bytes=moved, gbps=gbps, copy_share=gbps / self.copy_gbps)
+        self.rows.append({**row, **fields})
+
+
+def run_sweep(
+    module: str,
+    argv: Sequence[str] | None,
+    spec: SweepSpec,
+    out: Path | None,
+    measure: Callable[[SweepProblem], None],
+    markdown: Callable[[dict], str],
+    **fields: object,
+) -> dict:
+    """The report of ``measure`` on every problem of ``spec``: :func:`report_header`, ``fields``, the
+    copy bandwidth (measured first) and the rows. Written to ``out`` (JSON, and markdown beside it)
+    after every problem, so a run cut short keeps every problem it finished; printed as markdown
+    at the end."""
+    rows: list[dict] = []
+    copy_gbps = copy_bandwidth_gbps(spec.device, spec.quick)
+    report = {**report_header(module, argv, spec.device), **fields, "copy_gbps": copy_gbps, "rows": rows}
+    for case in spec.cases:
+        for batch in spec.batches:
+            for dtype_name in spec.dtypes:
+                problem = make_problem(case, batch, DTYPES[dtype_name], spec.device)
+                with torch.no_grad():
+                    expected = problem.call(reference.grid_fuse)
+                grad_out = torch.randn_like(expected)
+                measure(
+                    SweepProblem(spec, case, batch, dtype_name, problem, expected, grad_out, copy_gbps, rows)
+                )
+                save_report(out, report, markdown(report))
+    print(markdown(report))
+    return report
 
 
 def device_name(device: torch.device) -> str:
