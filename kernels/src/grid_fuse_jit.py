@@ -1,4 +1,4 @@
-"""``grid_fuse`` in Triton: the jitted kernels and the device functions they inline (475 lines).
+"""``grid_fuse`` in Triton: the jitted kernels and the device functions they inline.
 
 * ``_grid_fuse_forward_kernel``: ONE launch for all groups. Each program takes a tile of
   ``BLOCK_T`` output tokens and, for every group, every source of that group: it computes the
@@ -182,10 +182,13 @@ def _combine_taps(taps, h, w, oy, ox, H, W, MODE: tl.constexpr, IDENTITY: tl.con
 
 @triton.jit
 def _load_slot(
-    k: tl.constexpr, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
-    GROUP_OF: tl.constexpr, IDENTITY: tl.constexpr, MODE: tl.constexpr,
-):  # fmt: skip
-    """:func:`_load_taps` of slot ``k`` (a compile-time index), masked to its group's width."""
+    k: tl.constexpr, grids, tile, WIDTHS, GROUP_OF: tl.constexpr, IDENTITY: tl.constexpr, MODE: tl.constexpr
+):
+    """:func:`_load_taps` of slot ``k`` (a compile-time index), masked to its group's width.
+    ``grids``: the per-slot source arguments ``(X, SB, SY, SX, HS, WS)`` of a kernel; ``tile``: the
+    output tokens ``(b, oy, ox, live)`` of its tile, the target grid ``(H, W)`` and the channels."""
+    X, SB, SY, SX, HS, WS = grids
+    b, oy, ox, live, H, W, cols = tile
     mask = live[:, None] & (cols < WIDTHS[GROUP_OF[k]])[None, :]
     return _load_taps(
         X[k], SB[k], SY[k], SX[k], HS[k], WS[k], b, oy, ox, H, W, cols, mask, MODE, (IDENTITY >> k) & 1
@@ -226,10 +229,10 @@ def _grid_fuse_forward_kernel(
     oy = (tokens % (H * W)) // W
     ox = tokens % W
     cols = tl.arange(0, BLOCK_C)
+    grids = (X, SB, SY, SX, HS, WS)
+    tile = (b, oy, ox, live, H, W, cols)
     if PREFETCH:
-        pending = _load_slot(
-            0, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols, GROUP_OF, IDENTITY, MODE
-        )
+        pending = _load_slot(0, grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
     for g in tl.static_range(len(WIDTHS)):
         C = WIDTHS[g]
         mask = live[:, None] & (cols < C)[None, :]
@@ -239,15 +242,9 @@ def _grid_fuse_forward_kernel(
                 if PREFETCH:  # this slot's loads are in flight; start the next slot's (any group)
                     taps = pending
                     if k + 1 < len(X):
-                        pending = _load_slot(
-                            k + 1, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
-                            GROUP_OF, IDENTITY, MODE,
-                        )  # fmt: skip
+                        pending = _load_slot(k + 1, grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
                 else:
-                    taps = _load_slot(
-                        k, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
-                        GROUP_OF, IDENTITY, MODE,
-                    )  # fmt: skip
+                    taps = _load_slot(k, grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
                 r = _combine_taps(taps, HS[k], WS[k], oy, ox, H, W, MODE, (IDENTITY >> k) & 1)
                 if NORMALIZE:
                     mean = tl.sum(r, axis=1) / C
@@ -299,6 +296,7 @@ def _grid_fuse_backward_rows_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
+    grids = (X, SB, SY, SX, HS, WS)
     # Groups in the outer (static) loop: the parameter partial sums of one group's sources stay in
     # registers across this program's run of tiles, so each program writes one row of partials per
     # source and only one group's sums are live at a time. They are (BLOCK_T, BLOCK_C) tiles: the
@@ -318,16 +316,14 @@ def _grid_fuse_backward_rows_kernel(
             b = tokens // (H * W)
             oy = (tokens % (H * W)) // W
             ox = tokens % W
+            tile = (b, oy, ox, live, H, W, cols)
             mask = live[:, None] & col_mask[None, :]
             dy_ptrs = DY_ptr + tokens[:, None] * y_cols + COLS[g] + cols[None, :]
             dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
             if NEED_PARAMS:
                 q_acc += dy
             if PREFETCH:  # the group's first slot is loaded with dy, each slot then the next one
-                pending = _load_slot(
-                    FIRST_SLOT[g], X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
-                    GROUP_OF, IDENTITY, MODE,
-                )  # fmt: skip
+                pending = _load_slot(FIRST_SLOT[g], grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
             new_p = ()
             for k in tl.static_range(len(X)):
                 if GROUP_OF[k] == g:
@@ -336,15 +332,9 @@ def _grid_fuse_backward_rows_kernel(
                         # nested: the compile-time `and` would index GROUP_OF past the last slot
                         if k + 1 < len(X):  # noqa: SIM102
                             if GROUP_OF[k + 1] == g:
-                                pending = _load_slot(
-                                    k + 1, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W,
-                                    cols, GROUP_OF, IDENTITY, MODE,
-                                )  # fmt: skip
+                                pending = _load_slot(k + 1, grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
                     else:
-                        taps = _load_slot(
-                            k, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
-                            GROUP_OF, IDENTITY, MODE,
-                        )  # fmt: skip
+                        taps = _load_slot(k, grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
                     r = _combine_taps(taps, HS[k], WS[k], oy, ox, H, W, MODE, (IDENTITY >> k) & 1)
                     # xhat is what the layer weight multiplied: the normalised token, or the raw one
                     if NORMALIZE:
