@@ -69,7 +69,7 @@ def _with_signature_of(
         returns = inspect.signature(fuse).return_annotation
         signature = inspect.signature(build).replace(return_annotation=returns)
         # what help() and inspect show; a function takes any attribute, which the checker does not know
-        face.__signature__ = signature  # pyright: ignore[reportFunctionMemberAccess]
+        face.__signature__ = signature  # pyright: ignore[reportAttributeAccessIssue]
         return face
 
     return decorate

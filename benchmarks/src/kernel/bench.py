@@ -148,7 +148,7 @@ def markdown(report: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[harness.BenchCase]]:
     """The benchmark's command line and the cases it names."""
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
+    parser = harness.tool_parser(MODULE, __doc__)
     harness.add_shape_arguments(parser, batches=[1, 8, 32, 128])
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(

@@ -85,8 +85,9 @@ def parse_case(spec: str) -> BenchCase:
         ValueError: a spec that does not have this form or has a zero size.
     """
     match = _CASE_SPEC.match(spec)
-    encoders = [_ENCODER_SPEC.match(part) for part in match["encoders"].split("+")] if match else [None]
-    if match is None or not all(encoders):
+    parts = match["encoders"].split("+") if match else []
+    encoders = [m for m in map(_ENCODER_SPEC.match, parts) if m is not None]
+    if match is None or len(encoders) != len(parts):
         raise ValueError(f"--case {spec!r} must look like NAME=HxWxC*L+HxWxC*L->HxW, e.g. tiny=2x2x8*2->2x2")
     case = BenchCase(
         match["name"],
@@ -172,7 +173,9 @@ def median_ms(step: Callable[[], object], device: torch.device, quick: bool) -> 
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+        assert isinstance(ms, float), ms  # one number for return_mode="median"
+        return ms
     for _ in range(1 if quick else 3):
         step()
     times = []
@@ -276,6 +279,12 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def tool_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line of ``python -m module``, described by the first line of its docstring
+    ``doc`` (None where docstrings are stripped, ``python -OO``)."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n")[0])
 
 
 def add_shape_arguments(

@@ -122,7 +122,7 @@ def markdown(report: dict) -> str:
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[harness.BenchCase]]:
     """The sweep's command line and the cases it names; exits with a message for a bad batch or
     case, or a missing GPU."""
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
+    parser = harness.tool_parser(MODULE, __doc__)
     harness.add_shape_arguments(parser, batches=[32, 128])
     parser.add_argument("--device", default=None, help="cuda, or cpu with TRITON_INTERPRET=1 (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a plumbing check on the CPU)")
