@@ -208,9 +208,10 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 
 def _call_key(args: GridFuseArgs, tiles: Tiles | None) -> tuple | None:
-    """A hashable summary of everything the signature checks and the plan read (shapes, strides,
-    dtypes, devices, the types and values of sizes and groups); None for arguments of a kind only
-    the full checks handle, which then accept them or raise."""
+    """A summary of everything the signature checks and the plan read (shapes, strides, dtypes,
+    devices, the types and values of sizes and groups), hashable unless an argument holds an
+    unhashable value; None for arguments of a kind only the full checks handle, which then accept
+    them or raise."""
 
     def params_key(params: Sequence[torch.Tensor | None] | None) -> tuple | None:
         return None if params is None else tuple(None if p is None else _tensor_key(p) for p in params)
@@ -232,8 +233,7 @@ def _call_key(args: GridFuseArgs, tiles: Tiles | None) -> tuple | None:
             (type(args.normalize), args.normalize),
             tiles,
         )
-        hash(key)
-    except (AttributeError, TypeError):  # not tensors / not sequences / unhashable: full checks
+    except (AttributeError, TypeError):  # not tensors / not sequences: full checks
         return None
     return key
 
@@ -247,7 +247,10 @@ def planned(args: GridFuseArgs, tiles: Tiles | None) -> Plan:
         ValueError: naming the argument, the value and what is accepted.
     """
     key = _call_key(args, tiles)
-    plan = None if key is None else _PLAN_CACHE.get(key)
+    try:  # the lookup is the one hash of the key (hashing a key costs as much as a third of it)
+        plan = None if key is None else _PLAN_CACHE.get(key)
+    except TypeError:  # an unhashable value (a list inside groups, say): full checks, no entry
+        key = plan = None
     if plan is None:
         plan = _make_plan(args, tiles)
         if key is not None:
