@@ -160,10 +160,10 @@ def test_a_failing_strategy_is_recorded_not_lost(tmp_path, monkeypatch):
 
     original = encoder_fusion.benchmarks.run.compare.run_probe
 
-    def failing_when_fused(task, make_head, train, test, **settings):
+    def failing_when_fused(task, make_head, train, test, recipe=None):
         if len(train.grids) == 2:
             raise RuntimeError("probe diverged")
-        return original(task, make_head, train, test, **settings)
+        return original(task, make_head, train, test, recipe)
 
     monkeypatch.setattr(encoder_fusion.benchmarks.run.compare, "run_probe", failing_when_fused)
     report = load_report(run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path))

@@ -155,6 +155,15 @@ def with_vlm(records, ttft, tokens, projected_ttft):
     return records
 
 
+def labelled_points(axis) -> dict:
+    """label -> (x, y) of every point a figure's axis draws under a label (not ``_``-hidden)."""
+    return {
+        c.get_label(): tuple(c.get_offsets()[0])
+        for c in axis.collections
+        if not c.get_label().startswith("_")
+    }
+
+
 def test_markdown_and_pareto_lead_with_the_time_to_first_token():
     records = with_vlm(
         three_strategies(),
@@ -182,11 +191,7 @@ def test_markdown_and_pareto_lead_with_the_time_to_first_token():
     assert report.llms == ["qwen2_5_0_5b"]
     figure = pareto_figure(report)
     (axis,) = figure.axes
-    filled = {
-        c.get_label(): tuple(c.get_offsets()[0])
-        for c in axis.collections
-        if not c.get_label().startswith("_")
-    }
+    filled = labelled_points(axis)
     assert filled["comm"] == pytest.approx((1.58, 7.5)) and filled["dino_only"] == pytest.approx((1.1, -12.5))
     hollow = sorted(tuple(c.get_offsets()[0]) for c in axis.collections if c.get_label().startswith("_"))
     for point, expected in zip(hollow, [(0.5, -12.5), (1.0, 0.0), (1.43, 7.5)], strict=True):
@@ -198,11 +203,7 @@ def test_pareto_points_are_the_strategies():
     report = build_report(three_strategies(), env=ENV)
     figure = pareto_figure(report)
     (axis,) = figure.axes
-    points = {
-        c.get_label(): tuple(c.get_offsets()[0])
-        for c in axis.collections
-        if not c.get_label().startswith("_")
-    }
+    points = labelled_points(axis)
     expected = {"clip_only": (1.0, 0.0), "dino_only": (0.5, -12.5), "comm": (1.43, 7.5)}
     assert set(points) == set(expected)
     for name, point in expected.items():
