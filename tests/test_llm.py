@@ -197,10 +197,13 @@ def test_bad_presets_name_the_field_and_list_the_accepted():
     with pytest.raises(ConfigCompositionException, match=r"llm/gpt5") as caught:
         make("llm=gpt5")
     assert "qwen2_5_0_5b" in str(caught.value.__cause__ or caught.value)  # Hydra lists the options
-    with pytest.raises(ValueError, match=r"llm.family='mamba' is unknown; accepted: qwen2, llama"), keyed(LLM_KEYS):
+    family = r"llm.family='mamba' is unknown; accepted: qwen2, llama"
+    with pytest.raises(ValueError, match=family), keyed(LLM_KEYS):
         dataclasses.replace(llm_preset("tiny"), family="mamba")
     with (
-        pytest.raises(ValueError, match=r"llm.hidden_size=30 \(model tiny\) must be divisible by llm.num_heads=4"),
+        pytest.raises(
+            ValueError, match=r"llm.hidden_size=30 \(model tiny\) must be divisible by llm.num_heads=4"
+        ),
         keyed(LLM_KEYS),
     ):
         dataclasses.replace(llm_preset("tiny"), hidden_size=30)

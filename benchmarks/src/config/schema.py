@@ -189,8 +189,8 @@ class DataConfig:
 
 @dataclass
 class LatencyConfig:
-    """:class:`encoder_fusion.benchmarks.timing.measure.LatencyOptions` (device and image size come from ``bench`` /
-    ``data``)."""
+    """:class:`encoder_fusion.benchmarks.timing.options.LatencyOptions` (device and image size come
+    from ``bench`` / ``data``)."""
 
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     warmup: int = 2
@@ -203,7 +203,8 @@ class LatencyConfig:
 @dataclass
 class LlmConfig:
     """The language model the visual tokens feed (group ``llm``): a decoder-only architecture built
-    with random weights from these numbers (:class:`encoder_fusion.benchmarks.timing.llm.LlmSpec`). ``name: none``
+    with random weights from these numbers (:class:`encoder_fusion.benchmarks.timing.llm.LlmSpec`). ``name:
+    none``
     measures the vision pipeline alone; its ``hidden_size`` is only the width the connector emits, and its
     other fields are null."""
 
@@ -257,7 +258,8 @@ class BenchConfig:
 @dataclass
 class PlantConfig:
     """Planted-signal features in place of an encoder's (``experiment=planted``; see
-    :mod:`encoder_fusion.benchmarks.features.planted`): ``clip`` and ``dino`` each null (the encoder's own features),
+    :mod:`encoder_fusion.benchmarks.features.planted`): ``clip`` and ``dino`` each null (the encoder's own
+    features),
     ``class`` or ``location``; ``noise`` is the std of the noise added per channel."""
 
     clip: str | None = None

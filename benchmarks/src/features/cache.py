@@ -6,7 +6,8 @@ everything that changes the grids: the encoder (source, model, and a digest of i
 loaded, whatever file or cache they came from), the architecture overrides, the input size, the
 hooked layers, norm and prefix policy, the preprocessing, the images (the caller's ``source``: for
 :mod:`encoder_fusion.benchmarks.run.compare`, the dataset's identity and the contents of its image files, see
-:mod:`encoder_fusion.benchmarks.features.fingerprint`), the load size, the sample indices, the storage dtype and
+:mod:`encoder_fusion.benchmarks.features.fingerprint`), the load size, the sample indices, the storage dtype
+and
 whether the grids are stored pooled (``pool=True``: each layer's tokens averaged to one ``(1, 1, C)`` cell as
 each batch is extracted, for probes that read only the mean token; memory per entry is then
 ``samples x layers x C`` values instead of ``samples x layers x h x w x C``).

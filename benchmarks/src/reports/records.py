@@ -63,7 +63,8 @@ class TaskAccuracy:
     seed) and, for heads that learn layer weights, ``layer_weights`` (mean over seeds) and
     ``layer_weights_per_seed``; ``train_size`` and ``test_size`` count the samples with a target; the
     recipe it trained with. Once the report is built: ``delta`` against the baseline, ``delta_ci`` its
-    paired 95 % interval and ``detection`` (see :func:`encoder_fusion.benchmarks.reports.verdicts.add_delta_intervals`).
+    paired 95 % interval and ``detection`` (see
+    :func:`encoder_fusion.benchmarks.reports.verdicts.add_delta_intervals`).
     A task that failed keeps only ``task`` (its error is in the strategy's ``errors``).
 
     ``item_stats`` (``(seeds, test_size, d)``, :meth:`ProbeTask.item_stats` per seed) feeds the
@@ -162,7 +163,8 @@ class VlmRecord:
     vision pipeline alone); ``projected`` maps each ``bench.project_llms`` preset to a projection
     ``{"ttft_ms", "ratio", "prefill_ms", "prefill_gflops", "projected": true}``: this pipeline's
     measured vision time plus the preset's prefill FLOPs at the run's measured prefill rate (see
-    :func:`encoder_fusion.benchmarks.timing.measure.vlm_records`); ``per_batch`` holds ``prefill``, ``ttft`` and
+    :func:`encoder_fusion.benchmarks.timing.measure.vlm_records`); ``per_batch`` holds ``prefill``, ``ttft``
+    and
     ``decode_tokens_per_s`` for every batch size.
     """
 

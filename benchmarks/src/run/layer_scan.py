@@ -8,7 +8,8 @@ go to the feature cache, one tensor per layer. When every task's head reads only
 10,000 images: 0.5 GB pooled against 72 GB of grids). Then, for each layer and task, a probe (the
 configured connector over that one layer, bilinear alignment, the task head) trains on the train
 split; its test metric gets a 95 % interval by resampling the test items
-(:func:`encoder_fusion.benchmarks.reports.stats.metric_ci`). The latency to reach depth ``i`` is the forward time of
+(:func:`encoder_fusion.benchmarks.reports.stats.metric_ci`). The latency to reach depth ``i`` is the forward
+time of
 the encoder built hooked at ``i`` alone, so the blocks after it never run, timed round-robin over the
 depths.
 
@@ -262,7 +263,8 @@ def layer_geometry(encoder: Encoder, layer: int) -> EncoderGeometry:
 
 
 def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -> Path:
-    """``experiment=layer_scan`` (see :mod:`encoder_fusion.benchmarks.run.layer_scan`): every encoder hooked at
+    """``experiment=layer_scan`` (see :mod:`encoder_fusion.benchmarks.run.layer_scan`): every encoder hooked
+    at
     every block, one pass over the data each, a probe per layer and task, latency by depth.
 
     Returns:

@@ -9,7 +9,8 @@ one encoder with their own connector to the same output width). For each batch s
   and ``connector``;
 * ``end_to_end``: the pipeline's forward on raw images.
 
-With a language model (:class:`encoder_fusion.benchmarks.timing.llm.VlmOptions`), every pipeline also gets the stage
+With a language model (:class:`encoder_fusion.benchmarks.timing.llm.VlmOptions`), every pipeline also gets
+the stage
 ``llm.prefill`` (its visual tokens + the prompt, KV cache on) and two more calls: ``ttft`` (raw
 images in, first token's logits out, as one call) and ``decode`` (greedy steps with the KV cache).
 Its ``vlm`` record holds them, the TTFT and vision ratios against the baseline and, for each
