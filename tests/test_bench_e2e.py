@@ -15,9 +15,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import encoder_fusion.benchmarks.features as features
+import encoder_fusion.benchmarks.features.cache as features
 from encoder_fusion.benchmarks.cli import report_main
-from encoder_fusion.benchmarks.report import load_report
+from encoder_fusion.benchmarks.reports.report import load_report
 from encoder_fusion.benchmarks.run import run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,15 +76,15 @@ def check_report(path: Path, tasks: list[str], fused: str) -> dict:
     for record in report.strategies:
         assert set(record.weights.values()) == {"random"}
         assert set(record.accuracy) == set(tasks)
-        assert record.latency["end_to_end"]["median"] > 0
-        assert record.tokens > 0 and record.params["trainable"] > 0
+        assert record.latency.end_to_end["median"] > 0
+        assert record.tokens > 0 and record.params.trainable > 0
         # the language model's stage: TTFT and its ratio to the baseline's, measured in the same run
         vlm = record.vlm
         assert vlm.llm == "tiny" and vlm.visual_tokens == record.tokens and record.out_dim == vlm.hidden_size
         assert vlm.ratios["ttft"] == pytest.approx(vlm.ttft["median"] / baseline.vlm.ttft["median"])
-        assert vlm.ratios["vision"] == pytest.approx(record.ratios["end_to_end"])
+        assert vlm.ratios["vision"] == pytest.approx(record.ratios.end_to_end)
         assert record.overhead() == vlm.ratios["ttft"]
-    assert baseline.ratios["end_to_end"] == 1.0 and baseline.vlm.ratios["ttft"] == 1.0
+    assert baseline.ratios.end_to_end == 1.0 and baseline.vlm.ratios["ttft"] == 1.0
     text = (folder / "report.md").read_text()
     assert text.splitlines()[0].startswith("**RANDOM WEIGHTS: encoder(s) clip, dino")
     lines = text.splitlines()
@@ -100,7 +100,7 @@ def check_layer_weights(record, tasks: list[str]) -> None:
     weighted = record.config["head"]["layer_merge"]["kind"] == "weighted_ln"
     hooked = {spec["name"]: len(spec["hooks"]["layers"]) for spec in record.config["encoders"].values()}
     for task in tasks:
-        extra = record.accuracy[task]["extra"]
+        extra = record.accuracy[task].extra
         if not weighted:
             assert "layer_weights" not in extra, (record.name, task)
             continue
@@ -109,7 +109,7 @@ def check_layer_weights(record, tasks: list[str]) -> None:
         for name, weights in learned.items():
             assert sum(weights) == pytest.approx(1.0, abs=1e-6)
             seeds = torch.tensor(per_seed[name], dtype=torch.float64)
-            assert len(seeds) == len(record.accuracy[task]["seeds"])
+            assert len(seeds) == len(record.accuracy[task].seeds)
             torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64), seeds.mean(0))
 
 
@@ -127,10 +127,10 @@ def test_fusion_bench_smoke_through_the_hydra_main(tmp_path):
         assert not record.errors
         for task, metric in (("classification", "top1"), ("dense", "miou"), ("localization", "mean_iou")):
             result_ = record.accuracy[task]
-            assert result_["metric"] == metric and 0.0 <= result_["mean"] <= 1.0
+            assert result_.metric == metric and 0.0 <= result_.mean <= 1.0
         check_layer_weights(record, ["classification", "dense", "localization"])
     # eagle and its baselines take the last hooked layer: no strategy learns layer weights
-    assert not any("layer_weights" in s.accuracy["dense"]["extra"] for s in report.strategies)
+    assert not any("layer_weights" in s.accuracy["dense"].extra for s in report.strategies)
     assert report.run["overrides"] == ["experiment=smoke", "task=all"]  # Hydra's own are not the job's
     assert list((tmp_path / "cache").iterdir()), "features were cached under $FUSION_CACHE"
 
@@ -156,39 +156,39 @@ def test_a_second_strategy_on_the_same_data_extracts_nothing(tmp_path, monkeypat
 def test_a_failing_strategy_is_recorded_not_lost(tmp_path, monkeypatch):
     """A failure that no setting predicts (here the fused strategy's probe) is recorded against its
     strategy; the other strategies keep their results and the run succeeds."""
-    import encoder_fusion.benchmarks.run
+    import encoder_fusion.benchmarks.run.compare
 
-    original = encoder_fusion.benchmarks.run.run_probe
+    original = encoder_fusion.benchmarks.run.compare.run_probe
 
-    def failing_when_fused(task, make_head, train, test, **settings):
+    def failing_when_fused(task, make_head, train, test, recipe=None):
         if len(train.grids) == 2:
             raise RuntimeError("probe diverged")
-        return original(task, make_head, train, test, **settings)
+        return original(task, make_head, train, test, recipe)
 
-    monkeypatch.setattr(encoder_fusion.benchmarks.run, "run_probe", failing_when_fused)
+    monkeypatch.setattr(encoder_fusion.benchmarks.run.compare, "run_probe", failing_when_fused)
     report = load_report(run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path))
     clip, dino, fused = report.strategies
     assert fused.errors == [{"where": "probe:classification", "error": "RuntimeError: probe diverged"}]
-    assert fused.accuracy["classification"]["mean"] is None and fused.latency is not None
-    assert not clip.errors and not dino.errors and clip.accuracy["classification"]["mean"] is not None
+    assert fused.accuracy["classification"].mean is None and fused.latency is not None
+    assert not clip.errors and not dino.errors and clip.accuracy["classification"].mean is not None
     text = (tmp_path / "report.md").read_text()
     assert "- eagle / probe:classification: RuntimeError: probe diverged" in text
 
 
 def test_a_run_whose_every_strategy_failed_fails_after_writing_its_report(tmp_path, monkeypatch):
-    import encoder_fusion.benchmarks.run
+    import encoder_fusion.benchmarks.run.compare
 
     def failing(*args, **kwargs):
         raise RuntimeError("probe diverged")
 
-    monkeypatch.setattr(encoder_fusion.benchmarks.run, "run_probe", failing)
+    monkeypatch.setattr(encoder_fusion.benchmarks.run.compare, "run_probe", failing)
     with pytest.raises(RuntimeError, match=r"every strategy failed .*first: clip_only / probe:classif"):
         run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path)
     report = load_report(tmp_path / "report.json")
     assert all(s.errors for s in report.strategies)
     # through the Hydra main: exit 1, one line, error.json beside the report for fusion-report
     failing_main = (
-        "import encoder_fusion.benchmarks.run as run\n"
+        "import encoder_fusion.benchmarks.run.compare as run\n"
         "def failing(*args, **kwargs): raise RuntimeError('probe diverged')\n"
         "run.run_probe = failing\n" + BENCH
     )
@@ -219,9 +219,9 @@ def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
     assert report.run["data_sizes"] == {"train": 12, "test": 12}
     for record in report.strategies:
         assert not record.errors, record.errors
-        assert record.accuracy["dense"]["metric"] == "miou"
+        assert record.accuracy["dense"].metric == "miou"
         check_layer_weights(record, ["classification", "dense", "localization"])
-    assert all("layer_weights" in s.accuracy["dense"]["extra"] for s in report.strategies)
+    assert all("layer_weights" in s.accuracy["dense"].extra for s in report.strategies)
     # Tiny-ImageNet has no masks: the probes it can feed
     tiny = run_benchmark(
         make(
@@ -237,8 +237,8 @@ def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
     assert report.run["data_sizes"] == {"train": 200, "test": 200}
     for record in report.strategies:
         assert not record.errors, record.errors
-        assert 0.0 <= record.accuracy["classification"]["mean"] <= 1.0
-        assert 0.0 <= record.accuracy["localization"]["mean"] <= 1.0
+        assert 0.0 <= record.accuracy["classification"].mean <= 1.0
+        assert 0.0 <= record.accuracy["localization"].mean <= 1.0
     assert report.tasks == ["classification", "localization"]
 
 
@@ -322,7 +322,7 @@ def test_a_smoke_sweep_over_the_newer_multilayer_presets(tmp_path):
         assert fused.tokens == tokens[preset]
         assert fused.config["head"]["normalize"] is (preset == "deepstack")
         # the language model takes the DeepStack sets: their projectors are a timed stage
-        assert ("deepstack" in fused.latency["stages"]) is (preset == "deepstack")
+        assert ("deepstack" in fused.latency.stages) is (preset == "deepstack")
     # the CLIP-only baseline keeps CLIP's DeepStack layers: it differs only in the second encoder
     layers = [
         s.config["head"]["deepstack_layers"] for s in load_report(reports["fusion=deepstack"]).strategies
@@ -392,14 +392,10 @@ def test_planted_experiment_finds_the_planted_gain(tmp_path):
     clip, dino, fused = report.strategies
     assert {s.name: s.weights for s in report.strategies}["eagle"] == {"clip": "planted", "dino": "planted"}
     for task in ("dense", "localization"):
-        assert fused.accuracy[task]["delta_ci"][0] > 0, (task, fused.accuracy[task])
+        assert fused.accuracy[task].delta_ci[0] > 0, (task, fused.accuracy[task])
     assert fused.verdict == "gain"
     # neither baseline has both: CLIP-only names but cannot place, DINOv2-only places but cannot name
-    assert (
-        clip.accuracy["classification"]["mean"] > 0.9 and dino.accuracy["classification"]["delta_ci"][1] < 0
-    )
-    assert dino.accuracy["localization"]["delta_ci"][0] > 0
-    assert fused.accuracy["dense"]["mean"] > max(
-        clip.accuracy["dense"]["mean"], dino.accuracy["dense"]["mean"]
-    )
+    assert clip.accuracy["classification"].mean > 0.9 and dino.accuracy["classification"].delta_ci[1] < 0
+    assert dino.accuracy["localization"].delta_ci[0] > 0
+    assert fused.accuracy["dense"].mean > max(clip.accuracy["dense"].mean, dino.accuracy["dense"].mean)
     assert (tmp_path / "report.md").read_text().startswith("**PLANTED SIGNAL")

@@ -17,16 +17,15 @@ from hydra.utils import get_class
 from PIL import Image
 
 from encoder_fusion import EncoderGeometry, FusedEncoder, FusionHead
-from encoder_fusion.benchmarks.config import (
-    ROLES,
+from encoder_fusion.benchmarks.config.plan import (
     build_datasets,
-    config_hash,
     encoder_specs,
     head_config,
     latency_options,
-    probe_settings,
+    probe_recipe,
     strategies,
 )
+from encoder_fusion.benchmarks.config.schema import ROLES, config_hash
 from encoder_fusion.benchmarks.tasks import TASKS
 from encoder_fusion.containers import plain
 from encoder_fusion.encoders import build_encoder
@@ -239,8 +238,8 @@ def test_every_task_option_names_registered_probes(task):
     cfg = make(f"task={task}")
     names = plain(cfg.task.names)
     assert names and set(names) <= set(TASKS)
-    settings = probe_settings(cfg)
-    assert settings["seeds"] == [0, 1] and settings["device"] == "cpu"
+    recipe = probe_recipe(cfg)
+    assert recipe.seeds == (0, 1) and recipe.device == "cpu"
 
 
 def write_imagefolder(root: Path) -> Path:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from encoder_fusion.benchmarks.features import MANIFEST, FeatureCache, file_sha256, resolve_cache_dir
+from encoder_fusion.benchmarks.features.cache import MANIFEST, FeatureCache, file_sha256, resolve_cache_dir
 from encoder_fusion.encoders import build_encoder
 from encoder_fusion.encoders.tiny import tiny_spec
 
@@ -188,7 +188,7 @@ def damage_shape_mismatch(entry: Path) -> None:
     ],
 )
 def test_a_damaged_entry_is_rebuilt_not_trusted(tmp_path, damage, monkeypatch):
-    import encoder_fusion.benchmarks.features as features
+    import encoder_fusion.benchmarks.features.cache as features
 
     monkeypatch.setattr(features, "SHARD_BYTES", 1)  # one sample per shard: several shards
     cache = FeatureCache(tmp_path, batch_size=4, progress=False)

@@ -13,10 +13,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-import encoder_fusion.benchmarks.fingerprint as fingerprint
+import encoder_fusion.benchmarks.features.fingerprint as fingerprint
 from encoder_fusion.benchmarks.datasets import SyntheticShapesDataset, build_dataset
-from encoder_fusion.benchmarks.features import FILE_INDEX
-from encoder_fusion.benchmarks.fingerprint import BLOCK, FileIndex
+from encoder_fusion.benchmarks.features.cache import FILE_INDEX
+from encoder_fusion.benchmarks.features.fingerprint import BLOCK, FileIndex
 from encoder_fusion.benchmarks.run import run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]

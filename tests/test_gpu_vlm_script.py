@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from encoder_fusion.benchmarks.report import load_report
+from encoder_fusion.benchmarks.reports.report import load_report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,6 +23,7 @@ import encoder_fusion.kernels
 import encoder_fusion.kernels.grid_fuse_plan as plan
 import encoder_fusion.kernels.grid_fuse_triton as gf
 from encoder_fusion.kernels import launch, reference
+from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs
 from encoder_fusion.kernels.grid_fuse_jit import INTERPRETED
 from encoder_fusion.kernels.grid_fuse_plan import MAX_CHANNELS, Tiles, default_tiles
 from encoder_fusion.kernels.grid_fuse_triton import grid_fuse_backward, grid_fuse_forward, triton_grid_fuse
@@ -347,9 +348,10 @@ def test_statistics_rows_follow_the_source_order():
     """mean / rstd row i belongs to sources[i] even when the kernels reorder sources by group."""
     case = Case(((2, 2, 4), (3, 1, 7), (2, 2, 4)), (1, 0, 1), (2, 2))
     inputs = make_inputs(case, torch.float32)
-    _, mean, rstd = grid_fuse_forward(
-        inputs.sources, case.out_hw, list(case.groups), inputs.layer_weights, mode="bilinear", save_stats=True
+    args = GridFuseArgs(
+        inputs.sources, case.out_hw, groups=list(case.groups), layer_weights=inputs.layer_weights
     )
+    _, mean, rstd = grid_fuse_forward(args, save_stats=True)
     for i, x in enumerate(inputs.sources):
         aligned = reference.resample(x.detach().double(), case.out_hw, "bilinear").reshape(-1, x.shape[-1])
         var, centre = torch.var_mean(aligned, dim=-1, unbiased=False)
@@ -364,20 +366,19 @@ def test_backward_gives_only_the_source_gradients_asked_for(normalize):
     case = Case(((2, 3, 5), (3, 3, 5), (2, 2, 4)), (0, 0, 1), (3, 3), batch=1)
     inputs = make_inputs(case, torch.float32)
     detached = [x.detach() for x in inputs.sources]
-    out, mean, rstd = grid_fuse_forward(
+    args = GridFuseArgs(
         detached,
         case.out_hw,
-        list(case.groups),
-        inputs.layer_weights.detach(),
-        save_stats=True,
+        groups=list(case.groups),
+        layer_weights=inputs.layer_weights.detach(),
         normalize=normalize,
     )
+    out, mean, rstd = grid_fuse_forward(args, save_stats=True)
     assert (mean is None and rstd is None) == (not normalize)
     grad_out = torch.randn_like(out)
     grads = grid_fuse_backward(
-        grad_out, detached, case.out_hw, list(case.groups), inputs.layer_weights.detach(), None, None,
-        "bilinear", mean, rstd, need_sources=[False, True, True], need_params=False, normalize=normalize,
-    )  # fmt: skip
+        grad_out, args, mean, rstd, need_sources=[False, True, True], need_params=False
+    )
     assert grads.sources[0] is None and grads.layer_weights is None
     exact = [x.detach().double().requires_grad_() for x in inputs.sources]
     expected = reference.grid_fuse(
@@ -393,8 +394,8 @@ def test_backward_gives_only_the_source_gradients_asked_for(normalize):
         assert_matches(got, w, torch.float32, "requested source gradient")
     with pytest.raises(ValueError, match=r"need_sources has 2 flags; give one bool or one per source \(3\)"):
         grid_fuse_backward(
-            grad_out, detached, case.out_hw, list(case.groups), [1.0, 1.0, 1.0], None, None, "bilinear",
-            mean, rstd, need_sources=[True, False], normalize=normalize,
+            grad_out, dataclasses.replace(args, layer_weights=[1.0, 1.0, 1.0]), mean, rstd,
+            need_sources=[True, False],
         )  # fmt: skip
 
 
@@ -468,17 +469,8 @@ def test_forward_writes_every_element_of_a_given_out_buffer():
     case = Case(((2, 2, 3), (3, 1, 4)), (0, 1), (2, 3), batch=2)
     inputs = make_inputs(case, torch.float32)
     out = torch.full((2, 6, 7), float("nan"), device=DEVICE)
-    result, mean, rstd = grid_fuse_forward(
-        inputs.sources,
-        case.out_hw,
-        list(case.groups),
-        inputs.layer_weights,
-        inputs.ln_weight,
-        inputs.ln_bias,
-        mode="area",
-        out=out,
-        save_stats=True,
-    )
+    args = call(GridFuseArgs, inputs, case, "area")
+    result, mean, rstd = grid_fuse_forward(args, out=out, save_stats=True)
     assert result is out
     assert mean.shape == rstd.shape == (2, 12)
     assert_matches(out, call(reference.grid_fuse, inputs.as_float64(), case, "area"), torch.float32, "out")
@@ -734,18 +726,18 @@ def test_broken_interpreter_is_reported_before_any_launch(monkeypatch):
 
 
 def test_bad_buffers_are_rejected():
-    x = [grid(1, 2, 2, 3)]
+    args = GridFuseArgs([grid(1, 2, 2, 3)], (3, 2), groups=[0], layer_weights=[1.0])
     with pytest.raises(ValueError, match=re.escape("grid_fuse out must have shape (1, 6, 3), got (1, 6, 4)")):
-        grid_fuse_forward(x, (3, 2), [0], [1.0], out=grid(1, 6, 4))
+        grid_fuse_forward(args, out=grid(1, 6, 4))
     with pytest.raises(ValueError, match=r"grid_fuse out is torch.float16 on .*; it must be torch.float32"):
-        grid_fuse_forward(x, (3, 2), [0], [1.0], out=grid(1, 6, 3, dtype=torch.float16))
-    _, mean, rstd = grid_fuse_forward(x, (3, 2), [0], [1.0], save_stats=True)
+        grid_fuse_forward(args, out=grid(1, 6, 3, dtype=torch.float16))
+    _, mean, rstd = grid_fuse_forward(args, save_stats=True)
     with pytest.raises(
         ValueError, match=re.escape("grid_fuse grad_out must have shape (1, 6, 3), got (1, 5, 3)")
     ):
-        grid_fuse_backward(grid(1, 5, 3), x, (3, 2), [0], [1.0], None, None, "bilinear", mean, rstd)
+        grid_fuse_backward(grid(1, 5, 3), args, mean, rstd)
     with pytest.raises(ValueError, match=re.escape("grid_fuse rstd must have shape (1, 6), got (1, 5)")):
-        grid_fuse_backward(grid(1, 6, 3), x, (3, 2), [0], [1.0], None, None, "bilinear", mean, rstd[:, :5])
+        grid_fuse_backward(grid(1, 6, 3), args, mean, rstd[:, :5])
 
 
 # -- the benchmark module -------------------------------------------------------------------------
@@ -838,7 +830,7 @@ def test_benchmark_case_spec_and_bytes():
     case = parse_case("pair=3x2x4*2+1x1x6*1->2x2")
     assert case.encoders == (EncoderShape(3, 2, 4, 2), EncoderShape(1, 1, 6, 1)) and case.out_hw == (2, 2)
     problem = make_problem(case, 2, torch.float32, torch.device("cpu"))
-    assert problem.groups == [0, 0, 1]
+    assert problem.args.groups == [0, 0, 1]
     inputs = 4 * (2 * (2 * 3 * 2 * 4) + 2 * 6 + 3 + 2 * (2 * 4 + 6))  # sources, layer weights, LN affines
     out = 4 * 2 * 4 * (4 + 6)
     assert bytes_moved(problem, out, "fwd") == inputs + out

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from encoder_fusion import FusedEncoder
-from encoder_fusion.benchmarks.config import llm_preset
-from encoder_fusion.benchmarks.latency import LatencyOptions, gflops_per_image, measure_latency, stats
-from encoder_fusion.benchmarks.llm import LanguageModel, VlmOptions, prefill_flops
+from encoder_fusion.benchmarks.config.plan import LATENCY_KEYS, keyed, llm_preset
+from encoder_fusion.benchmarks.reports.records import ParamCounts
+from encoder_fusion.benchmarks.timing.llm import LanguageModel, VlmOptions, prefill_flops
+from encoder_fusion.benchmarks.timing.measure import LatencyOptions, gflops_per_image, measure_latency, stats
 from encoder_fusion.encoders import build_encoder
 from encoder_fusion.encoders.tiny import tiny_spec
 
@@ -48,24 +49,24 @@ def test_every_pipeline_stage_and_ratio_in_one_run(pipelines):
         "dino_only": ["preprocess", "encoder.dino", "fuse", "connector"],
         "interleave": ["preprocess", "encoder.clip", "encoder.dino", "fuse", "connector"],
     }
-    base = results["clip_only"]["latency"]["per_batch"]
+    base = results["clip_only"].latency.per_batch
     for name, result in results.items():
-        latency = result["latency"]
-        assert latency["batch_size"] == 2 and latency["threads"] == 1 and latency["dtype"] == "fp32"
-        assert set(latency["per_batch"]) == {"2", "1"}
-        for size, record in latency["per_batch"].items():
+        latency = result.latency
+        assert latency.batch_size == 2 and latency.threads == 1 and latency.dtype == "fp32"
+        assert set(latency.per_batch) == {"2", "1"}
+        for size, record in latency.per_batch.items():
             assert list(record["stages"]) == expected_stages[name]
             for timing in [record["end_to_end"], *record["stages"].values()]:
                 assert timing["n"] == 3 and 0 < timing["p10"] <= timing["median"] <= timing["p90"]
             ratio = record["end_to_end"]["median"] / base[size]["end_to_end"]["median"]
-            assert result["ratios"]["per_batch"][size] == pytest.approx(ratio)
-        assert latency["end_to_end"] == latency["per_batch"]["2"]["end_to_end"]
-        assert result["ratios"]["end_to_end"] == result["ratios"]["per_batch"]["2"]
-        assert result["ratios"]["summary"] == f"{name} / clip_only = {result['ratios']['end_to_end']:.2f}x"
-        assert result["memory"]["kind"].startswith("cpu process RSS")
-        assert result["memory"]["peak_mb"] > 0 and result["memory"]["delta_mb"] >= 0
-        assert result["out_dim"] == 24
-    assert results["clip_only"]["ratios"]["end_to_end"] == 1.0
+            assert result.ratios.per_batch[size] == pytest.approx(ratio)
+        assert latency.end_to_end == latency.per_batch["2"]["end_to_end"]
+        assert result.ratios.end_to_end == result.ratios.per_batch["2"]
+        assert result.ratios.summary == f"{name} / clip_only = {result.ratios.end_to_end:.2f}x"
+        assert result.memory.kind.startswith("cpu process RSS")
+        assert result.memory.peak_mb > 0 and result.memory.delta_mb >= 0
+        assert result.out_dim == 24
+    assert results["clip_only"].ratios.end_to_end == 1.0
 
 
 def test_params_tokens_and_weights_are_counted_independently(pipelines):
@@ -73,15 +74,15 @@ def test_params_tokens_and_weights_are_counted_independently(pipelines):
     for name, fused in pipelines.items():
         head = sum(p.numel() for p in fused.head.parameters())
         encoders = sum(p.numel() for e in fused.encoders for p in e.parameters())
-        assert results[name]["params"] == {"total": head + encoders, "trainable": head}
+        assert results[name].params == ParamCounts(total=head + encoders, trainable=head)
         # the state dict plus each encoder's non-persistent normalisation constants (2 x 3 floats)
         weights = sum(t.numel() * t.element_size() for t in fused.state_dict().values())
         weights += len(fused.encoders) * 2 * 3 * 4
         weights /= 2**20
-        assert results[name]["memory"]["weights_mb"] == pytest.approx(weights, rel=1e-6)
+        assert results[name].memory.weights_mb == pytest.approx(weights, rel=1e-6)
     # 4x4 grids; interleave emits both encoders' tokens side by side
-    assert results["clip_only"]["tokens"] == 16
-    assert results["interleave"]["tokens"] == 32
+    assert results["clip_only"].tokens == 16
+    assert results["interleave"].tokens == 32
 
 
 def vit_flops(width: int, tokens: int, blocks: int, patches: int, patch: int) -> int:
@@ -107,8 +108,8 @@ def test_bf16_autocast_and_compile_paths_run(pipelines):
         subset, LatencyOptions(dtype="bf16", compile=True, compile_backend="eager", **FAST)
     )
     for result in results.values():
-        assert result["latency"]["dtype"] == "bf16" and result["latency"]["compile"] is True
-        assert np.isfinite(result["latency"]["end_to_end"]["median"])
+        assert result.latency.dtype == "bf16" and result.latency.compile is True
+        assert np.isfinite(result.latency.end_to_end["median"])
 
 
 def test_bf16_and_compile_paths_run_with_a_language_model(vlm_pipelines):
@@ -117,7 +118,7 @@ def test_bf16_and_compile_paths_run_with_a_language_model(vlm_pipelines):
     vlm = VlmOptions(llm=llm_preset("tiny"), prompt_tokens=4, decode_tokens=2)
     options = LatencyOptions(dtype="bf16", compile=True, compile_backend="eager", **FAST)
     for result in measure_latency(subset, options, vlm=vlm).values():
-        assert np.isfinite(result["vlm"].ttft["median"]) and result["vlm"].decode_tokens_per_s["median"] > 0
+        assert np.isfinite(result.vlm.ttft["median"]) and result.vlm.decode_tokens_per_s["median"] > 0
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,7 @@ def test_bf16_and_compile_paths_run_with_a_language_model(vlm_pipelines):
     ],
 )
 def test_bad_options_name_the_field(field, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message), keyed(LATENCY_KEYS):  # named as the config keys
         LatencyOptions(**{field: value})
 
 
@@ -164,18 +165,18 @@ def test_vlm_stage_ttft_decode_and_projections_in_one_run(vlm_pipelines):
     tiny, target = llm_preset("tiny"), llm_preset("qwen2_5_1_5b")
     vlm = VlmOptions(llm=tiny, prompt_tokens=7, decode_tokens=3, project=(target,))
     results = measure_latency(vlm_pipelines, LatencyOptions(batch_sizes=(2, 1), **FAST), vlm=vlm)
-    base = results["clip_only"]["vlm"]
+    base = results["clip_only"].vlm
     # one prefill rate for the run: every pipeline's prefill FLOPs (batch 2) over their summed medians
-    flops = sum(prefill_flops(tiny, r["vlm"].visual_tokens + 7, 2) for r in results.values())
-    rate = flops / sum(r["vlm"].prefill["median"] for r in results.values())
-    assert {name: r["vlm"].visual_tokens for name, r in results.items()} == {
+    flops = sum(prefill_flops(tiny, r.vlm.visual_tokens + 7, 2) for r in results.values())
+    rate = flops / sum(r.vlm.prefill["median"] for r in results.values())
+    assert {name: r.vlm.visual_tokens for name, r in results.items()} == {
         "clip_only": 16,
         "channel": 16,
         "sequence": 32,  # sequence concat doubles the visual tokens
     }
     for result in results.values():
-        record = result["vlm"]
-        assert list(result["latency"]["stages"])[-1] == "llm.prefill"
+        record = result.vlm
+        assert list(result.latency.stages)[-1] == "llm.prefill"
         assert (record.llm, record.hidden_size, record.prompt_tokens, record.decode_tokens) == (
             "tiny",
             32,
@@ -183,27 +184,27 @@ def test_vlm_stage_ttft_decode_and_projections_in_one_run(vlm_pipelines):
             3,
         )
         assert record.ttft["n"] == 3 and record.prefill["median"] > 0
-        assert record.prefill == result["latency"]["stages"]["llm.prefill"]
+        assert record.prefill == result.latency.stages["llm.prefill"]
         assert record.ratios["ttft"] == pytest.approx(record.ttft["median"] / base.ttft["median"])
-        assert record.ratios["vision"] == pytest.approx(result["ratios"]["end_to_end"])
-        stage_sum = sum(stage["median"] for stage in result["latency"]["stages"].values())
+        assert record.ratios["vision"] == pytest.approx(result.ratios.end_to_end)
+        stage_sum = sum(stage["median"] for stage in result.latency.stages.values())
         assert record.llm_share == pytest.approx(record.prefill["median"] / stage_sum)
         assert record.decode_tokens_per_s["median"] > 0 and set(record.per_batch) == {"2", "1"}
         tokens = record.visual_tokens + 7
         assert record.prefill_gflops == pytest.approx(prefill_flops(tiny, tokens) / 1e9)
-        assert result["gflops_stages"]["llm.prefill"] == pytest.approx(record.prefill_gflops)
-        vision_stages = {k: v for k, v in result["gflops_stages"].items() if k != "llm.prefill"}
-        assert sum(vision_stages.values()) == pytest.approx(result["gflops"], rel=1e-6)
+        assert result.gflops_stages["llm.prefill"] == pytest.approx(record.prefill_gflops)
+        vision_stages = {k: v for k, v in result.gflops_stages.items() if k != "llm.prefill"}
+        assert sum(vision_stages.values()) == pytest.approx(result.gflops, rel=1e-6)
         # projected: the measured vision time plus the target's prefill FLOPs at the measured rate
         (projection,) = record.projected.values()
         assert projection["projected"] is True and set(record.projected) == {"qwen2_5_1_5b"}
-        expected = result["latency"]["end_to_end"]["median"] + prefill_flops(target, tokens, 2) / rate
+        expected = result.latency.end_to_end["median"] + prefill_flops(target, tokens, 2) / rate
         assert projection["ttft_ms"] == pytest.approx(expected)
         assert projection["ratio"] == pytest.approx(expected / base.projected["qwen2_5_1_5b"]["ttft_ms"])
     # the baseline against itself: every paired resample gives exactly 1
     assert base.ratios == {"ttft": 1.0, "vision": 1.0, "ttft_ci": [1.0, 1.0], "vision_ci": [1.0, 1.0]}
     for result in results.values():
-        ratios = result["vlm"].ratios
+        ratios = result.vlm.ratios
         for name in ("ttft", "vision"):
             low, high = ratios[f"{name}_ci"]
             assert low <= ratios[name] <= high, (name, ratios)
@@ -220,11 +221,11 @@ def test_cuda_events_memory_and_streams(pipelines):
     options = LatencyOptions(device="cuda", streams=True, dtype="bf16", **FAST)
     results = measure_latency(pipelines, options)
     for result in results.values():
-        assert result["memory"]["kind"] == "cuda max_memory_allocated"
-        assert result["memory"]["peak_mb"] > 0
+        assert result.memory.kind == "cuda max_memory_allocated"
+        assert result.memory.peak_mb > 0
     with torch.inference_mode():
         images = torch.randint(0, 256, (2, 3, 50, 50), dtype=torch.uint8, device="cuda")
-        from encoder_fusion.benchmarks.latency import streamed_forward
+        from encoder_fusion.benchmarks.timing.pipeline import streamed_forward
 
         fused = pipelines["interleave"]
         streams = [torch.cuda.Stream() for _ in fused.encoders]
@@ -252,7 +253,7 @@ def test_a_deepstack_pipeline_times_its_extra_sets_and_feeds_them_to_the_prefill
         results = measure_latency(pipelines, LatencyOptions(**FAST), vlm=vlm)
     finally:
         LanguageModel.prefill_with_cache = original
-    assert "deepstack" in results["deepstack"]["latency"]["stages"]
-    assert "deepstack" not in results["clip_only"]["latency"]["stages"]
+    assert "deepstack" in results["deepstack"].latency.stages
+    assert "deepstack" not in results["clip_only"].latency.stages
     assert set(seen) == {0, 2}  # the DeepStack pipeline's prefills carry its two sets, the other none
-    assert results["deepstack"]["gflops_stages"]["deepstack"] > 0
+    assert results["deepstack"].gflops_stages["deepstack"] > 0

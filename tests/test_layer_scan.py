@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import encoder_fusion.benchmarks.features as features
-from encoder_fusion.benchmarks.layer_scan import encoder_depth, recommend
+import encoder_fusion.benchmarks.features.cache as features
 from encoder_fusion.benchmarks.run import run_benchmark
+from encoder_fusion.benchmarks.run.layer_scan import encoder_depth, recommend
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -11,11 +11,21 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-import encoder_fusion.benchmarks.llm as llm
-import encoder_fusion.benchmarks.run as run
-from encoder_fusion.benchmarks.config import llm_preset, llm_spec, strategies, vlm_options
-from encoder_fusion.benchmarks.latency import gflops_per_image
-from encoder_fusion.benchmarks.llm import LanguageModel, LlmSpec, VlmOptions, build_language_model, check_fits
+import encoder_fusion.benchmarks.run.compare as compare
+import encoder_fusion.benchmarks.timing.llm as llm
+from encoder_fusion.benchmarks.config.plan import (
+    LLM_KEYS,
+    VLM_KEYS,
+    check_fits,
+    keyed,
+    llm_preset,
+    llm_spec,
+    strategies,
+    vlm_options,
+)
+from encoder_fusion.benchmarks.run import run_benchmark
+from encoder_fusion.benchmarks.timing.llm import LanguageModel, LlmSpec, VlmOptions, build_language_model
+from encoder_fusion.benchmarks.timing.measure import gflops_per_image
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -155,10 +165,10 @@ def test_a_model_too_big_for_memory_is_refused_before_anything_is_built(monkeypa
     def no_build(*args, **kwargs):
         raise AssertionError("an encoder or model was built before the memory check")
 
-    monkeypatch.setattr(run, "build_encoders", no_build)
+    monkeypatch.setattr(compare, "build_encoders", no_build)
     monkeypatch.setattr(llm, "build_language_model", no_build)
     with pytest.raises(ValueError, match="llm=llama3_8b does not fit"):
-        run.run_benchmark(make("experiment=smoke", "llm=llama3_8b"), tmp_path)
+        run_benchmark(make("experiment=smoke", "llm=llama3_8b"), tmp_path)
     assert not list(tmp_path.iterdir())
 
 
@@ -171,7 +181,7 @@ def test_a_model_too_big_for_memory_is_refused_before_anything_is_built(monkeypa
     ],
 )
 def test_bad_token_counts_name_the_field(field, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message), keyed(VLM_KEYS):  # named as the config keys
         VlmOptions(**{field: value})
 
 
@@ -187,10 +197,14 @@ def test_bad_presets_name_the_field_and_list_the_accepted():
     with pytest.raises(ConfigCompositionException, match=r"llm/gpt5") as caught:
         make("llm=gpt5")
     assert "qwen2_5_0_5b" in str(caught.value.__cause__ or caught.value)  # Hydra lists the options
-    with pytest.raises(ValueError, match=r"llm.family='mamba' is unknown; accepted: qwen2, llama"):
+    family = r"llm.family='mamba' is unknown; accepted: qwen2, llama"
+    with pytest.raises(ValueError, match=family), keyed(LLM_KEYS):
         dataclasses.replace(llm_preset("tiny"), family="mamba")
-    with pytest.raises(
-        ValueError, match=r"llm.hidden_size=30 \(llm=tiny\) must be divisible by llm.num_heads=4"
+    with (
+        pytest.raises(
+            ValueError, match=r"llm.hidden_size=30 \(model tiny\) must be divisible by llm.num_heads=4"
+        ),
+        keyed(LLM_KEYS),
     ):
         dataclasses.replace(llm_preset("tiny"), hidden_size=30)
     with pytest.raises(ValueError, match=r"llm='custom' leaves \['vocab_size'\] unset"):

@@ -221,16 +221,22 @@ def hand_written_fusion(grids, align, layer_merge, head):
     return merged.reshape(merged.shape[0], -1, merged.shape[-1])
 
 
+def random_float64_head(align, layer_merge, **options):
+    """A float64 head (weighted_ln with its Linear) whose every parameter is drawn at random."""
+    merge = {"kind": "weighted_ln", "linear": True} if layer_merge == "weighted_ln" else layer_merge
+    head = head_for(align, merge, **options).double()
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.normal_()
+    return head
+
+
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
 @pytest.mark.parametrize("layer_merge", FUSED_MERGES)
 @pytest.mark.parametrize("align", encoder_fusion.kernels.MODES)
 def test_grid_fuse_route_equals_the_formula_written_out(align, layer_merge, normalize):
     torch.manual_seed(1)
-    merge = {"kind": "weighted_ln", "linear": True} if layer_merge == "weighted_ln" else layer_merge
-    head = head_for(align, merge, normalize=normalize).double()
-    with torch.no_grad():
-        for parameter in head.parameters():
-            parameter.normal_()
+    head = random_float64_head(align, layer_merge, normalize=normalize)
     grids = random_grids(dtype=torch.float64, seed=2)
     assert head.fused_route
     torch.testing.assert_close(head(grids), hand_written_fusion(grids, align, layer_merge, head))
@@ -241,11 +247,9 @@ def test_grid_fuse_route_equals_the_formula_written_out(align, layer_merge, norm
 @pytest.mark.parametrize("align", encoder_fusion.kernels.MODES)
 def test_grid_fuse_route_and_per_encoder_route_agree(align, layer_merge, normalize):
     torch.manual_seed(3)
-    merge = {"kind": "weighted_ln", "linear": True} if layer_merge == "weighted_ln" else layer_merge
-    head = head_for(align, merge, connector={"kind": "mlp", "out_dim": 4}, normalize=normalize).double()
-    with torch.no_grad():
-        for parameter in head.parameters():
-            parameter.normal_()
+    head = random_float64_head(
+        align, layer_merge, connector={"kind": "mlp", "out_dim": 4}, normalize=normalize
+    )
     grids = random_grids(dtype=torch.float64, seed=4)
     fused = head(grids)
     head.fused_route = False

@@ -9,10 +9,21 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pytest
 
-from encoder_fusion.benchmarks.records import SCHEMA_VERSION, StrategyRecord, VlmRecord
-from encoder_fusion.benchmarks.render import pareto_figure, render_markdown
-from encoder_fusion.benchmarks.report import aggregate, build_report, environment, load_report, write_report
-from encoder_fusion.benchmarks.run import job_overrides
+from encoder_fusion.benchmarks.reports.aggregate import aggregate
+from encoder_fusion.benchmarks.reports.figures import pareto_figure
+from encoder_fusion.benchmarks.reports.records import (
+    SCHEMA_VERSION,
+    LatencyRecord,
+    MemoryRecord,
+    ParamCounts,
+    RatioRecord,
+    StrategyRecord,
+    TaskAccuracy,
+    VlmRecord,
+)
+from encoder_fusion.benchmarks.reports.render import render_markdown
+from encoder_fusion.benchmarks.reports.report import build_report, environment, load_report, write_report
+from encoder_fusion.benchmarks.run.compare import job_overrides
 from encoder_fusion.io import atomic_write, write_json
 
 
@@ -25,19 +36,29 @@ def record(name, role, encoders, accuracy, median, ratio, weights="random", erro
         config={"key": name, "head": {"kind": name}},
         weights={e: weights for e in encoders},
         accuracy={
-            task: {"task": task, "metric": metric, "mean": mean, "std": std, "per_seed": [mean]}
+            task: TaskAccuracy(task, metric=metric, mean=mean, std=std, per_seed=[mean])
             for task, (metric, mean, std) in accuracy.items()
         },
-        latency={
-            "batch_size": 4,
-            "dtype": "fp32",
-            "compile": False,
-            "end_to_end": {"median": median, "p10": median * 0.9, "p90": median * 1.2, "n": 5},
-        },
-        ratios={"end_to_end": ratio},
-        memory={"kind": "cpu process RSS", "peak_mb": 812.4},
+        latency=LatencyRecord(
+            unit="ms",
+            device="cpu",
+            dtype="fp32",
+            compile=False,
+            streams=False,
+            threads=2,
+            batch_sizes=[4],
+            warmup=1,
+            repeats=5,
+            image_size=224,
+            batch_size=4,
+            end_to_end={"median": median, "p10": median * 0.9, "p90": median * 1.2, "n": 5},
+            stages={},
+            per_batch={},
+        ),
+        ratios=RatioRecord("clip_only", ratio, None, {"4": ratio}, {}, ""),
+        memory=MemoryRecord("cpu process RSS", peak_mb=812.4, delta_mb=10.0),
         tokens=196,
-        params={"total": 93_000_000, "trainable": 1_250_000},
+        params=ParamCounts(total=93_000_000, trainable=1_250_000),
         gflops=23.4,
         errors=list(errors),
     )
@@ -72,7 +93,7 @@ def test_build_report_fills_deltas_and_flags_random_weights():
     assert report.schema_version == SCHEMA_VERSION == 2
     assert report.weights_random is True and report.random_encoders == ["clip", "dino"]
     assert report.tasks == ["classification"]
-    deltas = {s.name: s.accuracy["classification"]["delta"] for s in report.strategies}
+    deltas = {s.name: s.accuracy["classification"].delta for s in report.strategies}
     assert deltas == pytest.approx({"clip_only": 0.0, "dino_only": -0.125, "comm": 0.075})
     pretrained = build_report(three_strategies("pretrained"), env=ENV)
     assert pretrained.weights_random is False and pretrained.random_encoders == []
@@ -122,7 +143,7 @@ def with_vlm(records, ttft, tokens, projected_ttft):
             decode_tokens_per_s={"median": 20.0 - count / 100, "p10": 18.0, "p90": 21.0, "n": 5},
             prefill_gflops=count * 0.9,
             llm_share=(median - 50.0) / median,
-            ratios={"ttft": median / ttft[0], "vision": record.ratios["end_to_end"]},
+            ratios={"ttft": median / ttft[0], "vision": record.ratios.end_to_end},
             projected={
                 "qwen2_5_7b": {
                     "ttft_ms": projected,
@@ -132,6 +153,15 @@ def with_vlm(records, ttft, tokens, projected_ttft):
             },
         )
     return records
+
+
+def labelled_points(axis) -> dict:
+    """label -> (x, y) of every point a figure's axis draws under a label (not ``_``-hidden)."""
+    return {
+        c.get_label(): tuple(c.get_offsets()[0])
+        for c in axis.collections
+        if not c.get_label().startswith("_")
+    }
 
 
 def test_markdown_and_pareto_lead_with_the_time_to_first_token():
@@ -161,11 +191,7 @@ def test_markdown_and_pareto_lead_with_the_time_to_first_token():
     assert report.llms == ["qwen2_5_0_5b"]
     figure = pareto_figure(report)
     (axis,) = figure.axes
-    filled = {
-        c.get_label(): tuple(c.get_offsets()[0])
-        for c in axis.collections
-        if not c.get_label().startswith("_")
-    }
+    filled = labelled_points(axis)
     assert filled["comm"] == pytest.approx((1.58, 7.5)) and filled["dino_only"] == pytest.approx((1.1, -12.5))
     hollow = sorted(tuple(c.get_offsets()[0]) for c in axis.collections if c.get_label().startswith("_"))
     for point, expected in zip(hollow, [(0.5, -12.5), (1.0, 0.0), (1.43, 7.5)], strict=True):
@@ -177,11 +203,7 @@ def test_pareto_points_are_the_strategies():
     report = build_report(three_strategies(), env=ENV)
     figure = pareto_figure(report)
     (axis,) = figure.axes
-    points = {
-        c.get_label(): tuple(c.get_offsets()[0])
-        for c in axis.collections
-        if not c.get_label().startswith("_")
-    }
+    points = labelled_points(axis)
     expected = {"clip_only": (1.0, 0.0), "dino_only": (0.5, -12.5), "comm": (1.43, 7.5)}
     assert set(points) == set(expected)
     for name, point in expected.items():
@@ -228,17 +250,17 @@ def test_report_json_carries_layer_weights_of_weighted_ln_strategies(tmp_path):
                 seeds.append([value / sum(raw) for value in raw])
             per_seed[encoder] = seeds
         mean = {e: [(a + b) / 2 for a, b in zip(*seeds)] for e, seeds in per_seed.items()}
-        record_.accuracy["classification"]["extra"] = {
+        record_.accuracy["classification"].extra = {
             "layer_weights": mean,
             "layer_weights_per_seed": per_seed,
         }
         learned[record_.name] = mean
     path = write_report(build_report(strategies, env=ENV), tmp_path / "sweep" / "0")
     for saved in load_report(path).strategies:
-        assert saved.accuracy["classification"]["extra"]["layer_weights"] == learned[saved.name]
+        assert saved.accuracy["classification"].extra["layer_weights"] == learned[saved.name]
     merged = load_report(aggregate(tmp_path / "sweep"))  # the fused row is named "comm [0]" there
     assert {
-        s.name.partition(" [")[0]: s.accuracy["classification"]["extra"]["layer_weights"]
+        s.name.partition(" [")[0]: s.accuracy["classification"].extra["layer_weights"]
         for s in merged.strategies
     } == learned
 
@@ -325,9 +347,7 @@ def test_aggregate_lists_every_job_and_every_failure(tmp_path):
         "fusion=comm,hooks=last3",
     ]
     fused = [s for s in report.strategies if s.role == "fused"]
-    assert len(fused) == 3 and all(
-        s.accuracy["classification"]["delta"] == pytest.approx(0.075) for s in fused
-    )
+    assert len(fused) == 3 and all(s.accuracy["classification"].delta == pytest.approx(0.075) for s in fused)
     assert [j["job"] for j in report.failed_jobs] == ["3", "4"]
     assert "does not divide 14" in report.failed_jobs[0]["error"]
     assert "the job died, was cancelled or is still running" in report.failed_jobs[1]["error"]
@@ -371,7 +391,7 @@ def test_no_text_of_the_pareto_figure_is_cut_off(tmp_path):
     picture still holds every piece of text."""
     from PIL import Image
 
-    from encoder_fusion.benchmarks.render import plot_pareto
+    from encoder_fusion.benchmarks.reports.figures import plot_pareto
 
     records = three_strategies()
     records[2].name = "comm [" + ",".join(f"option_{i}=value_{i}" for i in range(8)) + "]"

@@ -18,8 +18,8 @@ import pytest
 from test_bench_e2e import bench_process, job_reports, run_ok
 
 from encoder_fusion.benchmarks.cli import report_main
-from encoder_fusion.benchmarks.report import load_report
-from encoder_fusion.benchmarks.sweep import UNFINISHED
+from encoder_fusion.benchmarks.reports.report import load_report
+from encoder_fusion.benchmarks.reports.sweep import UNFINISHED
 
 REPO = Path(__file__).resolve().parents[1]
 # one CPU and 2 GB per job: the CI machine's node has two CPUs, so two jobs run at once

@@ -7,9 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from encoder_fusion.benchmarks.assess import AssessOptions, assess, per_cost_step
-from encoder_fusion.benchmarks.records import StrategyRecord, VlmRecord
-from encoder_fusion.benchmarks.stats import metric_ci, needed_items, paired_delta_ci, ratio_ci, verdict
+from encoder_fusion.benchmarks.config.plan import ASSESS_KEYS, keyed
+from encoder_fusion.benchmarks.reports.records import RatioRecord, StrategyRecord, TaskAccuracy, VlmRecord
+from encoder_fusion.benchmarks.reports.stats import (
+    metric_ci,
+    needed_items,
+    paired_delta_ci,
+    ratio_ci,
+    verdict,
+)
+from encoder_fusion.benchmarks.reports.verdicts import AssessOptions, assess, per_cost_step
 from encoder_fusion.benchmarks.tasks import TASKS
 from encoder_fusion.benchmarks.tasks.dense import confusion_matrix, segmentation_scores
 
@@ -104,8 +111,11 @@ def test_assess_sets_verdict_tradeoff_and_budget():
         name="eagle",
         role="fused",
         encoders=["clip", "dino"],
-        accuracy={"classification": {"delta": 0.03, "delta_ci": [0.01, 0.05]}, "dense": {"delta": -0.01}},
-        ratios={"end_to_end": 1.4, "end_to_end_ci": [1.3, 1.5]},
+        accuracy={
+            "classification": TaskAccuracy("classification", delta=0.03, delta_ci=[0.01, 0.05]),
+            "dense": TaskAccuracy("dense", delta=-0.01),
+        },
+        ratios=RatioRecord("clip_only", 1.4, [1.3, 1.5], {"1": 1.4}, {"1": [1.3, 1.5]}, ""),
     )
     record.vlm = VlmRecord(
         llm="tiny",
@@ -143,5 +153,5 @@ def test_assess_sets_verdict_tradeoff_and_budget():
     ],
 )
 def test_bad_interval_settings_name_the_field(field, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message), keyed(ASSESS_KEYS):  # named as the config keys
         AssessOptions(**{field: value})

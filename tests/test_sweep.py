@@ -16,8 +16,9 @@ from test_bench_e2e import bench_process, job_reports, run_ok
 from test_report import ENV, three_strategies
 
 from encoder_fusion.benchmarks.cli import report_main
-from encoder_fusion.benchmarks.report import aggregate, build_report, load_report, write_report
-from encoder_fusion.benchmarks.sweep import check_own_folder, finished_result, job_state, planned_jobs
+from encoder_fusion.benchmarks.reports.aggregate import aggregate
+from encoder_fusion.benchmarks.reports.report import build_report, load_report, write_report
+from encoder_fusion.benchmarks.reports.sweep import check_own_folder, finished_result, job_state, planned_jobs
 from encoder_fusion.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]

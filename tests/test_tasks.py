@@ -14,7 +14,7 @@ from torchvision.ops import box_iou
 
 from encoder_fusion import EncoderGeometry, FusionHead
 from encoder_fusion.benchmarks.datasets import build_dataset, build_train_test, load_batch, stratified_split
-from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, run_probe
+from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, ProbeRecipe, run_probe
 from encoder_fusion.benchmarks.tasks.classification import top1
 from encoder_fusion.benchmarks.tasks.dense import confusion_matrix, masks_to_grid, segmentation_scores
 from encoder_fusion.benchmarks.tasks.localization import box_iou_pairs
@@ -72,7 +72,9 @@ def classification_probe(encoders, honesty_features, seeds=(0, 1)):
         for split in ("train", "test")
     }
     make_head = head_factory([geometry[name] for name in encoders], (4, 4))
-    return run_probe("classification", make_head, splits["train"], splits["test"], seeds=seeds, epochs=30)
+    return run_probe(
+        "classification", make_head, splits["train"], splits["test"], ProbeRecipe(seeds=seeds, epochs=30)
+    )
 
 
 def test_honesty_label_carrying_noise_and_fused(honesty_features):
@@ -80,10 +82,10 @@ def test_honesty_label_carrying_noise_and_fused(honesty_features):
     noise = classification_probe(["noise"], honesty_features)
     fused = classification_probe(["informative", "noise"], honesty_features)
     chance = max(collections.Counter(honesty_features[1]["test"].tolist()).values()) / 80
-    assert informative["mean"] >= 0.95, informative
-    assert noise["mean"] <= chance + 0.15, noise
-    assert fused["mean"] >= noise["mean"] + 0.4 and fused["mean"] >= 0.9, (fused, noise)
-    assert informative["extra"]["baseline"]["top1"] == pytest.approx(noise["extra"]["baseline"]["top1"])
+    assert informative.mean >= 0.95, informative
+    assert noise.mean <= chance + 0.15, noise
+    assert fused.mean >= noise.mean + 0.4 and fused.mean >= 0.9, (fused, noise)
+    assert informative.extra["baseline"]["top1"] == pytest.approx(noise.extra["baseline"]["top1"])
 
 
 def test_probes_read_the_deepstack_extra_sets(honesty_features):
@@ -104,9 +106,8 @@ def test_probes_read_the_deepstack_extra_sets(honesty_features):
                 geometry, (4, 4), layer_merge="last", deepstack_layers={"enc": [3]} if deepstack else None
             ),
             *splits,
-            seeds=(0,),
-            epochs=30,
-        )["mean"]
+            ProbeRecipe(seeds=(0,), epochs=30),
+        ).mean
         for deepstack in (False, True)
     }
     chance = max(collections.Counter(labels["test"].tolist()).values()) / len(labels["test"])
@@ -119,14 +120,14 @@ def test_fixed_seeds_give_identical_results_and_leave_global_rng_alone(honesty_f
     first = classification_probe(["informative", "noise"], honesty_features, seeds=(3, 5))
     assert torch.equal(torch.random.get_rng_state(), state)
     again = classification_probe(["informative", "noise"], honesty_features, seeds=(3, 5))
-    assert first == again
-    assert first["per_seed"] != classification_probe(["noise"], honesty_features, seeds=(3, 5))["per_seed"]
-    assert first["std"] == pytest.approx(statistics.stdev(first["per_seed"]))
-    assert first["mean"] == pytest.approx(statistics.fmean(first["per_seed"]))
-    assert (first["task"], first["metric"], first["seeds"]) == ("classification", "top1", [3, 5])
-    assert (first["train_size"], first["test_size"]) == (120, 80)
+    assert first == again and torch.equal(first.item_stats, again.item_stats)
+    assert first.per_seed != classification_probe(["noise"], honesty_features, seeds=(3, 5)).per_seed
+    assert first.std == pytest.approx(statistics.stdev(first.per_seed))
+    assert first.mean == pytest.approx(statistics.fmean(first.per_seed))
+    assert (first.task, first.metric, first.seeds) == ("classification", "top1", [3, 5])
+    assert (first.train_size, first.test_size) == (120, 80)
     single = classification_probe(["informative"], honesty_features, seeds=(3,))
-    assert single["std"] == 0.0 and len(single["per_seed"]) == 1
+    assert single.std == 0.0 and len(single.per_seed) == 1
 
 
 def layered_probe(layer_merge, seeds):
@@ -158,14 +159,16 @@ def layered_probe(layer_merge, seeds):
         heads.append(make_head())
         return heads[-1]
 
-    result = run_probe("classification", tracked, splits["train"], splits["test"], seeds=seeds, epochs=12)
+    result = run_probe(
+        "classification", tracked, splits["train"], splits["test"], ProbeRecipe(seeds=seeds, epochs=12)
+    )
     return result, heads
 
 
 def test_weighted_ln_layer_weights_are_those_of_the_trained_heads():
     result, heads = layered_probe("weighted_ln", seeds=(2, 9, 4))
     assert len(heads) == 3
-    extra = result["extra"]
+    extra = result.extra
     per_seed = [head.layer_weights() for head in heads]  # the heads as run_probe left them, trained
     assert extra["layer_weights_per_seed"] == {
         name: [weights[name] for weights in per_seed] for name in ("mixed", "noise")
@@ -185,13 +188,13 @@ def test_weighted_ln_layer_weights_are_those_of_the_trained_heads():
     mixed = extra["layer_weights"]["mixed"]
     assert max(mixed) - min(mixed) > 1e-3, mixed
     assert mixed.index(max(mixed)) == 1, mixed
-    json.dumps(result)  # report.json carries the result as it is
+    json.dumps(result.to_dict())  # report.json carries the result as it is
 
 
 def test_no_layer_weights_without_a_learned_layer_merge():
     result, heads = layered_probe("last", seeds=(0,))
     assert heads[0].layer_weights() == {}
-    assert "layer_weights" not in result["extra"] and "layer_weights_per_seed" not in result["extra"]
+    assert "layer_weights" not in result.extra and "layer_weights_per_seed" not in result.extra
 
 
 @pytest.fixture(scope="module")
@@ -224,12 +227,12 @@ def test_spatial_probes_read_what_the_features_carry(synthetic_grids, task, targ
             FeatureSplit([[data[s][column]]], num_classes=classes, **{target: data[s][0][target]})
             for s in ("train", "test")
         ]
-        results[kind] = run_probe(task, make_head, *splits, epochs=30)
+        results[kind] = run_probe(task, make_head, *splits, ProbeRecipe(epochs=30))
     informative, noise = results["informative"], results["noise"]
-    assert informative["mean"] >= threshold, informative
-    assert informative["mean"] >= noise["mean"] + margin, (informative, noise)
-    baseline = informative["extra"]["baseline"][informative["metric"]]
-    assert noise["mean"] <= baseline + 0.1, (noise, baseline)
+    assert informative.mean >= threshold, informative
+    assert informative.mean >= noise.mean + margin, (informative, noise)
+    baseline = informative.extra["baseline"][informative.metric]
+    assert noise.mean <= baseline + 0.1, (noise, baseline)
 
 
 @pytest.mark.parametrize(
@@ -245,11 +248,11 @@ def test_item_statistics_give_back_each_seeds_metric(synthetic_grids, task, targ
         FeatureSplit([[data[s][1]]], num_classes=num_classes, **{target: data[s][0][target]})
         for s in ("train", "test")
     )
-    result = run_probe(task, make_head, train, test, seeds=(0, 3), epochs=2)
-    items = torch.tensor(result["item_stats"], dtype=torch.float64)
-    assert items.shape[:2] == (2, result["test_size"])
+    result = run_probe(task, make_head, train, test, ProbeRecipe(seeds=(0, 3), epochs=2))
+    items = result.item_stats
+    assert items.shape[:2] == (2, result.test_size)
     recomputed = TASKS[task].metric_from_sums(items.sum(1))
-    torch.testing.assert_close(recomputed, torch.tensor(result["per_seed"], dtype=torch.float64))
+    torch.testing.assert_close(recomputed, torch.tensor(result.per_seed, dtype=torch.float64))
 
 
 def test_dense_probe_through_sequence_concat_to_grid(synthetic_grids):
@@ -260,9 +263,9 @@ def test_dense_probe_through_sequence_concat_to_grid(synthetic_grids):
         FeatureSplit([[data[s][1]], [data[s][2]]], masks=data[s][0]["masks"], num_classes=classes)
         for s in ("train", "test")
     )
-    result = run_probe("dense", make_head, train, test, epochs=10)
-    assert 0.0 <= result["mean"] <= 1.0 and 0.0 <= result["extra"]["pixel_accuracy"]["mean"] <= 1.0
-    assert result["mean"] > result["extra"]["baseline"]["miou"]
+    result = run_probe("dense", make_head, train, test, ProbeRecipe(epochs=10))
+    assert 0.0 <= result.mean <= 1.0 and 0.0 <= result.extra["pixel_accuracy"]["mean"] <= 1.0
+    assert result.mean > result.extra["baseline"]["miou"]
 
 
 # -- real data, tiny random encoders ---------------------------------------------------------------
@@ -295,21 +298,21 @@ def test_probes_end_to_end_on_coco128(datasets_root, tiny_encoders, task):
         classes = dataset.num_mask_classes if task == "dense" else dataset.num_classes
         splits.append(FeatureSplit(grids, batch["labels"], batch["masks"], batch["boxes"], classes))
     result = run_probe(
-        task, head_factory(geometries_of(tiny_encoders), (4, 4)), *splits, seeds=(0, 1), epochs=3
+        task, head_factory(geometries_of(tiny_encoders), (4, 4)), *splits, ProbeRecipe(seeds=(0, 1), epochs=3)
     )
-    assert result["task"] == task and len(result["per_seed"]) == 2
-    metrics = {k: m for k, m in result["extra"].items() if not k.startswith("layer_weights")}
-    values = [result["mean"], *result["per_seed"]] + [
+    assert result.task == task and len(result.per_seed) == 2
+    metrics = {k: m for k, m in result.extra.items() if not k.startswith("layer_weights")}
+    values = [result.mean, *result.per_seed] + [
         v for m in metrics.values() if isinstance(m, dict) for v in m.get("per_seed", m.values())
     ]
     assert all(0.0 <= v <= 1.0 for v in values), result
     # the default weighted_ln combine: one weight per hooked layer of each encoder, summing to 1
-    learned = result["extra"]["layer_weights"]
+    learned = result.extra["layer_weights"]
     assert {name: len(w) for name, w in learned.items()} == {
         e.spec.name: len(e.layer_indices) for e in tiny_encoders
     }
     assert all(sum(w) == pytest.approx(1.0, abs=1e-6) for w in learned.values())
-    assert (result["train_size"], result["test_size"]) == (18, 6)
+    assert (result.train_size, result.test_size) == (18, 6)
 
 
 def test_classification_end_to_end_on_tinyimagenet(datasets_root, tiny_encoders):
@@ -324,9 +327,9 @@ def test_classification_end_to_end_on_tinyimagenet(datasets_root, tiny_encoders)
         head_factory(geometries_of(tiny_encoders), (4, 4)),
         split(train_idx),
         split(test_idx),
-        epochs=2,
+        ProbeRecipe(epochs=2),
     )
-    assert 0.0 <= result["mean"] <= 1.0 and (result["train_size"], result["test_size"]) == (200, 200)
+    assert 0.0 <= result.mean <= 1.0 and (result.train_size, result.test_size) == (200, 200)
 
 
 # -- metrics against independent references --------------------------------------------------------
@@ -427,8 +430,8 @@ def test_run_probe_errors(honesty_features):
     with pytest.raises(ValueError, match=r"localization probe needs train FeatureSplit\.boxes"):
         run_probe("localization", make_head, train, test)
     for field, value in (("epochs", 0), ("batch_size", -2), ("lr", 0.0), ("seeds", []), ("seeds", [0.5])):
-        with pytest.raises(ValueError, match=f"run_probe {field}=.* must be"):
-            run_probe("classification", make_head, train, test, **{field: value})
+        with pytest.raises(ValueError, match=f"^{field}=.* must be"):
+            ProbeRecipe(**{field: value})
     with pytest.raises(ValueError, match="make_head must be a callable"):
         run_probe("classification", None, train, test)
     with pytest.raises(ValueError, match=r"make_head\(\) must return an nn\.Module"):

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-import encoder_fusion.benchmarks.run
+import encoder_fusion.benchmarks.run.compare
 from encoder_fusion.benchmarks.run import run_benchmark
 from encoder_fusion.encoders import Encoder
 
@@ -43,7 +43,7 @@ def nothing_runs(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before every setting was checked")
 
-    monkeypatch.setattr(encoder_fusion.benchmarks.run, "load_batch", forbidden)
+    monkeypatch.setattr(encoder_fusion.benchmarks.run.compare, "load_batch", forbidden)
     monkeypatch.setattr(Encoder, "forward_tokens", forbidden)
 
 
@@ -70,7 +70,7 @@ BAD_SETTINGS = [
     (["bench.latency.batch_sizes=[0]"], r"bench\.latency\.batch_sizes=0 must be an int >= 1"),
     (["bench.latency.repeats=0"], r"bench\.latency\.repeats=0 must be an int >= 1"),
     (["bench.threads=0"], r"bench\.threads=0 must be null \(keep torch's count\) or an int >= 1"),
-    (["bench.extract_batch_size=0"], r"FeatureCache batch_size=0 must be a positive int"),
+    (["bench.extract_batch_size=0"], r"bench.extract_batch_size=0 must be a positive int"),
     (["bench.ci_resamples=0"], r"bench\.ci_resamples=0 must be an int >= 100"),
     (["bench.max_overhead=0.5"], r"bench\.max_overhead=0\.5 must be null or a ratio > 1"),
     (["plant.noise=-1"], r"plant\.noise=-1\.0 must be a finite number >= 0"),

@@ -7,7 +7,8 @@ over N processes (add ``bench.extract_only=true`` to only fill the cache before 
 finished marker) or, when it fails, ``error.json`` into its folder. A job whose config (its
 ``run.config_hash``) already has a finished result, in its folder or anywhere in the sweep folder, is
 skipped, so re-running an interrupted sweep with the same ``hydra.sweep.dir`` only runs what is
-missing (see :mod:`encoder_fusion.benchmarks.sweep`). A job that fails, a bad setting included, exits non-zero
+missing (see :mod:`encoder_fusion.benchmarks.reports.sweep`). A job that fails, a bad setting included, exits
+non-zero
 with one line saying why (Hydra prints the whole trace with ``HYDRA_FULL_ERROR=1``; ``error.json`` keeps it).
 """
 
@@ -22,10 +23,11 @@ import hydra
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-import encoder_fusion.benchmarks.config  # noqa: F401  (registers the structured config schema and the resolvers)
-from encoder_fusion.benchmarks.config import conf_dir, config_hash
-from encoder_fusion.benchmarks.report import aggregate
-from encoder_fusion.benchmarks.sweep import ERROR_FILE, check_own_folder, finished_result
+from encoder_fusion.benchmarks.config.schema import conf_dir, config_hash  # importing it registers the schema
+from encoder_fusion.benchmarks.reports.aggregate import aggregate
+from encoder_fusion.benchmarks.reports.sweep import ERROR_FILE, check_own_folder, finished_result
+from encoder_fusion.benchmarks.run import run_benchmark
+from encoder_fusion.benchmarks.run.prepare import error_text, job_overrides, output_dir
 from encoder_fusion.io import write_json
 
 CONF_DIR = str(conf_dir())
@@ -55,8 +57,6 @@ def bench_main(cfg: DictConfig) -> str:
             ``fusion-report`` lists it. A folder holding another config's result is refused without
             writing anything into it.
     """
-    from encoder_fusion.benchmarks.run import error_text, job_overrides, output_dir, run_benchmark
-
     out, digest = output_dir(cfg, None), config_hash(cfg)
     done = finished_result(digest, out, sweep_folder())
     if done is not None:

@@ -3,7 +3,8 @@ skipped with ``normalize=False``).
 
 ``encoder_fusion.kernels.reference`` holds the PyTorch definition, ``encoder_fusion.kernels.grid_fuse_triton``
 the Triton path (on the kernels of ``encoder_fusion.kernels.grid_fuse_jit``, planned by
-``encoder_fusion.kernels.grid_fuse_plan``); both validate their arguments with
+``encoder_fusion.kernels.grid_fuse_plan``); both take a call's arguments as one
+``encoder_fusion.kernels.grid_fuse_args.GridFuseArgs`` and validate it with
 ``encoder_fusion.kernels.checks``. :func:`grid_fuse` here picks one per call:
 
 * ``FUSION_KERNEL=auto`` (the default): Triton for CUDA tensors of a dtype it supports (fp32, bf16,
@@ -20,15 +21,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from encoder_fusion.kernels import reference
+from encoder_fusion.kernels import grid_fuse_triton, reference
+from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs, grid_fuse_face
 from encoder_fusion.kernels.grid_fuse_plan import SUPPORTED_DTYPES
-from encoder_fusion.kernels.grid_fuse_triton import triton_grid_fuse
 
 MODES = reference.MODES
 KERNEL_ENV = "FUSION_KERNEL"
-BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
-    "reference": reference.grid_fuse,
-    "triton": triton_grid_fuse,
+# Each backend takes the call's arguments as one GridFuseArgs.
+BACKENDS: dict[str, Callable[[GridFuseArgs], torch.Tensor]] = {
+    "reference": reference.fuse,
+    "triton": grid_fuse_triton.fuse,
 }
 KERNEL_CHOICES = ("auto", *BACKENDS)
 
@@ -53,21 +55,12 @@ def select_backend(sources: Sequence[torch.Tensor]) -> str:
     return _auto_backend(sources) if choice == "auto" else choice
 
 
-def grid_fuse(
-    sources: Sequence[torch.Tensor],
-    out_hw: Sequence[int],
-    *,
-    groups: Sequence[int],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None = None,
-    ln_bias: Sequence[torch.Tensor | None] | None = None,
-    mode: str = "bilinear",
-    eps: float = 1e-6,
-    normalize: bool = True,
-) -> torch.Tensor:
+@grid_fuse_face
+def grid_fuse(args: GridFuseArgs) -> torch.Tensor:
     """Align, LayerNorm (unless ``normalize=False``), weight and merge channels-last grids on the
-    backend :func:`select_backend` picks; arguments, result and errors as
-    :func:`encoder_fusion.kernels.reference.grid_fuse`.
+    backend :func:`select_backend` picks: ``grid_fuse(sources, out_hw, *, groups, layer_weights,
+    ln_weight=None, ln_bias=None, mode="bilinear", eps=1e-6, normalize=True)``; arguments, result and
+    errors as :func:`encoder_fusion.kernels.reference.grid_fuse`.
 
     Returns:
         (B, H*W, sum of group widths) in the sources' dtype, differentiable in sources,
@@ -76,18 +69,15 @@ def grid_fuse(
     Raises:
         ValueError: a bad argument (before any kernel launch) or a bad ``FUSION_KERNEL``.
     """
-    backend = BACKENDS[select_backend(sources)]
-    return backend(
-        sources,
-        out_hw,
-        groups=groups,
-        layer_weights=layer_weights,
-        ln_weight=ln_weight,
-        ln_bias=ln_bias,
-        mode=mode,
-        eps=eps,
-        normalize=normalize,
-    )
+    return BACKENDS[select_backend(args.sources)](args)
 
 
-__all__ = ["BACKENDS", "KERNEL_CHOICES", "KERNEL_ENV", "MODES", "grid_fuse", "select_backend"]
+__all__ = [
+    "BACKENDS",
+    "KERNEL_CHOICES",
+    "KERNEL_ENV",
+    "MODES",
+    "GridFuseArgs",
+    "grid_fuse",
+    "select_backend",
+]

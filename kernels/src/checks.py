@@ -1,5 +1,6 @@
 """The one validation of ``grid_fuse`` arguments, shared by the reference and the Triton path: a bad
 argument gets the same ValueError on either path, naming the argument, the value and what is accepted.
+Both check the one :class:`~encoder_fusion.kernels.grid_fuse_args.GridFuseArgs` of a call.
 
 * :func:`check_grid_fuse_inputs` checks what the call's signature decides (kinds, shapes, dtypes,
   devices, groups, mode); the Triton path caches its verdict per signature.
@@ -17,6 +18,8 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+
+from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs
 
 MODES = ("bilinear", "nearest", "area")
 
@@ -152,22 +155,14 @@ def _check_affine(
         _check_on_device(f"{name}[{i}]", p, x.device)
 
 
-def check_grid_fuse_inputs(
-    sources: Sequence[torch.Tensor],
-    out_hw: Sequence[int],
-    groups: Sequence[int],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None,
-    ln_bias: Sequence[torch.Tensor | None] | None,
-    mode: str,
-    normalize: bool,
-) -> list[int]:
+def check_grid_fuse_inputs(args: GridFuseArgs) -> list[int]:
     """Validate the signature of a ``grid_fuse`` call; return the channel width of each group, in
     group order. Its verdict depends only on what the Triton path's plan cache keys a call by.
 
     Raises:
         ValueError: naming the argument, the value and what is accepted.
     """
+    sources, out_hw, mode, normalize = args.sources, args.out_hw, args.mode, args.normalize
     if mode not in MODES:
         raise ValueError(f"grid_fuse mode={mode!r} is unknown; accepted: {', '.join(MODES)}")
     if not isinstance(normalize, bool):
@@ -175,14 +170,14 @@ def check_grid_fuse_inputs(
     _check_sources(sources)
     if not is_sequence(out_hw) or len(out_hw) != 2 or not all(_is_int(s) and s > 0 for s in out_hw):
         raise ValueError(f"grid_fuse out_hw must be a pair of positive ints (H, W), got {out_hw!r}")
-    widths = _check_groups(groups, sources)
-    _check_layer_weights(layer_weights, sources)
-    _check_affine("ln_weight", ln_weight, sources, normalize)
-    _check_affine("ln_bias", ln_bias, sources, normalize)
+    widths = _check_groups(args.groups, sources)
+    _check_layer_weights(args.layer_weights, sources)
+    _check_affine("ln_weight", args.ln_weight, sources, normalize)
+    _check_affine("ln_bias", args.ln_bias, sources, normalize)
     return widths
 
 
-def check_grid_fuse_values(layer_weights: torch.Tensor | Sequence[float], eps: float) -> None:
+def check_grid_fuse_values(args: GridFuseArgs) -> None:
     """Validate the values of a call that :func:`check_grid_fuse_inputs` accepted: ``eps`` and the
     layer weights, which would otherwise turn the output into NaN.
 
@@ -193,6 +188,7 @@ def check_grid_fuse_values(layer_weights: torch.Tensor | Sequence[float], eps: f
     Raises:
         ValueError: naming the argument, the value and what is accepted.
     """
+    eps, layer_weights = args.eps, args.layer_weights
     if not _is_number(eps) or not 0 <= eps < math.inf:
         raise ValueError(f"grid_fuse eps must be a finite number >= 0, got {eps!r}")
     if isinstance(layer_weights, torch.Tensor):

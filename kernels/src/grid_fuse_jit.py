@@ -1,4 +1,4 @@
-"""``grid_fuse`` in Triton: the jitted kernels and the device functions they inline (475 lines).
+"""``grid_fuse`` in Triton: the jitted kernels and the device functions they inline.
 
 * ``_grid_fuse_forward_kernel``: ONE launch for all groups. Each program takes a tile of
   ``BLOCK_T`` output tokens and, for every group, every source of that group: it computes the
@@ -42,6 +42,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+# The type checker reads the jitted functions as plain Python, which they are not; the few lines it
+# cannot follow say so by rule: tl.static_range unrolls at compile time (its Python __iter__ only
+# raises), tl.max of a block is a scalar where range() takes it, and a jitted function converts a
+# literal to its tl.constexpr parameter.
 
 # Kernel-side codes of the resample modes (a constexpr: each mode compiles its own kernel).
 BILINEAR = tl.constexpr(0)
@@ -156,9 +161,9 @@ def _load_taps(
         y0, ny = _area_axis(oy, h, H)
         x0, nx = _area_axis(ox, w, W)
         acc = tl.zeros(mask.shape, dtype=tl.float32)
-        for ty in range(0, tl.max(ny, axis=0)):
+        for ty in range(0, tl.max(ny, axis=0)):  # pyright: ignore[reportArgumentType]
             row = base + (y0 + ty) * stride_y
-            for tx in range(0, tl.max(nx, axis=0)):
+            for tx in range(0, tl.max(nx, axis=0)):  # pyright: ignore[reportArgumentType]
                 inside = (ty < ny) & (tx < nx)
                 acc += _load_rows(row + (x0 + tx) * stride_x, cols, mask & inside[:, None]).to(tl.float32)
         return (acc / (ny * nx).to(tl.float32)[:, None],)
@@ -182,10 +187,13 @@ def _combine_taps(taps, h, w, oy, ox, H, W, MODE: tl.constexpr, IDENTITY: tl.con
 
 @triton.jit
 def _load_slot(
-    k: tl.constexpr, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
-    GROUP_OF: tl.constexpr, IDENTITY: tl.constexpr, MODE: tl.constexpr,
-):  # fmt: skip
-    """:func:`_load_taps` of slot ``k`` (a compile-time index), masked to its group's width."""
+    k: tl.constexpr, grids, tile, WIDTHS, GROUP_OF: tl.constexpr, IDENTITY: tl.constexpr, MODE: tl.constexpr
+):
+    """:func:`_load_taps` of slot ``k`` (a compile-time index), masked to its group's width.
+    ``grids``: the per-slot source arguments ``(X, SB, SY, SX, HS, WS)`` of a kernel; ``tile``: the
+    output tokens ``(b, oy, ox, live)`` of its tile, the target grid ``(H, W)`` and the channels."""
+    X, SB, SY, SX, HS, WS = grids
+    b, oy, ox, live, H, W, cols = tile
     mask = live[:, None] & (cols < WIDTHS[GROUP_OF[k]])[None, :]
     return _load_taps(
         X[k], SB[k], SY[k], SX[k], HS[k], WS[k], b, oy, ox, H, W, cols, mask, MODE, (IDENTITY >> k) & 1
@@ -226,28 +234,22 @@ def _grid_fuse_forward_kernel(
     oy = (tokens % (H * W)) // W
     ox = tokens % W
     cols = tl.arange(0, BLOCK_C)
+    grids = (X, SB, SY, SX, HS, WS)
+    tile = (b, oy, ox, live, H, W, cols)
     if PREFETCH:
-        pending = _load_slot(
-            0, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols, GROUP_OF, IDENTITY, MODE
-        )
-    for g in tl.static_range(len(WIDTHS)):
+        pending = _load_slot(0, grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)  # pyright: ignore[reportArgumentType]
+    for g in tl.static_range(len(WIDTHS)):  # pyright: ignore[reportGeneralTypeIssues]
         C = WIDTHS[g]
         mask = live[:, None] & (cols < C)[None, :]
         acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-        for k in tl.static_range(len(X)):
+        for k in tl.static_range(len(X)):  # pyright: ignore[reportGeneralTypeIssues]
             if GROUP_OF[k] == g:
                 if PREFETCH:  # this slot's loads are in flight; start the next slot's (any group)
                     taps = pending
                     if k + 1 < len(X):
-                        pending = _load_slot(
-                            k + 1, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
-                            GROUP_OF, IDENTITY, MODE,
-                        )  # fmt: skip
+                        pending = _load_slot(k + 1, grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
                 else:
-                    taps = _load_slot(
-                        k, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
-                        GROUP_OF, IDENTITY, MODE,
-                    )  # fmt: skip
+                    taps = _load_slot(k, grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
                 r = _combine_taps(taps, HS[k], WS[k], oy, ox, H, W, MODE, (IDENTITY >> k) & 1)
                 if NORMALIZE:
                     mean = tl.sum(r, axis=1) / C
@@ -299,16 +301,17 @@ def _grid_fuse_backward_rows_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
+    grids = (X, SB, SY, SX, HS, WS)
     # Groups in the outer (static) loop: the parameter partial sums of one group's sources stay in
     # registers across this program's run of tiles, so each program writes one row of partials per
     # source and only one group's sums are live at a time. They are (BLOCK_T, BLOCK_C) tiles: the
     # token axis is summed once after the run, not once per tile.
     # (Triton kernels build tuples by concatenation: starred unpacking is not supported there.)
-    for g in tl.static_range(len(WIDTHS)):
+    for g in tl.static_range(len(WIDTHS)):  # pyright: ignore[reportGeneralTypeIssues]
         C = WIDTHS[g]
         col_mask = cols < C
         p_acc = ()
-        for k in tl.static_range(len(X)):
+        for k in tl.static_range(len(X)):  # pyright: ignore[reportGeneralTypeIssues]
             if GROUP_OF[k] == g:
                 p_acc = p_acc + (tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32),)  # noqa: RUF005
         q_acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
@@ -318,33 +321,25 @@ def _grid_fuse_backward_rows_kernel(
             b = tokens // (H * W)
             oy = (tokens % (H * W)) // W
             ox = tokens % W
+            tile = (b, oy, ox, live, H, W, cols)
             mask = live[:, None] & col_mask[None, :]
             dy_ptrs = DY_ptr + tokens[:, None] * y_cols + COLS[g] + cols[None, :]
             dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
             if NEED_PARAMS:
                 q_acc += dy
             if PREFETCH:  # the group's first slot is loaded with dy, each slot then the next one
-                pending = _load_slot(
-                    FIRST_SLOT[g], X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
-                    GROUP_OF, IDENTITY, MODE,
-                )  # fmt: skip
+                pending = _load_slot(FIRST_SLOT[g], grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
             new_p = ()
-            for k in tl.static_range(len(X)):
+            for k in tl.static_range(len(X)):  # pyright: ignore[reportGeneralTypeIssues]
                 if GROUP_OF[k] == g:
                     if PREFETCH:
                         taps = pending
                         # nested: the compile-time `and` would index GROUP_OF past the last slot
                         if k + 1 < len(X):  # noqa: SIM102
                             if GROUP_OF[k + 1] == g:
-                                pending = _load_slot(
-                                    k + 1, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W,
-                                    cols, GROUP_OF, IDENTITY, MODE,
-                                )  # fmt: skip
+                                pending = _load_slot(k + 1, grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
                     else:
-                        taps = _load_slot(
-                            k, X, SB, SY, SX, HS, WS, WIDTHS, b, oy, ox, live, H, W, cols,
-                            GROUP_OF, IDENTITY, MODE,
-                        )  # fmt: skip
+                        taps = _load_slot(k, grids, tile, WIDTHS, GROUP_OF, IDENTITY, MODE)
                     r = _combine_taps(taps, HS[k], WS[k], oy, ox, H, W, MODE, (IDENTITY >> k) & 1)
                     # xhat is what the layer weight multiplied: the normalised token, or the raw one
                     if NORMALIZE:
@@ -371,7 +366,7 @@ def _grid_fuse_backward_rows_kernel(
             if NEED_PARAMS:
                 p_acc = new_p
         if NEED_PARAMS:
-            for m in tl.static_range(len(p_acc)):
+            for m in tl.static_range(len(p_acc)):  # pyright: ignore[reportGeneralTypeIssues]
                 row = pid * len(X) + FIRST_SLOT[g] + m
                 tl.store(P_ptr + row * c_max + cols, tl.sum(p_acc[m], axis=0), mask=col_mask)
             tl.store(Q_ptr + (pid * len(WIDTHS) + g) * c_max + cols, tl.sum(q_acc, axis=0), mask=col_mask)
@@ -402,7 +397,7 @@ def _grid_fuse_param_grads_kernel(
     slot = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     lanes = tl.arange(0, BLOCK_R)
-    for k in tl.static_range(len(LN_W)):
+    for k in tl.static_range(len(LN_W)):  # pyright: ignore[reportGeneralTypeIssues]
         if slot == k:
             col_mask = cols < WIDTHS[GROUP_OF[k]]
             p = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
@@ -448,7 +443,7 @@ def _grid_fuse_backward_gather_kernel(
     token = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
-    for k in tl.static_range(len(DX)):
+    for k in tl.static_range(len(DX)):  # pyright: ignore[reportGeneralTypeIssues]
         h = HS[k]
         w = WS[k]
         if (which == k) & (token < batch * h * w):

@@ -1,5 +1,6 @@
 """How a ``grid_fuse`` call maps onto the Triton kernels: the token tiling (:class:`Tiles`,
-:func:`default_tiles`), the checked :class:`Plan` of a call (:func:`planned`), and the cache through
+:func:`default_tiles`), the checked :class:`Plan` of a call's
+:class:`~encoder_fusion.kernels.grid_fuse_args.GridFuseArgs` (:func:`planned`), and the cache through
 which a repeated call skips its checks and plan.
 """
 
@@ -14,6 +15,7 @@ import torch
 import triton
 
 from encoder_fusion.kernels.checks import check_grid_fuse_inputs
+from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs
 from encoder_fusion.kernels.grid_fuse_jit import MODE_CODES
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -111,22 +113,23 @@ class Plan:
     """How one ``grid_fuse`` call maps onto the kernels (everything but the tensors).
 
     Slots are the sources sorted by group (stable); the kernels visit groups in order and the
-    sources of a group in slot order, so a per-slot tuple lines up with that visit order.
+    sources of a group in slot order, so a per-slot tuple lines up with that visit order. Each
+    kernel's compile-time arguments are planned here, but those that vary between calls of one
+    signature (which outputs a call wants).
     """
 
     out_hw: tuple[int, int]
     source_of: tuple[int, ...]  # slot -> source index
-    group_of: tuple[int, ...]  # slot -> group
-    first_slot: tuple[int, ...]  # group -> its first slot
     widths: tuple[int, ...]  # per group
     columns: tuple[int, ...]  # first output column per group
     identity: int  # bit k: slot k already has the target grid
-    has_weight: int  # bit k: slot k has a LayerNorm weight
-    has_bias: int  # bit k: slot k has a LayerNorm bias
-    mode: int
     normalize: bool  # LayerNorm the sources (else they are summed raw)
     block_c: int  # channels of a tile: the widest group, rounded up to a power of two
     tiles: Tiles
+    forward: dict[str, object]  # of the forward kernel, but STORE_STATS
+    backward_rows: dict[str, object]  # of the backward rows kernel, but NEED_DR and NEED_PARAMS
+    param_grads: dict[str, object]  # of the parameter reduction, but BLOCK_R and num_warps
+    gather: dict[str, object]  # of the backward gather kernel
 
 
 def bits(flags: Sequence[bool]) -> int:
@@ -150,21 +153,10 @@ def _check_kernel_inputs(sources: Sequence[torch.Tensor], widths: Sequence[int])
             )
 
 
-def _make_plan(
-    sources: Sequence[torch.Tensor],
-    out_hw: Sequence[int],
-    groups: Sequence[int],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None,
-    ln_bias: Sequence[torch.Tensor | None] | None,
-    mode: str,
-    normalize: bool,
-    tiles: Tiles | None,
-) -> Plan:
+def _make_plan(args: GridFuseArgs, tiles: Tiles | None) -> Plan:
     """Check a call's signature and plan it; ``tiles`` None takes :func:`default_tiles`."""
-    widths = check_grid_fuse_inputs(
-        sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize
-    )
+    widths = check_grid_fuse_inputs(args)
+    sources, groups, ln_weight, ln_bias = args.sources, args.groups, args.ln_weight, args.ln_bias
     _check_kernel_inputs(sources, widths)
     if tiles is not None and not isinstance(tiles, Tiles):
         raise ValueError(
@@ -172,23 +164,33 @@ def _make_plan(
             f"got {type(tiles).__name__}"
         )
     source_of = tuple(sorted(range(len(sources)), key=groups.__getitem__))
-    out_hw = (int(out_hw[0]), int(out_hw[1]))
+    out_hw = (int(args.out_hw[0]), int(args.out_hw[1]))
     block_c = triton.next_power_of_2(max(widths))
+    tiles = tiles or default_tiles(block_c)
     group_of = tuple(groups[i] for i in source_of)
+    identity = bits([tuple(sources[i].shape[1:3]) == out_hw for i in source_of])
+    has_weight = bits([ln_weight is not None and ln_weight[i] is not None for i in source_of])
+    has_bias = bits([ln_bias is not None and ln_bias[i] is not None for i in source_of])
+    mode = MODE_CODES[args.mode]
+    # what the kernels share; each adds its own
+    slots = dict(GROUP_OF=group_of, SOURCE_OF=source_of, HAS_W=has_weight, BLOCK_C=block_c)
+    tokens = dict(slots, IDENTITY=identity, MODE=mode, NORMALIZE=args.normalize, PREFETCH=tiles.prefetch)
+    first_slot = tuple(group_of.index(g) for g in range(len(widths)))
     return Plan(
         out_hw=out_hw,
         source_of=source_of,
-        group_of=group_of,
-        first_slot=tuple(group_of.index(g) for g in range(len(widths))),
         widths=tuple(widths),
         columns=tuple(itertools.accumulate(widths, initial=0))[:-1],
-        identity=bits([tuple(sources[i].shape[1:3]) == out_hw for i in source_of]),
-        has_weight=bits([ln_weight is not None and ln_weight[i] is not None for i in source_of]),
-        has_bias=bits([ln_bias is not None and ln_bias[i] is not None for i in source_of]),
-        mode=MODE_CODES[mode],
-        normalize=normalize,
+        identity=identity,
+        normalize=args.normalize,
         block_c=block_c,
-        tiles=tiles or default_tiles(block_c),
+        tiles=tiles,
+        forward=dict(tokens, HAS_B=has_bias, BLOCK_T=tiles.block_t, num_warps=tiles.num_warps),
+        backward_rows=dict(
+            tokens, FIRST_SLOT=first_slot, BLOCK_T=tiles.backward_block_t, num_warps=tiles.backward_warps
+        ),
+        param_grads=dict(slots, HAS_B=has_bias),
+        gather=dict(MODE=mode, BLOCK_C=block_c, num_warps=warps_for(block_c, BACKWARD_ELEMENTS)),
     )
 
 
@@ -205,57 +207,38 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.shape, t.stride(), t.dtype, t.device)
 
 
-def _call_key(
-    sources: Sequence[torch.Tensor],
-    out_hw: Sequence[int],
-    groups: Sequence[int],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None,
-    ln_bias: Sequence[torch.Tensor | None] | None,
-    mode: str,
-    normalize: bool,
-    tiles: Tiles | None,
-) -> tuple | None:
-    """A hashable summary of everything the signature checks and the plan read (shapes, strides,
-    dtypes, devices, the types and values of sizes and groups); None for arguments of a kind only
-    the full checks handle, which then accept them or raise."""
+def _call_key(args: GridFuseArgs, tiles: Tiles | None) -> tuple | None:
+    """A summary of everything the signature checks and the plan read (shapes, strides, dtypes,
+    devices, the types and values of sizes and groups), hashable unless an argument holds an
+    unhashable value; None for arguments of a kind only the full checks handle, which then accept
+    them or raise."""
 
     def params_key(params: Sequence[torch.Tensor | None] | None) -> tuple | None:
         return None if params is None else tuple(None if p is None else _tensor_key(p) for p in params)
 
+    layer_weights = args.layer_weights
     try:
         if isinstance(layer_weights, torch.Tensor):
             weights_key = _tensor_key(layer_weights)
         else:
             weights_key = ("values", *map(type, layer_weights))
         key = (
-            tuple(_tensor_key(x) for x in sources),
-            tuple((type(v), v) for v in out_hw),
-            tuple((type(g), g) for g in groups),
+            tuple(_tensor_key(x) for x in args.sources),
+            tuple((type(v), v) for v in args.out_hw),
+            tuple((type(g), g) for g in args.groups),
             weights_key,
-            params_key(ln_weight),
-            params_key(ln_bias),
-            (type(mode), mode),
-            (type(normalize), normalize),
+            params_key(args.ln_weight),
+            params_key(args.ln_bias),
+            (type(args.mode), args.mode),
+            (type(args.normalize), args.normalize),
             tiles,
         )
-        hash(key)
-    except (AttributeError, TypeError):  # not tensors / not sequences / unhashable: full checks
+    except (AttributeError, TypeError):  # not tensors / not sequences: full checks
         return None
     return key
 
 
-def planned(
-    sources: Sequence[torch.Tensor],
-    out_hw: Sequence[int],
-    groups: Sequence[int],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None,
-    ln_bias: Sequence[torch.Tensor | None] | None,
-    mode: str,
-    normalize: bool,
-    tiles: Tiles | None,
-) -> Plan:
+def planned(args: GridFuseArgs, tiles: Tiles | None) -> Plan:
     """The checked plan of a call: :func:`encoder_fusion.kernels.checks.check_grid_fuse_inputs`, the kernels'
     own limits (dtype, :data:`MAX_CHANNELS`) and ``tiles`` (:func:`default_tiles` if None); from the
     cache when a call of the same signature passed before.
@@ -263,10 +246,13 @@ def planned(
     Raises:
         ValueError: naming the argument, the value and what is accepted.
     """
-    key = _call_key(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize, tiles)
-    plan = None if key is None else _PLAN_CACHE.get(key)
+    key = _call_key(args, tiles)
+    try:  # the lookup is the one hash of the key (hashing a key costs as much as a third of it)
+        plan = None if key is None else _PLAN_CACHE.get(key)
+    except TypeError:  # an unhashable value (a list inside groups, say): full checks, no entry
+        key = plan = None
     if plan is None:
-        plan = _make_plan(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize, tiles)
+        plan = _make_plan(args, tiles)
         if key is not None:
             _PLAN_CACHE[key] = plan
             while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:

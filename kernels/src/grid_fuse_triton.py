@@ -1,12 +1,14 @@
 """``grid_fuse`` on the Triton kernels of :mod:`encoder_fusion.kernels.grid_fuse_jit`, in layers from the
 bottom up:
 
-* host functions :func:`grid_fuse_forward` / :func:`grid_fuse_backward`: check the inputs (through
-  the plan cache of :mod:`encoder_fusion.kernels.grid_fuse_plan`), allocate the buffers, choose the grids and
-  launch (1 kernel forward, 2 or 3 backward). They are the one host path: the autograd Function runs on
+* host functions :func:`grid_fuse_forward` / :func:`grid_fuse_backward`: check the inputs (one
+  :class:`~encoder_fusion.kernels.grid_fuse_args.GridFuseArgs`, through the plan cache of
+  :mod:`encoder_fusion.kernels.grid_fuse_plan`), allocate the buffers, choose the grids and launch
+  (1 kernel forward, 2 or 3 backward). They are the one host path: the autograd Function runs on
   them, and so do the tests and the benchmark tools;
-* :class:`GridFuseFunction`, the autograd Function over them;
-* :func:`triton_grid_fuse`, the functional face (what ``encoder_fusion.kernels.grid_fuse`` dispatches to).
+* :class:`GridFuseFunction`, the autograd Function over them, and :func:`fuse`, which calls it only
+  where a gradient is wanted (what ``encoder_fusion.kernels.grid_fuse`` dispatches to);
+* :func:`triton_grid_fuse`, the functional face.
 
 Every launch goes through :func:`encoder_fusion.kernels.launch.launch`, where tools without a GPU hook in.
 """
@@ -22,6 +24,7 @@ import triton
 from torch.autograd.function import once_differentiable
 
 from encoder_fusion.kernels.checks import check_grid_fuse_values, is_sequence
+from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs
 from encoder_fusion.kernels.grid_fuse_jit import (
     _grid_fuse_backward_gather_kernel,
     _grid_fuse_backward_rows_kernel,
@@ -46,8 +49,9 @@ def _new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) 
 
 
 def _check_buffer(
-    name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> None:
+    name: str, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``tensor`` if it is a contiguous buffer of this shape, dtype and device; else a ValueError."""
     if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
         got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"grid_fuse {name} must have shape {shape}, got {got}")
@@ -57,6 +61,7 @@ def _check_buffer(
         )
     if not tensor.is_contiguous():
         raise ValueError(f"grid_fuse {name} must be contiguous, got strides {tensor.stride()}")
+    return tensor
 
 
 def _row_programs(tiles: int, per_sm: int, device: torch.device) -> int:
@@ -111,31 +116,31 @@ def _channels_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _call_shape(args: GridFuseArgs, plan: Plan) -> tuple[int, int, int, tuple[int, int, int]]:
+    """(target height, target width, output tokens, output shape) of a planned call whose
+    kernels can run here (:func:`encoder_fusion.kernels.launch.check_launchable`)."""
+    batch = args.sources[0].shape[0]
+    check_launchable(args.sources[0].device)
+    height, width = plan.out_hw
+    return height, width, batch * height * width, (batch, height * width, sum(plan.widths))
+
+
 def grid_fuse_forward(
-    sources: Sequence[torch.Tensor],
-    out_hw: Sequence[int],
-    groups: Sequence[int],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None = None,
-    ln_bias: Sequence[torch.Tensor | None] | None = None,
-    mode: str = "bilinear",
-    eps: float = 1e-6,
+    args: GridFuseArgs,
     *,
+    tiles: Tiles | None = None,
     out: torch.Tensor | None = None,
     save_stats: bool = False,
-    tiles: Tiles | None = None,
-    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Check the inputs and run the forward kernel (one launch for all groups).
 
     Args:
-        sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, eps: as
-            :func:`encoder_fusion.kernels.reference.grid_fuse`; sources may have any batch/row/column strides
-            (channels with stride 1 are read in place, others are copied first).
+        args: the call (:class:`~encoder_fusion.kernels.grid_fuse_args.GridFuseArgs`); sources may
+            have any batch/row/column strides (channels with stride 1 are read in place, others are
+            copied first).
+        tiles: the token tiling (:class:`Tiles`); ``default_tiles`` of the widest group if None.
         out: optional contiguous (B, H*W, sum C) buffer of the sources' dtype to write into.
         save_stats: also return the per-token LayerNorm mean and rstd the backward pass needs.
-        tiles: the token tiling (:class:`Tiles`); ``default_tiles`` of the widest group if None.
-        normalize: as :func:`encoder_fusion.kernels.reference.grid_fuse`; False takes no statistics.
 
     Returns:
         ``(out, mean, rstd)``: out is (B, H*W, sum C) in the sources' dtype; mean and rstd are
@@ -149,19 +154,16 @@ def grid_fuse_forward(
         RuntimeError: the Triton interpreter cannot run here
         (:func:`encoder_fusion.kernels.launch.interpreter_problem`).
     """
-    plan = planned(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize, tiles)
-    check_grid_fuse_values(layer_weights, eps)
-    first = sources[0]
-    check_launchable(first.device)
-    height, width = plan.out_hw
-    rows = first.shape[0] * height * width
-    out_shape = (first.shape[0], height * width, sum(plan.widths))
+    plan = planned(args, tiles)
+    check_grid_fuse_values(args)
+    first = args.sources[0]
+    height, width, rows, out_shape = _call_shape(args, plan)
     if out is None:
         out = _new_buffer(out_shape, first.dtype, first.device)
     else:
         _check_buffer("out", out, out_shape, first.dtype, first.device)
-    sources = [_channels_contiguous(x) for x in sources]
-    weights = _layer_weight_table(layer_weights, first.device)
+    sources = [_channels_contiguous(x) for x in args.sources]
+    weights = _layer_weight_table(args.layer_weights, first.device)
     mean = rstd = None
     if save_stats and plan.normalize:
         mean, rstd = _new_buffer((2, len(sources), rows), torch.float32, first.device).unbind(0)
@@ -172,8 +174,8 @@ def grid_fuse_forward(
         *_source_args(sources, plan),
         weights,
         weights.stride(0),
-        _affine_args(ln_weight, plan, first),
-        _affine_args(ln_bias, plan, first),
+        _affine_args(args.ln_weight, plan, first),
+        _affine_args(args.ln_bias, plan, first),
         out if mean is None else mean,  # unread placeholders without STORE_STATS
         out if rstd is None else rstd,
         plan.columns,
@@ -182,19 +184,9 @@ def grid_fuse_forward(
         height,
         width,
         out.shape[-1],
-        float(eps),
-        GROUP_OF=plan.group_of,
-        SOURCE_OF=plan.source_of,
-        IDENTITY=plan.identity,
-        HAS_W=plan.has_weight,
-        HAS_B=plan.has_bias,
-        MODE=plan.mode,
-        NORMALIZE=plan.normalize,
+        float(args.eps),
         STORE_STATS=mean is not None,
-        PREFETCH=plan.tiles.prefetch,
-        BLOCK_T=plan.tiles.block_t,
-        BLOCK_C=plan.block_c,
-        num_warps=plan.tiles.num_warps,
+        **plan.forward,
     )
     return out, mean, rstd
 
@@ -210,20 +202,13 @@ class GridFuseGrads(NamedTuple):
 
 def grid_fuse_backward(
     grad_out: torch.Tensor,
-    sources: Sequence[torch.Tensor],
-    out_hw: Sequence[int],
-    groups: Sequence[int],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None,
-    ln_bias: Sequence[torch.Tensor | None] | None,
-    mode: str,
+    args: GridFuseArgs,
     mean: torch.Tensor | None,
     rstd: torch.Tensor | None,
     *,
     need_sources: bool | Sequence[bool] = True,
     need_params: bool = True,
     tiles: Tiles | None = None,
-    normalize: bool = True,
 ) -> GridFuseGrads:
     """Gradients of ``grid_fuse`` given the gradient of its output; deterministic (no atomics).
     Launches the rows kernel, then the gather kernel (resampled sources whose gradient is asked
@@ -231,13 +216,12 @@ def grid_fuse_backward(
 
     Args:
         grad_out: (B, H*W, sum C), the gradient of the forward output.
-        sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode: as in the forward.
+        args: the call, as in the forward.
         mean, rstd: the (S, B*H*W) fp32 statistics :func:`grid_fuse_forward` saved; unread (None)
             with ``normalize=False``.
         need_sources: compute the source gradients: one flag for all, or one per source.
         need_params: compute the gradients of layer_weights, ln_weight and ln_bias.
         tiles: the token tiling (:class:`Tiles`); ``default_tiles`` of the widest group if None.
-        normalize: as in the forward.
 
     Returns:
         :class:`GridFuseGrads`: source gradients in the sources' dtype and layout (B, h, w, C);
@@ -251,22 +235,18 @@ def grid_fuse_backward(
         RuntimeError: the Triton interpreter cannot run here
         (:func:`encoder_fusion.kernels.launch.interpreter_problem`).
     """
-    plan = planned(sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize, tiles)
-    first = sources[0]
-    device = first.device
-    check_launchable(device)
-    count = len(sources)
-    height, width = plan.out_hw
-    rows = first.shape[0] * height * width
-    out_shape = (first.shape[0], height * width, sum(plan.widths))
+    plan = planned(args, tiles)
+    device = args.sources[0].device
+    count = len(args.sources)
+    height, width, rows, out_shape = _call_shape(args, plan)
     if not isinstance(grad_out, torch.Tensor) or tuple(grad_out.shape) != out_shape:
         got = tuple(grad_out.shape) if isinstance(grad_out, torch.Tensor) else type(grad_out).__name__
         raise ValueError(f"grid_fuse grad_out must have shape {out_shape}, got {got}")
     if grad_out.device != device:
         raise ValueError(f"grid_fuse grad_out is on {grad_out.device}; the sources are on {device}")
     if plan.normalize:
-        _check_buffer("mean", mean, (count, rows), torch.float32, device)
-        _check_buffer("rstd", rstd, (count, rows), torch.float32, device)
+        mean = _check_buffer("mean", mean, (count, rows), torch.float32, device)
+        rstd = _check_buffer("rstd", rstd, (count, rows), torch.float32, device)
     else:
         mean = rstd = None
     if isinstance(need_sources, bool):
@@ -276,9 +256,9 @@ def grid_fuse_backward(
             f"grid_fuse need_sources has {len(need_sources)} flags; give one bool or one per source ({count})"
         )
     grad_out = grad_out.contiguous()
-    sources = [_channels_contiguous(x) for x in sources]
+    sources = [_channels_contiguous(x) for x in args.sources]
     first = sources[0]
-    weights = _layer_weight_table(layer_weights, device)
+    weights = _layer_weight_table(args.layer_weights, device)
 
     grads = GridFuseGrads([None] * count, None, [None] * count, [None] * count)
     dr, resampled = [], []
@@ -301,7 +281,7 @@ def grid_fuse_backward(
         partial_p = _new_buffer((programs, count, c_max), torch.float32, device)
         partial_q = _new_buffer((programs, len(plan.widths), c_max), torch.float32, device)
     xs, *geometry = _source_args(sources, plan)
-    ln_w = _affine_args(ln_weight, plan, first)
+    ln_w = _affine_args(args.ln_weight, plan, first)
     launch(
         _grid_fuse_backward_rows_kernel,
         (programs,),
@@ -324,19 +304,9 @@ def grid_fuse_backward(
         grad_out.shape[-1],
         c_max,
         tiles_per_program,
-        GROUP_OF=plan.group_of,
-        FIRST_SLOT=plan.first_slot,
-        SOURCE_OF=plan.source_of,
-        IDENTITY=plan.identity,
-        HAS_W=plan.has_weight,
         NEED_DR=bits([need_sources[i] for i in plan.source_of]),
         NEED_PARAMS=need_params,
-        MODE=plan.mode,
-        NORMALIZE=plan.normalize,
-        PREFETCH=plan.tiles.prefetch,
-        BLOCK_T=plan.tiles.backward_block_t,
-        BLOCK_C=plan.block_c,
-        num_warps=plan.tiles.backward_warps,
+        **plan.backward_rows,
     )
     if resampled:
         for k in resampled:
@@ -353,15 +323,13 @@ def grid_fuse_backward(
             first.shape[0],
             height,
             width,
-            MODE=plan.mode,
-            BLOCK_C=plan.block_c,
-            num_warps=warps_for(plan.block_c, BACKWARD_ELEMENTS),
+            **plan.gather,
         )
     if need_params:
         weight_dtype = weights.dtype if weights.is_floating_point() else torch.float32
         d_weights = _new_buffer((count,), weight_dtype, device)
         d_ln = []
-        for params, grad_list in ((ln_weight, grads.ln_weight), (ln_bias, grads.ln_bias)):
+        for params, grad_list in ((args.ln_weight, grads.ln_weight), (args.ln_bias, grads.ln_bias)):
             for i in plan.source_of:
                 p = None if params is None else params[i]
                 grad_list[i] = None if p is None else _new_buffer(p.shape, p.dtype, device)
@@ -377,61 +345,64 @@ def grid_fuse_backward(
             weights,
             weights.stride(0),
             ln_w,
-            _affine_args(ln_bias, plan, first),
+            _affine_args(args.ln_bias, plan, first),
             d_weights,
             *d_ln,
             plan.widths,
             programs,
             c_max,
-            GROUP_OF=plan.group_of,
-            SOURCE_OF=plan.source_of,
-            HAS_W=plan.has_weight,
-            HAS_B=plan.has_bias,
             BLOCK_R=block_r,
-            BLOCK_C=plan.block_c,
             num_warps=warps_for(block_r * plan.block_c, BACKWARD_ELEMENTS),
+            **plan.param_grads,
         )
         grads = grads._replace(layer_weights=d_weights)
     return grads
 
 
-class _Call(NamedTuple):
-    """The arguments of a call that autograd does not track. :class:`GridFuseFunction` takes the
-    tensors one by one: ``sources`` sources, then ``ln_weights`` LayerNorm weights, then the biases."""
+def _tensors(args: GridFuseArgs) -> list[torch.Tensor | None]:
+    """The tensors of a call that autograd must be given one by one: the sources, then the entries
+    of ln_weight, then those of ln_bias (a list that is None adds none)."""
+    return [*args.sources, *(args.ln_weight or ()), *(args.ln_bias or ())]
 
-    out_hw: Sequence[int]
-    groups: Sequence[int]
-    mode: str
-    eps: float
-    normalize: bool
-    tiles: Tiles | None
-    sources: int
-    ln_weights: int
 
-    def split(self, tensors: Sequence[torch.Tensor | None]) -> tuple[list, list, list]:
-        """(sources, ln_weight, ln_bias) from the tensors as :class:`GridFuseFunction` takes them."""
-        n, m = self.sources, self.ln_weights
-        return list(tensors[:n]), list(tensors[n : n + m]), list(tensors[n + m :])
+def _with_tensors(args: GridFuseArgs, layer_weights: Any, tensors: Sequence[Any]) -> GridFuseArgs:
+    """``args`` with ``layer_weights`` and the entries of :func:`_tensors` replaced by ``tensors``
+    (in that order; the lengths of the lists are those of ``args``)."""
+    n = len(args.sources)
+    m = n + len(args.ln_weight or ())
+    return GridFuseArgs(  # not dataclasses.replace: the constructor is half its host time
+        tensors[:n],
+        args.out_hw,
+        groups=args.groups,
+        layer_weights=layer_weights,
+        ln_weight=None if args.ln_weight is None else tensors[n:m],
+        ln_bias=None if args.ln_bias is None else tensors[m:],
+        mode=args.mode,
+        eps=args.eps,
+        normalize=args.normalize,
+    )
 
 
 class GridFuseFunction(torch.autograd.Function):
     """Autograd over :func:`grid_fuse_forward` / :func:`grid_fuse_backward`:
-    ``apply(call, layer_weights, *sources, *ln_weight, *ln_bias)``, where ``call`` (a ``_Call``)
-    holds the other arguments and the LayerNorm lists hold a tensor or None per entry."""
+    ``apply(args, tiles, args.layer_weights, *tensors)``, where ``tensors`` are the call's sources
+    and LayerNorm entries (:func:`_tensors`), given again one by one so that autograd tracks them."""
 
     @staticmethod
     def forward(
-        ctx: Any, call: _Call, layer_weights: torch.Tensor | Sequence[float], *tensors: torch.Tensor | None
+        ctx: Any,
+        args: GridFuseArgs,
+        tiles: Tiles | None,
+        layer_weights: torch.Tensor | Sequence[float],
+        *tensors: torch.Tensor | None,
     ):
         """Run the forward kernel, keeping the LayerNorm statistics for the backward."""
-        sources, ln_w, ln_b = call.split(tensors)
-        out, mean, rstd = grid_fuse_forward(
-            sources, call.out_hw, call.groups, layer_weights, ln_w, ln_b, call.mode, call.eps,
-            save_stats=True, tiles=call.tiles, normalize=call.normalize,
-        )  # fmt: skip
-        ctx.call = call
+        out, mean, rstd = grid_fuse_forward(args, tiles=tiles, save_stats=True)
         is_tensor = isinstance(layer_weights, torch.Tensor)
-        ctx.weight_values = None if is_tensor else layer_weights  # plain numbers: not a tensor to save
+        # The tensors are saved (autograd then checks them for changes in place); the context keeps
+        # the other arguments, and plain-number layer weights, which are no tensor to save.
+        ctx.args = _with_tensors(args, None if is_tensor else layer_weights, [None] * len(tensors))
+        ctx.tiles = tiles
         ctx.save_for_backward(layer_weights if is_tensor else None, mean, rstd, *tensors)
         return out
 
@@ -439,84 +410,66 @@ class GridFuseFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor):
         """Gradients for the inputs that need one (None elsewhere), from the backward kernels."""
-        call: _Call = ctx.call
         weights, mean, rstd, *tensors = ctx.saved_tensors
-        sources, ln_w, ln_b = call.split(tensors)
+        args = _with_tensors(ctx.args, ctx.args.layer_weights if weights is None else weights, tensors)
         needs = ctx.needs_input_grad
-        count = len(sources)
+        count = len(args.sources)
+        need_ln = needs[3 + count :]
         grads = grid_fuse_backward(
-            grad_out, sources, call.out_hw, call.groups, ctx.weight_values if weights is None else weights,
-            ln_w, ln_b, call.mode, mean, rstd, need_sources=needs[2 : 2 + count],
-            need_params=needs[1] or any(needs[2 + count :]), tiles=call.tiles, normalize=call.normalize,
+            grad_out, args, mean, rstd, need_sources=needs[3 : 3 + count],
+            need_params=needs[2] or any(need_ln), tiles=ctx.tiles,
         )  # fmt: skip
-        params = [*grads.ln_weight, *grads.ln_bias]
+        params = [
+            *(grads.ln_weight if args.ln_weight is not None else ()),
+            *(grads.ln_bias if args.ln_bias is not None else ()),
+        ]
         return (
             None,
-            grads.layer_weights if needs[1] else None,
+            None,
+            grads.layer_weights if needs[2] else None,
             *grads.sources,
-            *(g if need else None for g, need in zip(params, needs[2 + count :])),
+            *(g if need else None for g, need in zip(params, need_ln)),
         )
 
 
-def _wants_grad(
-    sources: Sequence[torch.Tensor],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None,
-    ln_bias: Sequence[torch.Tensor | None] | None,
-) -> bool:
+def _wants_grad(args: GridFuseArgs) -> bool:
     """Whether a call needs an autograd node: grad mode is on and an input requires grad. Lists of
     the wrong kind answer False: :func:`grid_fuse_forward` then names what is wrong with them."""
     if not torch.is_grad_enabled():
         return False
-    lists = [sources, () if ln_weight is None else ln_weight, () if ln_bias is None else ln_bias]
+    ln_weight, ln_bias = args.ln_weight, args.ln_bias
+    lists = [args.sources, () if ln_weight is None else ln_weight, () if ln_bias is None else ln_bias]
     if not all(is_sequence(entries) for entries in lists):
         return False
     return any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in itertools.chain([layer_weights], *lists)
+        isinstance(t, torch.Tensor) and t.requires_grad for t in itertools.chain([args.layer_weights], *lists)
     )
 
 
-def triton_grid_fuse(
-    sources: Sequence[torch.Tensor],
-    out_hw: Sequence[int],
-    *,
-    groups: Sequence[int],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None = None,
-    ln_bias: Sequence[torch.Tensor | None] | None = None,
-    mode: str = "bilinear",
-    eps: float = 1e-6,
-    normalize: bool = True,
-    tiles: Tiles | None = None,
-) -> torch.Tensor:
-    """``grid_fuse`` on the Triton kernels, differentiable; same arguments and result as
-    :func:`encoder_fusion.kernels.reference.grid_fuse` (fp32 accumulation, output in the sources' dtype).
-    ``tiles`` overrides the token tiling of both passes (:class:`Tiles`; ``default_tiles`` if None).
+def fuse(args: GridFuseArgs, tiles: Tiles | None = None) -> torch.Tensor:
+    """``grid_fuse`` of one :class:`~encoder_fusion.kernels.grid_fuse_args.GridFuseArgs` on the
+    Triton kernels (what ``encoder_fusion.kernels.grid_fuse`` dispatches to): with no gradient wanted
+    (``torch.no_grad`` or no input requiring grad) the forward kernel alone, without an autograd
+    node; else through :class:`GridFuseFunction`. ``tiles``: as :func:`grid_fuse_forward`."""
+    if not _wants_grad(args):
+        return grid_fuse_forward(args, tiles=tiles)[0]
+    return GridFuseFunction.apply(args, tiles, args.layer_weights, *_tensors(args))
+
+
+def triton_grid_fuse(*args: Any, tiles: Tiles | None = None, **kwargs: Any) -> torch.Tensor:
+    """``grid_fuse`` on the Triton kernels, differentiable: ``triton_grid_fuse(sources, out_hw, *,
+    groups, layer_weights, ln_weight=None, ln_bias=None, mode="bilinear", eps=1e-6, normalize=True,
+    tiles=None)``, the arguments and result of :func:`encoder_fusion.kernels.reference.grid_fuse`
+    (fp32 accumulation, output in the sources' dtype) and the token tiling ``tiles`` of both passes
+    (:class:`Tiles`; ``default_tiles`` if None).
 
     Host cost: a call whose signature (shapes, strides, dtypes, devices, groups, affine pattern,
     mode, normalize) matches one of the last 64 skips the signature checks; with no gradient wanted
-    (``torch.no_grad`` or no input requiring grad) the forward kernel is launched without an
-    autograd node.
+    the forward kernel is launched without an autograd node (:func:`fuse`).
 
     Raises:
         ValueError: before any launch, for every bad argument :func:`grid_fuse_forward` rejects.
         RuntimeError: the Triton interpreter cannot run here
         (:func:`encoder_fusion.kernels.launch.interpreter_problem`).
     """
-    if not _wants_grad(sources, layer_weights, ln_weight, ln_bias):
-        return grid_fuse_forward(
-            sources,
-            out_hw,
-            groups,
-            layer_weights,
-            ln_weight,
-            ln_bias,
-            mode,
-            eps,
-            tiles=tiles,
-            normalize=normalize,
-        )[0]
-    ln_w = [None] * len(sources) if ln_weight is None else list(ln_weight)
-    ln_b = [None] * len(sources) if ln_bias is None else list(ln_bias)
-    call = _Call(out_hw, groups, mode, eps, normalize, tiles, len(sources), len(ln_w))
-    return GridFuseFunction.apply(call, layer_weights, *sources, *ln_w, *ln_b)
+    return fuse(GridFuseArgs(*args, **kwargs), tiles)

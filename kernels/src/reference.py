@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from encoder_fusion.kernels.checks import MODES, check_grid_fuse_inputs, check_grid_fuse_values
+from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs, grid_fuse_face
 
-__all__ = ["MODES", "grid_fuse", "resample"]
+__all__ = ["MODES", "fuse", "grid_fuse", "resample"]
 
 
 def resample(x: torch.Tensor, out_hw: Sequence[int], mode: str) -> torch.Tensor:
@@ -33,30 +34,43 @@ def resample(x: torch.Tensor, out_hw: Sequence[int], mode: str) -> torch.Tensor:
     return moved.permute(0, 2, 3, 1)
 
 
-def grid_fuse(
-    sources: Sequence[torch.Tensor],
-    out_hw: Sequence[int],
-    *,
-    groups: Sequence[int],
-    layer_weights: torch.Tensor | Sequence[float],
-    ln_weight: Sequence[torch.Tensor | None] | None = None,
-    ln_bias: Sequence[torch.Tensor | None] | None = None,
-    mode: str = "bilinear",
-    eps: float = 1e-6,
-    normalize: bool = True,
-) -> torch.Tensor:
+def fuse(args: GridFuseArgs) -> torch.Tensor:
+    """``grid_fuse`` of one :class:`~encoder_fusion.kernels.grid_fuse_args.GridFuseArgs`: the
+    definition (see the module docstring); :func:`grid_fuse` is its public face."""
+    widths = check_grid_fuse_inputs(args)
+    check_grid_fuse_values(args)
+    sources, ln_weight, ln_bias = args.sources, args.ln_weight, args.ln_bias
+    dtype = sources[0].dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    weights = torch.as_tensor(args.layer_weights, device=sources[0].device)
+    slots: list[torch.Tensor | None] = [None] * len(widths)
+    for i, (g, x) in enumerate(zip(args.groups, sources)):
+        aligned = resample(x.to(compute), args.out_hw, args.mode)
+        if args.normalize:
+            w = ln_weight[i] if ln_weight is not None else None
+            b = ln_bias[i] if ln_bias is not None else None
+            aligned = F.layer_norm(
+                aligned,
+                (aligned.shape[-1],),
+                None if w is None else w.to(compute),
+                None if b is None else b.to(compute),
+                float(args.eps),
+            )
+        term = weights[i].to(compute) * aligned
+        slot = slots[g]
+        slots[g] = term if slot is None else slot + term
+    # every slot 0..G-1 has a source: the checks accept only groups that number them all
+    out = torch.cat([slot for slot in slots if slot is not None], dim=-1)
+    return out.reshape(out.shape[0], -1, out.shape[-1]).to(dtype)
+
+
+@grid_fuse_face
+def grid_fuse(args: GridFuseArgs) -> torch.Tensor:
     """Align, LayerNorm, weight and merge channels-last grids; see the module docstring.
 
-    Args:
-        sources: S tensors of shape (B, h_i, w_i, C_i).
-        out_hw: the target grid (H, W).
-        groups: the output slot of each source; slots are numbered 0..G-1 and all sources of a slot
-            share one width.
-        layer_weights: S weights (a tensor, differentiable, or numbers).
-        ln_weight, ln_bias: per source a (C_i,) affine parameter or None; None for no affine at all.
-        mode: ``"bilinear"``, ``"nearest"`` or ``"area"``.
-        eps: LayerNorm epsilon.
-        normalize: LayerNorm each resampled source (True) or take it raw (False: no affine allowed).
+    ``grid_fuse(sources, out_hw, *, groups, layer_weights, ln_weight=None, ln_bias=None,
+    mode="bilinear", eps=1e-6, normalize=True)``; the arguments are those of
+    :class:`~encoder_fusion.kernels.grid_fuse_args.GridFuseArgs`.
 
     Returns:
         (B, H*W, sum of group widths) in the sources' dtype, slots in group order.
@@ -65,27 +79,4 @@ def grid_fuse(
         ValueError: a bad argument (:mod:`encoder_fusion.kernels.checks`, the validation the Triton path
         shares).
     """
-    widths = check_grid_fuse_inputs(
-        sources, out_hw, groups, layer_weights, ln_weight, ln_bias, mode, normalize
-    )
-    check_grid_fuse_values(layer_weights, eps)
-    dtype = sources[0].dtype
-    compute = torch.promote_types(dtype, torch.float32)
-    weights = torch.as_tensor(layer_weights, device=sources[0].device)
-    slots: list[torch.Tensor | None] = [None] * len(widths)
-    for i, (g, x) in enumerate(zip(groups, sources)):
-        aligned = resample(x.to(compute), out_hw, mode)
-        if normalize:
-            w = ln_weight[i] if ln_weight is not None else None
-            b = ln_bias[i] if ln_bias is not None else None
-            aligned = F.layer_norm(
-                aligned,
-                (aligned.shape[-1],),
-                None if w is None else w.to(compute),
-                None if b is None else b.to(compute),
-                float(eps),
-            )
-        term = weights[i].to(compute) * aligned
-        slots[g] = term if slots[g] is None else slots[g] + term
-    out = torch.cat(slots, dim=-1)
-    return out.reshape(out.shape[0], -1, out.shape[-1]).to(dtype)
+    return fuse(args)

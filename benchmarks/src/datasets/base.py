@@ -139,7 +139,7 @@ class ImageDataset:
         """A JSON-able description of the images: name, root, split, options, size, a digest of the
         image keys and what decodes the pixels (for cache keys and reports). The files' contents are
         not read here; a feature cache key adds them
-        (:class:`encoder_fusion.benchmarks.fingerprint.FileIndex`)."""
+        (:class:`encoder_fusion.benchmarks.features.fingerprint.FileIndex`)."""
         digest = hashlib.sha256("\n".join(r.key for r in self.records).encode()).hexdigest()[:16]
         return {
             "name": self.NAME,

@@ -31,23 +31,11 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
-from encoder_fusion.benchmarks.kernel.harness import (
-    DTYPES,
-    BenchCase,
-    add_shape_arguments,
-    bytes_moved,
-    copy_bandwidth_gbps,
-    header_lines,
-    make_problem,
-    make_step,
-    median_ms,
-    parsed_shapes,
-    report_header,
-    save_report,
-)
+from encoder_fusion.benchmarks.kernel import harness
 from encoder_fusion.kernels import reference
 from encoder_fusion.kernels.grid_fuse_triton import triton_grid_fuse
 
@@ -100,72 +88,33 @@ def host_ms(step: Callable[[], object], device: torch.device) -> float | None:
     return elapsed / _HOST_CALLS * 1e3
 
 
-def run(
-    report: dict,
-    cases: Sequence[BenchCase],
-    batches: Sequence[int],
-    dtypes: Sequence[str],
-    passes: Sequence[str],
-    device: torch.device,
-    quick: bool = False,
-    compile_backend: str = "inductor",
-    on_progress: Callable[[dict], None] | None = None,
-) -> dict:
-    """Time every implementation on every case, batch, dtype and pass into ``report`` (a
-    :func:`~encoder_fusion.benchmarks.kernel.harness.report_header`); return it.
-
-    ``on_progress`` receives the report so far after every (case, batch, dtype), so a run cut short
-    keeps every problem it finished.
-    """
-    rows: list[dict] = []
-    copy_gbps = copy_bandwidth_gbps(device, quick)
-    report.update(copy_gbps=copy_gbps, compile_backend=compile_backend, rows=rows)
-    for case in cases:
-        for batch in batches:
-            for dtype_name in dtypes:
-                problem = make_problem(case, batch, DTYPES[dtype_name], device)
-                impls = implementations(device, compile_backend)
-                with torch.no_grad():
-                    expected = problem.call(reference.grid_fuse)
-                    errors = {
-                        impl: (problem.call(fn).float() - expected.float()).abs().max().item()
-                        for impl, fn in impls.items()
-                    }
-                no_grad_graphs = compiled_graphs()  # the check above compiled the no-grad forward
-                grad_out = torch.randn_like(expected)
-                out_bytes = expected.numel() * expected.element_size()
-                for pass_name in passes:
-                    moved = bytes_moved(problem, out_bytes, pass_name)
-                    graphs_before = compiled_graphs()
-                    steps = {impl: make_step(fn, problem, pass_name, grad_out) for impl, fn in impls.items()}
-                    times = {impl: median_ms(step, device, quick) for impl, step in steps.items()}
-                    graphs = compiled_graphs() - graphs_before
-                    if pass_name == "fwd":
-                        graphs += no_grad_graphs
-                    hosts = {impl: host_ms(step, device) for impl, step in steps.items()}
-                    for impl, ms in times.items():
-                        gbps = moved / (ms * 1e6)
-                        rows.append(
-                            {
-                                "case": case.name,
-                                "batch": batch,
-                                "dtype": dtype_name,
-                                "pass": pass_name,
-                                "impl": impl,
-                                "median_ms": ms,
-                                "host_ms": hosts[impl],
-                                "bytes": moved,
-                                "gbps": gbps,
-                                "copy_share": gbps / copy_gbps,
-                                "speedup_vs_eager": times["eager"] / ms,
-                                "speedup_vs_compile": times["compile"] / ms,
-                                "max_abs_err_vs_eager": errors[impl],
-                                "compile_graphs": graphs if impl == "compile" else None,
-                            }
-                        )
-                if on_progress is not None:
-                    on_progress(report)
-    return report
+def measure(swept: harness.SweepProblem, compile_backend: str) -> None:
+    """Time every implementation on one problem of the sweep, in every pass: a row each."""
+    impls = implementations(swept.spec.device, compile_backend)
+    expected = swept.expected.float()
+    with torch.no_grad():
+        outputs = {impl: swept.problem.call(fn).float() for impl, fn in impls.items()}
+    errors = {impl: (out - expected).abs().max().item() for impl, out in outputs.items()}
+    no_grad_graphs = compiled_graphs()  # the check above compiled the no-grad forward
+    for pass_name in swept.spec.passes:
+        graphs_before = compiled_graphs()
+        steps = {impl: swept.step(fn, pass_name) for impl, fn in impls.items()}
+        times = {impl: swept.median_ms(step) for impl, step in steps.items()}
+        graphs = compiled_graphs() - graphs_before
+        if pass_name == "fwd":
+            graphs += no_grad_graphs
+        hosts = {impl: host_ms(step, swept.spec.device) for impl, step in steps.items()}
+        for impl, ms in times.items():
+            swept.add_row(
+                pass_name,
+                ms,
+                impl=impl,
+                host_ms=hosts[impl],
+                speedup_vs_eager=times["eager"] / ms,
+                speedup_vs_compile=times["compile"] / ms,
+                max_abs_err_vs_eager=errors[impl],
+                compile_graphs=graphs if impl == "compile" else None,
+            )
 
 
 def markdown(report: dict) -> str:
@@ -173,7 +122,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# grid_fuse benchmark",
         "",
-        *header_lines(report),
+        *harness.header_lines(report),
         f"- torch.compile backend: {report['compile_backend']}",
         f"- device-to-device copy bandwidth: {report['copy_gbps']:.1f} GB/s",
         "- compile: a fresh torch.compile per (case, batch, dtype) after torch._dynamo.reset(); "
@@ -197,10 +146,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[BenchCase]]:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[harness.BenchCase]]:
     """The benchmark's command line and the cases it names."""
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
-    add_shape_arguments(parser, batches=[1, 8, 32, 128])
+    parser = harness.tool_parser(MODULE, __doc__)
+    harness.add_shape_arguments(parser, batches=[1, 8, 32, 128])
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
         "--quick",
@@ -213,7 +162,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[Ben
         help="torch.compile backend of the compiled reference (default inductor; 'eager' for smoke runs)",
     )
     args = parser.parse_args(argv)
-    return args, parsed_shapes(parser, args)
+    return args, harness.parsed_shapes(parser, args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -225,20 +174,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         batches, dtypes = [min(batches)], dtypes[:1]
     if device.type != "cuda":
         print("no GPU found: timing the eager reference and torch.compile(reference) on the CPU only")
-
-    report = run(
-        report_header(MODULE, argv, device),
-        cases,
-        batches,
-        dtypes,
-        args.passes,
-        device,
-        quick=args.quick,
-        compile_backend=args.compile_backend,
-        on_progress=lambda report: save_report(args.out, report, markdown(report)),
-    )
-    print(markdown(report))
-    return report
+    spec = harness.SweepSpec(cases, batches, dtypes, args.passes, device, args.quick)
+    backend = args.compile_backend
+    timed = partial(measure, compile_backend=backend)
+    return harness.run_sweep(MODULE, argv, spec, args.out, timed, markdown, compile_backend=backend)
 
 
 if __name__ == "__main__":

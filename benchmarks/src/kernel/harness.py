@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import re
@@ -27,12 +28,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from encoder_fusion.io import atomic_write
+from encoder_fusion.kernels import reference
+from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PASSES = ("fwd", "fwdbwd")
@@ -82,8 +85,9 @@ def parse_case(spec: str) -> BenchCase:
         ValueError: a spec that does not have this form or has a zero size.
     """
     match = _CASE_SPEC.match(spec)
-    encoders = [_ENCODER_SPEC.match(part) for part in match["encoders"].split("+")] if match else [None]
-    if match is None or not all(encoders):
+    parts = match["encoders"].split("+") if match else []
+    encoders = [m for m in map(_ENCODER_SPEC.match, parts) if m is not None]
+    if match is None or len(encoders) != len(parts):
         raise ValueError(f"--case {spec!r} must look like NAME=HxWxC*L+HxWxC*L->HxW, e.g. tiny=2x2x8*2->2x2")
     case = BenchCase(
         match["name"],
@@ -95,36 +99,25 @@ def parse_case(spec: str) -> BenchCase:
     return case
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
-    """The tensors of one benchmark call (sources, grouping, parameters, output gradient)."""
+    """The arguments of one benchmark call (every tensor requires grad, every list is given)."""
 
-    sources: list[torch.Tensor]
-    groups: list[int]
-    layer_weights: torch.Tensor
-    ln_weight: list[torch.Tensor]
-    ln_bias: list[torch.Tensor]
-    out_hw: tuple[int, int]
+    args: GridFuseArgs
+    leaves: list[torch.Tensor]  # every input tensor: sources, layer weights, LayerNorm affines
+
+    @functools.cached_property
+    def keywords(self) -> dict[str, object]:
+        """The arguments after ``sources`` and ``out_hw``, by their public names."""
+        return {field.name: getattr(self.args, field.name) for field in fields(self.args) if field.kw_only}
 
     def call(self, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """``fn`` (a ``grid_fuse``) on this problem, ``bilinear``."""
-        return fn(
-            self.sources,
-            self.out_hw,
-            groups=self.groups,
-            layer_weights=self.layer_weights,
-            ln_weight=self.ln_weight,
-            ln_bias=self.ln_bias,
-            mode="bilinear",
-        )
-
-    def leaves(self) -> list[torch.Tensor]:
-        """Every input tensor: sources, layer weights, LayerNorm affines."""
-        return [*self.sources, self.layer_weights, *self.ln_weight, *self.ln_bias]
+        """``fn`` (a ``grid_fuse`` face) on this problem."""
+        return fn(self.args.sources, self.args.out_hw, **self.keywords)
 
 
 def make_problem(case: BenchCase, batch: int, dtype: torch.dtype, device: torch.device) -> Problem:
-    """Random sources and parameters for ``case``; all of them require grad."""
+    """Random sources and parameters for ``case``, ``bilinear``; all of them require grad."""
     generator = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -137,9 +130,11 @@ def make_problem(case: BenchCase, batch: int, dtype: torch.dtype, device: torch.
             groups.append(group)
             widths.append(encoder.channels)
     layer_weights = torch.full((len(sources),), 1.0 / 3, device=device, dtype=dtype).requires_grad_()
-    return Problem(
-        sources, groups, layer_weights, [rand(c) for c in widths], [rand(c) for c in widths], case.out_hw
+    ln_weight, ln_bias = [rand(c) for c in widths], [rand(c) for c in widths]
+    args = GridFuseArgs(
+        sources, case.out_hw, groups=groups, layer_weights=layer_weights, ln_weight=ln_weight, ln_bias=ln_bias
     )
+    return Problem(args, [*sources, layer_weights, *ln_weight, *ln_bias])
 
 
 def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -148,7 +143,7 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
 
 def bytes_moved(problem: Problem, out_bytes: int, pass_name: str) -> int:
     """The bytes a pass must move at least: see the module docstring."""
-    inputs = _nbytes(problem.leaves())
+    inputs = _nbytes(problem.leaves)
     forward = inputs + out_bytes
     # backward: read sources and parameters again, read grad_out, write one gradient per input
     return forward if pass_name == "fwd" else forward + 2 * inputs + out_bytes
@@ -165,7 +160,7 @@ def make_step(
                 return problem.call(fn)
 
         return forward
-    leaves = problem.leaves()
+    leaves = problem.leaves
 
     def forward_backward() -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(problem.call(fn), leaves, grad_out)
@@ -178,7 +173,9 @@ def median_ms(step: Callable[[], object], device: torch.device, quick: bool) -> 
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"))
+        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+        assert isinstance(ms, float), ms  # one number for return_mode="median"
+        return ms
     for _ in range(1 if quick else 3):
         step()
     times = []
@@ -197,11 +194,97 @@ def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
     return 2 * size / (median_ms(lambda: dst.copy_(src), device, quick) * 1e6)
 
 
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep covers: every case, batch size and dtype (by name), each pass, on one device;
+    ``quick``: fewer repeats."""
+
+    cases: Sequence[BenchCase]
+    batches: Sequence[int]
+    dtypes: Sequence[str]
+    passes: Sequence[str]
+    device: torch.device
+    quick: bool = False
+
+
+@dataclass(frozen=True)
+class SweepProblem:
+    """One problem of a sweep (:func:`run_sweep`): its case, batch and dtype, the tensors, the eager
+    reference's output (no grad) and a random output gradient; its rows go into the report."""
+
+    spec: SweepSpec
+    case: BenchCase
+    batch: int
+    dtype: str
+    problem: Problem
+    expected: torch.Tensor
+    grad_out: torch.Tensor
+    copy_gbps: float
+    rows: list[dict]
+
+    def step(self, fn: Callable[..., torch.Tensor], pass_name: str) -> Callable[[], object]:
+        """:func:`make_step` of ``fn`` on this problem."""
+        return make_step(fn, self.problem, pass_name, self.grad_out)
+
+    def median_ms(self, step: Callable[[], object]) -> float:
+        """:func:`median_ms` of ``step`` on the sweep's device."""
+        return median_ms(step, self.spec.device, self.spec.quick)
+
+    def add_row(self, pass_name: str, ms: float | None, **fields: object) -> None:
+        """A row of the report for ``pass_name``: what names the problem, then for a time ``ms``
+        (None: nothing was timed) the median, the bytes moved, GB/s and its share of the copy
+        bandwidth, then ``fields``."""
+        row: dict[str, object] = {"case": self.case.name, "batch": self.batch, "dtype": self.dtype}
+        row["pass"] = pass_name
+        if ms is not None:
+            moved = bytes_moved(self.problem, self.expected.numel() * self.expected.element_size(), pass_name)
+            gbps = moved / (ms * 1e6)
+            row.update(median_ms=ms, bytes=moved, gbps=gbps, copy_share=gbps / self.copy_gbps)
+        self.rows.append({**row, **fields})
+
+
+def run_sweep(
+    module: str,
+    argv: Sequence[str] | None,
+    spec: SweepSpec,
+    out: Path | None,
+    measure: Callable[[SweepProblem], None],
+    markdown: Callable[[dict], str],
+    **fields: object,
+) -> dict:
+    """The report of ``measure`` on every problem of ``spec``: :func:`report_header`, ``fields``, the
+    copy bandwidth (measured first) and the rows. Written to ``out`` (JSON, and markdown beside it)
+    after every problem, so a run cut short keeps every problem it finished; printed as markdown
+    at the end."""
+    rows: list[dict] = []
+    copy_gbps = copy_bandwidth_gbps(spec.device, spec.quick)
+    report = {**report_header(module, argv, spec.device), **fields, "copy_gbps": copy_gbps, "rows": rows}
+    for case in spec.cases:
+        for batch in spec.batches:
+            for dtype_name in spec.dtypes:
+                problem = make_problem(case, batch, DTYPES[dtype_name], spec.device)
+                with torch.no_grad():
+                    expected = problem.call(reference.grid_fuse)
+                grad_out = torch.randn_like(expected)
+                measure(
+                    SweepProblem(spec, case, batch, dtype_name, problem, expected, grad_out, copy_gbps, rows)
+                )
+                save_report(out, report, markdown(report))
+    print(markdown(report))
+    return report
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's with the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def tool_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line of ``python -m module``, described by the first line of its docstring
+    ``doc`` (None where docstrings are stripped, ``python -OO``)."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n")[0])
 
 
 def add_shape_arguments(

@@ -22,7 +22,6 @@ tensor's it does not). Run it with ``TRITON_INTERPRET`` unset.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from encoder_fusion.benchmarks.kernel.harness import (
     parsed_shapes,
     report_header,
     save_report,
+    tool_parser,
 )
 from encoder_fusion.benchmarks.kernel.registers import compile_only
 from encoder_fusion.kernels.grid_fuse_plan import clear_plan_cache
@@ -119,7 +119,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Time the cases from command-line arguments; print the table; return the report."""
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
+    parser = tool_parser(MODULE, __doc__)
     add_shape_arguments(parser, batches=None, passes=False)
     parser.add_argument("--calls", type=int, default=200, help="calls timed per way (default 200)")
     args = parser.parse_args(argv)

@@ -19,7 +19,6 @@ Run it with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -29,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from triton.backends.driver import DriverBase
+from triton.compiler.compiler import CompiledKernel
 
 from encoder_fusion.benchmarks.kernel.harness import (
     DTYPES,
@@ -38,6 +39,7 @@ from encoder_fusion.benchmarks.kernel.harness import (
     make_problem,
     parsed_shapes,
     save_report,
+    tool_parser,
 )
 from encoder_fusion.kernels.grid_fuse_jit import INTERPRETED
 from encoder_fusion.kernels.grid_fuse_plan import Tiles, default_tiles
@@ -71,13 +73,21 @@ class KernelInfo:
     tile_kb_in_flight_per_sm: float | None
 
 
-class _CompileOnlyDriver:
+class _CompileOnlyDriver(DriverBase):
     """The part of Triton's driver interface that compiling needs, for a GPU that is not there."""
 
     def __init__(self, arch: int) -> None:
         from triton.backends.compiler import GPUTarget
 
+        super().__init__()
         self.target = GPUTarget("cuda", arch, 32)
+
+    @classmethod
+    def is_active(cls) -> bool:
+        return True
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError("compile-only driver: kernels are compiled, never launched")
 
     def get_current_device(self) -> int:
         return 0
@@ -151,7 +161,7 @@ def parse_tiles(spec: str) -> Tiles:
 
 
 @contextlib.contextmanager
-def compile_only(arch: int = 90) -> Iterator[list[tuple[str, dict, object]]]:
+def compile_only(arch: int = 90) -> Iterator[list[tuple[str, dict, CompiledKernel]]]:
     """Inside: every grid_fuse kernel launch compiles (once) for ``sm_<arch>`` and returns without
     launching, CPU tensors pass the host checks, and the backward grids are sized for an H100 (all
     through :class:`encoder_fusion.kernels.launch.LaunchHook`). Yields the list of ``(kernel name,
@@ -164,7 +174,7 @@ def compile_only(arch: int = 90) -> Iterator[list[tuple[str, dict, object]]]:
         raise RuntimeError("TRITON_INTERPRET is set: interpreted kernels cannot be compiled; unset it")
     from triton.runtime import driver
 
-    launches: list[tuple[str, dict, object]] = []
+    launches: list[tuple[str, dict, CompiledKernel]] = []
 
     def compile_launch(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)
@@ -180,14 +190,13 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles: Tiles | Non
     (:func:`encoder_fusion.kernels.grid_fuse_plan.default_tiles` if None); one row per variant."""
     dtype = DTYPES[dtype_name]
     with compile_only(arch) as compiled:
-        p = make_problem(case, 1, dtype, torch.device("cpu"))
-        args = (p.sources, p.out_hw, p.groups, p.layer_weights, p.ln_weight, p.ln_bias, "bilinear")
+        args = make_problem(case, 1, dtype, torch.device("cpu")).args
         variants = []
-        grid_fuse_forward(*args, tiles=tiles)
+        grid_fuse_forward(args, tiles=tiles)
         variants.append("inference")
-        out, mean, rstd = grid_fuse_forward(*args, save_stats=True, tiles=tiles)
+        out, mean, rstd = grid_fuse_forward(args, save_stats=True, tiles=tiles)
         variants.append("training")
-        grid_fuse_backward(torch.ones_like(out), *args, mean, rstd, tiles=tiles)
+        grid_fuse_backward(torch.ones_like(out), args, mean, rstd, tiles=tiles)
         variants += ["training"] * (len(compiled) - len(variants))
     channels = max(encoder.channels for encoder in case.encoders)
     tiles = tiles or default_tiles(channels)
@@ -199,7 +208,7 @@ def compile_case(case: BenchCase, dtype_name: str, arch: int, tiles: Tiles | Non
         block_t, block_c = kwargs.get("BLOCK_T"), kwargs.get("BLOCK_C")
         prefetch = kwargs.get("PREFETCH")
         in_flight = None
-        if block_t is not None:
+        if block_t is not None and block_c is not None:
             # the backward grid holds at most rows_per_sm programs a multiprocessor
             resident = min(fit, tiles.rows_per_sm) if "rows" in name else fit
             tile_bytes = block_t * min(block_c, channels) * dtype.itemsize
@@ -257,7 +266,7 @@ def markdown(rows: Sequence[KernelInfo], arch: int, command: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[KernelInfo]:
     """Compile the cases from command-line arguments; print the table; return the rows."""
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
+    parser = tool_parser(MODULE, __doc__)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     add_shape_arguments(parser, batches=None, passes=False)
     parser.add_argument(

@@ -31,26 +31,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import torch
 
-from encoder_fusion.benchmarks.kernel.harness import (
-    DTYPES,
-    BenchCase,
-    add_shape_arguments,
-    bytes_moved,
-    copy_bandwidth_gbps,
-    header_lines,
-    make_problem,
-    make_step,
-    median_ms,
-    parsed_shapes,
-    report_header,
-    save_report,
-)
-from encoder_fusion.kernels import reference
+from encoder_fusion.benchmarks.kernel import harness
 from encoder_fusion.kernels.grid_fuse_plan import Tiles, default_tiles
 from encoder_fusion.kernels.grid_fuse_triton import triton_grid_fuse
 
@@ -80,74 +66,33 @@ def candidate_tilings(default: Tiles, pass_name: str) -> list[tuple[str, Tiles]]
     return out
 
 
-def run(
-    report: dict,
-    cases: Sequence[BenchCase],
-    batches: Sequence[int],
-    dtypes: Sequence[str],
-    passes: Sequence[str],
-    device: torch.device,
-    quick: bool = False,
-    on_progress: Callable[[dict], None] | None = None,
-) -> dict:
-    """Time every candidate tiling on every case, batch, dtype and pass into ``report`` (a
-    :func:`~encoder_fusion.benchmarks.kernel.harness.report_header`); return it."""
-    rows: list[dict] = []
-    copy_gbps = copy_bandwidth_gbps(device, quick)
-    report.update(copy_gbps=copy_gbps, rows=rows)
-    for case in cases:
-        default = default_tiles(max(encoder.channels for encoder in case.encoders))
-        for batch in batches:
-            for dtype_name in dtypes:
-                problem = make_problem(case, batch, DTYPES[dtype_name], device)
+def measure(swept: harness.SweepProblem) -> None:
+    """Time every candidate tiling on one problem of the sweep, in every pass: a row each."""
+    default = default_tiles(max(encoder.channels for encoder in swept.case.encoders))
+    expected = swept.expected.float()
+    for pass_name in swept.spec.passes:
+        timed = []
+        for label, tiles in candidate_tilings(default, pass_name):
+            fn = partial(triton_grid_fuse, tiles=tiles)
+            try:
                 with torch.no_grad():
-                    expected = problem.call(reference.grid_fuse)
-                grad_out = torch.randn_like(expected)
-                out_bytes = expected.numel() * expected.element_size()
-                expected = expected.float()
-                for pass_name in passes:
-                    moved = bytes_moved(problem, out_bytes, pass_name)
-                    timed = []
-                    for label, tiles in candidate_tilings(default, pass_name):
-                        fn = partial(triton_grid_fuse, tiles=tiles)
-                        try:
-                            with torch.no_grad():
-                                error = (problem.call(fn).float() - expected).abs().max().item()
-                            ms = median_ms(make_step(fn, problem, pass_name, grad_out), device, quick)
-                        except Exception as failure:  # e.g. a tiling past the GPU's resources
-                            if label == "default":
-                                raise
-                            timed.append((label, tiles, None, f"{type(failure).__name__}: {failure}"))
-                            continue
-                        timed.append((label, tiles, ms, error))
-                    default_ms = timed[0][2]
-                    for label, tiles, ms, error in timed:
-                        row = {
-                            "case": case.name,
-                            "batch": batch,
-                            "dtype": dtype_name,
-                            "pass": pass_name,
-                            "tiling": label,
-                            "tiles": dataclasses.asdict(tiles),
-                        }
-                        if ms is None:  # the candidate failed: keep why, go on with the others
-                            rows.append({**row, "failed": error})
-                            continue
-                        gbps = moved / (ms * 1e6)
-                        rows.append(
-                            {
-                                **row,
-                                "median_ms": ms,
-                                "bytes": moved,
-                                "gbps": gbps,
-                                "copy_share": gbps / copy_gbps,
-                                "speedup_vs_default": default_ms / ms,
-                                "max_abs_err_vs_eager": error,
-                            }
-                        )
-                if on_progress is not None:
-                    on_progress(report)
-    return report
+                    error = (swept.problem.call(fn).float() - expected).abs().max().item()
+                ms = swept.median_ms(swept.step(fn, pass_name))
+            except Exception as failure:  # e.g. a tiling past the GPU's resources
+                if label == "default":
+                    raise
+                timed.append((label, tiles, None, f"{type(failure).__name__}: {failure}"))
+                continue
+            timed.append((label, tiles, ms, error))
+        default_ms = timed[0][2]
+        assert default_ms is not None  # a failing default raised above
+        for label, tiles, ms, error in timed:
+            fields = {"tiling": label, "tiles": dataclasses.asdict(tiles)}
+            if ms is None:  # the candidate failed: keep why, go on with the others
+                swept.add_row(pass_name, None, **fields, failed=error)
+            else:
+                speedup = default_ms / ms
+                swept.add_row(pass_name, ms, **fields, speedup_vs_default=speedup, max_abs_err_vs_eager=error)
 
 
 def markdown(report: dict) -> str:
@@ -155,7 +100,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# grid_fuse tiling sweep",
         "",
-        *header_lines(report),
+        *harness.header_lines(report),
         f"- device-to-device copy bandwidth: {report['copy_gbps']:.1f} GB/s",
         "- x default: default median / candidate median, same run (above 1: the candidate is faster)",
         "",
@@ -174,15 +119,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[BenchCase]]:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[harness.BenchCase]]:
     """The sweep's command line and the cases it names; exits with a message for a bad batch or
     case, or a missing GPU."""
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
-    add_shape_arguments(parser, batches=[32, 128])
+    parser = harness.tool_parser(MODULE, __doc__)
+    harness.add_shape_arguments(parser, batches=[32, 128])
     parser.add_argument("--device", default=None, help="cuda, or cpu with TRITON_INTERPRET=1 (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a plumbing check on the CPU)")
     args = parser.parse_args(argv)
-    cases = parsed_shapes(parser, args)
+    cases = harness.parsed_shapes(parser, args)
     if (args.device or "cuda").startswith("cuda") and not torch.cuda.is_available():
         parser.error(
             "no CUDA device: the sweep times the Triton kernels on a GPU "
@@ -195,18 +140,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the sweep from command-line arguments; print the table; return the report."""
     args, cases = parse_args(argv)
     device = torch.device(args.device or "cuda")
-    report = run(
-        report_header(MODULE, argv, device),
-        cases,
-        args.batch,
-        args.dtype,
-        args.passes,
-        device,
-        quick=args.quick,
-        on_progress=lambda report: save_report(args.out, report, markdown(report)),
-    )
-    print(markdown(report))
-    return report
+    spec = harness.SweepSpec(cases, args.batch, args.dtype, args.passes, device, args.quick)
+    return harness.run_sweep(MODULE, argv, spec, args.out, measure, markdown)
 
 
 if __name__ == "__main__":

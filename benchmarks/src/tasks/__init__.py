@@ -5,11 +5,19 @@ seed and returns the test metric's mean and std; ``TASKS`` lists the registered 
 """
 
 from encoder_fusion.benchmarks.tasks import classification, dense, localization
-from encoder_fusion.benchmarks.tasks.probe import TASKS, FeatureSplit, ProbeTask, register_task, run_probe
+from encoder_fusion.benchmarks.tasks.probe import (
+    TASKS,
+    FeatureSplit,
+    ProbeRecipe,
+    ProbeTask,
+    register_task,
+    run_probe,
+)
 
 __all__ = [
     "TASKS",
     "FeatureSplit",
+    "ProbeRecipe",
     "ProbeTask",
     "classification",
     "dense",

@@ -16,6 +16,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from encoder_fusion.benchmarks.options import OptionError, check_positive, is_int
+from encoder_fusion.benchmarks.reports.records import TaskAccuracy
+
 Grids = list[list[torch.Tensor]]  # [encoder][layer] -> (N, h, w, C)
 
 
@@ -205,35 +208,33 @@ class ProbeModel(nn.Module):
         return self.head(self.fusion.to_grid(tokens) if self.head_input == "grid" else tokens)
 
 
-def check_recipe(
-    seeds: Sequence[int] | int, epochs: int, lr: float, batch_size: int, weight_decay: float, where: str
-) -> list[int]:
-    """Check a probe's training recipe; returns the seeds as a list.
-
-    Args:
-        where: how the messages name the fields (``"run_probe "``, or ``"task."`` for the config keys).
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """How every probe trains: one run per seed, AdamW with a cosine schedule, on ``device``.
 
     Raises:
-        ValueError: naming the field, the value and what is accepted.
+        OptionError: naming the field, the value and what is accepted.
     """
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"{where}seeds={seeds!r} must be a non-empty list of ints")
-    for name, value, kinds in (
-        ("epochs", epochs, (int,)),
-        ("batch_size", batch_size, (int,)),
-        ("lr", lr, (int, float)),
-    ):
-        if not isinstance(value, kinds) or isinstance(value, bool) or not 0 < value < math.inf:
-            kind = " or ".join(k.__name__ for k in kinds)
-            raise ValueError(f"{where}{name}={value!r} must be a positive, finite {kind}")
-    if (
-        isinstance(weight_decay, bool)
-        or not isinstance(weight_decay, (int, float))
-        or not 0 <= weight_decay < math.inf
-    ):
-        raise ValueError(f"{where}weight_decay={weight_decay!r} must be a finite number >= 0")
-    return seeds
+
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 30
+    lr: float = 3e-3
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        seeds = self.seeds
+        seeds = [seeds] if is_int(seeds) else list(seeds)  # type: ignore[arg-type]  # a lone int is one seed
+        if not seeds or not all(is_int(s) for s in seeds):
+            raise OptionError("{seeds} must be a non-empty list of ints", {"seeds": seeds})
+        object.__setattr__(self, "seeds", tuple(seeds))
+        check_positive("epochs", self.epochs, (int,))
+        check_positive("batch_size", self.batch_size, (int,))
+        check_positive("lr", self.lr)
+        decay = self.weight_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < math.inf:
+            raise OptionError("{weight_decay} must be a finite number >= 0", {"weight_decay": decay})
 
 
 def _check_matching(train: FeatureSplit, test: FeatureSplit) -> None:
@@ -322,14 +323,8 @@ def run_probe(
     make_head: Callable[[], nn.Module],
     train: FeatureSplit,
     test: FeatureSplit,
-    *,
-    seeds: Sequence[int] = (0,),
-    epochs: int = 30,
-    lr: float = 3e-3,
-    batch_size: int = 32,
-    weight_decay: float = 0.01,
-    device: str | torch.device = "cpu",
-) -> dict:
+    recipe: ProbeRecipe | None = None,
+) -> TaskAccuracy:
     """Train and evaluate one probe for each seed.
 
     For each seed, with the global RNG seeded to it (and restored afterwards): ``make_head()``
@@ -344,21 +339,14 @@ def run_probe(
         task: ``classification``, ``dense`` or ``localization`` (see ``TASKS``).
         make_head: builds an untrained fusion head for the encoders of the features.
         train, test: the features and targets of the two splits.
-        seeds, epochs, lr, batch_size, weight_decay: the training recipe.
-        device: where to train.
+        recipe: seeds, epochs, learning rate, batch size, weight decay and device (default
+            :class:`ProbeRecipe`).
 
     Returns:
-        ``{"task", "metric", "mean", "std", "per_seed", "seeds", "extra", "train_size", "test_size",
-        "epochs", "lr", "batch_size", "weight_decay"}``; ``std`` is the sample std over seeds (0.0 with
-        one seed); ``extra`` holds the other metrics as ``{"mean", "std", "per_seed"}``, the
-        ``baseline`` metrics of the best constant prediction, ``train_loss`` (last-epoch loss per
-        seed) and, when the trained fusion heads learn layer weights (``weighted_ln`` combines, read
-        through ``head.layer_weights()`` after training), ``layer_weights`` ``{encoder: [weight per
-        hooked layer]}``, the mean over seeds of each seed's softmax weights, and
-        ``layer_weights_per_seed`` ``{encoder: [[weight per hooked layer] per seed]}``; ``train_size``
-        and ``test_size`` count the samples used (those with a target); ``item_stats`` is the
-        ``(seeds, test_size, d)`` nested list of :meth:`ProbeTask.item_stats` per seed (for paired
-        intervals; large, so reports leave it out).
+        The :class:`TaskAccuracy`, with ``item_stats`` for the paired intervals. Layer weights are
+        read through ``head.layer_weights()`` after training, when the heads learn them
+        (``weighted_ln`` combines): ``extra["layer_weights"]`` ``{encoder: [weight per hooked layer]}``
+        is the mean over seeds of each seed's softmax weights.
 
     Raises:
         ValueError: unknown task; missing or invalid targets; mismatched train/test grids; bad
@@ -369,11 +357,11 @@ def run_probe(
     probe = TASKS[task]
     if not callable(make_head):
         raise ValueError(f"run_probe make_head must be a callable returning a FusionHead, got {make_head!r}")
-    seeds = check_recipe(seeds, epochs, lr, batch_size, weight_decay, "run_probe ")
     probe.check(train, "train")
     probe.check(test, "test")
     _check_matching(train, test)
-    device = torch.device(device)
+    recipe = recipe or ProbeRecipe()
+    device = torch.device(recipe.device)
 
     per_seed: list[dict[str, float]] = []
     items: list[torch.Tensor] = []
@@ -381,13 +369,7 @@ def run_probe(
     learned: list[dict[str, list[float]]] = []
     prepared: dict[tuple[int, int], tuple] = {}
     fork_devices = [device.index or 0] if device.type == "cuda" else []
-    recipe = {
-        "epochs": epochs,
-        "lr": float(lr),
-        "batch_size": batch_size,
-        "weight_decay": float(weight_decay),
-    }
-    for seed in seeds:
+    for seed in recipe.seeds:
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)
             scores, item_stats, loss, weights = _train_and_test(
@@ -401,22 +383,25 @@ def run_probe(
     metrics = {name: _summary([s[name] for s in per_seed]) for name in per_seed[0]}
     main = metrics.pop(probe.METRIC)
     _, train_targets, _, test_targets = next(iter(prepared.values()))
-    return {
-        "task": probe.NAME,
-        "metric": probe.METRIC,
+    return TaskAccuracy(
+        task=probe.NAME,
+        metric=probe.METRIC,
         **main,
-        "seeds": seeds,
-        "extra": {
+        seeds=list(recipe.seeds),
+        extra={
             **metrics,
             "baseline": probe.baseline(train_targets.cpu(), test_targets.cpu(), train.num_classes),
             "train_loss": losses,
             **_layer_weight_summary(learned),
         },
-        "train_size": len(train_targets),
-        "test_size": len(test_targets),
-        **recipe,
-        "item_stats": torch.stack(items).tolist(),
-    }
+        train_size=len(train_targets),
+        test_size=len(test_targets),
+        epochs=recipe.epochs,
+        lr=float(recipe.lr),
+        batch_size=recipe.batch_size,
+        weight_decay=float(recipe.weight_decay),
+        item_stats=torch.stack(items).to(torch.float64),
+    )
 
 
 def _train_and_test(
@@ -426,7 +411,7 @@ def _train_and_test(
     test: FeatureSplit,
     prepared: dict,
     seed: int,
-    recipe: dict,
+    recipe: ProbeRecipe,
     device: torch.device,
 ) -> tuple[dict[str, float], torch.Tensor, float, dict[str, list[float]]]:
     """One seed: a fresh fusion head and task head, trained, then scored on test. ``prepared``
@@ -453,11 +438,14 @@ def _train_and_test(
         probe,
         train_split,
         train_targets,
-        **recipe,
+        epochs=recipe.epochs,
+        lr=float(recipe.lr),
+        batch_size=recipe.batch_size,
+        weight_decay=float(recipe.weight_decay),
         generator=torch.Generator().manual_seed(seed),
         device=device,
     )
-    outputs = predict(model, test_split, recipe["batch_size"], device)
+    outputs = predict(model, test_split, recipe.batch_size, device)
     scores = probe.scores(outputs, test_targets, train.num_classes)
     item_stats = probe.item_stats(outputs, test_targets, train.num_classes).cpu()
     return scores, item_stats, history[-1], _learned_weights(fusion)

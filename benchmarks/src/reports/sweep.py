@@ -2,7 +2,8 @@
 a sweep folder holds for ``fusion-report``.
 
 A job's folder is named after its resolved config (``hydra.sweep.subdir: ${config_hash:}``, the
-leading digits of :func:`encoder_fusion.benchmarks.config.config_hash`), so a config always lands in its own
+leading digits of :func:`encoder_fusion.benchmarks.config.schema.config_hash`), so a config always lands in
+its own
 folder: a second sweep into the same ``hydra.sweep.dir`` with other values, or the same values reordered,
 finds its finished results where it left them and never writes into another config's folder. A
 finished result of the same config anywhere else in the sweep folder (a sweep run with

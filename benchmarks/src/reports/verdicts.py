@@ -1,6 +1,7 @@
 """What a run's numbers say about each fused strategy: the paired interval of every accuracy change,
 whether the test split can detect the smallest change worth having, the verdict, and the accuracy
-bought per unit of extra cost (see :mod:`encoder_fusion.benchmarks.stats` for how intervals are drawn).
+bought per unit of extra cost (see :mod:`encoder_fusion.benchmarks.reports.stats` for how intervals are
+drawn).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from encoder_fusion.benchmarks.records import StrategyRecord
-from encoder_fusion.benchmarks.stats import check_resamples, needed_items, paired_delta_ci, verdict
+from encoder_fusion.benchmarks.options import OptionError
+from encoder_fusion.benchmarks.reports.records import StrategyRecord
+from encoder_fusion.benchmarks.reports.stats import check_resamples, needed_items, paired_delta_ci, verdict
 from encoder_fusion.benchmarks.tasks import TASKS
 
 # the cost step the trade-off is quoted per: +10 % of the baseline's time
@@ -20,7 +22,8 @@ COST_STEP = 0.10
 
 @dataclass(frozen=True)
 class AssessOptions:
-    """``bench.ci_resamples``, ``bench.min_detectable_pp``, ``bench.max_overhead`` and the seed.
+    """How to judge: bootstrap resamples of every interval, the smallest change worth detecting
+    (percentage points), a cost budget against the baseline (null: none) and the seed.
 
     Raises:
         ValueError: naming the field, the value and what is accepted.
@@ -35,14 +38,16 @@ class AssessOptions:
         check_resamples(self.ci_resamples)
         value = self.min_detectable_pp
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"bench.min_detectable_pp={value!r} must be a number > 0 (percentage points)")
+            raise OptionError(
+                "{min_detectable_pp} must be a number > 0 (percentage points)", {"min_detectable_pp": value}
+            )
         budget = self.max_overhead
         if budget is not None and (
             isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 1
         ):
-            raise ValueError(
-                f"bench.max_overhead={budget!r} must be null or a ratio > 1 "
-                "(1.2: at most 20 % more time than CLIP-only)"
+            raise OptionError(
+                "{max_overhead} must be null or a ratio > 1 (1.2: at most 20 % more time than the baseline)",
+                {"max_overhead": budget},
             )
 
 
@@ -68,8 +73,8 @@ def add_delta_intervals(
             interval = paired_delta_ci(
                 ours, theirs, TASKS[task].metric_from_sums, options.ci_resamples, options.seed
             )
-            result["delta_ci"] = interval
-            result["detection"] = {
+            result.delta_ci = interval
+            result.detection = {
                 "min_detectable": minimum,
                 "half_width": (interval[1] - interval[0]) / 2,
                 "needed_items": needed_items(ours.shape[1], interval, minimum),
@@ -86,14 +91,15 @@ def per_cost_step(delta: float | None, overhead: float | None) -> float | None:
 
 def assess(record: StrategyRecord, options: AssessOptions) -> None:
     """Set ``verdict`` and ``tradeoff`` on a fused strategy's record, in place (see
-    :func:`encoder_fusion.benchmarks.stats.verdict`): per task, pp per +10 % of time to first token and of
+    :func:`encoder_fusion.benchmarks.reports.stats.verdict`): per task, pp per +10 % of time to first token
+    and of
     vision time, and, with ``bench.max_overhead``, whether the overhead fits it."""
-    intervals = {task: result.get("delta_ci") for task, result in record.accuracy.items()}
+    intervals = {task: result.delta_ci for task, result in record.accuracy.items()}
     record.verdict = verdict(intervals)
     overhead, vision = record.overhead(), record.vision_overhead()
     record.tradeoff = {
-        "pp_per_10pct_ttft": {t: per_cost_step(r.get("delta"), overhead) for t, r in record.accuracy.items()},
-        "pp_per_10pct_vision": {t: per_cost_step(r.get("delta"), vision) for t, r in record.accuracy.items()},
+        "pp_per_10pct_ttft": {t: per_cost_step(r.delta, overhead) for t, r in record.accuracy.items()},
+        "pp_per_10pct_vision": {t: per_cost_step(r.delta, vision) for t, r in record.accuracy.items()},
         "max_overhead": options.max_overhead,
         "fits_budget": None
         if options.max_overhead is None or overhead is None

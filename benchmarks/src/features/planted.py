@@ -17,8 +17,13 @@ run says on its first line that the accuracies come from planted features.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from encoder_fusion.benchmarks.options import OptionError
 
 PLANTS = ("class", "location")
 SCALE = 3.0  # the planted vector's norm, against noise of std ``noise`` per channel
@@ -52,6 +57,40 @@ def coverage(batch: dict, grid: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(inside[:, None], grid)[:, 0]
 
 
+def check_noise(noise: object) -> None:
+    """The noise is a standard deviation: a finite number >= 0.
+
+    Raises:
+        OptionError: naming ``noise`` and its value.
+    """
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < math.inf:
+        raise OptionError("{noise} must be a finite number >= 0 (a standard deviation)", {"noise": noise})
+
+
+@dataclass(frozen=True)
+class PlantOptions:
+    """What to plant in place of each role's features (None: the encoder's own), and the noise std.
+
+    Raises:
+        OptionError: an unknown plant or a bad noise.
+    """
+
+    clip: str | None = None
+    dino: str | None = None
+    noise: float = 0.5
+
+    def __post_init__(self) -> None:
+        for role in ("clip", "dino"):
+            plant = getattr(self, role)
+            if plant is not None and plant not in PLANTS:
+                raise OptionError(f"{{{role}}} is unknown; accepted: {', '.join(PLANTS)}", {role: plant})
+        check_noise(self.noise)
+
+    def of(self, role: str) -> str | None:
+        """The plant of ``role`` (None for a role that keeps its own features)."""
+        return getattr(self, role, None)
+
+
 def planted_grids(
     plant: str,
     batch: dict,
@@ -82,8 +121,7 @@ def planted_grids(
     """
     if plant not in PLANTS:
         raise ValueError(f"plant={plant!r} is unknown; accepted: {', '.join(PLANTS)}")
-    if not noise >= 0:
-        raise ValueError(f"plant.noise={noise!r} must be >= 0")
+    check_noise(noise)
     generator = torch.Generator().manual_seed(seed)
     n = len(batch["images"])
     if plant == "class":

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from encoder_fusion.benchmarks.options import check_int
+
 LEVEL = 0.95
 MIN_RESAMPLES = 100
 CHUNK = 256  # resamples drawn at once, so the (resamples, items) weight table stays small
@@ -41,11 +43,10 @@ def check_resamples(resamples: object) -> int:
     """``resamples`` when it is an int >= :data:`MIN_RESAMPLES`.
 
     Raises:
-        ValueError: naming ``bench.ci_resamples``, the value and what is accepted.
+        OptionError: naming ``ci_resamples``, the value and what is accepted.
     """
-    if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < MIN_RESAMPLES:
-        raise ValueError(f"bench.ci_resamples={resamples!r} must be an int >= {MIN_RESAMPLES}")
-    return resamples
+    check_int("ci_resamples", resamples, MIN_RESAMPLES)
+    return resamples  # type: ignore[return-value]  # checked to be an int just above
 
 
 def _percentiles(values: np.ndarray) -> list[float]:

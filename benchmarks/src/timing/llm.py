@@ -26,24 +26,18 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import psutil
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from encoder_fusion.benchmarks.records import VlmRecord
-from encoder_fusion.benchmarks.stats import stats
+from encoder_fusion.benchmarks.options import OptionError, check_int, is_int
 
 # family -> its ``transformers`` configuration class
 FAMILIES = {"qwen2": "Qwen2Config", "llama": "LlamaConfig"}
-# the share of free memory a model's weights may take; the rest is for activations, the KV cache
-# and the vision encoders
-MEMORY_HEADROOM = 0.85
 
 
 @dataclass(frozen=True)
@@ -66,22 +60,26 @@ class LlmSpec:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"llm.family={self.family!r} is unknown; accepted: {', '.join(FAMILIES)}")
+            raise OptionError(
+                f"{{family}} is unknown; accepted: {', '.join(FAMILIES)}", {"family": self.family}
+            )
         for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"llm.{field}={value!r} (llm={self.name}) must be an int >= 1")
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 2:
-            raise ValueError(f"llm.vocab_size={self.vocab_size!r} (llm={self.name}) must be an int >= 2")
+            if not is_int(value) or value < 1:
+                raise OptionError(f"{{{field}}} (model {self.name}) must be an int >= 1", {field: value})
+        if not is_int(self.vocab_size) or self.vocab_size < 2:
+            raise OptionError(
+                f"{{vocab_size}} (model {self.name}) must be an int >= 2", {"vocab_size": self.vocab_size}
+            )
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"llm.hidden_size={self.hidden_size} (llm={self.name}) must be divisible by "
-                f"llm.num_heads={self.num_heads}"
+            raise OptionError(
+                f"{{hidden_size}} (model {self.name}) must be divisible by {{num_heads}}",
+                {"hidden_size": self.hidden_size, "num_heads": self.num_heads},
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"llm.num_heads={self.num_heads} (llm={self.name}) must be a multiple of "
-                f"llm.num_kv_heads={self.num_kv_heads}"
+            raise OptionError(
+                f"{{num_heads}} (model {self.name}) must be a multiple of {{num_kv_heads}}",
+                {"num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads},
             )
 
     def hf_config(self):
@@ -134,34 +132,20 @@ def available_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def check_fits(spec: LlmSpec, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before building it, a model whose weights cannot fit in ``device``'s free memory.
-
-    Raises:
-        ValueError: the estimate (parameters x bytes), the memory available, and the way out.
-    """
-    params = parameter_count(spec)
-    width = torch.empty((), dtype=dtype).element_size()
-    needed, free = params * width, available_bytes(device)
-    if needed > MEMORY_HEADROOM * free:
-        raise ValueError(
-            f"llm={spec.name} does not fit: {params / 1e9:.2f}B parameters x {width} bytes ({dtype}) = "
-            f"{needed / 2**30:.1f} GiB of weights, but {free / 2**30:.1f} GiB of {device.type} memory is "
-            f"available ({MEMORY_HEADROOM:.0%} of it may hold weights). Run a smaller llm (e.g. "
-            f"llm=qwen2_5_0_5b) and list {spec.name} in bench.project_llms to project its time to "
-            "first token from the prefill rate measured here."
-        )
+def weight_bytes(spec: LlmSpec, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """``(parameters, bytes per parameter in dtype, free bytes on device)``: what a memory check needs
+    before a model is built."""
+    return parameter_count(spec), torch.empty((), dtype=dtype).element_size(), available_bytes(device)
 
 
 def build_language_model(spec: LlmSpec, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
     """The model with random weights (seeded), in eval mode, on ``device`` in ``dtype``.
 
-    Raises:
-        ValueError: it would not fit in memory (see :func:`check_fits`).
+    The caller checks first that it fits (:func:`weight_bytes`): a model too big for the machine
+    fails here only after filling its memory.
     """
     from transformers import AutoModelForCausalLM
 
-    check_fits(spec, dtype, device)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(spec.hf_config(), dtype=dtype)
@@ -307,102 +291,7 @@ class VlmOptions:
     project: tuple[LlmSpec, ...] = ()
 
     def __post_init__(self) -> None:
-        for field in ("prompt_tokens", "decode_tokens"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"bench.{field}={value!r} must be an int >= 0")
+        check_int("prompt_tokens", self.prompt_tokens, 0)
+        check_int("decode_tokens", self.decode_tokens, 0)
         if not all(isinstance(spec, LlmSpec) for spec in self.project):
-            raise ValueError(f"bench.project_llms={self.project!r} must hold language-model presets")
-
-
-def projected_ttft(vision_ms: float, target: LlmSpec, tokens: int, batch: int, flops_per_ms: float) -> dict:
-    """Time to first token with ``target`` as the language model: the measured vision pipeline time
-    plus ``target``'s prefill FLOPs at the prefill FLOP rate measured in the same run on this machine.
-
-    Args:
-        vision_ms: the vision pipeline's measured end-to-end median.
-        target: the preset to project to.
-        tokens: visual + prompt tokens of the prefill.
-        batch: the batch size the rate was measured at.
-        flops_per_ms: the measured prefill rate.
-
-    Returns:
-        ``{"ttft_ms", "prefill_ms", "prefill_gflops", "projected": True}`` (GFLOPs per image).
-    """
-    flops = prefill_flops(target, tokens, batch)
-    prefill_ms = flops / flops_per_ms
-    return {
-        "ttft_ms": vision_ms + prefill_ms,
-        "prefill_ms": prefill_ms,
-        "prefill_gflops": flops / batch / 1e9,
-        "projected": True,
-    }
-
-
-def vlm_timings(samples: Mapping, name: str, batch: int, decode_tokens: int) -> dict:
-    """One pipeline's prefill, TTFT and decode statistics at one batch size; decode as tokens per
-    second per sequence (None when no token is decoded)."""
-    decode_ms = np.asarray(samples[name, "decode"], dtype=np.float64)
-    return {
-        "batch_size": batch,
-        "prefill": stats(samples[name, "llm.prefill"]),
-        "ttft": stats(samples[name, "ttft"]),
-        "decode_tokens_per_s": stats(decode_tokens / (decode_ms / 1e3)) if decode_tokens else None,
-    }
-
-
-def vlm_records(
-    built: Mapping[str, Any],
-    per_batch: Mapping[str, dict],
-    baseline: str,
-    vlm: VlmOptions,
-    batch_sizes: Sequence[int],
-) -> dict[str, VlmRecord]:
-    """Every pipeline's :class:`VlmRecord` at the first batch size, with its TTFT and vision ratios
-    against ``baseline`` and its projections to ``vlm.project``.
-
-    Args:
-        built: name -> :class:`encoder_fusion.benchmarks.latency.Pipeline`.
-        per_batch: name -> batch size -> ``{"stages", "end_to_end", "vlm"}`` statistics.
-
-    A projection takes one prefill rate for the whole run, the FLOPs of every pipeline's prefill over
-    the sum of their medians, so that the noise of one pipeline's prefill does not bend its ratio.
-    """
-    size, batch, spec = str(batch_sizes[0]), batch_sizes[0], vlm.llm
-    prompt = vlm.prompt_tokens
-    timings = {name: per_batch[name][size]["vlm"] for name in built}
-    vision = {name: per_batch[name][size]["end_to_end"]["median"] for name in built}
-    tokens = {name: pipeline.fused.output_tokens() for name, pipeline in built.items()}
-    flops = sum(prefill_flops(spec, tokens[name] + prompt, batch) for name in built)
-    rate = flops / sum(t["prefill"]["median"] for t in timings.values())
-    projected = {
-        name: {
-            t.name: projected_ttft(vision[name], t, tokens[name] + prompt, batch, rate) for t in vlm.project
-        }
-        for name in built
-    }
-    for name in built:
-        for target, projection in projected[name].items():
-            projection["ratio"] = projection["ttft_ms"] / projected[baseline][target]["ttft_ms"]
-    records = {}
-    for name in built:
-        mine, stages = timings[name], per_batch[name][size]["stages"]
-        records[name] = VlmRecord(
-            llm=spec.name,
-            hidden_size=spec.hidden_size,
-            visual_tokens=tokens[name],
-            prompt_tokens=prompt,
-            decode_tokens=vlm.decode_tokens,
-            prefill=mine["prefill"],
-            ttft=mine["ttft"],
-            decode_tokens_per_s=mine["decode_tokens_per_s"],
-            prefill_gflops=prefill_flops(spec, tokens[name] + prompt) / 1e9,
-            llm_share=mine["prefill"]["median"] / sum(stage["median"] for stage in stages.values()),
-            ratios={
-                "ttft": mine["ttft"]["median"] / timings[baseline]["ttft"]["median"],
-                "vision": vision[name] / vision[baseline],
-            },
-            projected=projected[name],
-            per_batch={size: per_batch[name][size]["vlm"] for size in per_batch[name]},
-        )
-    return records
+            raise OptionError("{project} must hold language-model presets", {"project": self.project})

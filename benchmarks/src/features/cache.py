@@ -5,8 +5,9 @@ strategies reads them from here instead of running the backbone again. An entry 
 everything that changes the grids: the encoder (source, model, and a digest of its parameters as
 loaded, whatever file or cache they came from), the architecture overrides, the input size, the
 hooked layers, norm and prefix policy, the preprocessing, the images (the caller's ``source``: for
-:mod:`encoder_fusion.benchmarks.run`, the dataset's identity and the contents of its image files, see
-:mod:`encoder_fusion.benchmarks.fingerprint`), the load size, the sample indices, the storage dtype and
+:mod:`encoder_fusion.benchmarks.run.compare`, the dataset's identity and the contents of its image files, see
+:mod:`encoder_fusion.benchmarks.features.fingerprint`), the load size, the sample indices, the storage dtype
+and
 whether the grids are stored pooled (``pool=True``: each layer's tokens averaged to one ``(1, 1, C)`` cell as
 each batch is extracted, for probes that read only the mean token; memory per entry is then
 ``samples x layers x C`` values instead of ``samples x layers x h x w x C``).
@@ -43,7 +44,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from encoder_fusion.benchmarks.fingerprint import FileIndex
+from encoder_fusion.benchmarks.features.fingerprint import FileIndex
+from encoder_fusion.benchmarks.options import OptionError, is_int
 from encoder_fusion.encoders import Encoder
 from encoder_fusion.encoders.weights import tensors_sha256
 from encoder_fusion.io import atomic_path, atomic_write, file_sha256
@@ -53,7 +55,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "FUSION_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/encoder-fusion/features"
 MANIFEST = "manifest.json"
-# content hashes of image files (encoder_fusion.benchmarks.fingerprint), beside the entries
+# content hashes of image files (encoder_fusion.benchmarks.features.fingerprint), beside the entries
 FILE_INDEX = "file-index"
 FORMAT_VERSION = 2  # 2: weights keyed by their parameters, images by their files' contents
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -171,11 +173,11 @@ class FeatureCache:
         progress: bool = True,
     ) -> None:
         if dtype not in STORAGE_DTYPES:
-            raise ValueError(
-                f"FeatureCache dtype={dtype!r} is unknown; accepted: {', '.join(STORAGE_DTYPES)}"
+            raise OptionError(
+                f"{{dtype}} is unknown; accepted: {', '.join(STORAGE_DTYPES)}", {"dtype": dtype}
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"FeatureCache batch_size={batch_size!r} must be a positive int")
+        if not is_int(batch_size) or batch_size < 1:
+            raise OptionError("{batch_size} must be a positive int", {"batch_size": batch_size})
         self.root = resolve_cache_dir(root)
         self.files = FileIndex(self.root / FILE_INDEX)
         self.dtype = dtype

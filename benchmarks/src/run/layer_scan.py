@@ -8,7 +8,8 @@ go to the feature cache, one tensor per layer. When every task's head reads only
 10,000 images: 0.5 GB pooled against 72 GB of grids). Then, for each layer and task, a probe (the
 configured connector over that one layer, bilinear alignment, the task head) trains on the train
 split; its test metric gets a 95 % interval by resampling the test items
-(:func:`encoder_fusion.benchmarks.stats.metric_ci`). The latency to reach depth ``i`` is the forward time of
+(:func:`encoder_fusion.benchmarks.reports.stats.metric_ci`). The latency to reach depth ``i`` is the forward
+time of
 the encoder built hooked at ``i`` alone, so the blocks after it never run, timed round-robin over the
 depths.
 
@@ -23,21 +24,24 @@ import logging
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from encoder_fusion import EncoderGeometry, FusionHead
-from encoder_fusion.benchmarks.latency import (
-    LatencyOptions,
-    Timer,
-    fixed_threads,
-    random_images,
-    round_robin,
-    stats,
-)
-from encoder_fusion.benchmarks.render import save_whole
-from encoder_fusion.benchmarks.stats import metric_ci
-from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, run_probe
+from encoder_fusion.benchmarks.config.checks import CheckedRun, check_heads
+from encoder_fusion.benchmarks.config.plan import encoder_specs, head_config
+from encoder_fusion.benchmarks.config.schema import config_hash
+from encoder_fusion.benchmarks.datasets import load_batch
+from encoder_fusion.benchmarks.reports.figures import save_whole
+from encoder_fusion.benchmarks.reports.render import random_weights_notice
+from encoder_fusion.benchmarks.reports.report import environment
+from encoder_fusion.benchmarks.reports.stats import metric_ci, stats
+from encoder_fusion.benchmarks.run.prepare import cached_grids, image_source, job_overrides, phase
+from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, ProbeRecipe, run_probe
+from encoder_fusion.benchmarks.timing.options import LatencyOptions
+from encoder_fusion.benchmarks.timing.timer import Timer, fixed_threads, random_images, round_robin
+from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder, EncoderSpec, build_encoder
 from encoder_fusion.io import atomic_path, atomic_write, write_json
 
@@ -114,7 +118,7 @@ def probe_layers(
     batches: Mapping[str, dict],
     num_classes: Mapping[str, int],
     head: Mapping,
-    settings: Mapping,
+    recipe: ProbeRecipe,
     tasks: Sequence[str],
     resamples: int,
 ) -> tuple[list[dict], list[dict]]:
@@ -124,7 +128,7 @@ def probe_layers(
         # a layer's own grid and width: a convolutional tower's stages differ in both
         _, height, width, channels = grids["train"][layer].shape
         geometry = EncoderGeometry(encoder.spec.name, channels, (height, width), 1)
-        row = {"layer": layer, "tasks": {}}
+        row: dict[str, Any] = {"layer": layer, "tasks": {}}
         for task in tasks:
             splits = [
                 FeatureSplit(
@@ -138,7 +142,7 @@ def probe_layers(
             ]
             try:
                 make_head = lambda g=geometry: FusionHead([g], **head)
-                result = run_probe(task, make_head, *splits, **settings)
+                result = run_probe(task, make_head, *splits, recipe)
             except Exception as error:  # one task's failure must not lose the others
                 log.error(
                     "layer scan %s / %d / %s failed:\n%s",
@@ -154,9 +158,9 @@ def probe_layers(
                     }
                 )
                 continue
-            items = torch.tensor(result["item_stats"], dtype=torch.float64)
-            interval = metric_ci(items, TASKS[task].metric_from_sums, resamples)
-            row["tasks"][task] = {"metric": result["metric"], "mean": result["mean"], "ci": interval}
+            assert result.item_stats is not None  # run_probe always measures them
+            interval = metric_ci(result.item_stats, TASKS[task].metric_from_sums, resamples)
+            row["tasks"][task] = {"metric": result.metric, "mean": result.mean, "ci": interval}
         rows.append(row)
     return rows, errors
 
@@ -246,3 +250,93 @@ def write(scan: Mapping, out: Path, notice: str, title_prefix: str) -> Path:
     plot(scan, out / "layer_scan.png", title_prefix)
     atomic_write(out / "layer_scan.md", render_markdown(scan, notice))
     return write_json(out / "layer_scan.json", scan)
+
+
+def layer_geometry(encoder: Encoder, layer: int) -> EncoderGeometry:
+    """The geometry of one layer of an encoder read alone (its own width and grid: a ConvNeXt's
+    stages differ in both)."""
+    info = encoder.layers[layer]
+    height, width = encoder.image_size
+    return EncoderGeometry(
+        encoder.spec.name, info.channels, (height // info.reduction, width // info.reduction), 1
+    )
+
+
+def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -> Path:
+    """``experiment=layer_scan`` (see :mod:`encoder_fusion.benchmarks.run.layer_scan`): every encoder hooked
+    at
+    every block, one pass over the data each, a probe per layer and task, latency by depth.
+
+    Returns:
+        The path of ``layer_scan.json``.
+    """
+    tasks = plain(cfg.task.names)
+    pooled = all(TASKS[task].POOLED for task in tasks)
+    seconds: dict[str, float] = {}
+    with phase("encoders", seconds):
+        encoders = {role: scan_encoder(spec) for role, spec in encoder_specs(cfg).items()}
+    # one layer at a time, bilinear to the encoder's own grid: what each block carries alone
+    heads = {
+        role: {
+            **head_config(cfg, (role,)),
+            "grid": None,
+            "align": {"kind": "bilinear"},
+            "layer_merge": {"kind": "last"},
+        }
+        for role in encoders
+    }
+    check_heads(
+        cfg,
+        encoders.values(),
+        (
+            (f"the layer-scan head of {e.spec.name!r} layer {layer}", [layer_geometry(e, layer)], heads[role])
+            for role, e in encoders.items()
+            for layer in range(e.depth)
+        ),
+    )
+    datasets = {"train": checked.train, "test": checked.test}
+    batches = {which: load_batch(d, range(len(d)), cfg.data.image_size) for which, d in datasets.items()}
+    sources = {which: image_source(d, cfg.data.image_size, checked.cache) for which, d in datasets.items()}
+    num_classes = {task: checked.train.class_count(TASKS[task].ANNOTATION) for task in TASKS}
+    scan: dict[str, Any] = {
+        "environment": environment(cfg.bench.device, command),
+        "run": {**plain(cfg), "overrides": job_overrides(), "config_hash": config_hash(cfg)},
+        "weights": {e.spec.name: e.weights_loaded for e in encoders.values()},
+        "pooled": pooled,
+        "feature_bytes": 0,
+        "encoders": {},
+        "errors": [],
+        "phase_seconds": seconds,
+    }
+    for role, encoder in encoders.items():
+        name = encoder.spec.name
+        with phase(f"layer scan of {name}", seconds):
+            grids = {
+                which: cached_grids(checked.cache, encoder, sources[which], batches[which], pool=pooled)
+                for which in datasets
+            }
+            scan["feature_bytes"] += sum(g.numel() * g.element_size() for gs in grids.values() for g in gs)
+            rows, errors = probe_layers(
+                encoder,
+                grids,
+                batches,
+                num_classes,
+                heads[role],
+                checked.probe,
+                tasks,
+                checked.judging.ci_resamples,
+            )
+            latency = depth_latency(encoder.spec, encoder.depth, checked.latency)
+        for row, milliseconds in zip(rows, latency):
+            row["latency_ms"] = milliseconds
+        scan["encoders"][name] = {
+            "depth": encoder.depth,
+            "layers": rows,
+            "recommended": recommend(rows, tasks),
+        }
+        scan["errors"] += errors
+    random = sorted(n for n, state in scan["weights"].items() if state == "random")
+    path = write(scan, out, random_weights_notice(random), "RANDOM WEIGHTS - " if random else "")
+    print((out / "layer_scan.md").read_text(encoding="utf-8"))
+    print(f"Layer scan: {path.resolve()}  (layer_scan.md, layer_scan.png beside it)")
+    return path

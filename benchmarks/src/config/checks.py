@@ -2,9 +2,10 @@
 
 A bad value must end a run within seconds, naming the key, the value and what is accepted, not after
 feature extraction or as the only rows of a report. :func:`check_config` checks the settings alone:
-keys the schema does not have however they were added (``+task.epoch=3``), every builder of
-:mod:`encoder_fusion.benchmarks.config`, the probes' recipe, the feature cache's settings, the language
-model's memory, and the data: both datasets built (file lists and annotations read, no image decoded), both
+keys the schema does not have however they were added (``+task.epoch=3``), the names the schema
+leaves as strings, every builder of :mod:`encoder_fusion.benchmarks.config.plan` (the probes' recipe,
+the feature cache, the planted signal, the timing and judging options), the language model's memory,
+and the data: both datasets built (file lists and annotations read, no image decoded), both
 splits non-empty, and every task's annotation present in both splits with at least two classes. Once
 the encoders are built (none has run), :func:`check_heads` checks what needs their geometry: the
 load size against each encoder's patch, and the fusion head of every strategy (alignment grids,
@@ -17,7 +18,6 @@ they built (:class:`CheckedRun`) so that nothing is built or checked twice.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,23 +26,28 @@ from typing import Any
 import torch
 
 from encoder_fusion import EncoderGeometry, FusionHead
-from encoder_fusion.benchmarks.assess import AssessOptions
-from encoder_fusion.benchmarks.config import (
-    RunConfig,
+from encoder_fusion.benchmarks.config.plan import (
     Strategy,
     assess_options,
     build_datasets,
+    check_fits,
+    check_names,
     encoder_specs,
+    feature_cache,
     latency_options,
-    probe_settings,
+    plant_options,
+    probe_recipe,
     strategies,
     vlm_options,
 )
+from encoder_fusion.benchmarks.config.schema import RunConfig
 from encoder_fusion.benchmarks.datasets import ImageDataset
-from encoder_fusion.benchmarks.features import FeatureCache, extraction_device
-from encoder_fusion.benchmarks.latency import DTYPES, LatencyOptions
-from encoder_fusion.benchmarks.llm import VlmOptions, check_fits
-from encoder_fusion.benchmarks.tasks import TASKS
+from encoder_fusion.benchmarks.features.cache import FeatureCache
+from encoder_fusion.benchmarks.features.planted import PlantOptions
+from encoder_fusion.benchmarks.reports.verdicts import AssessOptions
+from encoder_fusion.benchmarks.tasks import TASKS, ProbeRecipe
+from encoder_fusion.benchmarks.timing.llm import VlmOptions
+from encoder_fusion.benchmarks.timing.options import DTYPES, LatencyOptions
 from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder
 
@@ -55,7 +60,8 @@ class CheckedRun:
     latency: LatencyOptions
     vlm: VlmOptions
     judging: AssessOptions
-    probe: dict
+    probe: ProbeRecipe
+    plants: PlantOptions
     cache: FeatureCache
     train: ImageDataset
     test: ImageDataset
@@ -97,17 +103,6 @@ def check_keys(cfg: Any) -> None:
         key, value, accepted = found
         section = key.rpartition(".")[0] or "the top level"
         raise ValueError(f"{key}={value!r} is not a setting; accepted under {section}: {', '.join(accepted)}")
-
-
-def check_plant(cfg: Any) -> None:
-    """``plant.noise`` must be a finite number >= 0 (the std of the noise added to planted features).
-
-    Raises:
-        ValueError: naming the value.
-    """
-    noise = cfg.plant.noise
-    if not 0 <= noise < math.inf:
-        raise ValueError(f"plant.noise={noise!r} must be a finite number >= 0 (a standard deviation)")
 
 
 def check_splits(cfg: Any, train: ImageDataset, test: ImageDataset, tasks: Sequence[str]) -> None:
@@ -153,27 +148,17 @@ def check_config(cfg: Any) -> CheckedRun:
         ValueError, FileNotFoundError: the first bad setting, named with its value and what is accepted.
     """
     check_keys(cfg)
+    check_names(cfg)
     plan = strategies(cfg)
     encoder_specs(cfg)
     latency, vlm, judging = latency_options(cfg), vlm_options(cfg), assess_options(cfg)
     compares = plain(cfg.bench.mode) == "compare"
     if compares and vlm.llm is not None and not cfg.bench.extract_only:
         check_fits(vlm.llm, DTYPES[latency.dtype] or torch.float32, torch.device(latency.device))
-    probe = probe_settings(cfg)
-    tasks = plain(cfg.task.names)
-    if not tasks:
-        raise ValueError(f"task.names=[] names no probe; accepted: one or more of {', '.join(TASKS)}")
-    check_plant(cfg)
-    cache = FeatureCache(
-        cfg.bench.cache_dir,
-        dtype=plain(cfg.bench.cache_dtype),
-        batch_size=cfg.bench.extract_batch_size,
-        device=extraction_device(cfg.bench.device),
-        progress=cfg.bench.progress,
-    )
+    probe, plants, cache = probe_recipe(cfg), plant_options(cfg), feature_cache(cfg)
     train, test = build_datasets(cfg)
-    check_splits(cfg, train, test, tasks)
-    return CheckedRun(plan, latency, vlm, judging, probe, cache, train, test)
+    check_splits(cfg, train, test, plain(cfg.task.names))
+    return CheckedRun(plan, latency, vlm, judging, probe, plants, cache, train, test)
 
 
 def check_heads(

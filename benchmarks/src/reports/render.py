@@ -1,5 +1,5 @@
 """Reports as people read them: ``report.md`` (:func:`render_markdown`) and ``pareto.png``
-(:func:`pareto_figure`), from a :class:`~encoder_fusion.benchmarks.records.Report`.
+(:func:`pareto_figure`), from a :class:`~encoder_fusion.benchmarks.reports.records.Report`.
 
 Every accuracy change is shown with its paired 95 % interval (``+1.2 pp [-0.4, +2.9]``) and every
 ratio with its interval (``1.05x [1.01, 1.09]``); the first lines give each fused strategy's verdict.
@@ -7,12 +7,9 @@ ratio with its interval (``1.05x [1.01, 1.09]``); the first lines give each fuse
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-from encoder_fusion.benchmarks.records import Report, StrategyRecord
-from encoder_fusion.io import atomic_path
+from encoder_fusion.benchmarks.reports.records import Report, StrategyRecord, TaskAccuracy
 
 
 def random_encoders(strategies: Sequence[StrategyRecord]) -> list[str]:
@@ -25,10 +22,6 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
-def _signed_pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:+.1f}"
-
-
 def _ratio(value: float | None, interval: Sequence[float] | None = None) -> str:
     """``1.05x``, with its interval when known: ``1.05x [1.01, 1.09]``."""
     if value is None:
@@ -36,13 +29,12 @@ def _ratio(value: float | None, interval: Sequence[float] | None = None) -> str:
     return f"{value:.2f}x" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
 
 
-def delta_cell(result: Mapping | None) -> str:
+def delta_cell(result: TaskAccuracy | None) -> str:
     """A change against the baseline in percentage points with its paired interval:
     ``+1.2 pp [-0.4, +2.9]``."""
-    delta = (result or {}).get("delta")
-    if delta is None:
+    if result is None or result.delta is None:
         return "—"
-    interval = result.get("delta_ci")
+    delta, interval = result.delta, result.delta_ci
     shown = f"{100 * delta:+.1f} pp"
     return shown + (f" [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]" if interval else "")
 
@@ -79,13 +71,13 @@ def random_weights_notice(names: Sequence[str]) -> str:
     )
 
 
-def accuracy_cell(result: Mapping | None) -> str:
+def accuracy_cell(result: TaskAccuracy | None) -> str:
     """``mean ± std`` in percent, or the error marker."""
     if result is None:
         return "—"
-    if result.get("mean") is None:
+    if result.mean is None:
         return "error"
-    return f"{_pct(result['mean'])} ± {_pct(result.get('std') or 0.0)}"
+    return f"{_pct(result.mean)} ± {_pct(result.std or 0.0)}"
 
 
 def projected_presets(report: Report) -> list[str]:
@@ -163,12 +155,13 @@ def detection_lines(report: Report) -> list[str]:
         if record.role != "fused":
             continue
         for task in report.tasks:
-            result = record.accuracy.get(task) or {}
-            detection = result.get("detection") or {}
+            result = record.accuracy.get(task)
+            detection = (result.detection if result else None) or {}
             if detection.get("needed_items") is None:
                 continue
+            size = "?" if result is None or result.test_size is None else result.test_size
             lines.append(
-                f"- {record.name} / {task}: {result.get('test_size', '?')} test items cannot detect a "
+                f"- {record.name} / {task}: {size} test items cannot detect a "
                 f"{100 * detection['min_detectable']:.1f} pp change (the interval's half-width is "
                 f"{100 * detection['half_width']:.1f} pp); about {detection['needed_items']} would."
             )
@@ -199,7 +192,7 @@ def render_markdown(report: Report) -> str:
     if notice:
         lines += [notice, ""]
     env, strategies = report.environment, report.strategies
-    first_latency = next((s.latency for s in strategies if s.latency), {})
+    first_latency = next((s.latency for s in strategies if s.latency), None)
     with_llm = any(s.vlm is not None for s in strategies)
     presets = projected_presets(report)
     lines += [
@@ -210,13 +203,14 @@ def render_markdown(report: Report) -> str:
         *language_model_lines(report),
         f"Device: {env.get('device')} · torch {env.get('torch')} · {env.get('date')}  ",
         f"Command: `{env.get('command')}`  ",
-        f"Latency: batch {first_latency.get('batch_size', '—')}, {first_latency.get('dtype', '—')}, "
-        f"compile {'on' if first_latency.get('compile') else 'off'}; median (p10–p90) in ms.",
+        f"Latency: batch {first_latency.batch_size if first_latency else '—'}, "
+        f"{first_latency.dtype if first_latency else '—'}, "
+        f"compile {'on' if first_latency and first_latency.compile else 'off'}; median (p10–p90) in ms.",
         "",
     ]
     tasks = report.tasks
     metrics = {
-        t: next((s.accuracy[t].get("metric") for s in strategies if t in s.accuracy), "") for t in tasks
+        t: next((s.accuracy[t].metric or "" for s in strategies if t in s.accuracy), "") for t in tasks
     }
     header = ["strategy", "encoders", "weights"]
     for task in tasks:
@@ -247,19 +241,19 @@ def render_markdown(report: Report) -> str:
                 "—" if not rate else f"{rate['median']:.1f}",
             ]
             row += [_ratio(((vlm.projected if vlm else {}).get(p) or {}).get("ratio")) for p in presets]
-        row.append(_timing((record.latency or {}).get("end_to_end")))
+        row.append(_timing(record.latency.end_to_end if record.latency else None))
         if not with_llm:
             row.append(_ratio(record.overhead(), record.overhead_ci()))
-        peak = (record.memory or {}).get("peak_mb")
+        peak = record.memory.peak_mb if record.memory else None
         row.append(f"{peak:.0f}" if peak is not None else "—")
         params = record.params
-        row.append(f"{params['trainable'] / 1e6:.2f}M / {params['total'] / 1e6:.2f}M" if params else "—")
+        row.append(f"{params.trainable / 1e6:.2f}M / {params.total / 1e6:.2f}M" if params else "—")
         row.append(f"{record.gflops:.3g}" if record.gflops is not None else "—")
         lines.append("| " + " | ".join(row) + " |")
     detection = detection_lines(report)
     if detection:
         lines += ["", *detection[:-1]]
-    memory_kinds = sorted({(s.memory or {}).get("kind", "") for s in strategies} - {""})
+    memory_kinds = sorted({s.memory.kind for s in strategies if s.memory})
     if memory_kinds:
         scope = "the whole VLM's first token" if with_llm else "the vision pipeline"
         lines += ["", f"Peak memory ({scope}): {'; '.join(memory_kinds)}."]
@@ -272,87 +266,3 @@ def render_markdown(report: Report) -> str:
 
 
 # -- plot -------------------------------------------------------------------------------------------
-def _error_bar(value: float, interval: Sequence[float] | None, scale: float = 1.0):
-    """The ``(2, 1)`` below/above distances of an interval around ``value``, for ``errorbar``; None
-    without an interval."""
-    if not interval:
-        return None
-    return [[scale * max(0.0, value - interval[0])], [scale * max(0.0, interval[1] - value)]]
-
-
-def pareto_figure(report: Report):
-    """The Pareto figure: per task, accuracy change against the baseline (pp) over the cost overhead
-    (x baseline), one labelled point per strategy (squares: baselines, circles: fused strategies),
-    with the 95 % intervals of both as error bars. With a language model the filled marker is the
-    time-to-first-token overhead and a hollow marker, joined to it by a dotted line, the vision-only
-    overhead of the same strategy.
-
-    Returns:
-        A :class:`matplotlib.figure.Figure` on its own Agg canvas, outside pyplot: drawing it changes
-        neither the process's matplotlib backend nor pyplot's figures (a notebook keeps showing its
-        own), and nothing needs closing.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    tasks = report.tasks or ["(no task)"]
-    with_llm = any(s.vlm is not None for s in report.strategies)
-    # constrained layout spaces the panels; save_whole keeps text that still overflows them
-    figure = Figure(figsize=(max(8.0, 5.5 * len(tasks)), 5.0), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(tasks), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
-        for record in report.strategies:
-            overhead, vision = record.overhead(), record.vision_overhead()
-            delta = (record.accuracy.get(task) or {}).get("delta")
-            if overhead is None or delta is None:
-                continue
-            color = "black" if record.is_baseline else "tab:blue"
-            marker = "s" if record.is_baseline else "o"
-            axis.errorbar(
-                overhead,
-                100 * delta,
-                xerr=_error_bar(overhead, record.overhead_ci()),
-                yerr=_error_bar(delta, (record.accuracy.get(task) or {}).get("delta_ci"), scale=100),
-                fmt="none",
-                ecolor=color,
-                elinewidth=1,
-                capsize=3,
-                zorder=2,
-            )
-            axis.scatter(overhead, 100 * delta, marker=marker, s=70, color=color, zorder=3, label=record.name)
-            if with_llm and vision is not None:
-                axis.scatter(
-                    vision, 100 * delta, marker=marker, s=70, facecolors="none", edgecolors=color, zorder=3
-                )
-                axis.plot([vision, overhead], [100 * delta] * 2, linestyle=":", color=color, linewidth=1)
-            axis.annotate(record.name, (overhead, 100 * delta), textcoords="offset points", xytext=(6, 4))
-        axis.axhline(0.0, color="grey", linewidth=0.8)
-        axis.axvline(1.0, color="grey", linewidth=0.8)
-        cost = "time-to-first-token overhead" if with_llm else "latency overhead"
-        axis.set_xlabel(f"{cost} (x {report.baseline})" + ("; hollow: vision only" if with_llm else ""))
-        axis.set_ylabel(f"{task}: accuracy change vs {report.baseline} (pp)")
-        axis.set_title(task)
-        axis.grid(alpha=0.3)
-    cost = f"TTFT overhead ({', '.join(report.llms)})" if with_llm else "latency overhead"
-    title = f"accuracy gain vs {cost}"
-    if planted_encoders(report):
-        title = "PLANTED SIGNAL - " + title
-    elif report.weights_random:
-        title = "RANDOM WEIGHTS - " + title
-    figure.suptitle(title)
-    return figure
-
-
-def save_whole(figure, path: str | os.PathLike, dpi: int) -> None:
-    """Save ``figure`` with its canvas grown to every piece of text on it: a long title, or a label
-    placed beside a point near the edge, is never cut off."""
-    figure.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
-
-
-def plot_pareto(report: Report, path: str | os.PathLike) -> Path:
-    """Save :func:`pareto_figure` as a PNG at ``path``, atomically."""
-    figure = pareto_figure(report)
-    with atomic_path(path) as temp:
-        save_whole(figure, temp, dpi=110)
-    return Path(path)

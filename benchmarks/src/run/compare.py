@@ -1,0 +1,291 @@
+"""The compare mode: the strategies of a run (the single-encoder baselines and the configured fusion,
+see :func:`encoder_fusion.benchmarks.config.plan.strategies`) trained, evaluated and timed side by
+side, their report written.
+
+A failure in one strategy or one task is recorded in the report with its error; what every strategy
+needs (the dataset, the encoders) ends the run, and so does a run in which every strategy failed,
+once its report is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from encoder_fusion import EncoderGeometry, FusedEncoder, FusionHead
+from encoder_fusion.benchmarks.config.checks import CheckedRun, check_heads, strategy_heads
+from encoder_fusion.benchmarks.config.plan import Strategy, used_roles
+from encoder_fusion.benchmarks.config.schema import config_hash
+from encoder_fusion.benchmarks.datasets import ImageDataset, load_batch
+from encoder_fusion.benchmarks.features.planted import PlantOptions, planted_grids
+from encoder_fusion.benchmarks.reports.records import BASELINE, Report, StrategyRecord, TaskAccuracy
+from encoder_fusion.benchmarks.reports.render import render_markdown
+from encoder_fusion.benchmarks.reports.report import build_report, environment, write_report
+from encoder_fusion.benchmarks.reports.verdicts import add_delta_intervals, assess
+from encoder_fusion.benchmarks.run.prepare import (
+    build_encoders,
+    cached_grids,
+    error_text,
+    image_source,
+    init_distributed,
+    job_overrides,
+    phase,
+)
+from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, run_probe
+from encoder_fusion.benchmarks.timing.llm import VlmOptions
+from encoder_fusion.benchmarks.timing.measure import measure_latency
+from encoder_fusion.benchmarks.timing.options import LatencyOptions
+from encoder_fusion.containers import plain
+from encoder_fusion.encoders import Encoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Split:
+    """One split's raw batch and its per-role grids (None where extraction failed)."""
+
+    dataset: ImageDataset
+    batch: dict
+    grids: dict[str, list[torch.Tensor] | None]
+
+    def features(self, roles: tuple[str, ...], task: str) -> FeatureSplit:
+        """The probe input of ``task`` for the encoders ``roles``."""
+        return FeatureSplit(
+            grids=[self.grids[role] for role in roles],
+            labels=self.batch["labels"],
+            masks=self.batch["masks"],
+            boxes=self.batch["boxes"],
+            num_classes=self.dataset.class_count(TASKS[task].ANNOTATION),
+        )
+
+
+def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) -> tuple[dict, dict]:
+    """Load the train / test batches and every role's grids (cached).
+
+    Returns:
+        ``(splits, role_errors)``: ``{"train": Split, "test": Split}`` and role -> the error that
+        stopped its extraction.
+    """
+    load_size, cache, plants = cfg.data.image_size, checked.cache, checked.plants
+    splits, role_errors = {}, {}
+    for number, (which, dataset) in enumerate((("train", checked.train), ("test", checked.test))):
+        batch = load_batch(dataset, range(len(dataset)), load_size)
+        source = image_source(dataset, load_size, cache)
+        grids: dict[str, list[torch.Tensor] | None] = {}
+        for offset, (role, encoder) in enumerate(encoders.items()):
+            if role in role_errors:
+                grids[role] = None
+                continue
+            try:
+                plant = plants.of(role)
+                if plant is not None:
+                    grids[role] = planted_grids(
+                        plant,
+                        batch,
+                        grid=encoder.grid_size(),
+                        width=encoder.width,
+                        layers=len(encoder.layer_indices),
+                        num_classes=dataset.num_classes,
+                        noise=plants.noise,
+                        seed=cfg.seed + offset,
+                        noise_seed=cfg.seed + 100 * (number + 1) + offset,
+                    )
+                    continue
+                grids[role] = cached_grids(cache, encoder, source, batch)
+            except Exception as error:  # recorded against every strategy using this encoder
+                role_errors[role] = f"feature extraction ({which}): {error_text(error)}"
+                log.error("feature extraction of %s failed:\n%s", role, traceback.format_exc())
+                grids[role] = None
+        splits[which] = Split(dataset, batch, grids)
+    return splits, role_errors
+
+
+def head_factory(strategy: Strategy, encoders: Mapping[str, Encoder]):
+    """A ``make_head()`` for :func:`run_probe`: a fresh :class:`FusionHead` for the strategy's encoders."""
+    geometries = [EncoderGeometry.of(encoders[role]) for role in strategy.encoders]
+    return lambda: FusionHead(geometries, **strategy.head)
+
+
+def strategy_record(
+    strategy: Strategy, encoders: Mapping[str, Encoder], plants: PlantOptions
+) -> StrategyRecord:
+    """The report record of a strategy before results: name, role, encoders, config, weights
+    (``planted`` for an encoder whose features the harness planted)."""
+    used = [encoders[role] for role in strategy.encoders]
+    return StrategyRecord(
+        name=strategy.name,
+        role=strategy.role,
+        encoders=[e.spec.name for e in used],
+        config={
+            "key": strategy.key(),
+            "encoders": {role: plain_spec(encoders[role]) for role in strategy.encoders},
+            "head": strategy.head,
+        },
+        weights={
+            encoders[role].spec.name: "planted" if plants.of(role) else encoders[role].weights_loaded
+            for role in strategy.encoders
+        },
+    )
+
+
+def plain_spec(encoder: Encoder) -> dict:
+    """An encoder's spec as JSON-ready fields."""
+    spec = dataclasses.asdict(encoder.spec)
+    spec["image_size"] = list(encoder.image_size)
+    spec["hooks"]["layers"] = list(spec["hooks"]["layers"])
+    return spec
+
+
+def run_probes(
+    cfg: Any, checked: CheckedRun, records: dict[str, StrategyRecord], encoders, splits, role_errors
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Every task of ``cfg.task.names`` for every strategy; results and errors go into ``records``.
+
+    Returns:
+        (strategy, task) -> the per-item statistics of its test items per seed (for the paired
+        intervals; kept out of the report).
+    """
+    items = {}
+    for strategy in checked.strategies:
+        record = records[strategy.name]
+        missing = [role_errors[r] for r in strategy.encoders if r in role_errors]
+        if missing:
+            for error in missing:
+                record.add_error("features", error)
+            continue
+        make_head = head_factory(strategy, encoders)
+        for task in plain(cfg.task.names):
+            try:
+                train = splits["train"].features(strategy.encoders, task)
+                test = splits["test"].features(strategy.encoders, task)
+                started = time.perf_counter()
+                result = run_probe(task, make_head, train, test, checked.probe)
+                assert result.item_stats is not None  # run_probe always measures them
+                items[strategy.name, task] = result.item_stats
+                record.accuracy[task] = result
+                log.info(
+                    "probe %s / %s: %s %.3f in %.1f s",
+                    strategy.name,
+                    task,
+                    result.metric,
+                    result.mean,
+                    time.perf_counter() - started,
+                )
+            except Exception as error:  # one task's failure must not lose the others
+                log.error("probe %s / %s failed:\n%s", strategy.name, task, traceback.format_exc())
+                record.accuracy[task] = TaskAccuracy(task)
+                record.add_error(f"probe:{task}", error_text(error))
+    return items
+
+
+def run_latency(
+    plan: list[Strategy],
+    records: dict[str, StrategyRecord],
+    encoders,
+    options: LatencyOptions,
+    vlm: VlmOptions,
+) -> None:
+    """Time every strategy that builds, all in one run (with the language-model stage of ``vlm``);
+    results and errors go into ``records``."""
+    pipelines = {}
+    for strategy in plan:
+        try:
+            pipelines[strategy.name] = FusedEncoder(
+                [encoders[role] for role in strategy.encoders], **strategy.head
+            )
+        except Exception as error:
+            records[strategy.name].add_error("latency", error_text(error))
+    if BASELINE not in pipelines:
+        for name in pipelines:
+            records[name].add_error("latency", f"no {BASELINE} pipeline to measure ratios against")
+        return
+    try:
+        results = measure_latency(pipelines, options, vlm=vlm)
+    except Exception as error:
+        log.error("latency failed:\n%s", traceback.format_exc())
+        for name in pipelines:
+            records[name].add_error("latency", error_text(error))
+        return
+    for name, cost in results.items():
+        records[name].add_cost(cost)
+
+
+def run_compare(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -> Path | None:
+    """The compare mode of :func:`encoder_fusion.benchmarks.run.run_benchmark`, once every setting is
+    checked: the encoders built and their heads checked, the features extracted (sharded under
+    ``torchrun``), then on rank 0 the probes and the latency of every strategy, and the report.
+
+    Returns:
+        The path of ``report.json``; None when no report was written (``extract_only``, or a rank
+        other than 0).
+
+    Raises:
+        RuntimeError: every strategy failed (their errors are in the report written first).
+    """
+    seconds: dict[str, float] = {}
+    with phase("encoders", seconds):
+        encoders = build_encoders(cfg)
+    check_heads(cfg, encoders.values(), strategy_heads(checked.strategies, encoders))
+    rank = init_distributed()
+    checked.cache.progress = cfg.bench.progress and not rank
+    with phase("data and features", seconds):
+        splits, role_errors = load_splits(cfg, encoders, checked)
+    if rank is not None:
+        dist.destroy_process_group()
+    if cfg.bench.extract_only or rank:
+        where = "" if rank is None else f" (rank {rank})"
+        print(f"Features cached in {checked.cache.root}{where}; errors: {role_errors or 'none'}")
+        return None
+    records = {s.name: strategy_record(s, encoders, checked.plants) for s in checked.strategies}
+    with phase("probes", seconds):
+        items = run_probes(cfg, checked, records, encoders, splits, role_errors)
+        add_delta_intervals(records, items, BASELINE, checked.judging)
+    with phase("latency", seconds):
+        run_latency(checked.strategies, records, encoders, checked.latency, checked.vlm)
+    run = {
+        **plain(cfg),
+        "overrides": job_overrides(),
+        "config_hash": config_hash(cfg),
+        "data_sizes": {which: len(split.dataset) for which, split in splits.items()},
+        "roles": list(used_roles(cfg)),
+        "phase_seconds": seconds,
+    }
+    report = build_report(
+        list(records.values()),
+        run=run,
+        env=environment(cfg.bench.device, command),
+        tasks=plain(cfg.task.names),
+    )
+    for record in report.strategies:
+        if record.role == "fused":
+            assess(record, checked.judging)
+    path = write_report(report, out)
+    print(render_markdown(report))
+    print(f"Report: {path.resolve()}  (report.md, pareto.png beside it)")
+    check_some_strategy_succeeded(report, out)
+    return path
+
+
+def check_some_strategy_succeeded(report: Report, out: Path) -> None:
+    """A run in which every strategy recorded an error answers nothing: it fails, once its report
+    (which lists the errors) is written.
+
+    Raises:
+        RuntimeError: naming the report and the first strategy's first error.
+    """
+    if all(record.errors for record in report.strategies):
+        record = report.strategies[0]
+        first = record.errors[0]
+        raise RuntimeError(
+            f"every strategy failed (their errors: {out / 'report.md'}); first: {record.name} / "
+            f"{first['where']}: {first['error']}"
+        )

@@ -1,0 +1,89 @@
+"""Timing calls side by side: a fixed thread count, one timer for CPU and GPU, autocast binding, and
+the round robin that takes every call's repeats in turn, so drift or a noisy neighbour hits every
+pipeline alike."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+from encoder_fusion.benchmarks.timing.options import LatencyOptions
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's CPU thread count for the block, then restore it."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Timer:
+    """Times one call: CUDA events on a GPU (synchronised), ``perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        """Run ``fn`` once; its duration in milliseconds."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+
+
+def compile_wrapper(options: LatencyOptions) -> Callable[[Callable], Callable]:
+    """``torch.compile`` with the options' backend and static shapes, or the identity."""
+    if not options.compile:
+        return lambda fn: fn
+    return lambda fn: torch.compile(fn, backend=options.compile_backend, dynamic=False)
+
+
+def random_images(batch: int, size: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A fixed batch of random uint8 images (B, 3, size, size)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 3, size, size), generator=generator, dtype=torch.uint8).to(device)
+
+
+def autocast_binder(device: torch.device, dtype: torch.dtype | None) -> Callable[..., Callable[[], object]]:
+    """``bind(fn, *args)`` -> a no-argument call of ``fn(*args)`` under autocast to ``dtype``
+    (plain when ``dtype`` is None)."""
+
+    def bind(fn: Callable, *args: object) -> Callable[[], object]:
+        def call() -> object:
+            if dtype is None:
+                return fn(*args)
+            with torch.autocast(device.type, dtype=dtype):
+                return fn(*args)
+
+        return call
+
+    return bind
+
+
+def round_robin(
+    timer: Timer, calls: Mapping[tuple[str, str], Callable[[], object]], options: LatencyOptions
+) -> dict[tuple[str, str], list[float]]:
+    """Samples of every call (each stage and the end-to-end forward of every pipeline), the repeats
+    taken round-robin across all of them."""
+    for _ in range(options.warmup):
+        for call in calls.values():
+            call()
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+    for _ in range(options.repeats):
+        for name, call in calls.items():
+            samples[name].append(timer(call))
+    return samples
