@@ -35,7 +35,7 @@ from encoder_fusion.benchmarks.features.planted import PLANTS, PlantOptions
 from encoder_fusion.benchmarks.options import OptionError
 from encoder_fusion.benchmarks.reports.verdicts import AssessOptions
 from encoder_fusion.benchmarks.tasks import TASKS, ProbeRecipe
-from encoder_fusion.benchmarks.timing.llm import LlmSpec, VlmOptions, weight_bytes
+from encoder_fusion.benchmarks.timing.llm import LlmSpec, VlmOptions, memory_needs
 from encoder_fusion.benchmarks.timing.options import DTYPES, LatencyOptions
 from encoder_fusion.containers import plain
 
@@ -135,7 +135,7 @@ def check_fits(spec: LlmSpec, dtype: torch.dtype, device: torch.device) -> None:
     Raises:
         ValueError: the estimate (parameters x bytes), the memory available, and the way out.
     """
-    params, width, free = weight_bytes(spec, dtype, device)
+    params, width, free = memory_needs(spec, dtype, device)
     needed = params * width
     if needed > MEMORY_HEADROOM * free:
         raise ValueError(

@@ -204,8 +204,8 @@ class LatencyConfig:
 @dataclass
 class LlmConfig:
     """The language model the visual tokens feed (group ``llm``): a decoder-only architecture built
-    with random weights from these numbers (:class:`encoder_fusion.benchmarks.timing.llm.LlmSpec`). ``name:
-    none``
+    with random weights from these numbers (:class:`encoder_fusion.benchmarks.timing.llm.LlmSpec`).
+    ``name: none``
     measures the vision pipeline alone; its ``hidden_size`` is only the width the connector emits, and its
     other fields are null."""
 

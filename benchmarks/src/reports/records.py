@@ -163,7 +163,7 @@ class VlmRecord:
     vision pipeline alone); ``projected`` maps each ``bench.project_llms`` preset to a projection
     ``{"ttft_ms", "ratio", "prefill_ms", "prefill_gflops", "projected": true}``: this pipeline's
     measured vision time plus the preset's prefill FLOPs at the run's measured prefill rate (see
-    :func:`encoder_fusion.benchmarks.timing.measure.vlm_records`); ``per_batch`` holds ``prefill``, ``ttft``
+    :func:`encoder_fusion.benchmarks.timing.vlm.vlm_records`); ``per_batch`` holds ``prefill``, ``ttft``
     and
     ``decode_tokens_per_s`` for every batch size.
     """

@@ -132,7 +132,7 @@ def available_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def weight_bytes(spec: LlmSpec, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+def memory_needs(spec: LlmSpec, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
     """``(parameters, bytes per parameter in dtype, free bytes on device)``: what a memory check needs
     before a model is built."""
     return parameter_count(spec), torch.empty((), dtype=dtype).element_size(), available_bytes(device)
@@ -141,7 +141,7 @@ def weight_bytes(spec: LlmSpec, dtype: torch.dtype, device: torch.device) -> tup
 def build_language_model(spec: LlmSpec, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
     """The model with random weights (seeded), in eval mode, on ``device`` in ``dtype``.
 
-    The caller checks first that it fits (:func:`weight_bytes`): a model too big for the machine
+    The caller checks first that it fits (:func:`memory_needs`): a model too big for the machine
     fails here only after filling its memory.
     """
     from transformers import AutoModelForCausalLM

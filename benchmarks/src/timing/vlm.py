@@ -61,7 +61,7 @@ def vlm_records(
     against ``baseline`` and its projections to ``vlm.project``.
 
     Args:
-        built: name -> :class:`encoder_fusion.benchmarks.timing.measure.Pipeline`.
+        built: name -> :class:`encoder_fusion.benchmarks.timing.pipeline.Pipeline`.
         per_batch: name -> batch size -> ``{"stages", "end_to_end", "vlm"}`` statistics.
 
     A projection takes one prefill rate for the whole run, the FLOPs of every pipeline's prefill over
