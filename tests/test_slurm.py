@@ -127,5 +127,5 @@ def test_a_job_failing_inside_slurm_surfaces_in_fusion_report(tmp_path):
     report = load_report(folder / "report.json")
     assert report.run["finished"] == 1
     (failed,) = report.failed_jobs
-    assert failed["error"] == "ValueError: task.epochs=0 must be a positive, finite int"
+    assert failed["error"] == "OptionError: task.epochs=0 must be a positive, finite int"
     assert "task.epochs=0 must be a positive, finite int" in (folder / "report.md").read_text()
