@@ -12,6 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+# fewer bootstrap resamples give 2.5th/97.5th percentiles too noisy to report as an interval
+MIN_RESAMPLES = 100
+
 
 def shown(value: object) -> str:
     """A value as a config writes it: ``true``, ``null``, else its repr."""
@@ -59,3 +62,13 @@ def check_positive(field: str, value: object, kinds: tuple[type, ...] = (int, fl
     if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < math.inf:  # type: ignore[operator]
         kind = " or ".join(k.__name__ for k in kinds)
         raise OptionError(f"{{{field}}} must be a positive, finite {kind}", {field: value})
+
+
+def check_resamples(resamples: object) -> int:
+    """``resamples`` when it is an int >= :data:`MIN_RESAMPLES`.
+
+    Raises:
+        OptionError: naming ``ci_resamples``, the value and what is accepted.
+    """
+    check_int("ci_resamples", resamples, MIN_RESAMPLES)
+    return resamples  # type: ignore[return-value]  # checked to be an int just above

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from encoder_fusion import EncoderGeometry, FusionHead
+from encoder_fusion import EncoderGeometry, EncoderSpec, FusionHead
 from encoder_fusion.benchmarks.config.plan import (
     Strategy,
     assess_options,
@@ -57,6 +57,7 @@ class CheckedRun:
     """What :func:`check_config` built: the run uses these instead of building them again."""
 
     strategies: list[Strategy]
+    encoders: dict[str, EncoderSpec]
     latency: LatencyOptions
     vlm: VlmOptions
     judging: AssessOptions
@@ -149,8 +150,7 @@ def check_config(cfg: Any) -> CheckedRun:
     """
     check_keys(cfg)
     check_names(cfg)
-    plan = strategies(cfg)
-    encoder_specs(cfg)
+    plan, encoders = strategies(cfg), encoder_specs(cfg)
     latency, vlm, judging = latency_options(cfg), vlm_options(cfg), assess_options(cfg)
     compares = plain(cfg.bench.mode) == "compare"
     if compares and vlm.llm is not None and not cfg.bench.extract_only:
@@ -158,7 +158,7 @@ def check_config(cfg: Any) -> CheckedRun:
     probe, plants, cache = probe_recipe(cfg), plant_options(cfg), feature_cache(cfg)
     train, test = build_datasets(cfg)
     check_splits(cfg, train, test, plain(cfg.task.names))
-    return CheckedRun(plan, latency, vlm, judging, probe, plants, cache, train, test)
+    return CheckedRun(plan, encoders, latency, vlm, judging, probe, plants, cache, train, test)
 
 
 def check_heads(

@@ -2,7 +2,7 @@
 and the typed results they hold: :class:`TaskAccuracy` (a probe's result), :class:`PipelineCost`
 (what the timing stage measured of one pipeline: :class:`LatencyRecord`, :class:`RatioRecord`,
 :class:`MemoryRecord`, :class:`ParamCounts`) and :class:`VlmRecord` (the whole vision-language
-model's cost). A leaf: it imports nothing of the harness but the baseline's name.
+model's cost). A leaf: it imports nothing of the harness.
 
 ``report.json`` is ``Report.to_dict()``; :meth:`Report.from_dict` reads one back and refuses what it
 cannot read (another ``schema_version``, a row with unknown or missing fields) with a message that
@@ -19,11 +19,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from encoder_fusion.benchmarks.config.schema import BASELINE
-
 SCHEMA_VERSION = 2
 ROLES = ("baseline", "fused")
-__all__ = ["BASELINE", "SCHEMA_VERSION"]
 
 
 def _checked_fields(cls: type, data: Mapping, where: str) -> dict:

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from encoder_fusion.benchmarks.config.schema import BASELINE
 from encoder_fusion.benchmarks.reports.figures import plot_pareto
-from encoder_fusion.benchmarks.reports.records import BASELINE, Report, StrategyRecord
+from encoder_fusion.benchmarks.reports.records import Report, StrategyRecord
 from encoder_fusion.benchmarks.reports.render import random_encoders, render_markdown
 from encoder_fusion.io import atomic_write, write_json
 

@@ -24,10 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from encoder_fusion.benchmarks.options import check_int
-
 LEVEL = 0.95
-MIN_RESAMPLES = 100
 CHUNK = 256  # resamples drawn at once, so the (resamples, items) weight table stays small
 VERDICTS = ("gain", "worse", "no detectable gain")
 
@@ -37,16 +34,6 @@ def stats(samples_ms: Sequence[float]) -> dict:
     values = np.asarray(samples_ms, dtype=np.float64)
     p10, median, p90 = np.percentile(values, [10, 50, 90])
     return {"median": float(median), "p10": float(p10), "p90": float(p90), "n": int(values.size)}
-
-
-def check_resamples(resamples: object) -> int:
-    """``resamples`` when it is an int >= :data:`MIN_RESAMPLES`.
-
-    Raises:
-        OptionError: naming ``ci_resamples``, the value and what is accepted.
-    """
-    check_int("ci_resamples", resamples, MIN_RESAMPLES)
-    return resamples  # type: ignore[return-value]  # checked to be an int just above
 
 
 def _percentiles(values: np.ndarray) -> list[float]:

@@ -6,15 +6,14 @@ drawn).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from encoder_fusion.benchmarks.options import OptionError
+from encoder_fusion.benchmarks.options import OptionError, check_resamples
 from encoder_fusion.benchmarks.reports.records import StrategyRecord
-from encoder_fusion.benchmarks.reports.stats import check_resamples, needed_items, paired_delta_ci, verdict
-from encoder_fusion.benchmarks.tasks import TASKS
+from encoder_fusion.benchmarks.reports.stats import needed_items, paired_delta_ci, verdict
 
 # the cost step the trade-off is quoted per: +10 % of the baseline's time
 COST_STEP = 0.10
@@ -54,11 +53,14 @@ class AssessOptions:
 def add_delta_intervals(
     records: Mapping[str, StrategyRecord],
     items: Mapping[tuple[str, str], torch.Tensor],
+    metrics: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     baseline: str,
     options: AssessOptions,
 ) -> None:
     """Set ``delta_ci`` (the paired 95 % interval of the change against ``baseline``, in the units of
     ``delta``) and ``detection`` on every task result that has item statistics, in place.
+    ``items`` maps ``(strategy, task)`` to its per-item statistics, and ``metrics`` maps each task to
+    the metric of their sum (the task's ``metric_from_sums``).
 
     ``detection`` is ``{"min_detectable", "half_width", "needed_items"}``: the smallest change worth
     detecting (``bench.min_detectable_pp`` as a fraction), the interval's half-width, and the test
@@ -70,9 +72,7 @@ def add_delta_intervals(
             ours, theirs = items.get((name, task)), items.get((baseline, task))
             if ours is None or theirs is None:
                 continue
-            interval = paired_delta_ci(
-                ours, theirs, TASKS[task].metric_from_sums, options.ci_resamples, options.seed
-            )
+            interval = paired_delta_ci(ours, theirs, metrics[task], options.ci_resamples, options.seed)
             result.delta_ci = interval
             result.detection = {
                 "min_detectable": minimum,

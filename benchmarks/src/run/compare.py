@@ -23,10 +23,10 @@ import torch.distributed as dist
 from encoder_fusion import EncoderGeometry, FusedEncoder, FusionHead
 from encoder_fusion.benchmarks.config.checks import CheckedRun, check_heads, strategy_heads
 from encoder_fusion.benchmarks.config.plan import Strategy, used_roles
-from encoder_fusion.benchmarks.config.schema import config_hash
+from encoder_fusion.benchmarks.config.schema import BASELINE, config_hash
 from encoder_fusion.benchmarks.datasets import ImageDataset, load_batch
 from encoder_fusion.benchmarks.features.planted import PlantOptions, planted_grids
-from encoder_fusion.benchmarks.reports.records import BASELINE, Report, StrategyRecord, TaskAccuracy
+from encoder_fusion.benchmarks.reports.records import Report, StrategyRecord, TaskAccuracy
 from encoder_fusion.benchmarks.reports.render import render_markdown
 from encoder_fusion.benchmarks.reports.report import build_report, environment, write_report
 from encoder_fusion.benchmarks.reports.verdicts import add_delta_intervals, assess
@@ -233,7 +233,7 @@ def run_compare(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -
     """
     seconds: dict[str, float] = {}
     with phase("encoders", seconds):
-        encoders = build_encoders(cfg)
+        encoders = build_encoders(checked.encoders, cfg.seed)
     check_heads(cfg, encoders.values(), strategy_heads(checked.strategies, encoders))
     rank = init_distributed()
     checked.cache.progress = cfg.bench.progress and not rank
@@ -248,7 +248,8 @@ def run_compare(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -
     records = {s.name: strategy_record(s, encoders, checked.plants) for s in checked.strategies}
     with phase("probes", seconds):
         items = run_probes(cfg, checked, records, encoders, splits, role_errors)
-        add_delta_intervals(records, items, BASELINE, checked.judging)
+        metrics = {task: TASKS[task].metric_from_sums for task in plain(cfg.task.names)}
+        add_delta_intervals(records, items, metrics, BASELINE, checked.judging)
     with phase("latency", seconds):
         run_latency(checked.strategies, records, encoders, checked.latency, checked.vlm)
     run = {

@@ -30,7 +30,7 @@ import torch
 
 from encoder_fusion import EncoderGeometry, FusionHead
 from encoder_fusion.benchmarks.config.checks import CheckedRun, check_heads
-from encoder_fusion.benchmarks.config.plan import encoder_specs, head_config
+from encoder_fusion.benchmarks.config.plan import head_config
 from encoder_fusion.benchmarks.config.schema import config_hash
 from encoder_fusion.benchmarks.datasets import load_batch
 from encoder_fusion.benchmarks.reports.figures import save_whole
@@ -94,7 +94,7 @@ def depth_latency(spec: EncoderSpec, depth: int, options: LatencyOptions) -> lis
         encoder = build_encoder(hooked_at(spec, [layer])).to(device)
         calls[str(layer), "forward"] = lambda e=encoder: e.forward_grids(e.preprocess(images))
     with fixed_threads(options.threads), torch.inference_mode():
-        samples = round_robin(Timer(device), calls, options)
+        samples = round_robin(Timer(device), calls, warmup=options.warmup, repeats=options.repeats)
     return [stats(samples[str(layer), "forward"])["median"] for layer in range(depth)]
 
 
@@ -274,7 +274,7 @@ def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None
     pooled = all(TASKS[task].POOLED for task in tasks)
     seconds: dict[str, float] = {}
     with phase("encoders", seconds):
-        encoders = {role: scan_encoder(spec) for role, spec in encoder_specs(cfg).items()}
+        encoders = {role: scan_encoder(spec) for role, spec in checked.encoders.items()}
     # one layer at a time, bilinear to the encoder's own grid: what each block carries alone
     heads = {
         role: {

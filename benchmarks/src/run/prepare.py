@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from encoder_fusion.benchmarks.config.plan import encoder_specs
+from encoder_fusion import EncoderSpec
 from encoder_fusion.benchmarks.datasets import ImageDataset
 from encoder_fusion.benchmarks.features.cache import FeatureCache
 from encoder_fusion.encoders import Encoder, build_encoder
@@ -79,12 +79,12 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def build_encoders(cfg: Any) -> dict[str, Encoder]:
-    """role -> built encoder; each seeded with ``cfg.seed`` so random weights (and their cache
+def build_encoders(specs: Mapping[str, EncoderSpec], seed: int) -> dict[str, Encoder]:
+    """role -> built encoder; each seeded with ``seed`` so random weights (and their cache
     entries) are the same in every run of one seed."""
     encoders = {}
-    for role, spec in encoder_specs(cfg).items():
-        torch.manual_seed(cfg.seed)
+    for role, spec in specs.items():
+        torch.manual_seed(seed)
         encoders[role] = build_encoder(spec)
     return encoders
 

@@ -5,14 +5,8 @@ seed and returns the test metric's mean and std; ``TASKS`` lists the registered 
 """
 
 from encoder_fusion.benchmarks.tasks import classification, dense, localization
-from encoder_fusion.benchmarks.tasks.probe import (
-    TASKS,
-    FeatureSplit,
-    ProbeRecipe,
-    ProbeTask,
-    register_task,
-    run_probe,
-)
+from encoder_fusion.benchmarks.tasks.base import TASKS, FeatureSplit, ProbeTask, register_task
+from encoder_fusion.benchmarks.tasks.probe import ProbeRecipe, run_probe
 
 __all__ = [
     "TASKS",

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoder_fusion.benchmarks.tasks.probe import ClassIdTask, MeanOfItemsTask, register_task
+from encoder_fusion.benchmarks.tasks.base import ClassIdTask, MeanOfItemsTask, register_task
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:

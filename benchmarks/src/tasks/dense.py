@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoder_fusion.benchmarks.tasks.probe import ClassIdTask, FeatureSplit, register_task
+from encoder_fusion.benchmarks.tasks.base import ClassIdTask, FeatureSplit, register_task
 
 IGNORE_INDEX = -1
 CHUNK = 64  # samples per bincount, so the (chunk, H, W, K) count table stays small

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
-from encoder_fusion.benchmarks.tasks.probe import FeatureSplit, MeanOfItemsTask, register_task
+from encoder_fusion.benchmarks.tasks.base import FeatureSplit, MeanOfItemsTask, register_task
 
 
 def box_iou_pairs(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:

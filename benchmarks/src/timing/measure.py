@@ -39,8 +39,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 from encoder_fusion import FusedEncoder
+from encoder_fusion.benchmarks.config.schema import BASELINE
 from encoder_fusion.benchmarks.reports.records import (
-    BASELINE,
     LatencyRecord,
     MemoryRecord,
     PipelineCost,
@@ -108,7 +108,7 @@ def measure_latency(
             prompt_tokens=vlm.prompt_tokens,
             decode_tokens=vlm.decode_tokens,
             seed=options.seed,
-            wrap=compile_wrapper(options),
+            wrap=compile_wrapper(options.compile, options.compile_backend),
         )
     built = {name: Pipeline.build(name, fused, options, language) for name, fused in pipelines.items()}
     settings = {
@@ -138,7 +138,9 @@ def measure_latency(
                 if language is not None:
                     calls[name, "ttft"] = bound(pipeline.ttft, images)
                     calls[name, "decode"] = bound(language.decoder(*inputs["llm.prefill"]))
-            samples = repeats[str(batch)] = round_robin(timer, calls, options)
+            samples = repeats[str(batch)] = round_robin(
+                timer, calls, warmup=options.warmup, repeats=options.repeats
+            )
             for name in built:
                 stages = {stage: stats(samples[name, stage]) for stage in built[name].stages}
                 whole = calls[name, "ttft" if language is not None else "end_to_end"]

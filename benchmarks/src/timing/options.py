@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from encoder_fusion.benchmarks.options import OptionError, check_int, is_int
-from encoder_fusion.benchmarks.reports.stats import check_resamples
+from encoder_fusion.benchmarks.options import OptionError, check_int, check_resamples, is_int
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 

@@ -67,7 +67,7 @@ class Pipeline:
         language model's prefill as the last stage when ``language`` is given."""
         device = torch.device(options.device)
         fused = fused.to(device).eval()
-        wrap = compile_wrapper(options)
+        wrap = compile_wrapper(options.compile, options.compile_backend)
         head = fused.head
         stages: dict[str, Callable] = {
             "preprocess": wrap(lambda images: [e.preprocess(images) for e in fused.encoders]),

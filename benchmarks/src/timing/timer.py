@@ -10,8 +10,6 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from encoder_fusion.benchmarks.timing.options import LatencyOptions
-
 
 @contextlib.contextmanager
 def fixed_threads(threads: int | None) -> Iterator[None]:
@@ -45,11 +43,11 @@ class Timer:
         return (time.perf_counter() - begin) * 1e3
 
 
-def compile_wrapper(options: LatencyOptions) -> Callable[[Callable], Callable]:
-    """``torch.compile`` with the options' backend and static shapes, or the identity."""
-    if not options.compile:
+def compile_wrapper(enabled: bool, backend: str) -> Callable[[Callable], Callable]:
+    """``torch.compile`` with ``backend`` and static shapes when ``enabled``, else the identity."""
+    if not enabled:
         return lambda fn: fn
-    return lambda fn: torch.compile(fn, backend=options.compile_backend, dynamic=False)
+    return lambda fn: torch.compile(fn, backend=backend, dynamic=False)
 
 
 def random_images(batch: int, size: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -75,15 +73,15 @@ def autocast_binder(device: torch.device, dtype: torch.dtype | None) -> Callable
 
 
 def round_robin(
-    timer: Timer, calls: Mapping[tuple[str, str], Callable[[], object]], options: LatencyOptions
+    timer: Timer, calls: Mapping[tuple[str, str], Callable[[], object]], *, warmup: int, repeats: int
 ) -> dict[tuple[str, str], list[float]]:
-    """Samples of every call (each stage and the end-to-end forward of every pipeline), the repeats
-    taken round-robin across all of them."""
-    for _ in range(options.warmup):
+    """Samples of every call (each stage and the end-to-end forward of every pipeline): ``warmup``
+    untimed rounds, then ``repeats`` timed ones, each round calling all of them in turn."""
+    for _ in range(warmup):
         for call in calls.values():
             call()
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-    for _ in range(options.repeats):
+    for _ in range(repeats):
         for name, call in calls.items():
             samples[name].append(timer(call))
     return samples
