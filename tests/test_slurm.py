@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_bench_e2e import bench_process, job_reports, run_ok
+from bench_runs import bench_process, job_reports, run_ok
 
 from encoder_fusion.benchmarks.cli import report_main
 from encoder_fusion.benchmarks.reports.report import load_report

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bench_runs import bench_process, job_reports, run_ok
 from omegaconf import OmegaConf
-from test_bench_e2e import bench_process, job_reports, run_ok
-from test_report import ENV, three_strategies
+from report_records import ENV, three_strategies
 
 from encoder_fusion.benchmarks.cli import report_main
 from encoder_fusion.benchmarks.reports.aggregate import aggregate
