@@ -21,7 +21,7 @@ from encoder_fusion.benchmarks.reports.report import build_report, load_report, 
 from encoder_fusion.benchmarks.reports.sweep import check_own_folder, finished_result, job_state, planned_jobs
 from encoder_fusion.io import write_json
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["experiment=smoke", "bench.latency.repeats=1", "data.options.num_images=24"]
 
 

@@ -21,7 +21,7 @@ from encoder_fusion.benchmarks.cli import report_main
 from encoder_fusion.benchmarks.reports.report import load_report
 from encoder_fusion.benchmarks.reports.sweep import UNFINISHED
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # one CPU and 2 GB per job: the CI machine's node has two CPUs, so two jobs run at once
 SLURM = ["hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
 FAST = ["experiment=smoke", "bench.latency.repeats=1", "data.options.num_images=24"]

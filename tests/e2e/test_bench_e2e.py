@@ -21,7 +21,7 @@ from encoder_fusion.benchmarks.cli import report_main
 from encoder_fusion.benchmarks.reports.report import load_report
 from encoder_fusion.benchmarks.run import run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 
 pytestmark = pytest.mark.slow
