@@ -46,7 +46,11 @@ def missing_cluster() -> str | None:
 
 
 MISSING = missing_cluster()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.cluster,
+    pytest.mark.skipif(MISSING is not None, reason=str(MISSING)),
+]
 
 
 def sweep_command(folder: Path, cache: Path, *overrides: str) -> tuple[list[str], dict]:
