@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on this machine, for tests/test_slurm.py: Debian's munge, slurmctld
+# A real single-node SLURM cluster on this machine, for tests/e2e/test_slurm.py: Debian's munge, slurmctld
 # and slurmd (SLURM 22.05) with this host as the one node of one partition, started directly (no
 # systemd) with their configuration, sockets, state and logs in one folder.
 #

@@ -12,7 +12,7 @@ import pytest
 
 from encoder_fusion.benchmarks.kernel.registers import parse_tiles, programs_per_sm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_CASE = "tiny=3x3x40*2+4x4x40*1->4x4"  # 3x3 and 4x4 grids of 40 channels fused to 4x4
 
 

@@ -19,7 +19,7 @@ import encoder_fusion.benchmarks.run.compare
 from encoder_fusion.benchmarks.run import run_benchmark
 from encoder_fusion.encoders import Encoder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH = "from encoder_fusion.benchmarks.cli import bench_main; bench_main()"
 
 

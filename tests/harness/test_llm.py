@@ -27,7 +27,7 @@ from encoder_fusion.benchmarks.run import run_benchmark
 from encoder_fusion.benchmarks.timing.llm import LanguageModel, LlmSpec, VlmOptions, build_language_model
 from encoder_fusion.benchmarks.timing.measure import gflops_per_image
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 # (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings) as published, and the
 # parameter count of the released checkpoints (their model cards)

@@ -21,7 +21,7 @@ import pytest
 
 PACKAGES = ("encoder_fusion", "encoder_fusion.kernels")
 HARNESS = "encoder_fusion.benchmarks"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def modules(package_name: str) -> list[ModuleType]:

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_bench_e2e import bench_process, job_reports, run_ok
+from bench_runs import bench_process, job_reports, run_ok
 
 from encoder_fusion.benchmarks.cli import report_main
 from encoder_fusion.benchmarks.reports.report import load_report
 from encoder_fusion.benchmarks.reports.sweep import UNFINISHED
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # one CPU and 2 GB per job: the CI machine's node has two CPUs, so two jobs run at once
 SLURM = ["hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
 FAST = ["experiment=smoke", "bench.latency.repeats=1", "data.options.num_images=24"]
@@ -46,7 +46,11 @@ def missing_cluster() -> str | None:
 
 
 MISSING = missing_cluster()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.cluster,
+    pytest.mark.skipif(MISSING is not None, reason=str(MISSING)),
+]
 
 
 def sweep_command(folder: Path, cache: Path, *overrides: str) -> tuple[list[str], dict]:

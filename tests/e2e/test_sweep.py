@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bench_runs import bench_process, job_reports, run_ok
 from omegaconf import OmegaConf
-from test_bench_e2e import bench_process, job_reports, run_ok
-from test_report import ENV, three_strategies
+from report_records import ENV, three_strategies
 
 from encoder_fusion.benchmarks.cli import report_main
 from encoder_fusion.benchmarks.reports.aggregate import aggregate
@@ -21,7 +21,7 @@ from encoder_fusion.benchmarks.reports.report import build_report, load_report, 
 from encoder_fusion.benchmarks.reports.sweep import check_own_folder, finished_result, job_state, planned_jobs
 from encoder_fusion.io import write_json
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["experiment=smoke", "bench.latency.repeats=1", "data.options.num_images=24"]
 
 

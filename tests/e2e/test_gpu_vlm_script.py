@@ -11,7 +11,7 @@ import pytest
 
 from encoder_fusion.benchmarks.reports.report import load_report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -216,6 +216,7 @@ def test_the_language_model_must_take_the_pipelines_width(pipelines):
         measure_latency(pipelines, LatencyOptions(**FAST), vlm=vlm)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_events_memory_and_streams(pipelines):
     options = LatencyOptions(device="cuda", streams=True, dtype="bf16", **FAST)

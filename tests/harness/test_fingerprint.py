@@ -19,7 +19,7 @@ from encoder_fusion.benchmarks.features.cache import FILE_INDEX
 from encoder_fusion.benchmarks.features.fingerprint import BLOCK, FileIndex
 from encoder_fusion.benchmarks.run import run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_bytes(path: Path, data: bytes, mtime_ns: int | None = None) -> None:

@@ -1,5 +1,5 @@
 """The Dense Connector and MMFuser layer merges inside FusionHead: every encoder merge, alignment and
-normalisation; their token layouts; what they refuse. (Their formulas: tests/test_merge.py.)"""
+normalisation; their token layouts; what they refuse. (Their formulas: tests/library/test_merge.py.)"""
 
 import re
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from test_bench_e2e import bench_process, check_report, job_reports, run_ok
+from bench_runs import bench_process, check_report, job_reports, run_ok
 
 from encoder_fusion.benchmarks.cli import report_main
 from encoder_fusion.benchmarks.reports.report import load_report
@@ -37,8 +37,8 @@ def test_smoke_sweep_of_tiny_siglip2_against_tiny_dinov3(tmp_path):
 def test_one_distilled_encoder_against_fusing_two(tmp_path):
     """fusion.baselines lists radio_only: a C-RADIO row beside the CLIP-only and DINOv2-only ones,
     probed and timed against CLIP-only in the same run as the fused pair."""
+    from bench_runs import CONF
     from hydra import compose, initialize_config_dir
-    from test_bench_e2e import CONF
 
     from encoder_fusion.benchmarks.run import run_benchmark
 

@@ -14,7 +14,7 @@ import encoder_fusion.benchmarks.features.cache as features
 from encoder_fusion.benchmarks.run import run_benchmark
 from encoder_fusion.benchmarks.run.layer_scan import encoder_depth, recommend
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 pytestmark = pytest.mark.slow
 

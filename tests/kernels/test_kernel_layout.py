@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels" / "src"
+KERNELS = Path(__file__).resolve().parents[2] / "kernels" / "src"
 ITSELF = "encoder_fusion.kernels"
 FILES = sorted(KERNELS.glob("*.py"))
 

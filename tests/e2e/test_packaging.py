@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DISTRIBUTION = "encoder-fusion"
 IMPORT_NAME = "encoder_fusion"
 # each folder of the project card -> where its package lands in the wheel

@@ -31,7 +31,7 @@ from encoder_fusion.containers import plain
 from encoder_fusion.encoders import build_encoder
 from encoder_fusion.encoders.tiny import RECIPES, tiny_spec
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 PLUGIN_LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")
 
 

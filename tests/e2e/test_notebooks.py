@@ -23,7 +23,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from nbformat.v4 import new_code_cell, new_notebook
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 QUICKSTART = NOTEBOOKS / "01_quickstart.ipynb"
 SWEEP_ANALYSIS = NOTEBOOKS / "02_sweep_analysis.ipynb"

@@ -11,8 +11,8 @@ import pytest
 import timm
 import torch
 from checkpoints import perturb, put_in_hub_cache
+from encoder_cases import CASES
 from safetensors.torch import save_file
-from test_encoders import CASES
 
 from encoder_fusion.encoders import EncoderSpec, build_encoder
 from encoder_fusion.hooks import HookSpec
