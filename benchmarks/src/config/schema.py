@@ -13,6 +13,10 @@ Two encoder roles: ``clip`` (the language-aligned encoder: CLIP or SigLIP, and t
 ratio and accuracy change is measured against) and ``dino`` (the self-supervised one).
 """
 
+# The Enums of the fields below are built at import from the library's registries, so a type checker
+# sees each as a variable of type Any, not a class; the fields' types are checked by OmegaConf instead.
+# pyright: reportInvalidTypeForm=false
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +39,9 @@ from encoder_fusion.hooks import NORMS, PREFIX_POLICIES
 from encoder_fusion.merge import ENCODER_MERGES
 
 
-def choices(name: str, names: tuple[str, ...] | list[str]) -> type[Enum]:
-    """An Enum whose members are ``names`` (each member's value is its name)."""
+def choices(name: str, names: tuple[str, ...] | list[str]) -> Any:
+    """An Enum whose members are ``names`` (each member's value is its name); typed Any, since its
+    members are known only once the registries are read."""
     return Enum(name, {n: n for n in names})
 
 
@@ -59,6 +64,8 @@ ConnectorKind = choices("ConnectorKind", CONNECTORS.names())
 HubMode = choices("HubMode", ("auto", "offline", "online"))
 BenchMode = choices("BenchMode", ("compare", "layer_scan"))
 NO_LLM = "none"
+# an OmegaConf interpolation, resolved to an int when the config is read (typed Any, like MISSING)
+LLM_WIDTH: Any = "${llm.hidden_size}"
 
 
 @dataclass
@@ -156,7 +163,7 @@ class ConnectorConfig:
     ``llm.hidden_size`` unless set."""
 
     kind: ConnectorKind = ConnectorKind.mlp
-    out_dim: int | None = "${llm.hidden_size}"
+    out_dim: int | None = LLM_WIDTH
     final_norm: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 

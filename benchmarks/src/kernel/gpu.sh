@@ -21,8 +21,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # The tests compile a few hundred kernel variants; 8 pytest processes share the work (and the
 # Triton cache), each on every 8th test.
 ids="$out/test_ids.txt"
-python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_grid_fuse_kernel.py \
-    tests/test_grid_fuse_validation.py | grep '::' > "$ids"
+python3 -m pytest --collect-only -q -p no:cacheprovider tests/kernels/test_grid_fuse_kernel.py \
+    tests/kernels/test_grid_fuse_validation.py | grep '::' > "$ids"
 for shard in 0 1 2 3 4 5 6 7; do
     awk -v s="$shard" 'NR % 8 == s' "$ids" > "$out/tests_$shard.ids"
     timeout "${TESTS_S:-240}" xargs -d '\n' -a "$out/tests_$shard.ids" \
