@@ -70,9 +70,8 @@ class CheckedRun:
 
 def schema_of(hint: Any) -> type | None:
     """The dataclass a field's type names (``X`` or ``X | None``), or None (a value, or a free dict)."""
-    if dataclasses.is_dataclass(hint):
-        return hint
-    return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)
+    found = [arg for arg in (hint, *typing.get_args(hint)) if isinstance(arg, type)]
+    return next((arg for arg in found if dataclasses.is_dataclass(arg)), None)
 
 
 def unknown_key(data: Mapping, schema: type, prefix: str = "") -> tuple[str, Any, list[str]] | None:
@@ -135,10 +134,10 @@ def check_splits(cfg: Any, train: ImageDataset, test: ImageDataset, tasks: Seque
                 f"of a data={name} split has one; accepted for this data: {usable}"
             )
         if train.class_count(needed) == 1:
-            names = train.classes if needed == "label" else train.mask_classes
+            names = (train.classes if needed == "label" else train.mask_classes) or []
             raise ValueError(
                 f"task.names={list(tasks)}: {task} needs at least 2 {needed} classes, and data={name} "
-                f"({train.root}) has 1 ({names[0]}); accepted: data with 2 or more {needed} classes"
+                f"({train.root}) has 1 ({', '.join(names)}); accepted: data with 2 or more {needed} classes"
             )
 
 

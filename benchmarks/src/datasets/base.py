@@ -158,6 +158,11 @@ class ImageDataset:
 
     def load(self, record: Record) -> Sample:
         """Decode one record: the image, its mask (checked against the image size) and its box."""
+        if record.image is None:
+            raise ValueError(
+                f"record {record.key!r} of dataset {self.NAME!r} has no image file; a dataset that "
+                "generates its images overrides ImageDataset.load"
+            )
         image = read_image(record.image)
         height, width = image.shape[-2:]
         mask = None

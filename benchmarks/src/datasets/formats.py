@@ -235,7 +235,8 @@ class Coco128Dataset(ImageDataset):
             mask_files = image_files(masks_dir)
             stems_without(mask_files, set(images), "masks", images_dir)
             masks = {p.stem: p for p in mask_files}
-            panoptic = id_names(root / "semantic_segmentation" / "config.yaml", "classes")
+            self._classes_file = root / "semantic_segmentation" / "config.yaml"
+            panoptic = id_names(self._classes_file, "classes")
             kept = sorted(i for i in panoptic if i != 0)
             mask_classes = [panoptic[i] for i in kept]
             # lookup table: panoptic id -> contiguous index; 0 and unknown ids marked for the check
@@ -262,6 +263,6 @@ class Coco128Dataset(ImageDataset):
         if bad.any():
             raise ValueError(
                 f"mask {path} holds class ids {sorted(set(ids[bad].tolist()))[:5]} that are not in "
-                f"{self.root / 'semantic_segmentation' / 'config.yaml'}"
+                f"{self._classes_file}"
             )
         return torch.from_numpy(lut[ids])

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -122,7 +123,9 @@ def build_dataset(
         )
     folder = resolve_root(cls, root)
     kwargs = {"seed": seed} if "seed" in inspect.signature(cls.__init__).parameters else {}
-    dataset = cls(folder, split, **kwargs, **options)
+    # a registered dataset is built from its folder and split (ImageDataset's own constructor takes
+    # the records the subclass reads from them)
+    dataset = cast(Callable[..., ImageDataset], cls)(folder, split, **kwargs, **options)
     if require:
         keep = [i for i, r in enumerate(dataset.records) if all(dataset.has(r, a) for a in require)]
         if not keep:
@@ -135,9 +138,10 @@ def build_dataset(
 
 
 def stratified_split(
-    labels: Sequence[int] | torch.Tensor, test_fraction: float, seed: int
+    labels: Sequence[int | None] | torch.Tensor, test_fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
     """Split indices into train and test with each class in the same proportion, reproducibly.
+    Unlabelled images (None) are split as one class of their own.
 
     Each class sends ``round(n_c * test_fraction)`` of its images (seeded choice) to test, but keeps at
     least one in train and, when it has two or more, puts at least one in test.

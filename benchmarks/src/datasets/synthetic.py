@@ -65,7 +65,7 @@ def draw_shape(
 def textured_background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A float (size, size, 3) background: a smooth colour field, a few stripes, pixel noise."""
     coarse = Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8))
-    field = np.asarray(coarse.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    field = np.asarray(coarse.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     theta, period = rng.uniform(0, math.pi), rng.uniform(4, 12)
     stripes = np.sin((xs * math.cos(theta) + ys * math.sin(theta)) * 2 * math.pi / period)
@@ -143,6 +143,7 @@ class SyntheticShapesDataset(ImageDataset):
 
     def load(self, record: Record) -> Sample:
         size, label = self.image_size, record.label
+        assert label is not None  # every generated image is labelled when its record is made
         rng = np.random.default_rng([self.seed, int(record.key.split(":")[1])])
         canvas = Image.fromarray(np.clip(textured_background(rng, size), 0, 255).astype(np.uint8))
         if self.words:

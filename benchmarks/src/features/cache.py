@@ -277,6 +277,7 @@ class FeatureCache:
         except CorruptEntry:
             cached = None
         if all_ranks(cached is not None):  # decided together: no process may skip a barrier alone
+            assert cached is not None  # this process's own answer is one of all
             return cached
         bounds = [len(indices) * r // world for r in range(world + 1)]
         staging = entry.with_name(f".{entry.name}.staging")

@@ -21,6 +21,7 @@ import platform
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -107,7 +108,7 @@ def build_report(
     tasks: Sequence[str] = (),
     baseline: str = BASELINE,
     deltas: bool = True,
-    **extra: object,
+    **extra: Any,
 ) -> Report:
     """Assemble a report from strategy records; fills accuracy deltas.
 

@@ -47,7 +47,10 @@ def _resample_counts(rng: np.random.Generator, items: int, resamples: int) -> np
 
 
 def resampled_metric(
-    stats: torch.Tensor, metric: Callable[[torch.Tensor], torch.Tensor], resamples: int, seed: int
+    stats: torch.Tensor | Sequence[torch.Tensor],
+    metric: Callable[[torch.Tensor], torch.Tensor],
+    resamples: int,
+    seed: int,
 ) -> np.ndarray:
     """The seed-averaged metric on each of ``resamples`` resamples of the items.
 
@@ -59,7 +62,7 @@ def resampled_metric(
     Returns:
         ``(entries, resamples)`` (one row per entry of ``stats`` when it is a list).
     """
-    entries = stats if isinstance(stats, (list, tuple)) else [stats]
+    entries = [stats] if isinstance(stats, torch.Tensor) else list(stats)
     items = {int(s.shape[1]) for s in entries}
     if len(items) != 1:
         raise ValueError(f"paired statistics must share one item count, got {sorted(items)}")

@@ -58,9 +58,13 @@ class Split:
     grids: dict[str, list[torch.Tensor] | None]
 
     def features(self, roles: tuple[str, ...], task: str) -> FeatureSplit:
-        """The probe input of ``task`` for the encoders ``roles``."""
+        """The probe input of ``task`` for the encoders ``roles`` (each of which has grids)."""
+        grids = [self.grids[role] for role in roles]
+        lost = [role for role, grid in zip(roles, grids) if grid is None]
+        if lost:  # the callers skip a strategy whose encoder failed, so this is a caller's mistake
+            raise ValueError(f"no features of encoder role(s) {lost}: their extraction failed")
         return FeatureSplit(
-            grids=[self.grids[role] for role in roles],
+            grids=[grid for grid in grids if grid is not None],
             labels=self.batch["labels"],
             masks=self.batch["masks"],
             boxes=self.batch["boxes"],

@@ -130,7 +130,7 @@ def probe_layers(
         geometry = EncoderGeometry(encoder.spec.name, channels, (height, width), 1)
         row: dict[str, Any] = {"layer": layer, "tasks": {}}
         for task in tasks:
-            splits = [
+            train, test = (
                 FeatureSplit(
                     grids=[[grids[which][layer]]],
                     labels=batches[which]["labels"],
@@ -139,10 +139,10 @@ def probe_layers(
                     num_classes=num_classes[task],
                 )
                 for which in ("train", "test")
-            ]
+            )
             try:
                 make_head = lambda g=geometry: FusionHead([g], **head)
-                result = run_probe(task, make_head, *splits, recipe)
+                result = run_probe(task, make_head, train, test, recipe)
             except Exception as error:  # one task's failure must not lose the others
                 log.error(
                     "layer scan %s / %d / %s failed:\n%s",
