@@ -86,6 +86,8 @@ class DenseTask(ClassIdTask):
     INPUT = "grid"
 
     def targets(self, split: FeatureSplit, grid_hw: tuple[int, int]) -> torch.Tensor:
+        if split.masks is None:  # run_probe checks every split first; a direct call may not have
+            raise ValueError(f"the {self.NAME} probe needs FeatureSplit.{self.TARGET}, got None")
         return masks_to_grid(split.masks, grid_hw, split.num_classes)
 
     def valid(self, targets: torch.Tensor) -> torch.Tensor:

@@ -67,9 +67,11 @@ class LocalizationTask(MeanOfItemsTask):
 
     def check(self, split: FeatureSplit, which: str) -> None:
         super().check(split, which)
-        missing = split.boxes.isnan()
+        boxes = split.boxes
+        assert boxes is not None  # the check above raises ValueError for a split without boxes
+        missing = boxes.isnan()
         partial = bool((missing.any(dim=1) & ~missing.all(dim=1)).any())
-        known = split.boxes[~missing.any(dim=1)]
+        known = boxes[~missing.any(dim=1)]
         in_range = bool(((known >= 0) & (known <= 1)).all())
         ordered = bool((known[:, 2:] >= known[:, :2]).all())
         if partial or not (in_range and ordered):

@@ -8,8 +8,9 @@ with a cosine schedule on the train split, one pass over the test split, mean an
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -17,6 +18,23 @@ from torch import nn
 from encoder_fusion.benchmarks.options import OptionError, check_positive, is_int
 from encoder_fusion.benchmarks.reports.records import TaskAccuracy
 from encoder_fusion.benchmarks.tasks.base import TASKS, FeatureSplit, Grids, ProbeTask
+
+
+class FusionContract(Protocol):
+    """What the probe calls on the fusion head ``make_head`` builds (an nn.Module besides): the
+    forward contract of :class:`encoder_fusion.FusionHead`."""
+
+    def __call__(self, grids: Grids) -> torch.Tensor: ...
+
+    def forward_deepstack(self, grids: Grids) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+    def to_grid(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+def _contract(fusion: nn.Module) -> FusionContract:
+    """``fusion`` typed by the contract it is built to: a type checker reads a method an nn.Module
+    does not declare as ``Tensor | Module`` (its ``__getattr__``), which cannot be called."""
+    return cast(FusionContract, fusion)
 
 
 class ProbeModel(nn.Module):
@@ -33,9 +51,10 @@ class ProbeModel(nn.Module):
         self.fusion, self.head, self.head_input = fusion, head, head_input
 
     def forward(self, grids: Grids) -> torch.Tensor:
-        tokens, extras = self.fusion.forward_deepstack(grids)
+        fusion = _contract(self.fusion)
+        tokens, extras = fusion.forward_deepstack(grids)
         tokens = sum(extras, tokens)
-        return self.head(self.fusion.to_grid(tokens) if self.head_input == "grid" else tokens)
+        return self.head(fusion.to_grid(tokens) if self.head_input == "grid" else tokens)
 
 
 @dataclass(frozen=True)
@@ -255,8 +274,8 @@ def _train_and_test(
     with torch.no_grad():
         fusion.eval()
         tokens = fusion([[g[:1].to(device=device, dtype=torch.float32) for g in ls] for ls in train.grids])
-        grid = fusion.to_grid(tokens)
-    grid_hw = tuple(grid.shape[1:3])
+        grid = _contract(fusion).to_grid(tokens)
+    grid_hw = (grid.shape[1], grid.shape[2])  # (B, H, W, D')
     width = (grid if probe.INPUT == "grid" else tokens).shape[-1]
     if grid_hw not in prepared:
         prepared[grid_hw] = _prepare(probe, train, test, grid_hw, device)
@@ -284,7 +303,10 @@ def _train_and_test(
 def _learned_weights(fusion: nn.Module) -> dict[str, list[float]]:
     """``fusion.layer_weights()`` of a trained :class:`encoder_fusion.model.FusionHead`; ``{}`` for a head
     without that method (``make_head`` may build any module with the FusionHead forward contract)."""
-    layer_weights = getattr(fusion, "layer_weights", None)
+    # FusionHead.layer_weights() -> {encoder: weights}; an attribute read by name is typed object
+    layer_weights = cast(
+        "Callable[[], Mapping[str, list[float]]] | None", getattr(fusion, "layer_weights", None)
+    )
     return dict(layer_weights()) if callable(layer_weights) else {}
 
 

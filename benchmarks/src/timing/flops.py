@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from encoder_fusion.benchmarks.reports.records import ParamCounts
 from encoder_fusion.benchmarks.timing.llm import prefill_flops
 from encoder_fusion.benchmarks.timing.pipeline import Pipeline
+from encoder_fusion.benchmarks.timing.timer import Binder
 
 
 def parameter_counts(module: nn.Module) -> ParamCounts:
@@ -40,7 +41,7 @@ def gflops_per_image(forward_one_image: Callable[[], object]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def stage_gflops(pipeline: Pipeline, bind: Callable, one_image: torch.Tensor, prompt_tokens: int) -> dict:
+def stage_gflops(pipeline: Pipeline, bind: Binder, one_image: torch.Tensor, prompt_tokens: int) -> dict:
     """GFLOPs of every stage on one image; the prefill's are counted on the model built on the meta
     device (:func:`encoder_fusion.benchmarks.timing.llm.prefill_flops`), which is the same count without a
     second
@@ -49,6 +50,8 @@ def stage_gflops(pipeline: Pipeline, bind: Callable, one_image: torch.Tensor, pr
     counts = {}
     for stage, fn in pipeline.stages.items():
         if stage == "llm.prefill":
+            # Pipeline.build adds this stage only together with the language model it runs
+            assert pipeline.language is not None
             tokens = pipeline.fused.output_tokens() + prompt_tokens
             counts[stage] = prefill_flops(pipeline.language.spec, tokens) / 1e9
         else:

@@ -28,6 +28,7 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import psutil
 import torch
@@ -35,6 +36,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from encoder_fusion.benchmarks.options import OptionError, check_int, is_int
+
+if TYPE_CHECKING:  # transformers is imported where a model is built: it is slow to import
+    from transformers import PreTrainedModel
 
 # family -> its ``transformers`` configuration class
 FAMILIES = {"qwen2": "Qwen2Config", "llama": "LlamaConfig"}
@@ -100,7 +104,7 @@ class LlmSpec:
 
 
 @functools.lru_cache(maxsize=16)
-def meta_model(spec: LlmSpec) -> nn.Module:
+def meta_model(spec: LlmSpec) -> PreTrainedModel:
     """The architecture built on the ``meta`` device: shapes without memory, for counting."""
     from transformers import AutoModelForCausalLM
 
@@ -138,7 +142,9 @@ def memory_needs(spec: LlmSpec, dtype: torch.dtype, device: torch.device) -> tup
     return parameter_count(spec), torch.empty((), dtype=dtype).element_size(), available_bytes(device)
 
 
-def build_language_model(spec: LlmSpec, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+def build_language_model(
+    spec: LlmSpec, device: torch.device, dtype: torch.dtype, seed: int
+) -> PreTrainedModel:
     """The model with random weights (seeded), in eval mode, on ``device`` in ``dtype``.
 
     The caller checks first that it fits (:func:`memory_needs`): a model too big for the machine
@@ -174,7 +180,7 @@ class LanguageModel:
     def __init__(
         self,
         spec: LlmSpec,
-        model: nn.Module,
+        model: PreTrainedModel,
         *,
         prompt_tokens: int,
         decode_tokens: int,
@@ -188,7 +194,9 @@ class LanguageModel:
         self.seed = seed
         self._cache_keyword = cache_keyword(model)
         self._forward = wrap(self._prefill_forward)
-        self.layers = model.get_decoder().layers
+        # get_decoder() is untyped in transformers; the decoder of every family here (Qwen2Model,
+        # LlamaModel) holds its blocks in the ModuleList ``layers``
+        self.layers = cast(nn.ModuleList, model.get_decoder().layers)
         self._deepstack: tuple[list[torch.Tensor], int] | None = None
         for index, layer in enumerate(self.layers):
             layer.register_forward_hook(functools.partial(self._add_deepstack, index))
@@ -204,8 +212,14 @@ class LanguageModel:
         return output
 
     @property
+    def embeddings(self) -> nn.Embedding:
+        """The input token embeddings: transformers types them as a plain Module; every family here
+        embeds with an ``nn.Embedding``."""
+        return cast(nn.Embedding, self.model.get_input_embeddings())
+
+    @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return self.embeddings.weight.device
 
     def prompt_ids(self, batch: int) -> torch.Tensor:
         """A fixed batch of random prompt token ids (batch, prompt_tokens)."""
@@ -229,8 +243,7 @@ class LanguageModel:
                 f"{len(extras)} DeepStack token sets need as many decoder layers, but llm={self.spec.name} "
                 f"has {len(self.layers)}; accepted: at most {len(self.layers)} deepstack_layers"
             )
-        embeddings = self.model.get_input_embeddings()
-        prompt = embeddings(self.prompt_ids(visual.shape[0]))
+        prompt = self.embeddings(self.prompt_ids(visual.shape[0]))
         embeds = torch.cat([visual.to(prompt.dtype), prompt], dim=1)
         self._deepstack = (list(extras), visual.shape[1]) if extras else None
         try:

@@ -27,11 +27,12 @@ def fuse_stage(head: nn.Module) -> nn.Module:
 
 def streamed_forward(fused: FusedEncoder, streams: Sequence[torch.cuda.Stream]) -> Callable:
     """``fused.forward_deepstack`` with each encoder's preprocess and blocks on its own CUDA stream."""
+    encoders = fused.encoder_list
 
     def forward(images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         main = torch.cuda.current_stream()
         grids = []
-        for encoder, stream in zip(fused.encoders, streams):
+        for encoder, stream in zip(encoders, streams):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
                 grids.append(encoder.forward_grids(encoder.preprocess(images)))
@@ -68,11 +69,11 @@ class Pipeline:
         device = torch.device(options.device)
         fused = fused.to(device).eval()
         wrap = compile_wrapper(options.compile, options.compile_backend)
-        head = fused.head
+        head, encoders = fused.head, fused.encoder_list
         stages: dict[str, Callable] = {
-            "preprocess": wrap(lambda images: [e.preprocess(images) for e in fused.encoders]),
+            "preprocess": wrap(lambda images: [e.preprocess(images) for e in encoders]),
         }
-        for encoder in fused.encoders:
+        for encoder in encoders:
             stages[f"encoder.{encoder.spec.name}"] = wrap(encoder.forward_grids)
         if isinstance(getattr(head, "connector", None), nn.Module):
             stages["fuse"] = wrap(fuse_stage(head))
@@ -90,7 +91,13 @@ class Pipeline:
         return cls(name, fused, stages, end_to_end, language)
 
     def ttft(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw images in, the first token's logits out: the vision pipeline, then the prefill."""
+        """Raw images in, the first token's logits out: the vision pipeline, then the prefill.
+
+        Raises:
+            ValueError: a pipeline built without a language model.
+        """
+        if self.language is None:
+            raise ValueError(f"pipeline {self.name} has no language model to time the first token with")
         return self.language.first_token(images, self.end_to_end)
 
     def stage_inputs(self, images: torch.Tensor) -> dict[str, tuple]:
@@ -98,7 +105,7 @@ class Pipeline:
         inputs: dict[str, tuple] = {"preprocess": (images,)}
         pixels = self.stages["preprocess"](images)
         grids = []
-        for encoder, encoder_pixels in zip(self.fused.encoders, pixels):
+        for encoder, encoder_pixels in zip(self.fused.encoder_list, pixels):
             inputs[f"encoder.{encoder.spec.name}"] = (encoder_pixels,)
             grids.append(self.stages[f"encoder.{encoder.spec.name}"](encoder_pixels))
         if "fuse" in self.stages:

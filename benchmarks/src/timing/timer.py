@@ -7,8 +7,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -56,12 +59,18 @@ def random_images(batch: int, size: int, seed: int, device: torch.device) -> tor
     return torch.randint(0, 256, (batch, 3, size, size), generator=generator, dtype=torch.uint8).to(device)
 
 
-def autocast_binder(device: torch.device, dtype: torch.dtype | None) -> Callable[..., Callable[[], object]]:
+class Binder(Protocol):
+    """``bind(fn, *args)`` -> a no-argument call of ``fn(*args)``, returning what ``fn`` returns."""
+
+    def __call__(self, fn: Callable[..., T], /, *args: object) -> Callable[[], T]: ...
+
+
+def autocast_binder(device: torch.device, dtype: torch.dtype | None) -> Binder:
     """``bind(fn, *args)`` -> a no-argument call of ``fn(*args)`` under autocast to ``dtype``
     (plain when ``dtype`` is None)."""
 
-    def bind(fn: Callable, *args: object) -> Callable[[], object]:
-        def call() -> object:
+    def bind(fn: Callable[..., T], /, *args: object) -> Callable[[], T]:
+        def call() -> T:
             if dtype is None:
                 return fn(*args)
             with torch.autocast(device.type, dtype=dtype):

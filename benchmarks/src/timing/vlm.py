@@ -46,7 +46,8 @@ def vlm_timings(samples: Mapping, name: str, batch: int, decode_tokens: int) -> 
         "batch_size": batch,
         "prefill": stats(samples[name, "llm.prefill"]),
         "ttft": stats(samples[name, "ttft"]),
-        "decode_tokens_per_s": stats(decode_tokens / (decode_ms / 1e3)) if decode_tokens else None,
+        # the per-call rates in float64, handed to stats as the list of floats it takes
+        "decode_tokens_per_s": stats((decode_tokens / (decode_ms / 1e3)).tolist()) if decode_tokens else None,
     }
 
 
@@ -66,8 +67,13 @@ def vlm_records(
 
     A projection takes one prefill rate for the whole run, the FLOPs of every pipeline's prefill over
     the sum of their medians, so that the noise of one pipeline's prefill does not bend its ratio.
+
+    Raises:
+        ValueError: ``vlm`` without a language model (``llm=None``).
     """
     size, batch, spec = str(batch_sizes[0]), batch_sizes[0], vlm.llm
+    if spec is None:
+        raise ValueError("vlm_records needs the language model the pipelines were timed with; got llm=None")
     prompt = vlm.prompt_tokens
     timings = {name: per_batch[name][size]["vlm"] for name in built}
     vision = {name: per_batch[name][size]["end_to_end"]["median"] for name in built}
