@@ -6,10 +6,10 @@ over N processes (add ``bench.extract_only=true`` to only fill the cache before 
 ``fusion-bench`` runs one benchmark, or a sweep with ``-m``; each job writes ``report.json`` (its
 finished marker) or, when it fails, ``error.json`` into its folder. A job whose config (its
 ``run.config_hash``) already has a finished result, in its folder or anywhere in the sweep folder, is
-skipped, so re-running an interrupted sweep with the same ``hydra.sweep.dir`` only runs what is
-missing (see :mod:`encoder_fusion.benchmarks.reports.sweep`). A job that fails, a bad setting included, exits
-non-zero
-with one line saying why (Hydra prints the whole trace with ``HYDRA_FULL_ERROR=1``; ``error.json`` keeps it).
+skipped, so re-running an interrupted sweep with the same ``hydra.sweep.dir`` only runs what is missing
+(see :mod:`encoder_fusion.benchmarks.reports.sweep`). A job that fails, a bad setting included, exits
+non-zero with one line saying why (Hydra prints the whole trace with ``HYDRA_FULL_ERROR=1``;
+``error.json`` keeps it).
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
 """Feature cache: the hooked grids of a frozen encoder, computed once per key and reused.
 
 Encoders are frozen, so the grids they return for one dataset never change. A sweep over fusion
-strategies reads them from here instead of running the backbone again. An entry is keyed by
-everything that changes the grids: the encoder (source, model, and a digest of its parameters as
-loaded, whatever file or cache they came from), the architecture overrides, the input size, the
-hooked layers, norm and prefix policy, the preprocessing, the images (the caller's ``source``: for
-:mod:`encoder_fusion.benchmarks.run.compare`, the dataset's identity and the contents of its image files, see
-:mod:`encoder_fusion.benchmarks.features.fingerprint`), the load size, the sample indices, the storage dtype
-and
-whether the grids are stored pooled (``pool=True``: each layer's tokens averaged to one ``(1, 1, C)`` cell as
-each batch is extracted, for probes that read only the mean token; memory per entry is then
-``samples x layers x C`` values instead of ``samples x layers x h x w x C``).
+strategies reads them from here instead of running the backbone again. An entry is keyed by everything
+that changes the grids: the encoder (source, model, and a digest of its parameters as loaded, whatever
+file or cache they came from), the architecture overrides, the input size, the hooked layers, norm and
+prefix policy, the preprocessing, the images (the caller's ``source``: for
+:mod:`encoder_fusion.benchmarks.run.compare`, the dataset's identity and the contents of its image files,
+see :mod:`encoder_fusion.benchmarks.features.fingerprint`), the load size, the sample indices, the
+storage dtype and whether the grids are stored pooled (``pool=True``: each layer's tokens averaged to one
+``(1, 1, C)`` cell as each batch is extracted, for probes that read only the mean token; memory per entry
+is then ``samples x layers x C`` values instead of ``samples x layers x h x w x C``).
 
 Layout of one entry ``<root>/<model>-<digest>/``::
 

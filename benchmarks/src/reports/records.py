@@ -154,15 +154,14 @@ class VlmRecord:
     """What a vision-language-model user waits for, for one pipeline, at the run's first batch size.
 
     ``prefill``, ``ttft`` (raw images in, first token's logits out, timed as one call) and
-    ``decode_tokens_per_s`` (per sequence) are statistics; ``prefill_gflops`` is per image;
-    ``llm_share`` is the prefill's share of the sum of the stage medians; ``ratios`` hold ``ttft``
-    (this pipeline's TTFT over the baseline's, same language model, same run) and ``vision`` (the
-    vision pipeline alone); ``projected`` maps each ``bench.project_llms`` preset to a projection
-    ``{"ttft_ms", "ratio", "prefill_ms", "prefill_gflops", "projected": true}``: this pipeline's
-    measured vision time plus the preset's prefill FLOPs at the run's measured prefill rate (see
+    ``decode_tokens_per_s`` (per sequence) are statistics; ``prefill_gflops`` is per image; ``llm_share``
+    is the prefill's share of the sum of the stage medians; ``ratios`` hold ``ttft`` (this pipeline's
+    TTFT over the baseline's, same language model, same run) and ``vision`` (the vision pipeline alone);
+    ``projected`` maps each ``bench.project_llms`` preset to a projection ``{"ttft_ms", "ratio",
+    "prefill_ms", "prefill_gflops", "projected": true}``: this pipeline's measured vision time plus the
+    preset's prefill FLOPs at the run's measured prefill rate (see
     :func:`encoder_fusion.benchmarks.timing.vlm.vlm_records`); ``per_batch`` holds ``prefill``, ``ttft``
-    and
-    ``decode_tokens_per_s`` for every batch size.
+    and ``decode_tokens_per_s`` for every batch size.
     """
 
     llm: str

@@ -2,13 +2,12 @@
 :mod:`encoder_fusion.benchmarks.reports.aggregate`).
 
 The schema is :mod:`encoder_fusion.benchmarks.reports.records` (a
-:class:`~encoder_fusion.benchmarks.reports.records.Report`
-of :class:`~encoder_fusion.benchmarks.reports.records.StrategyRecord` rows, each with its
-:class:`~encoder_fusion.benchmarks.reports.records.VlmRecord`). This module builds a report from the records
-of a run
-(filling the accuracy changes against the CLIP-only baseline), renders it as markdown and as the Pareto
-figure and writes the three files. When any encoder ran on random weights the
-first line of ``report.md`` says so. Every file is written atomically (temporary file + rename), so a reader
+:class:`~encoder_fusion.benchmarks.reports.records.Report` of
+:class:`~encoder_fusion.benchmarks.reports.records.StrategyRecord` rows, each with its
+:class:`~encoder_fusion.benchmarks.reports.records.VlmRecord`). This module builds a report from the
+records of a run (filling the accuracy changes against the CLIP-only baseline), renders it as markdown
+and as the Pareto figure and writes the three files. When any encoder ran on random weights the first
+line of ``report.md`` says so. Every file is written atomically (temporary file + rename), so a reader
 never sees half a report.
 """
 

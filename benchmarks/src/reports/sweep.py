@@ -1,14 +1,13 @@
 """Sweep bookkeeping: which earlier result a job reuses, which folder it must not write into, and what
 a sweep folder holds for ``fusion-report``.
 
-A job's folder is named after its resolved config (``hydra.sweep.subdir: ${config_hash:}``, the
-leading digits of :func:`encoder_fusion.benchmarks.config.schema.config_hash`), so a config always lands in
-its own
-folder: a second sweep into the same ``hydra.sweep.dir`` with other values, or the same values reordered,
-finds its finished results where it left them and never writes into another config's folder. A
+A job's folder is named after its resolved config (``hydra.sweep.subdir: ${config_hash:}``, the leading
+digits of :func:`encoder_fusion.benchmarks.config.schema.config_hash`), so a config always lands in its
+own folder: a second sweep into the same ``hydra.sweep.dir`` with other values, or the same values
+reordered, finds its finished results where it left them and never writes into another config's folder. A
 finished result of the same config anywhere else in the sweep folder (a sweep run with
-``hydra.sweep.subdir=${hydra.job.num}``) is reused too, and a folder holding another config's result
-is refused rather than written into.
+``hydra.sweep.subdir=${hydra.job.num}``) is reused too, and a folder holding another config's result is
+refused rather than written into.
 
 A job folder holds ``report.json`` (the job finished: written last, atomically), ``error.json`` (the
 job raised: its error and traceback, config hash and overrides) or neither (the job died, was

@@ -1,7 +1,7 @@
 """What a run's numbers say about each fused strategy: the paired interval of every accuracy change,
 whether the test split can detect the smallest change worth having, the verdict, and the accuracy
-bought per unit of extra cost (see :mod:`encoder_fusion.benchmarks.reports.stats` for how intervals are
-drawn).
+bought per unit of extra cost (see :mod:`encoder_fusion.benchmarks.reports.stats` for how intervals
+are drawn).
 """
 
 from __future__ import annotations
@@ -91,9 +91,8 @@ def per_cost_step(delta: float | None, overhead: float | None) -> float | None:
 
 def assess(record: StrategyRecord, options: AssessOptions) -> None:
     """Set ``verdict`` and ``tradeoff`` on a fused strategy's record, in place (see
-    :func:`encoder_fusion.benchmarks.reports.stats.verdict`): per task, pp per +10 % of time to first token
-    and of
-    vision time, and, with ``bench.max_overhead``, whether the overhead fits it."""
+    :func:`encoder_fusion.benchmarks.reports.stats.verdict`): per task, pp per +10 % of time to first
+    token and of vision time, and, with ``bench.max_overhead``, whether the overhead fits it."""
     intervals = {task: result.delta_ci for task, result in record.accuracy.items()}
     record.verdict = verdict(intervals)
     overhead, vision = record.overhead(), record.vision_overhead()

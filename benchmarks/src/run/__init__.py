@@ -35,9 +35,9 @@ def run_benchmark(
         The path of ``report.json``; None when no report was written (``extract_only``, or a rank
         other than 0).
 
-    Every setting is checked first (:mod:`encoder_fusion.benchmarks.config.checks`), before any encoder runs
-    or any
-    image is read; then the encoders are built and everything that needs their geometry is checked.
+    Every setting is checked first (:mod:`encoder_fusion.benchmarks.config.checks`), before any encoder
+    runs or any image is read; then the encoders are built and everything that needs their geometry is
+    checked.
 
     Raises:
         ValueError, FileNotFoundError: a bad setting (named with its value and what is accepted), or a

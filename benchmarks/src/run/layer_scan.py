@@ -1,17 +1,15 @@
 """Layer scan (``fusion-bench experiment=layer_scan``): accuracy by depth for every encoder and task,
 from one pass per encoder over the data, and the vision latency to reach each depth.
 
-Each encoder is built hooked at every block and runs once over the train and test images; its grids
-go to the feature cache, one tensor per layer. When every task's head reads only the mean token
-(classification), the grids are pooled as each batch is extracted, so the features held take
-``images x depth x C`` values instead of ``images x depth x h x w x C`` (at 4 bytes each; ViT-B on
-10,000 images: 0.5 GB pooled against 72 GB of grids). Then, for each layer and task, a probe (the
-configured connector over that one layer, bilinear alignment, the task head) trains on the train
-split; its test metric gets a 95 % interval by resampling the test items
-(:func:`encoder_fusion.benchmarks.reports.stats.metric_ci`). The latency to reach depth ``i`` is the forward
-time of
-the encoder built hooked at ``i`` alone, so the blocks after it never run, timed round-robin over the
-depths.
+Each encoder is built hooked at every block and runs once over the train and test images; its grids go to
+the feature cache, one tensor per layer. When every task's head reads only the mean token
+(classification), the grids are pooled as each batch is extracted, so the features held take ``images x
+depth x C`` values instead of ``images x depth x h x w x C`` (at 4 bytes each; ViT-B on 10,000 images:
+0.5 GB pooled against 72 GB of grids). Then, for each layer and task, a probe (the configured connector
+over that one layer, bilinear alignment, the task head) trains on the train split; its test metric gets a
+95 % interval by resampling the test items (:func:`encoder_fusion.benchmarks.reports.stats.metric_ci`).
+The latency to reach depth ``i`` is the forward time of the encoder built hooked at ``i`` alone, so the
+blocks after it never run, timed round-robin over the depths.
 
 Recommended hooks per encoder: for each task, the best layer and the shallowest layer whose mean lies
 within the best layer's interval; the union over tasks, sorted.
@@ -263,9 +261,8 @@ def layer_geometry(encoder: Encoder, layer: int) -> EncoderGeometry:
 
 
 def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -> Path:
-    """``experiment=layer_scan`` (see :mod:`encoder_fusion.benchmarks.run.layer_scan`): every encoder hooked
-    at
-    every block, one pass over the data each, a probe per layer and task, latency by depth.
+    """``experiment=layer_scan`` (see :mod:`encoder_fusion.benchmarks.run.layer_scan`): every encoder
+    hooked at every block, one pass over the data each, a probe per layer and task, latency by depth.
 
     Returns:
         The path of ``layer_scan.json``.

@@ -90,9 +90,8 @@ def build_encoders(specs: Mapping[str, EncoderSpec], seed: int) -> dict[str, Enc
 
 
 def image_source(dataset: ImageDataset, load_size: int, cache: FeatureCache) -> dict:
-    """What a split's pixels depend on, for the feature cache key: the dataset's identity, the
-    contents of its image files (see :mod:`encoder_fusion.benchmarks.features.fingerprint`) and the load
-    size."""
+    """What a split's pixels depend on, for the feature cache key: the dataset's identity, the contents
+    of its image files (see :mod:`encoder_fusion.benchmarks.features.fingerprint`) and the load size."""
     return {
         **dataset.identity(),
         "contents": cache.files.digest(dataset.image_paths()),

@@ -43,9 +43,8 @@ def gflops_per_image(forward_one_image: Callable[[], object]) -> float:
 
 def stage_gflops(pipeline: Pipeline, bind: Binder, one_image: torch.Tensor, prompt_tokens: int) -> dict:
     """GFLOPs of every stage on one image; the prefill's are counted on the model built on the meta
-    device (:func:`encoder_fusion.benchmarks.timing.llm.prefill_flops`), which is the same count without a
-    second
-    prefill."""
+    device (:func:`encoder_fusion.benchmarks.timing.llm.prefill_flops`), which is the same count without
+    a second prefill."""
     inputs = bind(pipeline.stage_inputs, one_image)()
     counts = {}
     for stage, fn in pipeline.stages.items():

@@ -9,13 +9,12 @@ one encoder with their own connector to the same output width). For each batch s
   and ``connector``;
 * ``end_to_end``: the pipeline's forward on raw images.
 
-With a language model (:class:`encoder_fusion.benchmarks.timing.llm.VlmOptions`), every pipeline also gets
-the stage
-``llm.prefill`` (its visual tokens + the prompt, KV cache on) and two more calls: ``ttft`` (raw
-images in, first token's logits out, as one call) and ``decode`` (greedy steps with the KV cache).
-Its ``vlm`` record holds them, the TTFT and vision ratios against the baseline and, for each
-``project`` preset, a TTFT projected from the prefill FLOP rate measured here. One model serves every
-pipeline; it is built only after the memory check of :func:`encoder_fusion.benchmarks.timing.llm.check_fits`.
+With a language model (:class:`encoder_fusion.benchmarks.timing.llm.VlmOptions`), every pipeline also
+gets the stage ``llm.prefill`` (its visual tokens + the prompt, KV cache on) and two more calls: ``ttft``
+(raw images in, first token's logits out, as one call) and ``decode`` (greedy steps with the KV cache).
+Its ``vlm`` record holds them, the TTFT and vision ratios against the baseline and, for each ``project``
+preset, a TTFT projected from the prefill FLOP rate measured here. One model serves every pipeline; it is
+built only after the memory check of :func:`encoder_fusion.benchmarks.timing.llm.check_fits`.
 
 The repeats of every stage and end-to-end call of every pipeline are taken round-robin, so drift or
 a noisy neighbour on a shared machine hits every pipeline alike and the ratios against the CLIP-only
