@@ -29,7 +29,7 @@ CHUNK = 256  # resamples drawn at once, so the (resamples, items) weight table s
 VERDICTS = ("gain", "worse", "no detectable gain")
 
 
-def stats(samples_ms: Sequence[float]) -> dict:
+def stats(samples_ms: Sequence[float] | np.ndarray) -> dict:
     """Median, p10 and p90 (linear interpolation) of timings in milliseconds, and their count."""
     values = np.asarray(samples_ms, dtype=np.float64)
     p10, median, p90 = np.percentile(values, [10, 50, 90])

@@ -46,8 +46,7 @@ def vlm_timings(samples: Mapping, name: str, batch: int, decode_tokens: int) -> 
         "batch_size": batch,
         "prefill": stats(samples[name, "llm.prefill"]),
         "ttft": stats(samples[name, "ttft"]),
-        # the per-call rates in float64, handed to stats as the list of floats it takes
-        "decode_tokens_per_s": stats((decode_tokens / (decode_ms / 1e3)).tolist()) if decode_tokens else None,
+        "decode_tokens_per_s": stats(decode_tokens / (decode_ms / 1e3)) if decode_tokens else None,
     }
 
 
