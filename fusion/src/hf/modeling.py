@@ -1,0 +1,279 @@
+"""The transformers models: the fused encoder as a vision model, and the LLaVA-family VLM it feeds.
+
+:class:`FusedLlavaForConditionalGeneration` is :class:`~transformers.LlavaForConditionalGeneration`
+with two changes, both forced by the fused grid:
+
+* the vision tower is a :class:`FusedEncoderModel`, whose own connector is the projector, so the
+  model has no ``multi_modal_projector``: the image features are ``FusedEncoder(images)`` itself;
+* DeepStack token sets (``deepstack_layers``) are added to the hidden states of the first decoder
+  layers at the image positions during the prefill, as Qwen3-VL's text model takes them.
+
+Everything else (the placeholder scatter, the cache, ``generate``, the loss, saving, tied
+embeddings) is LLaVA's own code. The frozen backbones are saved with the model: a saved folder
+holds every tensor, so loading it needs neither the hub nor the checkpoints the encoders were
+built from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
+
+import torch
+from torch import nn
+from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+
+from encoder_fusion.encoders.weights import RANDOM_WEIGHTS
+from encoder_fusion.hf.configuration import FusedEncoderConfig, FusedLlavaConfig
+from encoder_fusion.model import FusedEncoder
+
+
+def architecture_only(fused_config: dict[str, Any]) -> dict[str, Any]:
+    """``fused_config`` with every encoder built on random weights: the architecture a saved folder's
+    tensors are loaded into (so no checkpoint the encoders first came from is needed)."""
+    config = copy.deepcopy(fused_config)
+    config["encoders"] = [{**spec, "weights": RANDOM_WEIGHTS} for spec in config["encoders"]]
+    return config
+
+
+def persist_buffers(module: nn.Module) -> None:
+    """Make every buffer of ``module`` persistent, so a saved folder holds it.
+
+    transformers builds a model on the meta device before loading its tensors and leaves
+    non-persistent buffers uninitialised unless the model's own init recomputes them. The
+    backbones' buffers (pixel mean and std, attention masks, rotary tables) are each library's
+    own, so they are saved with the weights instead.
+    """
+    for submodule in module.modules():
+        submodule._non_persistent_buffers_set.clear()
+
+
+class FusedEncoderModel(PreTrainedModel):
+    """A :class:`~encoder_fusion.FusedEncoder` as a transformers model: raw images in
+    (``pixel_values``: (B, 3, H, W), uint8 or float in [0, 1]; every encoder resizes and normalises
+    them its own way), fused tokens out.
+
+    Attributes:
+        fused: the :class:`~encoder_fusion.FusedEncoder`.
+    """
+
+    config_class = FusedEncoderConfig
+    config: FusedEncoderConfig
+    base_model_prefix = "fused"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: FusedEncoderConfig, fused: FusedEncoder | None = None) -> None:
+        super().__init__(config)
+        if fused is None:
+            if not config.fused:
+                raise ValueError(
+                    "FusedEncoderConfig.fused is empty; accepted: a FusedEncoder.config dict "
+                    "(build the config with FusedEncoderConfig.of(fused))"
+                )
+            fused = FusedEncoder.from_config(architecture_only(config.fused))
+        persist_buffers(fused)
+        self.fused = fused
+        self.post_init()
+
+    @classmethod
+    def config_of(cls, fused: FusedEncoder) -> FusedEncoderConfig:
+        """The configuration that rebuilds ``fused``'s architecture."""
+        return FusedEncoderConfig(
+            fused=fused.config,
+            encoder_weights=fused.weights_status(),
+            hidden_size=fused.head.out_dim,
+            output_tokens=fused.output_tokens(),
+        )
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # the encoders come initialised (or loaded) by their own libraries and the head by its own
+        # constructors; a saved folder's tensors overwrite both
+        return None
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """The fused tokens as ``last_hidden_state`` (B, output_tokens, hidden_size) and, per image,
+        as ``pooler_output`` (a list of (output_tokens, hidden_size)); the DeepStack token sets, each
+        like ``last_hidden_state``, as ``hidden_states`` (empty without ``deepstack_layers``)."""
+        tokens, extras = self.fused.forward_deepstack(pixel_values)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tokens, pooler_output=list(tokens), hidden_states=tuple(extras)
+        )
+
+
+@contextlib.contextmanager
+def deepstack_hooks(
+    layers: Sequence[nn.Module], extras: Sequence[torch.Tensor], mask: torch.Tensor
+) -> Iterator[None]:
+    """While open, decoder layer ``k`` adds DeepStack set ``k`` (flattened over the images, in
+    placeholder order) to its output hidden states at the image positions ``mask`` (B, L)."""
+
+    def add(extra: torch.Tensor, module: nn.Module, args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[1] != mask.shape[1]:  # a decode step: no image positions
+            return output
+        added = torch.zeros_like(hidden).masked_scatter(mask.unsqueeze(-1), extra.to(hidden.dtype))
+        hidden = hidden + added
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handles = [
+        layer.register_forward_hook(functools.partial(add, extra)) for layer, extra in zip(layers, extras)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class FusedLlavaModel(LlavaModel):
+    """:class:`~transformers.LlavaModel` whose vision tower is a :class:`FusedEncoderModel` and whose
+    projector is the fused encoder's own connector (see the module docstring)."""
+
+    config_class = FusedLlavaConfig
+    config: FusedLlavaConfig
+
+    def __init__(self, config: FusedLlavaConfig) -> None:
+        LlavaPreTrainedModel.__init__(self, config)
+        check_widths(config)
+        self.vision_tower = FusedEncoderModel(config.vision_config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    @property
+    def fused(self) -> FusedEncoder:
+        """The :class:`~encoder_fusion.FusedEncoder` of the vision tower."""
+        return cast(FusedEncoderModel, self.vision_tower).fused
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+        """``FusedEncoder(pixel_values)``: per image (output_tokens, hidden) in ``pooler_output``, the
+        DeepStack sets in ``hidden_states``. LLaVA's layer-selection arguments do not apply."""
+        return self.vision_tower(pixel_values)
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """LLaVA's mask of the image positions, with an error that says what to fix."""
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_embedding).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        placeholders, features = int(mask.sum()), image_features.shape[0]
+        if placeholders != features:
+            per_image = self.config.vision_config.output_tokens
+            raise ValueError(
+                f"the prompts hold {placeholders} image placeholder token(s) (id {self.config.image_token_id}) "
+                f"for {features // per_image} image(s) of {per_image} tokens each; accepted: exactly "
+                f"{features}, one run of {per_image} per image, as build_processor(...) writes them "
+                "(a processor whose image_token_id differs from this model's writes none)"
+            )
+        return mask.unsqueeze(-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs: Any,
+    ):
+        """LLaVA's forward, after checking the prompt length and with the DeepStack sets of the images
+        added to the first decoder layers during the prefill."""
+        self.check_positions(input_ids if input_ids is not None else inputs_embeds, kwargs)
+        if pixel_values is not None and mm_encoder_outputs is None:
+            if input_ids is not None:
+                self.check_images(input_ids, pixel_values)
+            mm_encoder_outputs = {"image": self.get_image_features(pixel_values)}
+        extras = () if mm_encoder_outputs is None else mm_encoder_outputs["image"].hidden_states or ()
+        if not extras:
+            return super().forward(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs, **kwargs
+            )
+        layers = cast(nn.ModuleList, self.language_model.layers)
+        if len(extras) > len(layers):
+            raise ValueError(
+                f"{len(extras)} DeepStack token sets need as many decoder layers, but the language model "
+                f"has {len(layers)}; accepted: at most {len(layers)} deepstack_layers entries"
+            )
+        if input_ids is None:
+            raise ValueError("DeepStack token sets need input_ids to find the image positions; got inputs_embeds")
+        mask = input_ids == self.config.image_token_id
+        flat = [extra.reshape(-1, extra.shape[-1]) for extra in extras]
+        with deepstack_hooks(layers, flat, mask):
+            return super().forward(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs, **kwargs
+            )
+
+    def check_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> None:
+        """Before any encoder runs: the placeholders must be ``output_tokens`` per image given.
+
+        Raises:
+            ValueError: naming both counts.
+        """
+        placeholders = int((input_ids == self.config.image_token_id).sum())
+        per_image = self.config.vision_config.output_tokens
+        images = pixel_values.shape[0]
+        if placeholders != images * per_image:
+            raise ValueError(
+                f"{images} image(s) of {per_image} tokens each were given, but the prompts hold {placeholders} "
+                f"image placeholder token(s) (id {self.config.image_token_id}); accepted: {images * per_image}, "
+                "as build_processor(...) expands each <image> (check that its image_token_id is this model's "
+                "config.image_token_id)"
+            )
+
+    def check_positions(self, inputs: torch.Tensor | None, kwargs: dict) -> None:
+        """A prompt (after the cached positions) longer than the language model's positions raises a
+        ValueError naming both lengths, before any encoder runs."""
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if inputs is None or limit is None:
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cached = cache.get_seq_length() if cache is not None else 0
+        length = cached + inputs.shape[1]
+        if length > limit:
+            raise ValueError(
+                f"the prompt is {length} tokens long (image placeholders included{', after the cache' if cached else ''}), "
+                f"but the language model has {limit} positions (text_config.max_position_embeddings); "
+                f"accepted: at most {limit} tokens"
+            )
+
+
+def check_widths(config: FusedLlavaConfig) -> None:
+    """The fused tokens must be as wide as the language model's hidden states.
+
+    Raises:
+        ValueError: naming both widths and the connector's ``out_dim``.
+    """
+    vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
+    if vision != text:
+        raise ValueError(
+            f"the fused encoder's tokens are {vision} wide but the language model's hidden size is {text}; "
+            f"accepted: a connector with out_dim={text} (e.g. connector={{'kind': 'mlp', 'out_dim': {text}}})"
+        )
+
+
+class FusedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """:class:`~transformers.LlavaForConditionalGeneration` around a :class:`FusedLlavaModel`: LLaVA's
+    language-model head, loss and ``generate``, with the fused encoder's tokens as image features."""
+
+    config_class = FusedLlavaConfig
+    config: FusedLlavaConfig
+
+    def __init__(self, config: FusedLlavaConfig) -> None:
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = FusedLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def fused(self) -> FusedEncoder:
+        """The :class:`~encoder_fusion.FusedEncoder` of the vision tower."""
+        return cast(FusedLlavaModel, self.model).fused
