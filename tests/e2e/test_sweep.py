@@ -200,6 +200,26 @@ def test_the_aggregate_names_every_planned_job_without_a_result(tmp_path):
     assert "- job experiment=smoke,fusion=mmvp_interleave: planned by the sweep, never started" in text
 
 
+def test_a_job_killed_as_it_started_is_not_counted_twice(tmp_path):
+    """Killed between creating its folder and Hydra writing its overrides, a job leaves a folder that
+    names no planned job: it is one of the planned jobs without a folder, and counted with them."""
+    sweep_dir = tmp_path / "sweep"
+    write_plan(sweep_dir, ["experiment=smoke", "fusion=comm,prismatic,eagle"])
+    finished_job(sweep_dir / "aaa", "a" * 64, ["experiment=smoke", "fusion=comm"])
+    (sweep_dir / "98540fedb2d6" / ".hydra").mkdir(parents=True)  # no overrides.yaml yet
+    report = load_report(aggregate(sweep_dir))
+    assert report.run["planned"] == 3 and report.run["finished"] == 1
+    assert [j["job"] for j in report.failed_jobs] == [
+        "experiment=smoke,fusion=prismatic",
+        "experiment=smoke,fusion=eagle",
+    ]
+    assert all(
+        "killed as it started in one of the job folders 98540fedb2d6" in j["error"]
+        for j in report.failed_jobs
+    )
+    assert "Sweep: 1 job(s) with a result, **2 without**" in (sweep_dir / "report.md").read_text()
+
+
 def test_a_resumed_jobs_own_folder_is_not_a_failure(tmp_path):
     """A job skipped because its result sits in another folder leaves only Hydra's record behind."""
     sweep_dir = tmp_path / "sweep"

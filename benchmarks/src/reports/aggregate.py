@@ -76,19 +76,27 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
             continue
         finished_hashes.add(state.config_hash)
         finished_overrides.update(state.overrides)
+    covered = {o for state in states for o in state.overrides}
+    never_started = [job for job in plan or [] if job not in covered]
+    # a job killed as it started leaves a folder without Hydra's record of its overrides: it is one
+    # of the planned jobs no folder names, so it is told with them rather than counted twice
+    anonymous = [s.folder.name for s in states if s.status == "unfinished" and not s.overrides]
+    absorbed = set(anonymous) if 0 < len(anonymous) <= len(never_started) else set()
     for state in states:
         # a job of a config finished elsewhere (a resumed sweep) is not a failure
         if state.status == "finished" or state.config_hash in finished_hashes - {None}:
             continue
         if state.status == "unfinished" and finished_overrides.intersection(state.overrides):
             continue
-        failed.append({"job": state.folder.name, "error": state.error})
-    covered = {o for state in states for o in state.overrides}
-    never_started = [job for job in plan or [] if job not in covered]
-    failed += [
-        {"job": ",".join(job), "error": "planned by the sweep, never started (no job folder)"}
-        for job in never_started
-    ]
+        if state.folder.name not in absorbed:
+            failed.append({"job": state.folder.name, "error": state.error})
+    not_started = "planned by the sweep, never started (no job folder)"
+    if absorbed:
+        not_started = (
+            "planned by the sweep; never started, or killed as it started in one of the job folders "
+            f"{', '.join(sorted(absorbed))}, which hold no record of their overrides"
+        )
+    failed += [{"job": ",".join(job), "error": not_started} for job in never_started]
     labels = job_labels(reports)
     baseline_configs: dict[str, set[str]] = {}
     for report in reports.values():
