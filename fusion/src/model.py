@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from omegaconf import DictConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -31,6 +32,7 @@ from encoder_fusion.encoders.base import as_hw
 from encoder_fusion.encoders.weights import check_finite, fit_problems, tensors_sha256
 from encoder_fusion.geometry import EncoderGeometry
 from encoder_fusion.head import FusionHead
+from encoder_fusion.hub import LIBRARY, TAGS, fused_config, model_card, save_folder, weights_file
 from encoder_fusion.io import atomic_path
 from encoder_fusion.merge import ENCODER_MERGES
 
@@ -66,8 +68,12 @@ def as_spec(entry: Any, index: int) -> EncoderSpec:
         raise ValueError(f"encoders[{index}]: {error}") from None
 
 
-class FusedEncoder(nn.Module):
+class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=TAGS):
     """Vision encoders read at several layers and fused into tokens (B, N, D) for a language model.
+
+    ``save_pretrained(folder)`` / ``from_pretrained(folder or repo id)`` / ``push_to_hub(repo_id)``
+    (huggingface_hub's mixin) write and read the trained part with its config and a model card; see
+    :mod:`encoder_fusion.hub`.
 
     Args:
         encoders: per encoder an :class:`EncoderSpec`, a mapping of its fields, or a built
@@ -346,3 +352,39 @@ class FusedEncoder(nn.Module):
             for key, tensor in expected.items():
                 tensor.copy_(tensors[key])
         return self
+
+    # -- the Hub (huggingface_hub's PyTorchModelHubMixin calls these) ----------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_folder(self, Path(save_directory))
+
+    def generate_model_card(self, *args: Any, verdict: str | None = None, **kwargs: Any) -> ModelCard:
+        """The model card: encoders, hooks, strategy, tokens, and ``verdict`` when given (pass it as
+        ``save_pretrained(folder, model_card_kwargs={"verdict": ...})``)."""
+        return model_card(self, verdict)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        config: dict[str, Any] | None = None,
+        **init_kwargs: Any,
+    ) -> FusedEncoder:
+        """Rebuild from the folder's ``config.json`` (the mixin passes it whole as ``config``, and its
+        fields again as ``init_kwargs``; the frozen encoders load their own weights), then
+        :meth:`load_trained` its tensors: strict, checksummed, all or nothing."""
+        fields = fused_config(model_id, config or {})
+        path = weights_file(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        return cls.from_config(fields).load_trained(path)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from encoder_fusion.hf.configuration import FusedLlavaConfig
 from encoder_fusion.hf.modeling import FusedEncoderModel, FusedLlavaForConditionalGeneration
@@ -36,7 +39,14 @@ def causal_lm(language_model: Any) -> PreTrainedModel:
     if isinstance(language_model, PreTrainedConfig):
         return AutoModelForCausalLM.from_config(language_model)
     if isinstance(language_model, (str, os.PathLike)):
-        return AutoModelForCausalLM.from_pretrained(language_model)
+        config = AutoConfig.from_pretrained(language_model)
+        if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise ValueError(
+                f"language_model {language_model} holds a {config.model_type!r} model, not a causal LM; "
+                "accepted: a folder or hub name of a causal LM (one AutoModelForCausalLM loads: qwen2, "
+                "llama, ...)"
+            )
+        return AutoModelForCausalLM.from_pretrained(language_model, config=config)
     raise ValueError(
         f"language_model is a {type(language_model).__name__}; accepted: a transformers causal LM "
         "(AutoModelForCausalLM instance), a PreTrainedConfig, or a folder or hub name"
@@ -67,13 +77,20 @@ def build_vlm(
         raise ValueError(f"fused is a {type(fused).__name__}; accepted: an encoder_fusion.FusedEncoder")
     lm = causal_lm(language_model)
     text_config = lm.config.get_text_config()
+    if fused.head.out_dim != text_config.hidden_size:
+        raise ValueError(
+            f"the fused encoder's connector gives tokens {fused.head.out_dim} wide but the language "
+            f"model's hidden size is {text_config.hidden_size}; accepted: a connector with "
+            f"out_dim={text_config.hidden_size} "
+            f"(e.g. connector={{'kind': 'mlp', 'out_dim': {text_config.hidden_size}}})"
+        )
     sets, layers = len(fused.head.deepstack.entries), text_config.num_hidden_layers
     if sets > layers:
         raise ValueError(
             f"the fused encoder has {sets} DeepStack token sets but the language model only {layers} decoder "
             f"layers; accepted: at most {layers} deepstack_layers entries"
         )
-    rows = lm.get_input_embeddings().num_embeddings
+    rows = cast(nn.Embedding, lm.get_input_embeddings()).num_embeddings
     if image_token_id is None:
         image_token_id = rows
         lm.resize_token_embeddings(rows + 1, mean_resizing=False)
@@ -85,19 +102,19 @@ def build_vlm(
     config = FusedLlavaConfig(
         vision_config=FusedEncoderModel.config_of(fused),
         text_config=lm.config.get_text_config(),
-        image_token_id=image_token_id,
+        image_token_index=image_token_id,
         image_seq_length=fused.output_tokens(),
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
     # built on the meta device (no memory, no init), then given the real parts
     with torch.device("meta"):
         vlm = FusedLlavaForConditionalGeneration(config)
-    vlm.model.vision_tower = FusedEncoderModel(config.vision_config, fused=fused)
+    vlm.model.vision_tower = FusedEncoderModel(config.fused_config, fused=fused)
     vlm.model.language_model = lm.base_model
-    vlm.lm_head = lm.get_output_embeddings()
+    vlm.lm_head = cast(nn.Linear, lm.get_output_embeddings())
     vlm.tie_weights()
     vlm.generation_config = copy.deepcopy(lm.generation_config)
-    return vlm.to(lm.device)
+    return vlm
 
 
 def build_processor(
@@ -113,8 +130,8 @@ def build_processor(
 
     Args:
         fused: the fused encoder the images are for.
-        tokenizer: the language model's tokenizer. ``image_token`` is added to it as a special
-            token when it lacks one (the tokenizer is changed in place).
+        tokenizer: the language model's tokenizer, changed in place: ``image_token`` is added as a
+            special token when it lacks one, and it pads on the left, as batched generation needs.
         image_token: the placeholder written in prompts, one per image.
         size: the (height, width) every image is resized to before the encoders resize it their
             own way; default the largest encoder input size.
@@ -134,5 +151,8 @@ def build_processor(
         raise ValueError(f"size must be an int or (height, width) of ints > 0, got {size!r}")
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([image_token], special_tokens=True)
+    tokenizer.padding_side = "left"
     image_processor = FusedImageProcessor(size={"height": height, "width": width})
-    return FusedLlavaProcessor(image_processor, tokenizer, image_token=image_token, image_tokens=fused.output_tokens())
+    return FusedLlavaProcessor(
+        image_processor, tokenizer, image_token=image_token, image_tokens=fused.output_tokens()
+    )

@@ -8,7 +8,7 @@ as its ``vision_config``. Both are plain JSON in a saved folder's ``config.json`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, cast
 
 from transformers import AutoConfig, LlavaConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -45,7 +45,17 @@ class FusedLlavaConfig(LlavaConfig):
     """
 
     model_type = "fused_llava"
-    sub_configs_defaults = {
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
         "vision_config": SubConfigSpec(config_class=FusedEncoderConfig),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
     }
+
+    @property
+    def fused_config(self) -> FusedEncoderConfig:
+        """``vision_config``, typed: the parent types it as any configuration or a dict."""
+        return cast(FusedEncoderConfig, self.vision_config)
+
+    @property
+    def language_config(self) -> PreTrainedConfig:
+        """``text_config``, typed."""
+        return cast(PreTrainedConfig, self.text_config)

@@ -20,11 +20,18 @@ import contextlib
 import copy
 import functools
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
-from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
@@ -66,7 +73,7 @@ class FusedEncoderModel(PreTrainedModel):
     config: FusedEncoderConfig
     base_model_prefix = "fused"
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    input_modalities: ClassVar[Any] = ("image",)
 
     def __init__(self, config: FusedEncoderConfig, fused: FusedEncoder | None = None) -> None:
         super().__init__(config)
@@ -101,8 +108,10 @@ class FusedEncoderModel(PreTrainedModel):
         as ``pooler_output`` (a list of (output_tokens, hidden_size)); the DeepStack token sets, each
         like ``last_hidden_state``, as ``hidden_states`` (empty without ``deepstack_layers``)."""
         tokens, extras = self.fused.forward_deepstack(pixel_values)
+        # LLaVA's forward concatenates pooler_output, a list of per-image features
+        pooler = cast(Any, list(tokens))
         return BaseModelOutputWithPooling(
-            last_hidden_state=tokens, pooler_output=list(tokens), hidden_states=tuple(extras)
+            last_hidden_state=tokens, pooler_output=pooler, hidden_states=tuple(extras)
         )
 
 
@@ -141,8 +150,8 @@ class FusedLlavaModel(LlavaModel):
     def __init__(self, config: FusedLlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(self, config)
         check_widths(config)
-        self.vision_tower = FusedEncoderModel(config.vision_config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.vision_tower = FusedEncoderModel(config.fused_config)
+        self.language_model = AutoModel.from_config(config.language_config)
         self.post_init()
 
     @property
@@ -168,9 +177,10 @@ class FusedLlavaModel(LlavaModel):
             mask = input_ids == self.config.image_token_id
         placeholders, features = int(mask.sum()), image_features.shape[0]
         if placeholders != features:
-            per_image = self.config.vision_config.output_tokens
+            per_image = self.config.fused_config.output_tokens
             raise ValueError(
-                f"the prompts hold {placeholders} image placeholder token(s) (id {self.config.image_token_id}) "
+                f"the prompts hold {placeholders} image placeholder token(s) "
+                f"(id {self.config.image_token_id}) "
                 f"for {features // per_image} image(s) of {per_image} tokens each; accepted: exactly "
                 f"{features}, one run of {per_image} per image, as build_processor(...) writes them "
                 "(a processor whose image_token_id differs from this model's writes none)"
@@ -195,21 +205,29 @@ class FusedLlavaModel(LlavaModel):
         extras = () if mm_encoder_outputs is None else mm_encoder_outputs["image"].hidden_states or ()
         if not extras:
             return super().forward(
-                input_ids=input_ids, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs, **kwargs
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                mm_encoder_outputs=mm_encoder_outputs,
+                **kwargs,
             )
-        layers = cast(nn.ModuleList, self.language_model.layers)
+        layers = cast(Sequence[nn.Module], self.language_model.layers)
         if len(extras) > len(layers):
             raise ValueError(
                 f"{len(extras)} DeepStack token sets need as many decoder layers, but the language model "
                 f"has {len(layers)}; accepted: at most {len(layers)} deepstack_layers entries"
             )
         if input_ids is None:
-            raise ValueError("DeepStack token sets need input_ids to find the image positions; got inputs_embeds")
+            raise ValueError(
+                "DeepStack token sets need input_ids to find the image positions; got inputs_embeds"
+            )
         mask = input_ids == self.config.image_token_id
         flat = [extra.reshape(-1, extra.shape[-1]) for extra in extras]
         with deepstack_hooks(layers, flat, mask):
             return super().forward(
-                input_ids=input_ids, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs, **kwargs
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                mm_encoder_outputs=mm_encoder_outputs,
+                **kwargs,
             )
 
     def check_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> None:
@@ -219,12 +237,13 @@ class FusedLlavaModel(LlavaModel):
             ValueError: naming both counts.
         """
         placeholders = int((input_ids == self.config.image_token_id).sum())
-        per_image = self.config.vision_config.output_tokens
+        per_image = self.config.fused_config.output_tokens
         images = pixel_values.shape[0]
         if placeholders != images * per_image:
             raise ValueError(
-                f"{images} image(s) of {per_image} tokens each were given, but the prompts hold {placeholders} "
-                f"image placeholder token(s) (id {self.config.image_token_id}); accepted: {images * per_image}, "
+                f"{images} image(s) of {per_image} tokens each were given, but the prompts hold "
+                f"{placeholders} image placeholder token(s) (id {self.config.image_token_id}); accepted: "
+                f"{images * per_image}, "
                 "as build_processor(...) expands each <image> (check that its image_token_id is this model's "
                 "config.image_token_id)"
             )
@@ -232,7 +251,7 @@ class FusedLlavaModel(LlavaModel):
     def check_positions(self, inputs: torch.Tensor | None, kwargs: dict) -> None:
         """A prompt (after the cached positions) longer than the language model's positions raises a
         ValueError naming both lengths, before any encoder runs."""
-        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        limit = getattr(self.config.language_config, "max_position_embeddings", None)
         if inputs is None or limit is None:
             return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -240,7 +259,8 @@ class FusedLlavaModel(LlavaModel):
         length = cached + inputs.shape[1]
         if length > limit:
             raise ValueError(
-                f"the prompt is {length} tokens long (image placeholders included{', after the cache' if cached else ''}), "
+                f"the prompt is {length} tokens long (image placeholders included"
+                f"{', after the cache' if cached else ''}), "
                 f"but the language model has {limit} positions (text_config.max_position_embeddings); "
                 f"accepted: at most {limit} tokens"
             )
@@ -252,7 +272,7 @@ def check_widths(config: FusedLlavaConfig) -> None:
     Raises:
         ValueError: naming both widths and the connector's ``out_dim``.
     """
-    vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
+    vision, text = config.fused_config.hidden_size, config.language_config.hidden_size
     if vision != text:
         raise ValueError(
             f"the fused encoder's tokens are {vision} wide but the language model's hidden size is {text}; "
@@ -270,10 +290,37 @@ class FusedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, config: FusedLlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(self, config)
         self.model = FusedLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        text = config.language_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.post_init()
 
     @property
     def fused(self) -> FusedEncoder:
         """The :class:`~encoder_fusion.FusedEncoder` of the vision tower."""
         return cast(FusedLlavaModel, self.model).fused
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
+        """transformers' ``from_pretrained``, refusing a folder of another architecture before any
+        weight is read (transformers would only warn, then fail on the first mismatch).
+
+        Raises:
+            ValueError: the folder's ``model_type`` is not ``fused_llava``, naming it.
+        """
+        config = kwargs.get("config")
+        if not isinstance(config, PreTrainedConfig):
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs(kwargs))
+        if not isinstance(config, FusedLlavaConfig):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {config.model_type!r} model, not a fused VLM; "
+                f"accepted: a folder written by {cls.__name__}.save_pretrained "
+                f"(model_type {FusedLlavaConfig.model_type!r}); "
+                "build one from a language model with encoder_fusion.hf.build_vlm"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **{**kwargs, "config": config})
+
+
+def hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``from_pretrained`` that say where and how to find a folder."""
+    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+    return {key: kwargs[key] for key in keys if key in kwargs}

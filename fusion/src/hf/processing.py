@@ -9,7 +9,8 @@ so the encoder that reads the most pixels gets them unresampled a second time.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar, cast
 
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_processing_backends import TorchvisionBackend
@@ -20,7 +21,7 @@ class FusedImageProcessor(TorchvisionBackend):
     """Resize to ``size`` (bicubic, antialiased) and scale to [0, 1]; the fused encoder normalises."""
 
     resample = PILImageResampling.BICUBIC
-    size = {"height": 224, "width": 224}
+    size: ClassVar[Any] = {"height": 224, "width": 224}
     do_resize = True
     do_rescale = True
     do_normalize = False
@@ -51,7 +52,10 @@ class FusedLlavaProcessor(ProcessorMixin):
         if tokenizer is None:
             raise ValueError("FusedLlavaProcessor needs the language model's tokenizer; got None")
         if not isinstance(image_tokens, int) or image_tokens < 1:
-            raise ValueError(f"image_tokens must be an int >= 1 (the fused encoder's output_tokens()), got {image_tokens!r}")
+            raise ValueError(
+                "image_tokens must be an int >= 1 (the fused encoder's output_tokens()), "
+                f"got {image_tokens!r}"
+            )
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.image_tokens = image_tokens
@@ -62,38 +66,40 @@ class FusedLlavaProcessor(ProcessorMixin):
         return self.image_token * self.image_tokens
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs: Any) -> None:
-        """transformers' checks, and per prompt when ``images`` is a list of lists (the images of each
-        prompt): each prompt's ``image_token`` count must equal its images."""
-        if text is not None and images is not None and isinstance(images, (list, tuple)):
-            prompts = [text] if isinstance(text, str) else list(text)
-            if all(isinstance(group, (list, tuple)) for group in images):
-                if len(images) != len(prompts):
+        """Before any image is processed: one ``image_token`` per image given, and, when ``images``
+        is a list of lists (the images of each prompt), per prompt.
+
+        Raises:
+            ValueError: naming the counts that differ.
+        """
+        prompts = [text] if isinstance(text, str) else list(text or [])
+        found = [prompt.count(self.image_token) for prompt in prompts if isinstance(prompt, str)]
+        token = self.image_token
+        if images is None and sum(found):
+            raise ValueError(
+                f"the prompts hold {sum(found)} {token} but no images were given; accepted: one image per "
+                f"{token}, or prompts without it"
+            )
+        if images is not None and prompts:
+            grouped = isinstance(images, (list, tuple)) and all(isinstance(g, (list, tuple)) for g in images)
+            if grouped:
+                groups = cast(Sequence[Sequence[Any]], images)
+                if len(groups) != len(prompts):
                     raise ValueError(
-                        f"images holds {len(images)} list(s) of images for {len(prompts)} prompt(s); accepted: one "
-                        "list per prompt, or a flat list of every prompt's images in order"
+                        f"images holds {len(groups)} list(s) of images for {len(prompts)} prompt(s); "
+                        "accepted: "
+                        "one list per prompt, or a flat list of every prompt's images in order"
                     )
-                for index, (prompt, group) in enumerate(zip(prompts, images)):
-                    found = prompt.count(self.image_token)
-                    if found != len(group):
+                for index, (count, group) in enumerate(zip(found, groups)):
+                    if count != len(group):
                         raise ValueError(
-                            f"prompt {index} holds {found} {self.image_token} for {len(group)} image(s); accepted: "
-                            f"one {self.image_token} per image of that prompt"
+                            f"prompt {index} holds {count} {token} for {len(group)} image(s); accepted: one "
+                            f"{token} per image of that prompt"
                         )
-        if text is not None and images is None:
-            prompts = [text] if isinstance(text, str) else list(text)
-            found = sum(prompt.count(self.image_token) for prompt in prompts if isinstance(prompt, str))
-            if found:
+            given = len(cast(Sequence[Any], make_flat_list_of_images(images)))
+            if sum(found) != given:
                 raise ValueError(
-                    f"the prompts hold {found} {self.image_token} but no images were given; accepted: one image per "
-                    f"{self.image_token}, or prompts without it"
-                )
-        if text is not None and images is not None:
-            prompts = [text] if isinstance(text, str) else list(text)
-            found = sum(prompt.count(self.image_token) for prompt in prompts if isinstance(prompt, str))
-            given = len(make_flat_list_of_images(images))
-            if found != given:
-                raise ValueError(
-                    f"the prompts hold {found} {self.image_token} for {given} image(s); accepted: one "
-                    f"{self.image_token} per image, in the order the images are given"
+                    f"the prompts hold {sum(found)} {token} for {given} image(s); accepted: one {token} per "
+                    "image, in the order the images are given"
                 )
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)

@@ -55,7 +55,9 @@ def stage1_batch(
             processor (``<image>`` counts that differ from the images).
     """
     if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts for {len(answers)} answers; accepted: one answer per prompt")
+        raise ValueError(
+            f"{len(prompts)} prompts for {len(answers)} answers; accepted: one answer per prompt"
+        )
     tokenizer = processor.tokenizer
     encoded = processor(images=list(images), text=list(prompts))  # checks the <image> counts
     answer_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
