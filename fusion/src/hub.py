@@ -25,7 +25,7 @@ from huggingface_hub import ModelCard, hf_hub_download
 from encoder_fusion.io import write_json
 
 
-class FusedEncoder(Protocol):
+class _FusedEncoder(Protocol):
     """What this module reads of an :class:`encoder_fusion.FusedEncoder` (which imports it)."""
 
     head: Any
@@ -44,7 +44,7 @@ LIBRARY = "encoder-fusion"
 TAGS = ["encoder-fusion", "vision-language-model", "multi-encoder-fusion"]
 
 
-def save_folder(model: FusedEncoder, folder: Path) -> None:
+def save_folder(model: _FusedEncoder, folder: Path) -> None:
     """Write ``model``'s trained tensors and config into ``folder`` (the card is the mixin's job)."""
     model.save_trained(folder / WEIGHTS_NAME)
     write_json(folder / CONFIG_NAME, {**model.config, STATUS_KEY: model.weights_status()})
@@ -92,7 +92,7 @@ def fused_config(model_id: str, config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key != STATUS_KEY}
 
 
-def model_card(model: FusedEncoder, verdict: str | None = None) -> ModelCard:
+def model_card(model: _FusedEncoder, verdict: str | None = None) -> ModelCard:
     """The card of ``model``: its encoders, hooks, strategy and tokens, and ``verdict`` (a benchmark
     run's, for a file that comes from one)."""
     config = model.config

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 QUICKSTART = NOTEBOOKS / "01_quickstart.ipynb"
 SWEEP_ANALYSIS = NOTEBOOKS / "02_sweep_analysis.ipynb"
+VLM = NOTEBOOKS / "03_vlm.ipynb"
 KERNEL_NAME = "encoder-fusion-tests"
 CELL_TIMEOUT_S = 300
 FIGURE_LIMIT_BYTES = 300 * 1024
@@ -203,7 +204,7 @@ def test_kernel_runs_this_interpreter_in_the_working_dir_with_the_environment(tm
     assert printed[2] == "passed-through"
 
 
-@pytest.mark.parametrize("path", [QUICKSTART, SWEEP_ANALYSIS], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [QUICKSTART, SWEEP_ANALYSIS, VLM], ids=lambda p: p.name)
 def test_notebooks_are_committed_without_outputs(path):
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
@@ -238,6 +239,16 @@ def test_quickstart_falls_back_to_synthetic_images_without_coco(tmp_path):
     text = outputs_text(executed)
     assert "COCO128 not found" in text
     assert "dataset synthetic (generated): images (4, 3, 224, 224) torch.uint8" in text
+
+
+@pytest.mark.slow
+def test_vlm_notebook_builds_generates_trains_saves_and_reloads(tmp_path):
+    text = outputs_text(execute_notebook(VLM, tmp_path / "work"))
+    assert "FusedLlavaForConditionalGeneration | image features per image: 16 tokens of width 64" in text
+    assert "{'input_ids': (2, 37), 'attention_mask': (2, 37), 'pixel_values': (3, 3, 64, 64)}" in text
+    assert "no frozen parameter changed" in text
+    assert "reloaded: FusedLlavaForConditionalGeneration | the same greedy answers:" in text
+    assert "| clip | timm | `vit_base_patch16_clip_224.openai` |" in text
 
 
 @pytest.mark.slow

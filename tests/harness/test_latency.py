@@ -245,9 +245,9 @@ def test_a_deepstack_pipeline_times_its_extra_sets_and_feeds_them_to_the_prefill
     seen = []
     original = LanguageModel.prefill_with_cache
 
-    def spy(self, visual, extras=()):
+    def spy(self, vlm, visual, extras=()):
         seen.append(len(extras))
-        return original(self, visual, extras)
+        return original(self, vlm, visual, extras)
 
     LanguageModel.prefill_with_cache = spy
     try:

@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 
 import encoder_fusion.benchmarks.run.compare as compare
 import encoder_fusion.benchmarks.timing.llm as llm
+from encoder_fusion import FusedEncoder
 from encoder_fusion.benchmarks.config.plan import (
     LLM_KEYS,
     VLM_KEYS,
@@ -26,6 +27,7 @@ from encoder_fusion.benchmarks.config.plan import (
 from encoder_fusion.benchmarks.run import run_benchmark
 from encoder_fusion.benchmarks.timing.llm import LanguageModel, LlmSpec, VlmOptions, build_language_model
 from encoder_fusion.benchmarks.timing.measure import gflops_per_image
+from encoder_fusion.encoders.tiny import tiny_spec
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -124,18 +126,26 @@ def tiny_language_model(prompt_tokens=5, decode_tokens=4, seed=3) -> LanguageMod
     return LanguageModel(spec, model, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, seed=seed)
 
 
+def tiny_vlm(language: LanguageModel):
+    """The VLM the calls go through: a one-encoder fused encoder around the language model (the
+    prefill and decode calls take precomputed visual tokens, so its encoder never runs)."""
+    return language.vlm_for(FusedEncoder([tiny_spec("clip")], connector={"kind": "mlp", "out_dim": 32}))
+
+
 def test_prefill_and_decode_match_the_model_run_without_cache_and_its_own_generate():
     language = tiny_language_model()
+    vlm = tiny_vlm(language)
     visual = torch.randn(2, 7, 32, dtype=torch.float64).float()
     embeds = torch.cat([visual, language.model.get_input_embeddings()(language.prompt_ids(2))], dim=1)
+    assert not (language.prompt_ids(2) == language.image_token_id).any()
     with torch.inference_mode():
-        logits = language.prefill(visual)
+        logits = language.prefill(vlm, visual)
         full = language.model(inputs_embeds=embeds, use_cache=False).logits[:, -1]
         torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
         expected = language.model.generate(
             inputs_embeds=embeds, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None
         )
-        decode = language.decoder(visual)
+        decode = language.decoder(vlm, visual)
         for _ in range(3):  # the cache is cut back after each call: every call decodes the same tokens
             generated = decode()
             assert torch.equal(
@@ -146,9 +156,10 @@ def test_prefill_and_decode_match_the_model_run_without_cache_and_its_own_genera
 
 def test_decode_of_zero_steps_and_a_prompt_of_zero_tokens():
     language = tiny_language_model(prompt_tokens=0, decode_tokens=0)
+    vlm = tiny_vlm(language)
     with torch.inference_mode():
-        assert language.prefill(torch.randn(1, 3, 32)).shape == (1, 512)
-        assert language.decoder(torch.randn(1, 3, 32))().shape == (1, 0)
+        assert language.prefill(vlm, torch.randn(1, 3, 32)).shape == (1, 512)
+        assert language.decoder(vlm, torch.randn(1, 3, 32))().shape == (1, 0)
 
 
 def test_a_model_too_big_for_memory_is_refused_before_anything_is_built(monkeypatch, tmp_path):
@@ -215,6 +226,7 @@ def test_deepstack_sets_are_added_after_the_first_layers_at_the_visual_positions
     """Layer 1's input with DeepStack is layer 0's output without it plus set 0, at the visual
     positions only; a set of zeros changes nothing; more sets than layers are refused."""
     language = tiny_language_model(prompt_tokens=3)
+    vlm = tiny_vlm(language)
     generator = torch.Generator().manual_seed(8)
     visual = torch.randn(2, 5, 32, generator=generator)
     extras = [torch.randn(2, 5, 32, generator=generator) for _ in range(2)]
@@ -226,17 +238,17 @@ def test_deepstack_sets_are_added_after_the_first_layers_at_the_visual_positions
     def input_of(module, args, kwargs):
         inputs[module] = (args[0] if args else kwargs["hidden_states"]).clone()
 
-    first, second = language.layers[0], language.layers[1]
+    first, second = language.model.model.layers[0], language.model.model.layers[1]
     hooks = [
         first.register_forward_hook(output_of),
         second.register_forward_pre_hook(input_of, with_kwargs=True),
     ]
     with torch.inference_mode():
-        plain = language.prefill(visual)
+        plain = language.prefill(vlm, visual)
         expected = outputs[first].clone()
-        stacked = language.prefill(visual, extras)
+        stacked = language.prefill(vlm, visual, extras)
         received = inputs[second]
-        zeros = language.prefill(visual, [torch.zeros_like(e) for e in extras])
+        zeros = language.prefill(vlm, visual, [torch.zeros_like(e) for e in extras])
     for hook in hooks:
         hook.remove()
     shift = torch.zeros(2, 8, 32)
@@ -245,10 +257,42 @@ def test_deepstack_sets_are_added_after_the_first_layers_at_the_visual_positions
     assert not torch.allclose(stacked, plain)
     torch.testing.assert_close(zeros, plain)
     with pytest.raises(
-        ValueError, match=r"5 DeepStack token sets need as many decoder layers, but llm=tiny has 4"
+        ValueError, match=r"5 DeepStack token sets need as many decoder layers, but the language model has 4"
     ):
-        language.prefill(visual, [torch.zeros(2, 5, 32)] * 5)
+        language.prefill(vlm, visual, [torch.zeros(2, 5, 32)] * 5)
     with pytest.raises(
         ValueError, match=r"gives 5 DeepStack token sets, one per decoder layer, but llm=tiny has 4"
     ):
         vlm_options(make("experiment=smoke", "fusion=deepstack", "fusion.deepstack_layers.clip=[0,1,2,3,4]"))
+
+
+def test_time_to_first_token_is_one_forward_of_the_vlm_a_user_runs(monkeypatch):
+    """Pipeline.ttft calls the encoder_fusion.hf VLM once on the raw images, and its logits are the
+    language model's, fed the fused tokens and the prompt by hand."""
+    from encoder_fusion.benchmarks.timing.options import LatencyOptions
+    from encoder_fusion.benchmarks.timing.pipeline import Pipeline
+    from encoder_fusion.hf import FusedLlavaForConditionalGeneration
+
+    language = tiny_language_model(prompt_tokens=4)
+    fused = FusedEncoder(
+        [tiny_spec("clip"), tiny_spec("dino")], connector={"kind": "mlp", "out_dim": 32}
+    ).eval()
+    pipeline = Pipeline.build("two", fused, LatencyOptions(device="cpu"), language)
+    assert isinstance(pipeline.vlm, FusedLlavaForConditionalGeneration) and pipeline.vlm.fused is fused
+    calls = []
+    forward = FusedLlavaForConditionalGeneration.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(sorted(key for key, value in kwargs.items() if value is not None))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusedLlavaForConditionalGeneration, "forward", spy)
+    images = torch.rand(2, 3, 50, 60, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        logits = pipeline.ttft(images)
+        embeds = torch.cat(
+            [fused(images), language.model.get_input_embeddings()(language.prompt_ids(2))], dim=1
+        )
+        expected = language.model(inputs_embeds=embeds).logits[:, -1]
+    assert calls == [["input_ids", "logits_to_keep", "pixel_values", "use_cache"]]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)

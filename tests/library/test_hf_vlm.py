@@ -290,8 +290,10 @@ def test_a_prompt_longer_than_the_positions_is_refused(tmp_path):
 
 
 def test_an_image_token_id_outside_the_vocabulary_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"image_token_id=64 is not a token .* \[0, 64\)"):
-        hf.build_vlm(tiny_fused(tmp_path), tiny_language_model(), image_token_id=64)
+    with pytest.raises(
+        ValueError, match=r"image_token_id=65 is not a token .* accepted: an int in \[0, 64\]"
+    ):
+        hf.build_vlm(tiny_fused(tmp_path), tiny_language_model(), image_token_id=65)
 
 
 def test_folders_of_another_architecture_are_refused(parts, tmp_path):

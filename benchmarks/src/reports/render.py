@@ -98,8 +98,9 @@ def language_model_lines(report: Report) -> list[str]:
         f"Language model: {', '.join(report.llms)} (random weights; latency does not depend on their "
         f"values) · {first.prompt_tokens} prompt tokens after the visual ones · {first.decode_tokens} "
         "decode steps  ",
-        "overhead = time to first token (raw images in, first token's logits out: vision, connector "
-        f"and the language model's prefill) / {report.baseline}'s with the same language model, "
+        "overhead = time to first token (raw images in, first token's logits out: one forward of the "
+        "transformers VLM of encoder_fusion.hf, i.e. vision, connector and the language model's prefill) "
+        f"/ {report.baseline}'s with the same language model, "
         "measured in the same run; vision overhead = the vision pipeline alone / "
         f"{report.baseline}'s.  ",
     ]

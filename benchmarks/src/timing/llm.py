@@ -6,16 +6,18 @@ builds it with ``transformers`` from that configuration alone, with random weigh
 not depend on weight values, so no hub and no download are involved. The presets live in
 ``conf/llm/``.
 
-:class:`LanguageModel` runs the three calls a VLM makes after its vision tower:
+:class:`LanguageModel` runs the three calls a VLM makes, through the VLM class a user runs
+(:func:`encoder_fusion.hf.build_vlm` of each pipeline around the one language model), with the
+image placeholders first and ``prompt_tokens`` text tokens after them:
 
-* ``prefill(visual)``: the visual tokens (the connector's output, ``(B, N, hidden)``) followed by
-  ``prompt_tokens`` text-token embeddings, one forward with the KV cache on, keeping only the last
+* ``prefill(vlm, tokens, extras)``: the visual tokens (the connector's output, ``(B, N, hidden)``,
+  and any DeepStack sets) and the prompt, one forward with the KV cache on, keeping only the last
   position's logits (as generation does);
-* ``first_token(images, vision)``: raw images through the vision pipeline, then ``prefill``: the
-  time to first token (TTFT) as one call;
-* ``decoder(visual)()``: ``decode_tokens`` greedy steps from a kept prefill cache, each reading
-  the whole cache (a longer visual prefix makes every step slower); the cache is cut back after
-  each call, so every call starts from the same state.
+* ``first_token(vlm, images)``: raw images in, the first token's logits out, as one forward of the
+  VLM (vision tower, connector, prefill): the time to first token (TTFT);
+* ``decoder(vlm, tokens, extras)()``: ``decode_tokens`` greedy steps from a kept prefill cache, each
+  reading the whole cache (a longer visual prefix makes every step slower); the cache is cut back
+  after each call, so every call starts from the same state.
 
 FLOPs of a prefill are counted by ``FlopCounterMode`` on a model built on the ``meta`` device: no
 memory, so a 70B model's prefill can be counted on a laptop; :func:`prefill_flops` is what projects
@@ -28,7 +30,7 @@ import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import psutil
 import torch
@@ -39,6 +41,9 @@ from encoder_fusion.benchmarks.options import OptionError, check_int, is_int
 
 if TYPE_CHECKING:  # transformers is imported where a model is built: it is slow to import
     from transformers import PreTrainedModel
+
+    from encoder_fusion import FusedEncoder
+    from encoder_fusion.hf import FusedLlavaForConditionalGeneration
 
 # family -> its ``transformers`` configuration class
 FAMILIES = {"qwen2": "Qwen2Config", "llama": "LlamaConfig"}
@@ -166,11 +171,12 @@ def cache_keyword(model: nn.Module) -> str:
 
 class LanguageModel:
     """The prefill, time-to-first-token and decode calls of one language model (see the module
-    docstring), with a fixed random prompt.
+    docstring), with a fixed random prompt, made through the VLM a user runs: each pipeline's
+    :func:`encoder_fusion.hf.build_vlm` around this one model (shared, not copied).
 
     Args:
         spec: the architecture.
-        model: the built model (:func:`build_language_model`).
+        model: the built causal LM (:func:`build_language_model`).
         prompt_tokens: text tokens after the visual ones (>= 0).
         decode_tokens: greedy steps per :meth:`decode` call (>= 0).
         seed: seeds the prompt's token ids.
@@ -192,89 +198,91 @@ class LanguageModel:
         self.prompt_tokens = prompt_tokens
         self.decode_tokens = decode_tokens
         self.seed = seed
-        self._cache_keyword = cache_keyword(model)
+        # the last token of the vocabulary marks the image positions; the prompt never draws it
+        self.image_token_id = spec.vocab_size - 1
         self._forward = wrap(self._prefill_forward)
-        # get_decoder() is untyped in transformers; the decoder of every family here (Qwen2Model,
-        # LlamaModel) holds its blocks in the ModuleList ``layers``
-        self.layers = cast(nn.ModuleList, model.get_decoder().layers)
-        self._deepstack: tuple[list[torch.Tensor], int] | None = None
-        for index, layer in enumerate(self.layers):
-            layer.register_forward_hook(functools.partial(self._add_deepstack, index))
 
-    def _add_deepstack(self, index: int, module: nn.Module, args: tuple, output):
-        """After decoder layer ``index``, add DeepStack set ``index`` (when there is one) to the hidden
-        states at the visual positions, the first ones."""
-        if self._deepstack is None or index >= len(self._deepstack[0]):
-            return None
-        extras, visual = self._deepstack
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden[:, :visual] += extras[index].to(hidden.dtype)
-        return output
+    def vlm_for(self, fused: FusedEncoder) -> FusedLlavaForConditionalGeneration:
+        """The VLM of ``fused`` and this language model, as a user builds it."""
+        from encoder_fusion.hf import build_vlm  # transformers is slow to import
 
-    @property
-    def embeddings(self) -> nn.Embedding:
-        """The input token embeddings: transformers types them as a plain Module; every family here
-        embeds with an ``nn.Embedding``."""
-        return cast(nn.Embedding, self.model.get_input_embeddings())
+        return build_vlm(fused, self.model, image_token_id=self.image_token_id)
 
     @property
     def device(self) -> torch.device:
-        return self.embeddings.weight.device
+        return cast(nn.Embedding, self.model.get_input_embeddings()).weight.device
 
     def prompt_ids(self, batch: int) -> torch.Tensor:
-        """A fixed batch of random prompt token ids (batch, prompt_tokens)."""
+        """A fixed batch of random prompt token ids (batch, prompt_tokens), none the image token."""
         generator = torch.Generator().manual_seed(self.seed)
-        ids = torch.randint(0, self.spec.vocab_size, (batch, self.prompt_tokens), generator=generator)
+        ids = torch.randint(0, self.image_token_id, (batch, self.prompt_tokens), generator=generator)
         return ids.to(self.device)
 
-    def _prefill_forward(self, embeds: torch.Tensor):
-        return self.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+    def input_ids(self, batch: int, visual_tokens: int) -> torch.Tensor:
+        """``visual_tokens`` image placeholders, then the prompt: (batch, visual_tokens + prompt_tokens)."""
+        images = torch.full((batch, visual_tokens), self.image_token_id, device=self.device)
+        return torch.cat([images, self.prompt_ids(batch)], dim=1)
 
-    def prefill_with_cache(self, visual: torch.Tensor, extras: Sequence[torch.Tensor] = ()):
-        """Prefill ``visual`` (B, N, hidden) + the prompt, adding DeepStack set ``k`` of ``extras``
-        (each (B, N, hidden)) to the hidden states of decoder layer ``k`` at the visual positions;
-        returns the model output (last position's logits and the KV cache).
+    @staticmethod
+    def _prefill_forward(vlm: nn.Module, **inputs: Any):
+        return vlm(**inputs, use_cache=True, logits_to_keep=1)
 
-        Raises:
-            ValueError: more DeepStack sets than decoder layers.
-        """
-        if len(extras) > len(self.layers):
-            raise ValueError(
-                f"{len(extras)} DeepStack token sets need as many decoder layers, but llm={self.spec.name} "
-                f"has {len(self.layers)}; accepted: at most {len(self.layers)} deepstack_layers"
-            )
-        prompt = self.embeddings(self.prompt_ids(visual.shape[0]))
-        embeds = torch.cat([visual.to(prompt.dtype), prompt], dim=1)
-        self._deepstack = (list(extras), visual.shape[1]) if extras else None
-        try:
-            return self._forward(embeds)
-        finally:
-            self._deepstack = None
+    def prefill_with_cache(
+        self,
+        vlm: FusedLlavaForConditionalGeneration,
+        tokens: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+    ):
+        """Prefill the visual ``tokens`` (B, N, hidden) + the prompt through ``vlm``, its DeepStack
+        ``extras`` (each (B, N, hidden)) added in its first decoder layers; returns the model output
+        (last position's logits and the KV cache)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    def prefill(self, visual: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """The first token's logits (B, vocab) after prefilling ``visual`` and the prompt."""
-        return self.prefill_with_cache(visual, extras).logits[:, -1]
+        features = BaseModelOutputWithPooling(
+            pooler_output=cast(Any, list(tokens)), hidden_states=tuple(extras)
+        )
+        ids = self.input_ids(tokens.shape[0], tokens.shape[1])
+        return self._forward(vlm, input_ids=ids, mm_encoder_outputs={"image": features})
 
-    def first_token(self, images: torch.Tensor, vision: Callable) -> torch.Tensor:
-        """Raw ``images`` through ``vision`` (the pipeline's ``forward_deepstack``: tokens and
-        DeepStack sets), then :meth:`prefill`: the time to first token."""
-        return self.prefill(*vision(images))
+    def prefill(
+        self,
+        vlm: FusedLlavaForConditionalGeneration,
+        tokens: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+    ) -> torch.Tensor:
+        """The first token's logits (B, vocab) after prefilling ``tokens`` and the prompt."""
+        return self.prefill_with_cache(vlm, tokens, extras).logits[:, -1]
+
+    def first_token(
+        self, vlm: FusedLlavaForConditionalGeneration, images: torch.Tensor, vision: Callable | None = None
+    ) -> torch.Tensor:
+        """Raw ``images`` through ``vlm`` (its vision tower, connector and prefill in one forward, as
+        ``generate`` runs it): the time to first token. ``vision`` (tokens and DeepStack sets of
+        the images) replaces the vision tower's own call, for a pipeline with CUDA streams."""
+        if vision is not None:
+            return self.prefill(vlm, *vision(images))
+        ids = self.input_ids(images.shape[0], vlm.config.image_seq_length)
+        return self._forward(vlm, input_ids=ids, pixel_values=images).logits[:, -1]
 
     def decoder(
-        self, visual: torch.Tensor, extras: Sequence[torch.Tensor] = ()
+        self,
+        vlm: FusedLlavaForConditionalGeneration,
+        tokens: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
     ) -> Callable[[], torch.Tensor]:
-        """Prefill ``visual`` (and its DeepStack ``extras``) and the prompt once; returns a call that
-        runs ``decode_tokens`` greedy steps from that KV cache and then cuts the cache back to its
-        prefill length, so that every call starts from the same state. The call returns the generated
-        ids (B, decode_tokens)."""
-        output = self.prefill_with_cache(visual, extras)
+        """Prefill ``tokens`` (and their DeepStack ``extras``) and the prompt once; returns a call that
+        runs ``decode_tokens`` greedy steps of ``vlm`` from that KV cache and then cuts the cache back
+        to its prefill length, so that every call starts from the same state. The call returns the
+        generated ids (B, decode_tokens)."""
+        output = self.prefill_with_cache(vlm, tokens, extras)
+        keyword = cache_keyword(vlm)
         # the output names the cache as the forward's keyword does
-        cache, first = output[self._cache_keyword], output.logits[:, -1].argmax(-1, keepdim=True)
+        cache, first = output[keyword], output.logits[:, -1].argmax(-1, keepdim=True)
 
         def decode() -> torch.Tensor:
             token, generated = first, []
             for _ in range(self.decode_tokens):
-                step = self.model(input_ids=token, use_cache=True, **{self._cache_keyword: cache})
+                step = vlm(input_ids=token, use_cache=True, **{keyword: cache})
                 token = step.logits[:, -1].argmax(-1, keepdim=True)
                 generated.append(token)
             if generated:

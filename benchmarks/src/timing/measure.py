@@ -11,7 +11,8 @@ one encoder with their own connector to the same output width). For each batch s
 
 With a language model (:class:`encoder_fusion.benchmarks.timing.llm.VlmOptions`), every pipeline also
 gets the stage ``llm.prefill`` (its visual tokens + the prompt, KV cache on) and two more calls: ``ttft``
-(raw images in, first token's logits out, as one call) and ``decode`` (greedy steps with the KV cache).
+(raw images in, first token's logits out, as one forward of the ``encoder_fusion.hf`` VLM a user runs)
+and ``decode`` (greedy steps with the KV cache).
 Its ``vlm`` record holds them, the TTFT and vision ratios against the baseline and, for each ``project``
 preset, a TTFT projected from the prefill FLOP rate measured here. One model serves every pipeline; it is
 built only after the memory check of :func:`encoder_fusion.benchmarks.timing.llm.check_fits`.
@@ -136,7 +137,7 @@ def measure_latency(
                 calls[name, "end_to_end"] = bound(pipeline.end_to_end, images)
                 if language is not None:
                     calls[name, "ttft"] = bound(pipeline.ttft, images)
-                    calls[name, "decode"] = bound(language.decoder(*inputs["llm.prefill"]))
+                    calls[name, "decode"] = bound(pipeline.decoder(*inputs["llm.prefill"]))
             samples = repeats[str(batch)] = round_robin(
                 timer, calls, warmup=options.warmup, repeats=options.repeats
             )

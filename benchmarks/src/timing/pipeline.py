@@ -5,8 +5,10 @@ with a language model, its prefill."""
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,6 +17,9 @@ from encoder_fusion import FusedEncoder
 from encoder_fusion.benchmarks.timing.llm import LanguageModel
 from encoder_fusion.benchmarks.timing.options import LatencyOptions
 from encoder_fusion.benchmarks.timing.timer import compile_wrapper
+
+if TYPE_CHECKING:
+    from encoder_fusion.hf import FusedLlavaForConditionalGeneration
 
 
 def fuse_stage(head: nn.Module) -> nn.Module:
@@ -59,6 +64,8 @@ class Pipeline:
     stages: dict[str, Callable]
     end_to_end: Callable
     language: LanguageModel | None = None
+    vlm: FusedLlavaForConditionalGeneration | None = None  # the language model's VLM of ``fused``
+    streamed: bool = False  # each encoder on its own CUDA stream (end_to_end runs them so)
 
     @classmethod
     def build(
@@ -82,23 +89,37 @@ class Pipeline:
             stages["head"] = wrap(head)
         if head.deepstack.entries:
             stages["deepstack"] = wrap(head.deepstack)
-        if options.streams and len(fused.encoders) > 1:
+        streamed = bool(options.streams and len(fused.encoders) > 1)
+        if streamed:
             end_to_end = wrap(streamed_forward(fused, [torch.cuda.Stream(device) for _ in fused.encoders]))
         else:
             end_to_end = wrap(fused.forward_deepstack)
+        vlm = None
         if language is not None:
-            stages["llm.prefill"] = language.prefill
-        return cls(name, fused, stages, end_to_end, language)
+            vlm = language.vlm_for(fused)
+            stages["llm.prefill"] = functools.partial(language.prefill, vlm)
+        return cls(name, fused, stages, end_to_end, language, vlm, streamed)
 
     def ttft(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw images in, the first token's logits out: the vision pipeline, then the prefill.
+        """Raw images in, the first token's logits out: one forward of the VLM (its vision tower,
+        connector and prefill; the encoders on their own CUDA streams when the pipeline has them).
 
         Raises:
             ValueError: a pipeline built without a language model.
         """
-        if self.language is None:
+        if self.language is None or self.vlm is None:
             raise ValueError(f"pipeline {self.name} has no language model to time the first token with")
-        return self.language.first_token(images, self.end_to_end)
+        return self.language.first_token(self.vlm, images, self.end_to_end if self.streamed else None)
+
+    def decoder(self, tokens: torch.Tensor, extras: Sequence[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """The language model's decode call after prefilling ``tokens`` (see ``LanguageModel.decoder``).
+
+        Raises:
+            ValueError: a pipeline built without a language model.
+        """
+        if self.language is None or self.vlm is None:
+            raise ValueError(f"pipeline {self.name} has no language model to decode with")
+        return self.language.decoder(self.vlm, tokens, extras)
 
     def stage_inputs(self, images: torch.Tensor) -> dict[str, tuple]:
         """Each stage's positional arguments, computed once by running the stages in order."""

@@ -63,14 +63,15 @@ def build_vlm(
             language model's hidden size. Its modules are shared, not copied.
         language_model: a transformers causal LM (an instance, shared not copied; a config, built on
             random weights; or a folder or hub name).
-        image_token_id: the token id of the image placeholder. None appends one token after the
-            language model's vocabulary (its id is the old vocabulary size), which is the id
-            :func:`build_processor` gives ``<image>`` when it adds it to a tokenizer as long as the
-            language model's.
+        image_token_id: the token id of the image placeholder: pass the processor's
+            (``build_processor(...).image_token_id``). An id one past the language model's
+            embedding rows grows them by one row, as a tokenizer that gained ``<image>`` needs; None
+            takes that id, which is the processor's whenever the tokenizer was as long as the
+            embeddings.
 
     Raises:
         ValueError: ``fused`` is not a FusedEncoder, widths that differ, more DeepStack sets than
-            decoder layers, an ``image_token_id`` outside the vocabulary, or a language model that is
+            decoder layers, an ``image_token_id`` past the next token, or a language model that is
             not a causal LM; each names the value and what is accepted.
     """
     if not isinstance(fused, FusedEncoder):
@@ -93,12 +94,13 @@ def build_vlm(
     rows = cast(nn.Embedding, lm.get_input_embeddings()).num_embeddings
     if image_token_id is None:
         image_token_id = rows
-        lm.resize_token_embeddings(rows + 1, mean_resizing=False)
-    elif not isinstance(image_token_id, int) or not 0 <= image_token_id < rows:
+    if not isinstance(image_token_id, int) or not 0 <= image_token_id <= rows:
         raise ValueError(
-            f"image_token_id={image_token_id!r} is not a token of the language model; accepted: an int in "
-            f"[0, {rows}), or None to add one"
+            f"image_token_id={image_token_id!r} is not a token of the language model nor the next one; "
+            f"accepted: an int in [0, {rows}] ({rows} adds a token after the vocabulary), or None for {rows}"
         )
+    if image_token_id == rows:
+        lm.resize_token_embeddings(rows + 1, mean_resizing=False)
     config = FusedLlavaConfig(
         vision_config=FusedEncoderModel.config_of(fused),
         text_config=lm.config.get_text_config(),
