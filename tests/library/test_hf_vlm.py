@@ -81,7 +81,7 @@ def test_image_features_are_the_fused_tokens_with_the_same_weights(parts):
 
 def test_processor_expands_each_image_token_to_the_fused_token_count(parts):
     fused, processor, vlm = parts
-    batch = processor(images=random_images(2), text=PROMPTS, return_tensors="pt", padding=True)
+    batch = processor(images=random_images(2), text=PROMPTS, return_tensors="pt")  # pads by default
     placeholders = (batch["input_ids"] == processor.image_token_id).sum(1).tolist()
     assert placeholders == [fused.output_tokens(), 2 * fused.output_tokens()]
     assert processor.image_token_id == vlm.config.image_token_id

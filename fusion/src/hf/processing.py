@@ -38,7 +38,11 @@ class FusedLlavaProcessor(ProcessorMixin):
         image_token: the placeholder written in prompts, one per image.
         image_tokens: the fused encoder's ``output_tokens()``: what each ``image_token`` expands to.
         chat_template: as for every transformers processor.
+
+    Prompts of different lengths are padded (on the tokenizer's side) without asking.
     """
+
+    text_kwargs: ClassVar[dict[str, Any]] = {"padding": True}  # transformers' processor defaults
 
     def __init__(
         self,
