@@ -94,6 +94,17 @@ BAD_SETTINGS = [
     (["fusion=comm", "fusion.merge_dim=-1"], r"strategy 'comm' .*merge_dim must be None or a positive int"),
     (["align=pixel_unshuffle", "align.grid=[3,3]"], r"cannot fold a 4x4 grid onto 3x3"),
     (["experiment=layer_scan", "task.epochs=0"], r"task\.epochs=0 must be a positive, finite int"),
+    # the VLM probe
+    (
+        ["task=vlm", "llm=none"],
+        r"holds vlm, which trains the fusion head against a language model, but llm=none",
+    ),
+    (["task=vlm", "task.vlm.options=1"], r"task\.vlm\.options=1 must be an int >= 2"),
+    (["task=vlm", "+task.vlm.templates.colour=which ?"], r"task\.vlm\.templates=.* unknown kind 'colour'"),
+    (
+        ["task=vlm", "llm.vocab_size=8"],
+        r"hold \d+ distinct words, but the language model's vocabulary leaves 6",
+    ),
 ]
 
 
@@ -122,9 +133,19 @@ def test_tasks_must_fit_the_data(tmp_path, nothing_runs):
         with pytest.raises(
             ValueError,
             match=rf"{task} needs a {annotation} on each image it reads, and no image of a "
-            rf"data=imagefolder split has one; accepted for this data: \['classification'\]",
+            rf"data=imagefolder split has one; accepted for this data: \['classification', 'vlm'\]",
         ):
             run_benchmark(make("data=imagefolder", f"data.root={two}", f"task={task}"), tmp_path / "b")
+
+
+def test_vlm_questions_the_data_cannot_answer_fail_before_any_work(tmp_path, datasets_root, nothing_runs):
+    cfg = make("data=tinyimagenet", f"data.root={datasets_root}", "data.limit=400", "task=vlm")
+    with pytest.raises(
+        ValueError,
+        match=r"task\.vlm\.templates\.size='how large is the object \?' asks from each "
+        r"image's mask, and no image of a data=tinyimagenet split has one",
+    ):
+        run_benchmark(cfg, tmp_path)
 
 
 def test_dense_on_a_dataset_without_masks_fails_before_any_work(tmp_path, datasets_root, nothing_runs):

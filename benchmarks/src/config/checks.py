@@ -39,6 +39,7 @@ from encoder_fusion.benchmarks.config.plan import (
     probe_recipe,
     strategies,
     vlm_options,
+    vlm_probe_options,
 )
 from encoder_fusion.benchmarks.config.schema import RunConfig
 from encoder_fusion.benchmarks.datasets import ImageDataset
@@ -46,7 +47,13 @@ from encoder_fusion.benchmarks.features.cache import FeatureCache
 from encoder_fusion.benchmarks.features.planted import PlantOptions
 from encoder_fusion.benchmarks.reports.verdicts import AssessOptions
 from encoder_fusion.benchmarks.tasks import TASKS, ProbeRecipe
-from encoder_fusion.benchmarks.timing.llm import VlmOptions
+from encoder_fusion.benchmarks.tasks.vlm import (
+    TEMPLATE_ANNOTATIONS,
+    VlmProbeOptions,
+    Vocabulary,
+    answer_phrases,
+)
+from encoder_fusion.benchmarks.timing.llm import LlmSpec, VlmOptions
 from encoder_fusion.benchmarks.timing.options import DTYPES, LatencyOptions
 from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder
@@ -66,6 +73,7 @@ class CheckedRun:
     cache: FeatureCache
     train: ImageDataset
     test: ImageDataset
+    vlm_probe: VlmProbeOptions | None = None  # the VLM probe's questions, when task.names holds vlm
 
 
 def schema_of(hint: Any) -> type | None:
@@ -157,7 +165,28 @@ def check_config(cfg: Any) -> CheckedRun:
     probe, plants, cache = probe_recipe(cfg), plant_options(cfg), feature_cache(cfg)
     train, test = build_datasets(cfg)
     check_splits(cfg, train, test, plain(cfg.task.names))
-    return CheckedRun(plan, encoders, latency, vlm, judging, probe, plants, cache, train, test)
+    vlm_probe = vlm_probe_options(cfg, vlm.llm)
+    if vlm_probe is not None and vlm.llm is not None:
+        check_vlm_probe(vlm_probe, vlm.llm, train, test)
+    return CheckedRun(plan, encoders, latency, vlm, judging, probe, plants, cache, train, test, vlm_probe)
+
+
+def check_vlm_probe(options: VlmProbeOptions, llm: LlmSpec, train: ImageDataset, test: ImageDataset) -> None:
+    """Every question's annotation is on some image of each split, and the questions' and answers'
+    words fit the language model's vocabulary.
+
+    Raises:
+        ValueError: naming the template, the data, and what is accepted.
+    """
+    for kind, question in options.templates.items():
+        needed = TEMPLATE_ANNOTATIONS[kind]
+        if not all(any(split.has(r, needed) for r in split.records) for split in (train, test)):
+            raise ValueError(
+                f"task.vlm.templates.{kind}={question!r} asks from each image's {needed}, and no image of a "
+                f"data={train.name} split has one; accepted: templates of the annotations this data has"
+            )
+    context_words = [*options.templates.values(), *answer_phrases(train.classes)]
+    Vocabulary(context_words, llm.vocab_size - 1)
 
 
 def check_heads(

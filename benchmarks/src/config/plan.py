@@ -35,6 +35,7 @@ from encoder_fusion.benchmarks.features.planted import PLANTS, PlantOptions
 from encoder_fusion.benchmarks.options import OptionError
 from encoder_fusion.benchmarks.reports.verdicts import AssessOptions
 from encoder_fusion.benchmarks.tasks import TASKS, ProbeRecipe
+from encoder_fusion.benchmarks.tasks.vlm import VlmProbeOptions
 from encoder_fusion.benchmarks.timing.llm import LlmSpec, VlmOptions, memory_needs
 from encoder_fusion.benchmarks.timing.options import DTYPES, LatencyOptions
 from encoder_fusion.containers import plain
@@ -335,6 +336,26 @@ def vlm_options(cfg: Any) -> VlmOptions:
             decode_tokens=cfg.bench.decode_tokens,
             project=project,
         )
+
+
+VLM_PROBE_KEYS = {"templates": "task.vlm.templates", "options": "task.vlm.options"}
+
+
+def vlm_probe_options(cfg: Any, llm: LlmSpec | None) -> VlmProbeOptions | None:
+    """The VLM probe's questions when ``task.names`` holds ``vlm`` (else None).
+
+    Raises:
+        ValueError: ``vlm`` without a language model (``llm=none``), or bad ``task.vlm`` values.
+    """
+    if "vlm" not in plain(cfg.task.names):
+        return None
+    if llm is None:
+        raise ValueError(
+            f"task.names={plain(cfg.task.names)} holds vlm, which trains the fusion head against a language "
+            "model, but llm=none; accepted: an llm preset (tiny, qwen2_5_0_5b, ...)"
+        )
+    with keyed(VLM_PROBE_KEYS):
+        return VlmProbeOptions(**plain(cfg.task.vlm))
 
 
 def probe_recipe(cfg: Any) -> ProbeRecipe:

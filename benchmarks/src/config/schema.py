@@ -169,6 +169,15 @@ class ConnectorConfig:
 
 
 @dataclass
+class VlmProbeConfig:
+    """The stage-1 VLM probe's questions (``task.vlm``): template kind (``class``, ``where``,
+    ``size``) -> question text, and the answer options per question."""
+
+    templates: dict[str, str] = field(default_factory=lambda: {"class": "what is in the image ?"})
+    options: int = 4
+
+
+@dataclass
 class TaskConfig:
     """Which probes run and their training recipe (group ``task``)."""
 
@@ -178,6 +187,7 @@ class TaskConfig:
     lr: float = 3e-3
     batch_size: int = 32
     weight_decay: float = 0.01
+    vlm: VlmProbeConfig = field(default_factory=VlmProbeConfig)
 
 
 @dataclass

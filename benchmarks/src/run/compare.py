@@ -39,8 +39,9 @@ from encoder_fusion.benchmarks.run.prepare import (
     job_overrides,
     phase,
 )
-from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, run_probe
-from encoder_fusion.benchmarks.timing.llm import VlmOptions
+from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, ProbeTask, run_probe
+from encoder_fusion.benchmarks.tasks.vlm import VlmContext, VlmTask
+from encoder_fusion.benchmarks.timing.llm import VlmOptions, build_language_model
 from encoder_fusion.benchmarks.timing.measure import measure_latency
 from encoder_fusion.benchmarks.timing.options import LatencyOptions
 from encoder_fusion.containers import plain
@@ -119,6 +120,32 @@ def head_factory(strategy: Strategy, encoders: Mapping[str, Encoder]):
     return lambda: FusionHead(geometries, **strategy.head)
 
 
+def vlm_language_model(checked: CheckedRun, seed: int):
+    """The VLM probe's language model: the ``llm`` preset, random weights, frozen, float32, on the
+    probes' device."""
+    assert checked.vlm.llm is not None  # check_config refuses task=vlm without one
+    device = torch.device(checked.probe.device)
+    return build_language_model(checked.vlm.llm, device, torch.float32, seed)
+
+
+def vlm_probe(
+    strategy: Strategy,
+    encoders: Mapping[str, Encoder],
+    language_model,
+    checked: CheckedRun,
+    data: ImageDataset,
+) -> ProbeTask:
+    """The VLM probe bound to ``strategy``'s transformers VLM around the frozen ``language_model``
+    (built as a user builds it; the probe trains a fusion head of its own and feeds its tokens)."""
+    from encoder_fusion.hf import build_vlm
+
+    assert checked.vlm.llm is not None and checked.vlm_probe is not None  # checked at start
+    fused = FusedEncoder([encoders[role] for role in strategy.encoders], **strategy.head)
+    vlm = build_vlm(fused, language_model, image_token_id=checked.vlm.llm.vocab_size - 1)
+    vlm.requires_grad_(False)
+    return VlmTask(VlmContext(vlm, checked.vlm_probe, list(data.classes)))
+
+
 def strategy_record(
     strategy: Strategy, encoders: Mapping[str, Encoder], plants: PlantOptions
 ) -> StrategyRecord:
@@ -159,6 +186,7 @@ def run_probes(
         intervals; kept out of the report).
     """
     items = {}
+    language_model = None
     for strategy in checked.strategies:
         record = records[strategy.name]
         missing = [role_errors[r] for r in strategy.encoders if r in role_errors]
@@ -172,7 +200,12 @@ def run_probes(
                 train = splits["train"].features(strategy.encoders, task)
                 test = splits["test"].features(strategy.encoders, task)
                 started = time.perf_counter()
-                result = run_probe(task, make_head, train, test, checked.probe)
+                probe: str | ProbeTask = task
+                if task == "vlm":
+                    if language_model is None:  # one frozen language model serves every strategy
+                        language_model = vlm_language_model(checked, cfg.seed)
+                    probe = vlm_probe(strategy, encoders, language_model, checked, splits["train"].dataset)
+                result = run_probe(probe, make_head, train, test, checked.probe)
                 assert result.item_stats is not None  # run_probe always measures them
                 items[strategy.name, task] = result.item_stats
                 record.accuracy[task] = result

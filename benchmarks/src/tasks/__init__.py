@@ -1,10 +1,11 @@
-"""Accuracy probes on cached encoder features: classification, dense segmentation, localization.
+"""Accuracy probes on cached encoder features: classification, dense segmentation, localization, and
+the stage-1 VLM probe (the fusion head trained against a frozen language model).
 
 ``run_probe(task, make_head, train, test, ...)`` trains the fusion head plus a small task head per
 seed and returns the test metric's mean and std; ``TASKS`` lists the registered tasks.
 """
 
-from encoder_fusion.benchmarks.tasks import classification, dense, localization
+from encoder_fusion.benchmarks.tasks import classification, dense, localization, vlm
 from encoder_fusion.benchmarks.tasks.base import TASKS, FeatureSplit, ProbeTask, register_task
 from encoder_fusion.benchmarks.tasks.probe import ProbeRecipe, run_probe
 
@@ -18,4 +19,5 @@ __all__ = [
     "localization",
     "register_task",
     "run_probe",
+    "vlm",
 ]

@@ -10,7 +10,7 @@ nothing of the harness, so that task modules and the loop both build on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -177,9 +177,10 @@ class ClassIdTask(ProbeTask):
 
 
 TASKS: dict[str, ProbeTask] = {}
+T = TypeVar("T", bound=ProbeTask)
 
 
-def register_task(cls: type[ProbeTask]) -> type[ProbeTask]:
+def register_task(cls: type[T]) -> type[T]:
     """Class decorator: make ``run_probe(cls.NAME, ...)`` use this task."""
     TASKS[cls.NAME] = cls()
     return cls

@@ -50,9 +50,11 @@ class ProbeModel(nn.Module):
         super().__init__()
         self.fusion, self.head, self.head_input = fusion, head, head_input
 
-    def forward(self, grids: Grids) -> torch.Tensor:
+    def forward(self, grids: Grids, targets: torch.Tensor | None = None) -> torch.Tensor:
         fusion = _contract(self.fusion)
         tokens, extras = fusion.forward_deepstack(grids)
+        if self.head_input == "vlm":  # a language model: the DeepStack sets go to its layers
+            return self.head(tokens, extras, targets)
         tokens = sum(extras, tokens)
         return self.head(fusion.to_grid(tokens) if self.head_input == "grid" else tokens)
 
@@ -126,7 +128,7 @@ def fit(
         running = 0.0
         for start in range(0, n, batch_size):
             batch = order[start : start + batch_size]
-            loss = task.loss(model(split.select(batch)), targets[batch])
+            loss = task.loss(model(split.select(batch), targets[batch]), targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -137,14 +139,16 @@ def fit(
 
 
 @torch.no_grad()
-def predict(model: ProbeModel, split: FeatureSplit, batch_size: int, device: torch.device) -> torch.Tensor:
-    """The model's outputs on every sample of ``split``, in order (eval mode)."""
+def predict(
+    model: ProbeModel, split: FeatureSplit, targets: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """The model's outputs on every sample of ``split``, in order (eval mode); a head that reads
+    the targets (the VLM probe's questions and options) gets each batch's."""
     model.eval()
-    n = len(split)
-    outputs = [
-        model(split.select(torch.arange(start, min(start + batch_size, n), device=device)))
-        for start in range(0, n, batch_size)
-    ]
+    outputs = []
+    for start in range(0, len(split), batch_size):
+        batch = torch.arange(start, min(start + batch_size, len(split)), device=device)
+        outputs.append(model(split.select(batch), targets[batch]))
     return torch.cat(outputs)
 
 
@@ -168,7 +172,7 @@ def _summary(values: Sequence[float]) -> dict:
 
 
 def run_probe(
-    task: str,
+    task: str | ProbeTask,
     make_head: Callable[[], nn.Module],
     train: FeatureSplit,
     test: FeatureSplit,
@@ -185,7 +189,8 @@ def run_probe(
     out of both. Results depend only on the inputs and the seeds.
 
     Args:
-        task: ``classification``, ``dense`` or ``localization`` (see ``TASKS``).
+        task: a name of ``TASKS`` (``classification``, ``dense``, ``localization``, ...) or a task
+            object (the ``vlm`` probe bound to a strategy's VLM).
         make_head: builds an untrained fusion head for the encoders of the features.
         train, test: the features and targets of the two splits.
         recipe: seeds, epochs, learning rate, batch size, weight decay and device (default
@@ -201,9 +206,12 @@ def run_probe(
         ValueError: unknown task; missing or invalid targets; mismatched train/test grids; bad
             seeds, epochs, lr, batch_size or weight_decay; a split without any usable sample.
     """
-    if task not in TASKS:
+    if isinstance(task, ProbeTask):
+        probe = task
+    elif task in TASKS:
+        probe = TASKS[task]
+    else:
         raise ValueError(f"probe task={task!r} is unknown; accepted: {', '.join(sorted(TASKS))}")
-    probe = TASKS[task]
     if not callable(make_head):
         raise ValueError(f"run_probe make_head must be a callable returning a FusionHead, got {make_head!r}")
     probe.check(train, "train")
@@ -294,7 +302,7 @@ def _train_and_test(
         generator=torch.Generator().manual_seed(seed),
         device=device,
     )
-    outputs = predict(model, test_split, recipe.batch_size, device)
+    outputs = predict(model, test_split, test_targets, recipe.batch_size, device)
     scores = probe.scores(outputs, test_targets, train.num_classes)
     item_stats = probe.item_stats(outputs, test_targets, train.num_classes).cpu()
     return scores, item_stats, history[-1], _learned_weights(fusion)
