@@ -34,6 +34,7 @@ from encoder_fusion.benchmarks.config.plan import (
     check_names,
     encoder_specs,
     feature_cache,
+    keyed,
     latency_options,
     plant_options,
     probe_recipe,
@@ -47,6 +48,7 @@ from encoder_fusion.benchmarks.features.cache import FeatureCache
 from encoder_fusion.benchmarks.features.planted import PlantOptions
 from encoder_fusion.benchmarks.reports.verdicts import AssessOptions
 from encoder_fusion.benchmarks.tasks import TASKS, ProbeRecipe
+from encoder_fusion.benchmarks.tasks.knn import check_k
 from encoder_fusion.benchmarks.tasks.vlm import (
     TEMPLATE_ANNOTATIONS,
     VlmProbeOptions,
@@ -74,6 +76,7 @@ class CheckedRun:
     train: ImageDataset
     test: ImageDataset
     vlm_probe: VlmProbeOptions | None = None  # the VLM probe's questions, when task.names holds vlm
+    knn_k: int = 10  # the k-NN probe's neighbours per vote
 
 
 def schema_of(hint: Any) -> type | None:
@@ -168,7 +171,26 @@ def check_config(cfg: Any) -> CheckedRun:
     vlm_probe = vlm_probe_options(cfg, vlm.llm)
     if vlm_probe is not None and vlm.llm is not None:
         check_vlm_probe(vlm_probe, vlm.llm, train, test)
-    return CheckedRun(plan, encoders, latency, vlm, judging, probe, plants, cache, train, test, vlm_probe)
+    knn_k = check_knn(cfg, train)
+    return CheckedRun(
+        plan, encoders, latency, vlm, judging, probe, plants, cache, train, test, vlm_probe, knn_k
+    )
+
+
+def check_knn(cfg: Any, train: ImageDataset) -> int:
+    """``task.knn.k``: an int >= 1, and, when the k-NN probe runs, no more than the train images.
+
+    Raises:
+        ValueError: naming ``task.knn.k``, the value and what is accepted.
+    """
+    with keyed({"k": "task.knn.k"}):
+        k = check_k(cfg.task.knn.k)
+    if "knn" in plain(cfg.task.names) and k > len(train):
+        raise ValueError(
+            f"task.knn.k={k} is larger than the {len(train)} train images of data={train.name}; accepted: "
+            f"k <= {len(train)}"
+        )
+    return k
 
 
 def check_vlm_probe(options: VlmProbeOptions, llm: LlmSpec, train: ImageDataset, test: ImageDataset) -> None:

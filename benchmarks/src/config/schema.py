@@ -178,6 +178,13 @@ class VlmProbeConfig:
 
 
 @dataclass
+class KnnProbeConfig:
+    """The k-NN probe (``task.knn``): neighbours per vote."""
+
+    k: int = 10
+
+
+@dataclass
 class TaskConfig:
     """Which probes run and their training recipe (group ``task``)."""
 
@@ -188,6 +195,7 @@ class TaskConfig:
     batch_size: int = 32
     weight_decay: float = 0.01
     vlm: VlmProbeConfig = field(default_factory=VlmProbeConfig)
+    knn: KnnProbeConfig = field(default_factory=KnnProbeConfig)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from encoder_fusion.benchmarks.run.prepare import (
     phase,
 )
 from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, ProbeTask, run_probe
+from encoder_fusion.benchmarks.tasks.knn import KnnTask
 from encoder_fusion.benchmarks.tasks.vlm import VlmContext, VlmTask
 from encoder_fusion.benchmarks.timing.llm import VlmOptions, build_language_model
 from encoder_fusion.benchmarks.timing.measure import measure_latency
@@ -201,6 +202,8 @@ def run_probes(
                 test = splits["test"].features(strategy.encoders, task)
                 started = time.perf_counter()
                 probe: str | ProbeTask = task
+                if task == "knn":
+                    probe = KnnTask(checked.knn_k)
                 if task == "vlm":
                     if language_model is None:  # one frozen language model serves every strategy
                         language_model = vlm_language_model(checked, cfg.seed)

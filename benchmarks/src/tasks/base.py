@@ -105,6 +105,8 @@ class ProbeTask:
     INPUT: ClassVar[str] = "tokens"
     # the head reads only the mean token, so a layer scan may cache features pooled
     POOLED: ClassVar[bool] = False
+    # False: nothing trains; the head remembers the train split (``head.remember(tokens, targets)``)
+    TRAINS: ClassVar[bool] = True
 
     def check(self, split: FeatureSplit, which: str) -> None:
         """Raise ValueError when ``split`` lacks or has invalid targets for this task."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -152,6 +152,21 @@ def predict(
     return torch.cat(outputs)
 
 
+@torch.no_grad()
+def fused_tokens(
+    fusion: nn.Module, split: FeatureSplit, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """The main tokens plus the sum of the DeepStack sets of every sample of ``split`` (eval mode)."""
+    fusion.eval()
+    out = []
+    for start in range(0, len(split), batch_size):
+        tokens, extras = _contract(fusion).forward_deepstack(
+            split.select(torch.arange(start, min(start + batch_size, len(split)), device=device))
+        )
+        out.append(sum(extras, tokens))
+    return torch.cat(out)
+
+
 def _to_device(split: FeatureSplit, device: torch.device, keep: torch.Tensor) -> FeatureSplit:
     """The samples ``keep`` of ``split`` with grids as float32 on ``device``."""
     return FeatureSplit(
@@ -222,7 +237,7 @@ def run_probe(
 
     per_seed: list[dict[str, float]] = []
     items: list[torch.Tensor] = []
-    losses: list[float] = []
+    losses: list[float | None] = []
     learned: list[dict[str, list[float]]] = []
     prepared: dict[tuple[int, int], tuple] = {}
     fork_devices = [device.index or 0] if device.type == "cuda" else []
@@ -248,7 +263,7 @@ def run_probe(
         extra={
             **metrics,
             "baseline": probe.baseline(train_targets.cpu(), test_targets.cpu(), train.num_classes),
-            "train_loss": losses,
+            **({"train_loss": losses} if probe.TRAINS else {}),
             **_layer_weight_summary(learned),
         },
         train_size=len(train_targets),
@@ -270,7 +285,7 @@ def _train_and_test(
     seed: int,
     recipe: ProbeRecipe,
     device: torch.device,
-) -> tuple[dict[str, float], torch.Tensor, float, dict[str, list[float]]]:
+) -> tuple[dict[str, float], torch.Tensor, float | None, dict[str, list[float]]]:
     """One seed: a fresh fusion head and task head, trained, then scored on test. ``prepared``
     caches the splits' targets per fused grid size. Returns the scores, the per-item statistics, the
     last epoch's loss and the trained fusion head's learned layer weights (``{}`` when it learns none)."""
@@ -290,18 +305,22 @@ def _train_and_test(
     train_split, train_targets, test_split, test_targets = prepared[grid_hw]
     head = probe.build_head(width, grid_hw, train.num_classes)
     model = ProbeModel(fusion, head, probe.INPUT).to(device)
-    history = fit(
-        model,
-        probe,
-        train_split,
-        train_targets,
-        epochs=recipe.epochs,
-        lr=float(recipe.lr),
-        batch_size=recipe.batch_size,
-        weight_decay=float(recipe.weight_decay),
-        generator=torch.Generator().manual_seed(seed),
-        device=device,
-    )
+    if probe.TRAINS:
+        history = fit(
+            model,
+            probe,
+            train_split,
+            train_targets,
+            epochs=recipe.epochs,
+            lr=float(recipe.lr),
+            batch_size=recipe.batch_size,
+            weight_decay=float(recipe.weight_decay),
+            generator=torch.Generator().manual_seed(seed),
+            device=device,
+        )
+    else:  # the head at initialisation, remembering the train split
+        history = [None]
+        cast(Any, head).remember(fused_tokens(fusion, train_split, recipe.batch_size, device), train_targets)
     outputs = predict(model, test_split, test_targets, recipe.batch_size, device)
     scores = probe.scores(outputs, test_targets, train.num_classes)
     item_stats = probe.item_stats(outputs, test_targets, train.num_classes).cpu()
