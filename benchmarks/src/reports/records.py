@@ -313,6 +313,8 @@ class Report:
     llms: list[str] = field(default_factory=list)
     jobs: list = field(default_factory=list)
     failed_jobs: list = field(default_factory=list)
+    # each cheap probe's rank agreement with the vlm probe (encoder_fusion.benchmarks.reports.agreement)
+    probe_agreement: list = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def record(self, name: str) -> StrategyRecord | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from encoder_fusion.benchmarks.reports.agreement import agreement_sentence
 from encoder_fusion.benchmarks.reports.records import Report, StrategyRecord, TaskAccuracy
 
 
@@ -258,12 +259,42 @@ def render_markdown(report: Report) -> str:
     if memory_kinds:
         scope = "the whole VLM's first token" if with_llm else "the vision pipeline"
         lines += ["", f"Peak memory ({scope}): {'; '.join(memory_kinds)}."]
+    lines += agreement_lines(report)
     errors = [(s.name, e) for s in strategies for e in s.errors]
     if errors or report.failed_jobs:
         lines += ["", "## Errors", ""]
         lines += [f"- {name} / {e['where']}: {e['error']}" for name, e in errors]
         lines += [f"- job {job['job']}: {job['error']}" for job in report.failed_jobs]
     return "\n".join(lines) + "\n"
+
+
+def agreement_lines(report: Report) -> list[str]:
+    """The cheap probes' rank agreement with the VLM probe (``report.probe_agreement``), or nothing."""
+    rows = report.probe_agreement
+    if not rows:
+        return []
+
+    def with_ci(value, interval) -> str:
+        if value is None:
+            return "— (constant deltas)"
+        return f"{value:+.2f}" + ("" if interval is None else f" [{interval[0]:+.2f}, {interval[1]:+.2f}]")
+
+    lines = [
+        "",
+        "## Can the cheap probes stand in for the VLM probe?",
+        "",
+        f"{agreement_sentence(rows)} Rank correlation of each probe's deltas with the vlm probe's over "
+        "the strategies, 95 % intervals over resampled test items.",
+        "",
+        "| probe | Spearman [95 % CI] | Kendall [95 % CI] | verdict |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['probe']} | {with_ci(row['spearman'], row['spearman_ci'])} | "
+        f"{with_ci(row['kendall'], row['kendall_ci'])} | {row['verdict']} |"
+        for row in rows
+    ]
+    return lines
 
 
 # -- plot -------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def stats(samples_ms: Sequence[float] | np.ndarray) -> dict:
     return {"median": float(median), "p10": float(p10), "p90": float(p90), "n": int(values.size)}
 
 
-def _percentiles(values: np.ndarray) -> list[float]:
+def percentiles(values: np.ndarray) -> list[float]:
+    """The 95 % interval of ``values``: their 2.5th and 97.5th percentiles."""
     lo, hi = np.percentile(values, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
     return [float(lo), float(hi)]
 
@@ -95,14 +96,14 @@ def paired_delta_ci(
             f"{tuple(strategy.shape)} and {tuple(baseline.shape)}"
         )
     ours, theirs = resampled_metric([strategy, baseline], metric, resamples, seed)
-    return _percentiles(ours - theirs)
+    return percentiles(ours - theirs)
 
 
 def metric_ci(
     stats: torch.Tensor, metric: Callable[[torch.Tensor], torch.Tensor], resamples: int, seed: int = 0
 ) -> list[float]:
     """95 % interval of one strategy's seed-averaged metric over resamples of its test items."""
-    return _percentiles(resampled_metric(stats, metric, resamples, seed)[0])
+    return percentiles(resampled_metric(stats, metric, resamples, seed)[0])
 
 
 def ratio_ci(
@@ -117,7 +118,7 @@ def ratio_ci(
         )
     rng = np.random.default_rng(seed)
     index = rng.integers(0, ours.size, size=(resamples, ours.size))
-    return _percentiles(np.median(ours[index], axis=1) / np.median(theirs[index], axis=1))
+    return percentiles(np.median(ours[index], axis=1) / np.median(theirs[index], axis=1))
 
 
 def needed_items(items: int, interval: Sequence[float], min_detectable: float) -> int | None:

@@ -26,6 +26,7 @@ from encoder_fusion.benchmarks.config.plan import Strategy, used_roles
 from encoder_fusion.benchmarks.config.schema import BASELINE, config_hash
 from encoder_fusion.benchmarks.datasets import ImageDataset, load_batch
 from encoder_fusion.benchmarks.features.planted import PlantOptions, planted_grids
+from encoder_fusion.benchmarks.reports.agreement import probe_agreement
 from encoder_fusion.benchmarks.reports.records import Report, StrategyRecord, TaskAccuracy
 from encoder_fusion.benchmarks.reports.render import render_markdown
 from encoder_fusion.benchmarks.reports.report import build_report, environment, write_report
@@ -309,6 +310,14 @@ def run_compare(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -
     for record in report.strategies:
         if record.role == "fused":
             assess(record, checked.judging)
+    report.probe_agreement = probe_agreement(
+        {r.name: r for r in report.strategies},
+        items,
+        metrics,
+        BASELINE,
+        checked.judging.ci_resamples,
+        checked.judging.seed,
+    )
     path = write_report(report, out)
     print(render_markdown(report))
     print(f"Report: {path.resolve()}  (report.md, pareto.png beside it)")
