@@ -95,6 +95,14 @@ BAD_SETTINGS = [
     (["align=pixel_unshuffle", "align.grid=[3,3]"], r"cannot fold a 4x4 grid onto 3x3"),
     (["experiment=layer_scan", "task.epochs=0"], r"task\.epochs=0 must be a positive, finite int"),
     # the cheap probes and the VLM probe
+    (
+        ["task=correspondence", "task.correspondence.shift=[3,0]"],
+        r"task\.correspondence=.* leaves no overlap",
+    ),
+    (
+        ["task=correspondence", "task.correspondence.threshold=0"],
+        r"task\.correspondence\.threshold=0\.0 must be",
+    ),
     (["task=knn", "task.knn.k=0"], r"task\.knn\.k=0 must be an int >= 1"),
     (
         ["task=knn", "task.knn.k=500"],
@@ -138,7 +146,8 @@ def test_tasks_must_fit_the_data(tmp_path, nothing_runs):
         with pytest.raises(
             ValueError,
             match=rf"{task} needs a {annotation} on each image it reads, and no image of a "
-            rf"data=imagefolder split has one; accepted for this data: \['classification', 'knn', 'vlm'\]",
+            rf"data=imagefolder split has one; accepted for this data: "
+            rf"\['classification', 'correspondence', 'knn', 'vlm'\]",
         ):
             run_benchmark(make("data=imagefolder", f"data.root={two}", f"task={task}"), tmp_path / "b")
 
@@ -155,7 +164,9 @@ def test_vlm_questions_the_data_cannot_answer_fail_before_any_work(tmp_path, dat
 
 def test_dense_on_a_dataset_without_masks_fails_before_any_work(tmp_path, datasets_root, nothing_runs):
     with pytest.raises(
-        ValueError, match=r"dense needs a mask .*accepted for this data: \['classification', 'knn', 'loc"
+        ValueError,
+        match=r"dense needs a mask .*accepted for this data: \['classification', 'correspondence', 'knn', "
+        r"'loc",
     ):
         run_benchmark(
             make("data=tinyimagenet", f"data.root={datasets_root}", "data.limit=400", "task=all"), tmp_path

@@ -4,6 +4,8 @@ found, and a whole run."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from bench_runs import CONF, check_report
@@ -155,13 +157,27 @@ def test_the_probe_finds_a_planted_class_signal_and_scores_per_item(task, clip):
     assert plain.extra["accuracy_class"]["mean"] <= 0.6
 
 
-def test_a_smoke_run_of_the_vlm_probe(tmp_path):
+def test_a_smoke_run_of_the_vlm_probe_and_the_cheap_probes_agreement(tmp_path):
+    tasks = ["vlm", "knn", "correspondence", "classification"]
+    overrides = [
+        "experiment=smoke",
+        f"task.names=[{','.join(tasks)}]",
+        f"bench.cache_dir={tmp_path / 'cache'}",
+    ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "config", overrides=["experiment=smoke", "task=vlm", f"bench.cache_dir={tmp_path / 'cache'}"]
-        )
-    report = check_report(run_benchmark(cfg, tmp_path / "run"), ["vlm"], "eagle")
+        cfg = compose("config", overrides=overrides)
+    path = run_benchmark(cfg, tmp_path / "run")
+    report = check_report(path, tasks, "eagle")
     for record in report.strategies:
         accuracy = record.accuracy["vlm"]
         assert accuracy.metric == "accuracy" and 0.0 <= accuracy.mean <= 1.0
-        assert {"accuracy_class", "accuracy_where", "accuracy_size"} <= set(accuracy.extra)
+        assert "accuracy_class" in accuracy.extra  # task.names alone keeps the default: the class question
+        assert record.accuracy["correspondence"].metric == "pck"
+        assert all(record.accuracy[task].delta is not None for task in tasks)
+    rows = json.loads(path.read_text())["probe_agreement"]
+    assert [row["probe"] for row in rows] == ["knn", "correspondence", "classification"]
+    for row in rows:
+        assert set(row) >= {"probe", "spearman", "spearman_ci", "kendall", "kendall_ci", "strategies"}
+        assert row["strategies"] == ["clip_only", "dino_only", "eagle"]
+    markdown = (path.parent / "report.md").read_text()
+    assert "## Can the cheap probes stand in for the VLM probe?" in markdown

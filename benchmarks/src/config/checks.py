@@ -48,6 +48,7 @@ from encoder_fusion.benchmarks.features.cache import FeatureCache
 from encoder_fusion.benchmarks.features.planted import PlantOptions
 from encoder_fusion.benchmarks.reports.verdicts import AssessOptions
 from encoder_fusion.benchmarks.tasks import TASKS, ProbeRecipe
+from encoder_fusion.benchmarks.tasks.correspondence import WarpOptions
 from encoder_fusion.benchmarks.tasks.knn import check_k
 from encoder_fusion.benchmarks.tasks.vlm import (
     TEMPLATE_ANNOTATIONS,
@@ -77,6 +78,7 @@ class CheckedRun:
     test: ImageDataset
     vlm_probe: VlmProbeOptions | None = None  # the VLM probe's questions, when task.names holds vlm
     knn_k: int = 10  # the k-NN probe's neighbours per vote
+    warp: WarpOptions = dataclasses.field(default_factory=WarpOptions)  # the correspondence probe's
 
 
 def schema_of(hint: Any) -> type | None:
@@ -172,8 +174,13 @@ def check_config(cfg: Any) -> CheckedRun:
     if vlm_probe is not None and vlm.llm is not None:
         check_vlm_probe(vlm_probe, vlm.llm, train, test)
     knn_k = check_knn(cfg, train)
+    with keyed(
+        {f.name: f"task.correspondence.{f.name}" for f in dataclasses.fields(WarpOptions)}
+        | {"warp": "task.correspondence"}
+    ):
+        warp = WarpOptions(**plain(cfg.task.correspondence))
     return CheckedRun(
-        plan, encoders, latency, vlm, judging, probe, plants, cache, train, test, vlm_probe, knn_k
+        plan, encoders, latency, vlm, judging, probe, plants, cache, train, test, vlm_probe, knn_k, warp
     )
 
 

@@ -185,6 +185,18 @@ class KnnProbeConfig:
 
 
 @dataclass
+class CorrespondenceProbeConfig:
+    """The correspondence probe's warp and PCK threshold (``task.correspondence``; see
+    :class:`encoder_fusion.benchmarks.tasks.correspondence.WarpOptions`)."""
+
+    rotate: float = 10.0
+    scale: float = 0.8
+    shift: list[float] = field(default_factory=lambda: [0.1, 0.0])
+    flip: bool = False
+    threshold: float = 1.0
+
+
+@dataclass
 class TaskConfig:
     """Which probes run and their training recipe (group ``task``)."""
 
@@ -196,6 +208,7 @@ class TaskConfig:
     weight_decay: float = 0.01
     vlm: VlmProbeConfig = field(default_factory=VlmProbeConfig)
     knn: KnnProbeConfig = field(default_factory=KnnProbeConfig)
+    correspondence: CorrespondenceProbeConfig = field(default_factory=CorrespondenceProbeConfig)
 
 
 @dataclass

@@ -41,6 +41,7 @@ from encoder_fusion.benchmarks.run.prepare import (
     phase,
 )
 from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, ProbeTask, run_probe
+from encoder_fusion.benchmarks.tasks.correspondence import run_correspondence, warp_grid, warp_images
 from encoder_fusion.benchmarks.tasks.knn import KnnTask
 from encoder_fusion.benchmarks.tasks.vlm import VlmContext, VlmTask
 from encoder_fusion.benchmarks.timing.llm import VlmOptions, build_language_model
@@ -59,6 +60,8 @@ class Split:
     dataset: ImageDataset
     batch: dict
     grids: dict[str, list[torch.Tensor] | None]
+    # the grids of the images warped by the correspondence probe's warp (test split, when it runs)
+    warped: dict[str, list[torch.Tensor] | None] = dataclasses.field(default_factory=dict)
 
     def features(self, roles: tuple[str, ...], task: str) -> FeatureSplit:
         """The probe input of ``task`` for the encoders ``roles`` (each of which has grids)."""
@@ -88,6 +91,7 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) 
         batch = load_batch(dataset, range(len(dataset)), load_size)
         source = image_source(dataset, load_size, cache)
         grids: dict[str, list[torch.Tensor] | None] = {}
+        warped: dict[str, list[torch.Tensor] | None] = {}
         for offset, (role, encoder) in enumerate(encoders.items()):
             if role in role_errors:
                 grids[role] = None
@@ -95,7 +99,7 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) 
             try:
                 plant = plants.of(role)
                 if plant is not None:
-                    grids[role] = planted_grids(
+                    planted = grids[role] = planted_grids(
                         plant,
                         batch,
                         grid=encoder.grid_size(),
@@ -106,13 +110,18 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) 
                         seed=cfg.seed + offset,
                         noise_seed=cfg.seed + 100 * (number + 1) + offset,
                     )
+                    warped[role] = [warp_grid(grid, checked.warp.theta()) for grid in planted]
                     continue
                 grids[role] = cached_grids(cache, encoder, source, batch)
+                if which == "test" and "correspondence" in plain(cfg.task.names):
+                    theta = checked.warp.theta()
+                    moved = {"images": warp_images(batch["images"], theta)}
+                    warped[role] = cached_grids(cache, encoder, {**source, **checked.warp.key()}, moved)
             except Exception as error:  # recorded against every strategy using this encoder
                 role_errors[role] = f"feature extraction ({which}): {error_text(error)}"
                 log.error("feature extraction of %s failed:\n%s", role, traceback.format_exc())
                 grids[role] = None
-        splits[which] = Split(dataset, batch, grids)
+        splits[which] = Split(dataset, batch, grids, warped)
     return splits, role_errors
 
 
@@ -120,6 +129,23 @@ def head_factory(strategy: Strategy, encoders: Mapping[str, Encoder]):
     """A ``make_head()`` for :func:`run_probe`: a fresh :class:`FusionHead` for the strategy's encoders."""
     geometries = [EncoderGeometry.of(encoders[role]) for role in strategy.encoders]
     return lambda: FusionHead(geometries, **strategy.head)
+
+
+def record_result(
+    record: StrategyRecord, items: dict, name: str, task: str, result: TaskAccuracy, started: float
+) -> None:
+    """Keep a probe's result on the record and its per-item statistics in ``items``; log it."""
+    assert result.item_stats is not None  # every probe measures them
+    items[name, task] = result.item_stats
+    record.accuracy[task] = result
+    log.info(
+        "probe %s / %s: %s %.3f in %.1f s",
+        name,
+        task,
+        result.metric,
+        result.mean,
+        time.perf_counter() - started,
+    )
 
 
 def vlm_language_model(checked: CheckedRun, seed: int):
@@ -203,6 +229,20 @@ def run_probes(
                 test = splits["test"].features(strategy.encoders, task)
                 started = time.perf_counter()
                 probe: str | ProbeTask = task
+                if task == "correspondence":
+                    warped = [splits["test"].warped.get(role) for role in strategy.encoders]
+                    if any(grid is None for grid in warped):
+                        raise ValueError(f"no warped features of encoder role(s) {list(strategy.encoders)}")
+                    result = run_correspondence(
+                        make_head,
+                        test,
+                        [grid for grid in warped if grid is not None],
+                        checked.warp,
+                        checked.probe.seeds,
+                        torch.device(checked.probe.device),
+                    )
+                    record_result(record, items, strategy.name, task, result, started)
+                    continue
                 if task == "knn":
                     probe = KnnTask(checked.knn_k)
                 if task == "vlm":
@@ -210,17 +250,7 @@ def run_probes(
                         language_model = vlm_language_model(checked, cfg.seed)
                     probe = vlm_probe(strategy, encoders, language_model, checked, splits["train"].dataset)
                 result = run_probe(probe, make_head, train, test, checked.probe)
-                assert result.item_stats is not None  # run_probe always measures them
-                items[strategy.name, task] = result.item_stats
-                record.accuracy[task] = result
-                log.info(
-                    "probe %s / %s: %s %.3f in %.1f s",
-                    strategy.name,
-                    task,
-                    result.metric,
-                    result.mean,
-                    time.perf_counter() - started,
-                )
+                record_result(record, items, strategy.name, task, result, started)
             except Exception as error:  # one task's failure must not lose the others
                 log.error("probe %s / %s failed:\n%s", strategy.name, task, traceback.format_exc())
                 record.accuracy[task] = TaskAccuracy(task)
