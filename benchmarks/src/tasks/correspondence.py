@@ -24,6 +24,7 @@ from torch import nn
 from encoder_fusion.benchmarks.options import OptionError, check_positive
 from encoder_fusion.benchmarks.reports.records import TaskAccuracy
 from encoder_fusion.benchmarks.tasks.base import FeatureSplit, Grids, MeanOfItemsTask, register_task
+from encoder_fusion.benchmarks.tasks.probe import seed_summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,16 +192,10 @@ def run_correspondence(
         stats = torch.cat(outputs)
         items.append(stats)
         per_seed.append(float(stats[:, 0].sum() / stats[:, 1].sum()))
-    mean = sum(per_seed) / len(per_seed)
-    std = (
-        math.sqrt(sum((v - mean) ** 2 for v in per_seed) / (len(per_seed) - 1)) if len(per_seed) > 1 else 0.0
-    )
     return TaskAccuracy(
         task=CorrespondenceTask.NAME,
         metric=CorrespondenceTask.METRIC,
-        mean=mean,
-        std=std,
-        per_seed=per_seed,
+        **seed_summary(per_seed),
         seeds=list(seeds),
         extra={"warp": dataclasses.asdict(warp)},
         test_size=len(test),

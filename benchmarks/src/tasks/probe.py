@@ -178,7 +178,7 @@ def _to_device(split: FeatureSplit, device: torch.device, keep: torch.Tensor) ->
     )
 
 
-def _summary(values: Sequence[float]) -> dict:
+def seed_summary(values: Sequence[float]) -> dict:
     """Mean, sample std (0.0 for one value) and the values themselves."""
     values = [float(v) for v in values]
     mean = sum(values) / len(values)
@@ -252,7 +252,7 @@ def run_probe(
         losses.append(loss)
         learned.append(weights)
 
-    metrics = {name: _summary([s[name] for s in per_seed]) for name in per_seed[0]}
+    metrics = {name: seed_summary([s[name] for s in per_seed]) for name in per_seed[0]}
     main = metrics.pop(probe.METRIC)
     _, train_targets, _, test_targets = next(iter(prepared.values()))
     return TaskAccuracy(

@@ -197,35 +197,28 @@ class AnswerScorer(nn.Module):
 
 def answer_targets(split: FeatureSplit, context: VlmContext) -> torch.Tensor:
     """(N, T, 1 + O) long: per image and question, the right option and the phrase index of each
-    option (-1 where the image cannot be asked it: no label, box or mask)."""
+    option (-1 where the image cannot be asked it: no label, box or mask).
+
+    A question's options are the right answer and the answers after it, cyclically, in answer order
+    (every answer when there are at most O)."""
     options, kinds = context.options.options, list(context.options.templates)
     n, classes = len(split), len(context.class_names)
     targets = torch.full((n, len(kinds), 1 + options), -1, dtype=torch.long)
     for t, kind in enumerate(kinds):
         if kind == "class":
-            labels = cast(torch.Tensor, split.labels)
-            count = min(options, classes)
-            for i in range(n):
-                label = int(labels[i])
-                if label < 0:
-                    continue
-                choices = sorted((label + k) % classes for k in range(count))
-                targets[i, t, 0] = choices.index(label)
-                targets[i, t, 1 : 1 + count] = torch.tensor(choices)
+            answers, total, offset = cast(torch.Tensor, split.labels), classes, 0
+        elif kind == "where":
+            answers, total, offset = where_answers(cast(torch.Tensor, split.boxes)), len(WHERE), classes
         else:
-            answers = (
-                where_answers(cast(torch.Tensor, split.boxes)) if kind == "where" else size_answers(split)
-            )
-            phrases = WHERE if kind == "where" else SIZES
-            offset = classes + (0 if kind == "where" else len(WHERE))
-            count = min(options, len(phrases))
-            for i in range(n):
-                answer = int(answers[i])
-                if answer < 0:
-                    continue
-                choices = sorted((answer + k) % len(phrases) for k in range(count))
-                targets[i, t, 0] = choices.index(answer)
-                targets[i, t, 1 : 1 + count] = torch.tensor(choices) + offset
+            answers, total, offset = size_answers(split), len(SIZES), classes + len(WHERE)
+        count = min(options, total)
+        for i in range(n):
+            answer = int(answers[i])
+            if answer < 0:
+                continue
+            choices = sorted((answer + k) % total for k in range(count))
+            targets[i, t, 0] = choices.index(answer)
+            targets[i, t, 1 : 1 + count] = torch.tensor(choices) + offset
     return targets
 
 

@@ -18,7 +18,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from encoder_fusion.hf.configuration import FusedLlavaConfig
-from encoder_fusion.hf.modeling import FusedEncoderModel, FusedLlavaForConditionalGeneration
+from encoder_fusion.hf.modeling import FusedEncoderModel, FusedLlavaForConditionalGeneration, check_widths
 from encoder_fusion.hf.processing import FusedImageProcessor, FusedLlavaProcessor
 from encoder_fusion.model import FusedEncoder
 
@@ -78,13 +78,7 @@ def build_vlm(
         raise ValueError(f"fused is a {type(fused).__name__}; accepted: an encoder_fusion.FusedEncoder")
     lm = causal_lm(language_model)
     text_config = lm.config.get_text_config()
-    if fused.head.out_dim != text_config.hidden_size:
-        raise ValueError(
-            f"the fused encoder's connector gives tokens {fused.head.out_dim} wide but the language "
-            f"model's hidden size is {text_config.hidden_size}; accepted: a connector with "
-            f"out_dim={text_config.hidden_size} "
-            f"(e.g. connector={{'kind': 'mlp', 'out_dim': {text_config.hidden_size}}})"
-        )
+    check_widths(fused.head.out_dim, text_config.hidden_size)  # before the language model changes
     sets, layers = len(fused.head.deepstack.entries), text_config.num_hidden_layers
     if sets > layers:
         raise ValueError(

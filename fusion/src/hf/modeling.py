@@ -149,7 +149,7 @@ class FusedLlavaModel(LlavaModel):
 
     def __init__(self, config: FusedLlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(self, config)
-        check_widths(config)
+        check_widths(config.fused_config.hidden_size, config.language_config.hidden_size)
         self.vision_tower = FusedEncoderModel(config.fused_config)
         self.language_model = AutoModel.from_config(config.language_config)
         self.post_init()
@@ -232,6 +232,8 @@ class FusedLlavaModel(LlavaModel):
 
     def check_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> None:
         """Before any encoder runs: the placeholders must be ``output_tokens`` per image given.
+        (:meth:`get_placeholder_mask` checks them against the features themselves, which precomputed
+        ``mm_encoder_outputs`` may hold in any count.)
 
         Raises:
             ValueError: naming both counts.
@@ -266,13 +268,12 @@ class FusedLlavaModel(LlavaModel):
             )
 
 
-def check_widths(config: FusedLlavaConfig) -> None:
-    """The fused tokens must be as wide as the language model's hidden states.
+def check_widths(vision: int, text: int) -> None:
+    """The fused tokens (``vision`` wide) must be as wide as the language model's hidden states.
 
     Raises:
-        ValueError: naming both widths and the connector's ``out_dim``.
+        ValueError: naming both widths and the connector's ``out_dim`` to set.
     """
-    vision, text = config.fused_config.hidden_size, config.language_config.hidden_size
     if vision != text:
         raise ValueError(
             f"the fused encoder's tokens are {vision} wide but the language model's hidden size is {text}; "

@@ -81,6 +81,6 @@ def stage1_batch(
             "input_ids": torch.tensor([padded(row, pad) for row in rows]),
             "attention_mask": torch.tensor([padded([1] * len(row), 0) for row in rows]),
             "labels": torch.tensor([padded(row, IGNORE_INDEX) for row in labels]),
-            "pixel_values": processor.image_processor(list(images), return_tensors="pt")["pixel_values"],
+            "pixel_values": torch.stack(list(encoded["pixel_values"])),
         }
     )
