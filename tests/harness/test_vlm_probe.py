@@ -19,19 +19,20 @@ from encoder_fusion.benchmarks.tasks.probe import ProbeModel, ProbeRecipe, fit
 from encoder_fusion.benchmarks.tasks.vlm import (
     SIZES,
     WHERE,
-    AnswerScorer,
     VlmContext,
     VlmProbeOptions,
     VlmTask,
-    Vocabulary,
     answer_targets,
 )
+from encoder_fusion.benchmarks.tasks.vlm_scoring import AnswerScorer
+from encoder_fusion.benchmarks.tasks.vlm_text import Vocabulary
 from encoder_fusion.benchmarks.timing.llm import build_language_model
 from encoder_fusion.encoders import build_encoder
 from encoder_fusion.encoders.tiny import tiny_spec
 from encoder_fusion.hf import build_vlm
 
 CLASSES = ["circle", "square", "star", "heart", "ring", "cross"]
+MASK_CLASSES = ["background", *CLASSES]  # as the synthetic data names them: mask value = label + 1
 TEMPLATES = {"class": "what is it ?", "where": "where is it ?", "size": "how big is it ?"}
 CONNECTOR = {"kind": "mlp", "out_dim": 32}
 
@@ -50,7 +51,7 @@ def task(clip):
         FusedEncoder([clip], connector=CONNECTOR), language_model, image_token_id=spec.vocab_size - 1
     )
     vlm.requires_grad_(False)
-    return VlmTask(VlmContext(vlm, VlmProbeOptions(templates=TEMPLATES, options=4), CLASSES))
+    return VlmTask(VlmContext(vlm, VlmProbeOptions(templates=TEMPLATES, options=4), CLASSES, MASK_CLASSES))
 
 
 def features(n: int, seed: int, planted: float = 0.0) -> FeatureSplit:
@@ -61,7 +62,8 @@ def features(n: int, seed: int, planted: float = 0.0) -> FeatureSplit:
     grid = torch.randn(n, 4, 4, 32, generator=generator) + planted * directions[labels][:, None, None]
     corner = torch.rand(n, 2, generator=generator) * 0.5
     boxes = torch.cat([corner, corner + 0.45], dim=1)
-    masks = (torch.rand(n, 8, 8, generator=generator) < torch.rand(n, 1, 1, generator=generator)).long()
+    shape = torch.rand(n, 8, 8, generator=generator) < torch.rand(n, 1, 1, generator=generator)
+    masks = shape.long() * (labels[:, None, None] + 1)
     return FeatureSplit([[grid]], labels=labels, boxes=boxes, masks=masks, num_classes=len(CLASSES))
 
 
@@ -74,8 +76,9 @@ def test_questions_come_from_the_labels_boxes_and_masks(task):
     labels = torch.tensor([0, 5, -1])
     boxes = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.6, 0.1, 0.9, 0.3], [float("nan")] * 4])
     masks = torch.zeros(3, 10, 10, dtype=torch.long)
-    masks[0, :2] = 1  # 20 % of the pixels: medium
-    masks[1, :6] = 2  # 60 %: large
+    masks[0, :2] = 1  # 20 % of the pixels are the label's class (circle, mask value 1): medium
+    masks[0, 2:5] = 2  # 30 % another class, not the labelled object's
+    masks[1, :6] = 6  # 60 %: cross, large
     masks[2] = -1  # all ignored: not asked
     split = FeatureSplit([[torch.zeros(3, 2, 2, 4)]], labels=labels, boxes=boxes, masks=masks, num_classes=6)
     targets = answer_targets(split, task.context)
@@ -106,6 +109,9 @@ def test_multiple_choice_scores_are_the_language_models_log_likelihoods(task):
     with torch.no_grad():
         scores = head(tokens, [], targets)
     vocabulary = Vocabulary([*TEMPLATES.values(), *task.context.phrases()], vlm.config.image_token_id)
+    # the words' ids in sorted order, the end of an answer after them
+    words = sorted({w for text in [*TEMPLATES.values(), *task.context.phrases()] for w in text.split()})
+    assert vocabulary.ids == {w: i + 1 for i, w in enumerate(words)}
     embed = vlm.get_input_embeddings()
     language_model = vlm.model.language_model
     for b in range(2):

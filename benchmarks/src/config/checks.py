@@ -53,10 +53,13 @@ from encoder_fusion.benchmarks.tasks.knn import check_k
 from encoder_fusion.benchmarks.tasks.vlm import (
     TEMPLATE_ANNOTATIONS,
     VlmProbeOptions,
-    Vocabulary,
     answer_phrases,
+    label_mask_classes,
 )
-from encoder_fusion.benchmarks.timing.llm import LlmSpec, VlmOptions
+from encoder_fusion.benchmarks.tasks.vlm_lora import linear_layer_names
+from encoder_fusion.benchmarks.tasks.vlm_text import text_coder
+from encoder_fusion.benchmarks.timing.llm import LlmSpec, VlmOptions, meta_model
+from encoder_fusion.benchmarks.timing.llm_weights import check_checkpoint, load_tokenizer
 from encoder_fusion.benchmarks.timing.options import DTYPES, LatencyOptions
 from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder
@@ -165,6 +168,8 @@ def check_config(cfg: Any) -> CheckedRun:
     plan, encoders = strategies(cfg), encoder_specs(cfg)
     latency, vlm, judging = latency_options(cfg), vlm_options(cfg), assess_options(cfg)
     compares = plain(cfg.bench.mode) == "compare"
+    if vlm.llm is not None and vlm.llm.weights is not None:
+        check_checkpoint(vlm.llm)
     if compares and vlm.llm is not None and not cfg.bench.extract_only:
         check_fits(vlm.llm, DTYPES[latency.dtype] or torch.float32, torch.device(latency.device))
     probe, plants, cache = probe_recipe(cfg), plant_options(cfg), feature_cache(cfg)
@@ -201,21 +206,38 @@ def check_knn(cfg: Any, train: ImageDataset) -> int:
 
 
 def check_vlm_probe(options: VlmProbeOptions, llm: LlmSpec, train: ImageDataset, test: ImageDataset) -> None:
-    """Every question's annotation is on some image of each split, and the questions' and answers'
-    words fit the language model's vocabulary.
+    """Every question's annotations are on some image of each split, ``size`` finds the labels'
+    classes among the mask's, the questions and answers fit the language model's vocabulary (or its
+    checkpoint's tokenizer), and LoRA's target modules are layers of the language model.
 
     Raises:
-        ValueError: naming the template, the data, and what is accepted.
+        ValueError, FileNotFoundError: naming the setting, the data, and what is accepted.
     """
     for kind, question in options.templates.items():
-        needed = TEMPLATE_ANNOTATIONS[kind]
-        if not all(any(split.has(r, needed) for r in split.records) for split in (train, test)):
+        for needed in TEMPLATE_ANNOTATIONS[kind]:
+            if not all(any(split.has(r, needed) for r in split.records) for split in (train, test)):
+                raise ValueError(
+                    f"task.vlm.templates.{kind}={question!r} asks from each image's {needed}, and no "
+                    f"image of a data={train.name} split has one; accepted: templates of the annotations "
+                    "this data has"
+                )
+    mask_classes = train.mask_classes or []
+    if "size" in options.templates and not bool((label_mask_classes(train.classes, mask_classes) >= 0).any()):
+        raise ValueError(
+            f"task.vlm.templates.size measures the labelled object's class in the mask, and no class of the "
+            f"data={train.name} labels names a mask class; accepted: data whose label and mask classes share "
+            "names, or templates without size"
+        )
+    texts = [*options.templates.values(), *(" " + p for p in answer_phrases(train.classes, mask_classes))]
+    text_coder(load_tokenizer(llm), texts, llm.vocab_size - 1)
+    if options.lora.enabled:
+        linear = linear_layer_names(meta_model(llm))
+        unknown = [name for name in options.lora.target_modules if name not in linear]
+        if unknown:
             raise ValueError(
-                f"task.vlm.templates.{kind}={question!r} asks from each image's {needed}, and no image of a "
-                f"data={train.name} split has one; accepted: templates of the annotations this data has"
+                f"task.vlm.lora.target_modules={list(options.lora.target_modules)}: {unknown} are not "
+                f"layers of llm={llm.name}; accepted: {', '.join(linear)}"
             )
-    context_words = [*options.templates.values(), *answer_phrases(train.classes)]
-    Vocabulary(context_words, llm.vocab_size - 1)
 
 
 def check_heads(

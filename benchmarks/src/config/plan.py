@@ -36,6 +36,7 @@ from encoder_fusion.benchmarks.options import OptionError
 from encoder_fusion.benchmarks.reports.verdicts import AssessOptions
 from encoder_fusion.benchmarks.tasks import TASKS, ProbeRecipe
 from encoder_fusion.benchmarks.tasks.vlm import VlmProbeOptions
+from encoder_fusion.benchmarks.tasks.vlm_lora import LoraOptions
 from encoder_fusion.benchmarks.timing.llm import LlmSpec, VlmOptions, memory_needs
 from encoder_fusion.benchmarks.timing.options import DTYPES, LatencyOptions
 from encoder_fusion.containers import plain
@@ -106,7 +107,7 @@ def llm_spec(node: Any) -> LlmSpec | None:
     data = plain(node)
     if data["name"] == NO_LLM:
         return None
-    missing = [key for key, value in data.items() if value is None]
+    missing = [key for key, value in data.items() if value is None and key != "weights"]
     if missing:
         raise ValueError(f"llm={data['name']!r} leaves {missing} unset; only llm=none may leave fields null")
     with keyed(LLM_KEYS):
@@ -338,7 +339,9 @@ def vlm_options(cfg: Any) -> VlmOptions:
         )
 
 
-VLM_PROBE_KEYS = {"templates": "task.vlm.templates", "options": "task.vlm.options"}
+VLM_PROBE_KEYS = {field: f"task.vlm.{field}" for field in ("templates", "options", "generate", "lora")} | {
+    f"lora.{f.name}": f"task.vlm.lora.{f.name}" for f in dataclasses.fields(LoraOptions)
+}
 
 
 def vlm_probe_options(cfg: Any, llm: LlmSpec | None) -> VlmProbeOptions | None:

@@ -169,12 +169,25 @@ class ConnectorConfig:
 
 
 @dataclass
+class LoraConfig:
+    """:class:`encoder_fusion.benchmarks.tasks.vlm_lora.LoraOptions` (``task.vlm.lora``)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class VlmProbeConfig:
     """The stage-1 VLM probe's questions (``task.vlm``): template kind (``class``, ``where``,
-    ``size``) -> question text, and the answer options per question."""
+    ``size``, ``present``) -> question text, the answer options per question, greedy generation
+    with exact match besides the multiple choice, and LoRA on the language model (rank 0: none)."""
 
     templates: dict[str, str] = field(default_factory=lambda: {"class": "what is in the image ?"})
     options: int = 4
+    generate: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -256,6 +269,8 @@ class LlmConfig:
     intermediate_size: int | None = None
     vocab_size: int | None = None
     tie_embeddings: bool | None = None
+    # a checkpoint of this model: a local transformers folder or a hub repo id; null: random weights
+    weights: str | None = None
 
 
 @dataclass

@@ -95,10 +95,15 @@ def language_model_lines(report: Report) -> list[str]:
             f"{report.baseline}'s, measured in the same run.  "
         ]
     first = vlms[0]
+    checkpoint = (report.run.get("llm") or {}).get("weights")
+    weights = (
+        f"weights of {checkpoint}"
+        if checkpoint
+        else "random weights; latency does not depend on their values"
+    )
     lines = [
-        f"Language model: {', '.join(report.llms)} (random weights; latency does not depend on their "
-        f"values) · {first.prompt_tokens} prompt tokens after the visual ones · {first.decode_tokens} "
-        "decode steps  ",
+        f"Language model: {', '.join(report.llms)} ({weights}) · {first.prompt_tokens} prompt tokens "
+        f"after the visual ones · {first.decode_tokens} decode steps  ",
         "overhead = time to first token (raw images in, first token's logits out: one forward of the "
         "transformers VLM of encoder_fusion.hf, i.e. vision, connector and the language model's prefill) "
         f"/ {report.baseline}'s with the same language model, "

@@ -45,6 +45,7 @@ from encoder_fusion.benchmarks.tasks.correspondence import run_correspondence, w
 from encoder_fusion.benchmarks.tasks.knn import KnnTask
 from encoder_fusion.benchmarks.tasks.vlm import VlmContext, VlmTask
 from encoder_fusion.benchmarks.timing.llm import VlmOptions, build_language_model
+from encoder_fusion.benchmarks.timing.llm_weights import load_tokenizer
 from encoder_fusion.benchmarks.timing.measure import measure_latency
 from encoder_fusion.benchmarks.timing.options import LatencyOptions
 from encoder_fusion.containers import plain
@@ -149,11 +150,12 @@ def record_result(
 
 
 def vlm_language_model(checked: CheckedRun, seed: int):
-    """The VLM probe's language model: the ``llm`` preset, random weights, frozen, float32, on the
-    probes' device."""
+    """The VLM probe's language model and its tokenizer: the ``llm`` preset with random weights and
+    no tokenizer, or its checkpoint's (``llm.weights``); frozen, float32, on the probes' device."""
     assert checked.vlm.llm is not None  # check_config refuses task=vlm without one
     device = torch.device(checked.probe.device)
-    return build_language_model(checked.vlm.llm, device, torch.float32, seed)
+    model = build_language_model(checked.vlm.llm, device, torch.float32, seed)
+    return model, load_tokenizer(checked.vlm.llm)
 
 
 def vlm_probe(
@@ -164,14 +166,17 @@ def vlm_probe(
     data: ImageDataset,
 ) -> ProbeTask:
     """The VLM probe bound to ``strategy``'s transformers VLM around the frozen ``language_model``
-    (built as a user builds it; the probe trains a fusion head of its own and feeds its tokens)."""
+    (``(model, tokenizer)`` of :func:`vlm_language_model`; the VLM built as a user builds it, the
+    probe training a fusion head of its own and feeding its tokens)."""
     from encoder_fusion.hf import build_vlm
 
     assert checked.vlm.llm is not None and checked.vlm_probe is not None  # checked at start
+    model, tokenizer = language_model
     fused = FusedEncoder([encoders[role] for role in strategy.encoders], **strategy.head)
-    vlm = build_vlm(fused, language_model, image_token_id=checked.vlm.llm.vocab_size - 1)
+    vlm = build_vlm(fused, model, image_token_id=checked.vlm.llm.vocab_size - 1)
     vlm.requires_grad_(False)
-    return VlmTask(VlmContext(vlm, checked.vlm_probe, list(data.classes)))
+    context = VlmContext(vlm, checked.vlm_probe, list(data.classes), list(data.mask_classes or []), tokenizer)
+    return VlmTask(context)
 
 
 def strategy_record(

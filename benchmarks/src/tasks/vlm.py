@@ -4,18 +4,25 @@ Every image is asked the questions of ``task.vlm.templates``, built from the dat
 
 * ``class``: what it shows (its label; every dataset with labels);
 * ``where``: where the object is, the quadrant of its box centre (``top left`` ... ``bottom right``);
-* ``size``: how large it is, its mask's share of the image (``small`` < 10 %, ``medium`` < 30 %,
-  ``large``).
+* ``size``: how large the object is, the share of the image its class covers in the mask
+  (``small`` < 10 %, ``medium`` < 30 %, ``large``; the label's class found among the mask's
+  classes by name);
+* ``present``: which of the options is in the image (the mask's classes covering at least 1 % of
+  it, a background class aside): one present class, the others absent (COCO128's 133 thing and
+  stuff classes).
 
-Each question has at most ``task.vlm.options`` answer options (the class question: the right class
-and the next classes after it, cyclically, when there are more). The fusion head trains as LLaVA's
-stage 1 does: the language model frozen, the loss the cross-entropy of the right answer's tokens.
-Scoring is lmms-eval's multiple choice: the option of the highest log-likelihood. Everything goes
-through the transformers VLM of :mod:`encoder_fusion.hf` (its language model, its placeholder
-scatter, its DeepStack layers), fed the fusion head's tokens.
+Each question has at most ``task.vlm.options`` answer options (the right answer and the answers
+after it, cyclically; for ``present``, the classes absent after it). The fusion head trains as
+LLaVA's stage 1 does: the language model frozen (or, with ``task.vlm.lora``, LoRA adapters on
+it), the loss the cross-entropy of the right answer's tokens. Scoring is
+lmms-eval's multiple choice: the option of the highest log-likelihood; ``task.vlm.generate`` adds
+greedy generation with exact match (``accuracy_generated``). Everything goes through the
+transformers VLM of :mod:`encoder_fusion.hf` (its language model, its placeholder scatter, its
+DeepStack layers), fed the fusion head's tokens.
 
-The language models here have random weights and no tokenizer, so words become token ids by a
-fixed vocabulary of the questions' and answers' words: a pipeline check, not a VLM's accuracy.
+A language model with random weights has no tokenizer: words become ids by a vocabulary of the
+questions' and answers' words (:mod:`encoder_fusion.benchmarks.tasks.vlm_text`), a pipeline
+check, not a VLM's accuracy. A checkpoint (``llm.weights``) brings its own tokenizer.
 """
 
 from __future__ import annotations
@@ -29,24 +36,38 @@ from torch import nn
 
 from encoder_fusion.benchmarks.options import OptionError, is_int
 from encoder_fusion.benchmarks.tasks.base import FeatureSplit, ProbeTask, register_task
+from encoder_fusion.benchmarks.tasks.vlm_lora import LoraOptions, fresh_lora
+from encoder_fusion.benchmarks.tasks.vlm_scoring import AnswerScorer
+from encoder_fusion.benchmarks.tasks.vlm_text import text_coder
 
 if TYPE_CHECKING:
     from encoder_fusion.hf import FusedLlavaForConditionalGeneration
 
-# template kind -> the dataset annotation it reads
-TEMPLATE_ANNOTATIONS = {"class": "label", "where": "box", "size": "mask"}
+# template kind -> the dataset annotations it reads
+TEMPLATE_ANNOTATIONS = {
+    "class": ("label",),
+    "where": ("box",),
+    "size": ("label", "mask"),
+    "present": ("mask",),
+}
 WHERE = ("top left", "top right", "bottom left", "bottom right")
 SIZES = ("small", "medium", "large")
-SIZE_EDGES = (0.1, 0.3)  # the mask's share of the pixels between sizes
+SIZE_EDGES = (0.1, 0.3)  # the object's share of the pixels between sizes
+PRESENT_SHARE = 0.01  # a mask class covering less of the image is not asked about as present
+BACKGROUND = "background"  # a mask class of this name is never an answer to ``present``
+# LoRA fields as this class names them in its errors
+LORA_FIELDS = {f.name: f"lora.{f.name}" for f in dataclasses.fields(LoraOptions)}
 
 
 @dataclasses.dataclass(frozen=True)
 class VlmProbeOptions:
-    """The questions and answer options of the VLM probe (config ``task.vlm``).
+    """The questions, answer options and training extras of the VLM probe (config ``task.vlm``).
 
     Args:
-        templates: template kind (``class``, ``where``, ``size``) -> its question text.
+        templates: template kind (``class``, ``where``, ``size``, ``present``) -> its question text.
         options: answer options per question (>= 2).
+        generate: also score greedy generation with exact match (``accuracy_generated``).
+        lora: LoRA adapters on the language model (:class:`LoraOptions`, or its fields); rank 0: none.
 
     Raises:
         OptionError: naming the field, the value and what is accepted.
@@ -56,6 +77,8 @@ class VlmProbeOptions:
         default_factory=lambda: {"class": "what is in the image ?"}
     )
     options: int = 4
+    generate: bool = False
+    lora: LoraOptions | Mapping[str, Any] = dataclasses.field(default_factory=LoraOptions)
 
     def __post_init__(self) -> None:
         if not isinstance(self.templates, Mapping) or not self.templates:
@@ -79,32 +102,24 @@ class VlmProbeOptions:
         object.__setattr__(self, "templates", dict(self.templates))
         if not is_int(self.options) or self.options < 2:
             raise OptionError("{options} must be an int >= 2", {"options": self.options})
+        if not isinstance(self.generate, bool):
+            raise OptionError("{generate} must be true or false", {"generate": self.generate})
+        if isinstance(self.lora, Mapping):
+            try:
+                object.__setattr__(self, "lora", LoraOptions(**self.lora))
+            except OptionError as error:
+                raise error.keyed(LORA_FIELDS) from None
+            except TypeError as error:  # a field LoraOptions does not have
+                raise OptionError(
+                    f"{{lora}} holds an unknown field ({error}); accepted: {', '.join(LORA_FIELDS)}",
+                    {"lora": dict(self.lora)},
+                ) from None
+        elif not isinstance(self.lora, LoraOptions):
+            raise OptionError("{lora} must be a mapping of LoRA options", {"lora": self.lora})
 
     def annotations(self) -> list[str]:
         """The dataset annotations the templates read."""
-        return sorted({TEMPLATE_ANNOTATIONS[kind] for kind in self.templates})
-
-
-class Vocabulary:
-    """Words -> token ids ``1, 2, ...`` in sorted order (0 is padding), below ``limit`` (the image
-    token and anything after it).
-
-    Raises:
-        ValueError: more words than ids below ``limit``.
-    """
-
-    def __init__(self, texts: Sequence[str], limit: int) -> None:
-        words = sorted({word for text in texts for word in text.split()})
-        if len(words) + 1 > limit:
-            raise ValueError(
-                f"the VLM probe's questions and answers hold {len(words)} distinct words, but the language "
-                f"model's vocabulary leaves {limit - 1} ids for them; accepted: a language model with a "
-                "larger vocabulary, or fewer classes"
-            )
-        self.ids = {word: index + 1 for index, word in enumerate(words)}
-
-    def encode(self, text: str) -> list[int]:
-        return [self.ids[word] for word in text.split()]
+        return sorted({a for kind in self.templates for a in TEMPLATE_ANNOTATIONS[kind]})
 
 
 @dataclasses.dataclass
@@ -116,110 +131,83 @@ class VlmContext:
             frozen language model (its own fusion head unused: the probe's trains instead).
         options: the questions and options.
         class_names: the dataset's class names, which the class question's options name.
+        mask_class_names: the mask's class names (the ``size`` and ``present`` questions read them).
+        tokenizer: the language model's tokenizer; None words the questions by a vocabulary.
     """
 
     vlm: FusedLlavaForConditionalGeneration
     options: VlmProbeOptions
     class_names: list[str]
+    mask_class_names: list[str] = dataclasses.field(default_factory=list)
+    tokenizer: Any = None
 
     def phrases(self) -> list[str]:
         """Every answer option's text; targets index this list."""
-        return answer_phrases(self.class_names)
+        return answer_phrases(self.class_names, self.mask_class_names)
+
+    def label_mask_classes(self) -> torch.Tensor:
+        """Per class of the labels, the mask class of the same name (-1 where none)."""
+        return label_mask_classes(self.class_names, self.mask_class_names)
 
 
-def answer_phrases(class_names: Sequence[str]) -> list[str]:
-    """Every answer option's text: the class names (words split on ``_``), then :data:`WHERE` and
-    :data:`SIZES`."""
-    return [*(name.replace("_", " ") for name in class_names), *WHERE, *SIZES]
+def phrase(name: str) -> str:
+    """A class name as answer words (``_`` split)."""
+    return name.replace("_", " ")
 
 
-class AnswerScorer(nn.Module):
-    """The log-likelihood of every answer option of every question, through the VLM.
+def answer_phrases(class_names: Sequence[str], mask_class_names: Sequence[str] = ()) -> list[str]:
+    """Every answer option's text: the class names, :data:`WHERE`, :data:`SIZES`, then the mask's
+    class names (for ``present``)."""
+    return [*map(phrase, class_names), *WHERE, *SIZES, *map(phrase, mask_class_names)]
 
-    ``forward(tokens, extras, targets)``: the fused tokens (B, N, D) and DeepStack sets of B images,
-    their targets (B, T, 1 + O) (per question: the right option, then O phrase indices, -1 where
-    none); returns (B, T, O) summed log-likelihoods of each option's tokens after the image and the
-    question (-inf where there is no option).
-    """
 
-    def __init__(
-        self, vlm: FusedLlavaForConditionalGeneration, questions: list[list[int]], phrases: list[list[int]]
-    ) -> None:
-        super().__init__()
-        self.vlm = vlm
-        self.questions, self.phrases = questions, phrases
-
-    def forward(
-        self, tokens: torch.Tensor, extras: Sequence[torch.Tensor], targets: torch.Tensor
-    ) -> torch.Tensor:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        visual = tokens.shape[1]
-        image_token = self.vlm.config.image_token_id
-        cells = (targets[:, :, 1:] >= 0) & (targets[:, :, :1] >= 0)
-        index = cells.nonzero()  # (S, 3): image, question, option
-        rows, spans = [], []
-        for b, t, o in index.tolist():
-            prompt = [image_token] * visual + self.questions[t]
-            answer = self.phrases[int(targets[b, t, 1 + o])]
-            rows.append(prompt + answer)
-            spans.append((len(prompt), len(answer)))
-        length = max(len(row) for row in rows)
-        device = tokens.device
-        ids = torch.zeros(len(rows), length, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for row, values in enumerate(rows):
-            ids[row, : len(values)] = torch.tensor(values, device=device)
-            mask[row, : len(values)] = 1
-        picked = index[:, 0]
-        features = BaseModelOutputWithPooling(
-            pooler_output=cast(Any, list(tokens[picked])),
-            hidden_states=tuple(extra[picked] for extra in extras),
-        )
-        hidden = self.vlm.model(
-            input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": features}
-        ).last_hidden_state
-        # the option's token at position p is predicted at p - 1
-        sequence, position, token = [], [], []
-        for row, (start, count) in enumerate(spans):
-            sequence += [row] * count
-            position += range(start - 1, start - 1 + count)
-            token += rows[row][start : start + count]
-        logits = self.vlm.lm_head(hidden[sequence, position]).float()
-        chosen = logits.log_softmax(-1)[torch.arange(len(token)), torch.tensor(token, device=device)]
-        per_row = torch.zeros(len(rows), device=device).index_add(
-            0, torch.tensor(sequence, device=device), chosen
-        )
-        out = torch.full(cells.shape, float("-inf"), device=device)
-        out[index[:, 0], index[:, 1], index[:, 2]] = per_row
-        return out
+def label_mask_classes(class_names: Sequence[str], mask_class_names: Sequence[str]) -> torch.Tensor:
+    """Per class of the labels, the index of the mask class of the same name (-1 where none)."""
+    index = {name: i for i, name in enumerate(mask_class_names)}
+    return torch.tensor([index.get(name, -1) for name in class_names], dtype=torch.long)
 
 
 def answer_targets(split: FeatureSplit, context: VlmContext) -> torch.Tensor:
     """(N, T, 1 + O) long: per image and question, the right option and the phrase index of each
-    option (-1 where the image cannot be asked it: no label, box or mask).
+    option (-1 where the image cannot be asked it: no label, box or mask, or nothing present).
 
     A question's options are the right answer and the answers after it, cyclically, in answer order
-    (every answer when there are at most O)."""
+    (every answer when there are at most O); for ``present``, the right answer and the classes
+    absent from the image after it."""
     options, kinds = context.options.options, list(context.options.templates)
     n, classes = len(split), len(context.class_names)
     targets = torch.full((n, len(kinds), 1 + options), -1, dtype=torch.long)
+    # where each kind's answers start in answer_phrases
+    offsets = {"class": 0, "where": classes, "size": classes + len(WHERE)}
+    offsets["present"] = offsets["size"] + len(SIZES)
     for t, kind in enumerate(kinds):
-        if kind == "class":
-            answers, total, offset = cast(torch.Tensor, split.labels), classes, 0
-        elif kind == "where":
-            answers, total, offset = where_answers(cast(torch.Tensor, split.boxes)), len(WHERE), classes
-        else:
-            answers, total, offset = size_answers(split), len(SIZES), classes + len(WHERE)
-        count = min(options, total)
-        for i in range(n):
-            answer = int(answers[i])
-            if answer < 0:
+        for i, choice in enumerate(question_choices(kind, split, context)):
+            if choice is None:
                 continue
-            choices = sorted((answer + k) % total for k in range(count))
-            targets[i, t, 0] = choices.index(answer)
-            targets[i, t, 1 : 1 + count] = torch.tensor(choices) + offset
+            answer, others = choice
+            picked = sorted([answer, *others[: options - 1]])
+            targets[i, t, 0] = picked.index(answer)
+            targets[i, t, 1 : 1 + len(picked)] = torch.tensor(picked) + offsets[kind]
     return targets
+
+
+Choices = list[tuple[int, list[int]] | None]
+
+
+def question_choices(kind: str, split: FeatureSplit, context: VlmContext) -> Choices:
+    """Per image, ``(right answer, the other answers in the order options take them)`` as indices
+    into the kind's answers, or None where the image cannot be asked."""
+    if kind == "present":
+        return present_choices(cast(torch.Tensor, split.masks), context.mask_class_names)
+    if kind == "class":
+        answers, total = cast(torch.Tensor, split.labels), len(context.class_names)
+    elif kind == "where":
+        answers, total = where_answers(cast(torch.Tensor, split.boxes)), len(WHERE)
+    else:
+        answers, total = size_answers(split, context.label_mask_classes()), len(SIZES)
+    return [
+        None if a < 0 else (a, [(a + k) % total for k in range(1, total)]) for a in map(int, answers.tolist())
+    ]
 
 
 def where_answers(boxes: torch.Tensor) -> torch.Tensor:
@@ -230,14 +218,37 @@ def where_answers(boxes: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(boxes).any(1), -1, answers)
 
 
-def size_answers(split: FeatureSplit) -> torch.Tensor:
-    """The index into :data:`SIZES` of each mask's foreground share (pixels of a class > 0 among the
-    pixels not ignored); -1 for a mask that is all ignored."""
-    masks = cast(torch.Tensor, split.masks)
+def size_answers(split: FeatureSplit, label_mask_class: torch.Tensor) -> torch.Tensor:
+    """The index into :data:`SIZES` of the share of each image's known (not ignored) pixels that
+    its label's class covers in the mask (``label_mask_class``: label -> mask class, -1 for none);
+    -1 without a label, a matching mask class or a known pixel."""
+    masks, labels = cast(torch.Tensor, split.masks), cast(torch.Tensor, split.labels)
+    wanted = torch.where(labels >= 0, label_mask_class[labels.clamp(min=0)], -1)
     known = (masks >= 0).flatten(1).sum(1)
-    share = (masks > 0).flatten(1).sum(1) / known.clamp(min=1)
+    share = (masks == wanted[:, None, None]).flatten(1).sum(1) / known.clamp(min=1)
     answers = torch.bucketize(share, torch.tensor(SIZE_EDGES, dtype=share.dtype))
-    return torch.where(known == 0, -1, answers)
+    return torch.where((known == 0) | (wanted < 0), -1, answers)
+
+
+def present_choices(masks: torch.Tensor, mask_class_names: Sequence[str]) -> Choices:
+    """Per image, a present mask class (covering >= :data:`PRESENT_SHARE` of its known pixels, not
+    named :data:`BACKGROUND`) and the absent classes after it, cyclically. Of several present
+    classes, the image's position picks one, so a split is not asked only about its largest ones.
+    None for an image without a present or an absent class."""
+    total = len(mask_class_names)
+    choices: Choices = []
+    for i, mask in enumerate(masks):
+        known = mask[mask >= 0]
+        counts = torch.bincount(known, minlength=total)
+        covered = counts >= PRESENT_SHARE * max(1, len(known))
+        present = [c for c in range(total) if covered[c] and mask_class_names[c] != BACKGROUND]
+        absent = [c for c in range(total) if counts[c] == 0 and mask_class_names[c] != BACKGROUND]
+        if not present or not absent:
+            choices.append(None)
+            continue
+        answer = present[i % len(present)]
+        choices.append((answer, sorted(absent, key=lambda c: (c - answer) % total)))
+    return choices
 
 
 @register_task
@@ -265,12 +276,13 @@ class VlmTask(ProbeTask):
     def check(self, split: FeatureSplit, which: str) -> None:
         context = self._context()
         for kind in context.options.templates:
-            field = {"label": "labels", "box": "boxes", "mask": "masks"}[TEMPLATE_ANNOTATIONS[kind]]
-            if getattr(split, field) is None:
-                raise ValueError(
-                    f"the vlm probe's {kind!r} question needs {which} FeatureSplit.{field}, got None; "
-                    "accepted: data with that annotation, or task.vlm.templates without it"
-                )
+            for annotation in TEMPLATE_ANNOTATIONS[kind]:
+                field = {"label": "labels", "box": "boxes", "mask": "masks"}[annotation]
+                if getattr(split, field) is None:
+                    raise ValueError(
+                        f"the vlm probe's {kind!r} question needs {which} FeatureSplit.{field}, got None; "
+                        "accepted: data with that annotation, or task.vlm.templates without it"
+                    )
 
     def targets(self, split: FeatureSplit, grid_hw: tuple[int, int]) -> torch.Tensor:
         return answer_targets(split, self._context())
@@ -279,12 +291,20 @@ class VlmTask(ProbeTask):
         return (targets[:, :, 0] >= 0).any(1)
 
     def build_head(self, width: int, grid_hw: tuple[int, int], num_classes: int) -> nn.Module:
+        """The scorer over the VLM; with LoRA, the language model's adapters reset to a fresh start
+        (this runs once per seed, under the seeded generator)."""
         context = self._context()
-        vocabulary = Vocabulary(
-            [*context.options.templates.values(), *context.phrases()], context.vlm.config.image_token_id
+        questions = list(context.options.templates.values())
+        answers = [" " + text for text in context.phrases()]  # an answer follows the question's words
+        coder = text_coder(context.tokenizer, [*questions, *answers], context.vlm.config.image_token_id)
+        if context.options.lora.enabled:
+            fresh_lora(context.vlm.model.language_model, context.options.lora)
+        return AnswerScorer(
+            context.vlm,
+            [coder.encode(q) for q in questions],
+            [coder.encode(a) for a in answers],
+            generate=context.options.generate,
         )
-        questions = [vocabulary.encode(q) for q in context.options.templates.values()]
-        return AnswerScorer(context.vlm, questions, [vocabulary.encode(p) for p in context.phrases()])
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The right answer's cross-entropy (summed over its tokens), averaged over the questions."""
@@ -295,13 +315,17 @@ class VlmTask(ProbeTask):
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, T) bools: the question was asked, and the best-scored option is the right one."""
         asked = targets[:, :, 0] >= 0
-        return asked, asked & (outputs.argmax(-1) == targets[:, :, 0])
+        likelihoods = outputs[:, :, : targets.shape[2] - 1]  # without the exact-match column
+        return asked, asked & (likelihoods.argmax(-1) == targets[:, :, 0])
 
     def scores(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
         asked, correct = self.correct(outputs, targets)
         scores = {"accuracy": correct.sum().item() / max(1, asked.sum().item())}
         for t, kind in enumerate(self._context().options.templates):
             scores[f"accuracy_{kind}"] = correct[:, t].sum().item() / max(1, asked[:, t].sum().item())
+        if outputs.shape[2] == targets.shape[2]:  # the scorer generated: exact matches are the last column
+            generated = outputs[:, :, -1] * asked
+            scores["accuracy_generated"] = generated.sum().item() / max(1, asked.sum().item())
         return scores
 
     def item_stats(self, outputs: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -66,8 +66,15 @@ class LlmSpec:
     intermediate_size: int
     vocab_size: int
     tie_embeddings: bool
+    # a checkpoint of this model (a local folder or a hub repo id; see llm_weights); None: random weights
+    weights: str | None = None
 
     def __post_init__(self) -> None:
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights.strip()):
+            raise OptionError(
+                "{weights} must name a checkpoint folder or hub repo id, or be null for random weights",
+                {"weights": self.weights},
+            )
         if self.family not in FAMILIES:
             raise OptionError(
                 f"{{family}} is unknown; accepted: {', '.join(FAMILIES)}", {"family": self.family}
@@ -150,13 +157,22 @@ def memory_needs(spec: LlmSpec, dtype: torch.dtype, device: torch.device) -> tup
 def build_language_model(
     spec: LlmSpec, device: torch.device, dtype: torch.dtype, seed: int
 ) -> PreTrainedModel:
-    """The model with random weights (seeded), in eval mode, on ``device`` in ``dtype``.
+    """The model with random weights (seeded), or its checkpoint's when ``spec.weights`` names one;
+    frozen, in eval mode, on ``device`` in ``dtype``.
 
-    The caller checks first that it fits (:func:`memory_needs`): a model too big for the machine
-    fails here only after filling its memory.
+    The caller checks first that it fits (:func:`memory_needs`) and that the checkpoint is the
+    preset's model (:func:`encoder_fusion.benchmarks.timing.llm_weights.check_checkpoint`): a model
+    too big for the machine fails here only after filling its memory.
     """
     from transformers import AutoModelForCausalLM
 
+    if spec.weights is not None:
+        from encoder_fusion.benchmarks.timing.llm_weights import checkpoint_folder
+
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint_folder(spec.weights), dtype=dtype, attn_implementation="sdpa"
+        ).to(device)
+        return model.eval().requires_grad_(False)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(spec.hf_config(), dtype=dtype)
