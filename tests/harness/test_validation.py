@@ -118,6 +118,13 @@ BAD_SETTINGS = [
         ["task=vlm", "llm.vocab_size=8"],
         r"hold \d+ distinct words, but the language model's vocabulary leaves 6",
     ),
+    (["task=vlm", "llm.weights=''"], r"llm\.weights='' must name a checkpoint folder or hub repo id"),
+    (["task=vlm", "task.vlm.lora.rank=-1"], r"task\.vlm\.lora\.rank=-1 must be an int >= 0"),
+    (
+        ["task=vlm", "task.vlm.lora.rank=4", "task.vlm.lora.target_modules=[wq]"],
+        r"task\.vlm\.lora\.target_modules=\['wq'\]: \['wq'\] are not layers of llm=tiny; accepted: "
+        r"down_proj, gate_proj",
+    ),
 ]
 
 
@@ -160,6 +167,26 @@ def test_vlm_questions_the_data_cannot_answer_fail_before_any_work(tmp_path, dat
         r"image's mask, and no image of a data=tinyimagenet split has one",
     ):
         run_benchmark(cfg, tmp_path)
+
+
+def test_a_language_model_checkpoint_that_is_not_there_fails_before_any_work(tmp_path, nothing_runs):
+    with pytest.raises(FileNotFoundError, match=r"weights file or folder not found: .*absent"):
+        run_benchmark(make("task=vlm", f"llm.weights={tmp_path / 'absent'}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_without_peft_fails_before_any_work(tmp_path, nothing_runs, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
+    with pytest.raises(
+        ValueError, match=r"task\.vlm\.lora\.rank=4 > 0 asks for LoRA adapters, which need peft"
+    ):
+        run_benchmark(make("task=vlm", "task.vlm.lora.rank=4"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_dense_on_a_dataset_without_masks_fails_before_any_work(tmp_path, datasets_root, nothing_runs):

@@ -339,8 +339,9 @@ def vlm_options(cfg: Any) -> VlmOptions:
         )
 
 
+# LoRA's own fields (rank, alpha, ...) are named under task.vlm.lora
 VLM_PROBE_KEYS = {field: f"task.vlm.{field}" for field in ("templates", "options", "generate", "lora")} | {
-    f"lora.{f.name}": f"task.vlm.lora.{f.name}" for f in dataclasses.fields(LoraOptions)
+    f.name: f"task.vlm.lora.{f.name}" for f in dataclasses.fields(LoraOptions)
 }
 
 

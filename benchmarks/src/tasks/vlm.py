@@ -12,7 +12,8 @@ Every image is asked the questions of ``task.vlm.templates``, built from the dat
   stuff classes).
 
 Each question has at most ``task.vlm.options`` answer options (the right answer and the answers
-after it, cyclically; for ``present``, the classes absent after it). The fusion head trains as
+drawn at random, the same for every strategy: a fixed draw per image and question; for
+``present``, drawn from the classes absent from the image). The fusion head trains as
 LLaVA's stage 1 does: the language model frozen (or, with ``task.vlm.lora``, LoRA adapters on
 it), the loss the cross-entropy of the right answer's tokens. Scoring is
 lmms-eval's multiple choice: the option of the highest log-likelihood; ``task.vlm.generate`` adds
@@ -171,9 +172,10 @@ def answer_targets(split: FeatureSplit, context: VlmContext) -> torch.Tensor:
     """(N, T, 1 + O) long: per image and question, the right option and the phrase index of each
     option (-1 where the image cannot be asked it: no label, box or mask, or nothing present).
 
-    A question's options are the right answer and the answers after it, cyclically, in answer order
-    (every answer when there are at most O); for ``present``, the right answer and the classes
-    absent from the image after it."""
+    A question's options are the right answer and O - 1 others (every answer when there are at
+    most O); for ``present``, the others are classes absent from the image. The others and the
+    options' order are fixed random draws per image and question (:func:`draw_order`), so every
+    strategy is asked the same options and neither the set nor the order gives the answer away."""
     options, kinds = context.options.options, list(context.options.templates)
     n, classes = len(split), len(context.class_names)
     targets = torch.full((n, len(kinds), 1 + options), -1, dtype=torch.long)
@@ -181,11 +183,11 @@ def answer_targets(split: FeatureSplit, context: VlmContext) -> torch.Tensor:
     offsets = {"class": 0, "where": classes, "size": classes + len(WHERE)}
     offsets["present"] = offsets["size"] + len(SIZES)
     for t, kind in enumerate(kinds):
-        for i, choice in enumerate(question_choices(kind, split, context)):
+        for i, choice in enumerate(question_choices(kind, split, context, t)):
             if choice is None:
                 continue
             answer, others = choice
-            picked = sorted([answer, *others[: options - 1]])
+            picked = draw_order([answer, *others[: options - 1]], i, t, draw=1)
             targets[i, t, 0] = picked.index(answer)
             targets[i, t, 1 : 1 + len(picked)] = torch.tensor(picked) + offsets[kind]
     return targets
@@ -194,11 +196,19 @@ def answer_targets(split: FeatureSplit, context: VlmContext) -> torch.Tensor:
 Choices = list[tuple[int, list[int]] | None]
 
 
-def question_choices(kind: str, split: FeatureSplit, context: VlmContext) -> Choices:
+def draw_order(candidates: Sequence[int], image: int, question: int, draw: int = 0) -> list[int]:
+    """``candidates`` in a fixed random order of image ``image``'s question ``question`` (seeded by
+    both and by ``draw``: 0 for the other answers, 1 for the options' order; so the draw does not
+    depend on the strategy or the run)."""
+    generator = torch.Generator().manual_seed(1_000_003 * (2 * question + draw) + image)
+    return [candidates[k] for k in torch.randperm(len(candidates), generator=generator).tolist()]
+
+
+def question_choices(kind: str, split: FeatureSplit, context: VlmContext, question: int) -> Choices:
     """Per image, ``(right answer, the other answers in the order options take them)`` as indices
     into the kind's answers, or None where the image cannot be asked."""
     if kind == "present":
-        return present_choices(cast(torch.Tensor, split.masks), context.mask_class_names)
+        return present_choices(cast(torch.Tensor, split.masks), context.mask_class_names, question)
     if kind == "class":
         answers, total = cast(torch.Tensor, split.labels), len(context.class_names)
     elif kind == "where":
@@ -206,7 +216,8 @@ def question_choices(kind: str, split: FeatureSplit, context: VlmContext) -> Cho
     else:
         answers, total = size_answers(split, context.label_mask_classes()), len(SIZES)
     return [
-        None if a < 0 else (a, [(a + k) % total for k in range(1, total)]) for a in map(int, answers.tolist())
+        None if a < 0 else (a, draw_order([c for c in range(total) if c != a], i, question))
+        for i, a in enumerate(map(int, answers.tolist()))
     ]
 
 
@@ -230,9 +241,9 @@ def size_answers(split: FeatureSplit, label_mask_class: torch.Tensor) -> torch.T
     return torch.where((known == 0) | (wanted < 0), -1, answers)
 
 
-def present_choices(masks: torch.Tensor, mask_class_names: Sequence[str]) -> Choices:
+def present_choices(masks: torch.Tensor, mask_class_names: Sequence[str], question: int) -> Choices:
     """Per image, a present mask class (covering >= :data:`PRESENT_SHARE` of its known pixels, not
-    named :data:`BACKGROUND`) and the absent classes after it, cyclically. Of several present
+    named :data:`BACKGROUND`) and the absent classes in :func:`draw_order`. Of several present
     classes, the image's position picks one, so a split is not asked only about its largest ones.
     None for an image without a present or an absent class."""
     total = len(mask_class_names)
@@ -247,7 +258,7 @@ def present_choices(masks: torch.Tensor, mask_class_names: Sequence[str]) -> Cho
             choices.append(None)
             continue
         answer = present[i % len(present)]
-        choices.append((answer, sorted(absent, key=lambda c: (c - answer) % total)))
+        choices.append((answer, draw_order(absent, i, question)))
     return choices
 
 
@@ -336,13 +347,17 @@ class VlmTask(ProbeTask):
         return sums[..., 0] / sums[..., 1]
 
     def baseline(self, train_targets: torch.Tensor, test_targets: torch.Tensor, num_classes: int) -> dict:
-        """Per question, always the option position most often right in train."""
+        """A guesser that sees no image: per question, of the options offered, the answer most often
+        right in train (ties: the first option)."""
         correct = asked = 0
         for t in range(test_targets.shape[1]):
-            seen = train_targets[:, t, 0]
-            seen = seen[seen >= 0]
-            best = int(torch.bincount(seen).argmax()) if len(seen) else 0
-            test = test_targets[:, t, 0]
-            correct += int((test == best).sum())
-            asked += int((test >= 0).sum())
+            seen = train_targets[:, t]
+            seen = seen[seen[:, 0] >= 0]
+            right = seen[:, 1:].gather(1, seen[:, :1]).squeeze(1)  # the right answers' phrase indices
+            counts = torch.bincount(right, minlength=int(test_targets[:, t, 1:].max()) + 1).double()
+            test = test_targets[:, t]
+            test = test[test[:, 0] >= 0]
+            offered = torch.where(test[:, 1:] >= 0, counts[test[:, 1:].clamp(min=0)], -1.0)
+            correct += int((offered.argmax(1) == test[:, 0]).sum())
+            asked += len(test)
         return {"accuracy": correct / max(1, asked)}
