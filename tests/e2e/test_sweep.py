@@ -236,3 +236,40 @@ def test_fusion_report_on_a_folder_without_jobs_fails_clearly(tmp_path, capsys):
     assert "holds no job folder (one with report.json, error.json or .hydra/) and no multirun.yaml" in (
         capsys.readouterr().err
     )
+
+
+def test_the_aggregate_ranks_every_strategy_of_the_sweep_against_the_vlm_probe(tmp_path):
+    """Each job keeps its per-item results beside its report; the aggregate pairs them over the same
+    test items, so the cheap probes' agreement with the vlm probe covers every job's strategy, with
+    the rank correlation of the deltas themselves as its point value."""
+    import numpy as np
+
+    from encoder_fusion.benchmarks.reports.agreement import kendall, spearman
+    from encoder_fusion.benchmarks.reports.items import ITEMS_FILE, read_items
+
+    folder, cache = tmp_path / "sweep", tmp_path / "cache"
+    sweep(folder, "fusion=comm,prismatic", "task.names=[vlm,knn]", cache=cache)
+    jobs = job_reports(folder)
+    items = read_items(jobs["fusion=comm"].parent)
+    assert {("comm", "vlm"), ("clip_only", "knn")} <= set(items)
+    assert items["comm", "vlm"].shape[:2] == (1, 6)  # one seed, 6 test images (24 at 25 %)
+    assert report_main([str(folder)]) == 0
+    report = load_report(folder / "report.json")
+    (row,) = report.probe_agreement
+    assert row["probe"] == "knn"
+    # every row of both jobs, each delta against its own job's baseline (the fusion preset sets the
+    # baselines' hooks too, so each job has its own)
+    assert row["strategies"] == [s.name for s in report.strategies] and len(row["strategies"]) == 6
+    deltas = {
+        task: np.array([report.record(name).accuracy[task].delta for name in row["strategies"]])
+        for task in ("knn", "vlm")
+    }
+    expected = spearman(deltas["knn"], deltas["vlm"])
+    assert row["spearman"] == (pytest.approx(expected) if np.isfinite(expected) else None)
+    tau = kendall(deltas["knn"], deltas["vlm"])
+    assert row["kendall"] == (pytest.approx(tau) if np.isfinite(tau) else None)
+    # a job whose items cannot be read (or an older run without them) leaves the ranking to the others
+    (jobs["fusion=prismatic"].parent / ITEMS_FILE).write_bytes(b"not safetensors")
+    assert report_main([str(folder)]) == 0
+    ranked = load_report(folder / "report.json").probe_agreement[0]["strategies"]
+    assert ranked == [name for name in row["strategies"] if "fusion=comm" in name]

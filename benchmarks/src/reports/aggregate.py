@@ -9,6 +9,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
+from encoder_fusion.benchmarks.reports.agreement import probe_agreement
+from encoder_fusion.benchmarks.reports.items import pairing_key, read_items
 from encoder_fusion.benchmarks.reports.records import Report, StrategyRecord
 from encoder_fusion.benchmarks.reports.report import build_report, load_report, now_and_command, write_report
 from encoder_fusion.benchmarks.reports.sweep import (
@@ -18,6 +22,7 @@ from encoder_fusion.benchmarks.reports.sweep import (
     job_state,
     planned_jobs,
 )
+from encoder_fusion.benchmarks.tasks import TASKS
 
 
 def job_labels(reports: Mapping[str, Report]) -> dict[str, str]:
@@ -103,19 +108,30 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         for record in report.strategies:
             if record.is_baseline:
                 baseline_configs.setdefault(record.name, set()).add(_config_key(record))
-    strategies, kept = [], set()
+    strategies, kept = [], {}  # kept: (name, config) of a baseline row -> its aggregated name
+    items: dict[tuple[str, str], torch.Tensor] = {}  # (aggregated name, task) -> per-item statistics
+    references: dict[str, str] = {}  # aggregated name -> the aggregated name its delta is against
+    pairing = pairing_key(next(iter(reports.values())).run) if reports else ""
     for job, report in reports.items():
+        # items pair across jobs only when they are the same test items
+        job_items = read_items(sweep / job) if pairing_key(report.run) == pairing else {}
+        names = {}  # the job's row name -> its aggregated name
         for record in report.strategies:
             record = dataclasses.replace(record, job=job)
+            key = (record.name, _config_key(record))
+            if record.is_baseline and key in kept:
+                names[record.name] = kept[key]
+                continue
+            renamed = record
+            if not record.is_baseline or len(baseline_configs[record.name]) > 1:
+                renamed = dataclasses.replace(record, name=f"{record.name} [{labels[job]}]")
             if record.is_baseline:
-                key = (record.name, _config_key(record))
-                if key in kept:
-                    continue
-                kept.add(key)
-                if len(baseline_configs[record.name]) == 1:
-                    strategies.append(record)
-                    continue
-            strategies.append(dataclasses.replace(record, name=f"{record.name} [{labels[job]}]"))
+                kept[key] = renamed.name
+            names[record.name] = renamed.name
+            strategies.append(renamed)
+            items.update({(renamed.name, t): v for (n, t), v in job_items.items() if n == record.name})
+        for aggregated in names.values():
+            references.setdefault(aggregated, names.get(report.baseline, aggregated))
     tasks = list(dict.fromkeys(t for r in reports.values() for t in r.tasks))
     first = next(iter(reports.values()), None)
     merged = build_report(
@@ -135,7 +151,32 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         ],
         failed_jobs=failed,
     )
+    merged.probe_agreement = sweep_agreement(merged, items, references, first)
     return write_report(merged, out_dir or sweep)
+
+
+def sweep_agreement(
+    merged: Report,
+    items: dict[tuple[str, str], torch.Tensor],
+    references: dict[str, str],
+    first: Report | None,
+) -> list:
+    """The cheap probes' rank agreement with the vlm probe over every strategy of the sweep whose job
+    read the same test items as the first, each delta against its own job's baseline, with the
+    jobs' bootstrap settings; [] when fewer than three such strategies ran vlm and a cheap probe."""
+    if first is None or not items:
+        return []
+    shapes = {task: v.shape for (name, task), v in items.items() if name == references.get(name)}
+    paired = {key: v for key, v in items.items() if shapes.get(key[1]) == v.shape}
+    bench = first.run.get("bench") or {}
+    return probe_agreement(
+        {record.name: record for record in merged.strategies},
+        paired,
+        {task: TASKS[task].metric_from_sums for task in shapes},
+        references,
+        int(bench.get("ci_resamples") or 1000),
+        int(first.run.get("seed") or 0),
+    )
 
 
 def _config_key(record: StrategyRecord) -> str:

@@ -61,24 +61,29 @@ def probe_agreement(
     records: Mapping[str, StrategyRecord],
     items: Mapping[tuple[str, str], torch.Tensor],
     metrics: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
-    baseline: str,
+    baseline: str | Mapping[str, str],
     resamples: int,
     seed: int = 0,
 ) -> list[dict]:
     """One row per cheap probe: ``probe``, ``spearman``, ``spearman_ci``, ``kendall``, ``kendall_ci``,
-    ``strategies`` (the strategies ranked, baseline included) and ``verdict``; empty without a
-    ``vlm`` probe or with fewer than :data:`MIN_STRATEGIES` strategies that ran both."""
+    ``strategies`` (the strategies ranked, baselines included) and ``verdict``; empty without a
+    ``vlm`` probe or with fewer than :data:`MIN_STRATEGIES` strategies that ran both.
+
+    ``baseline``: the strategy every delta is against, or each strategy's own (a sweep's jobs may
+    each have a baseline of their own; their items must be the same test items)."""
     rows = []
+    reference = baseline if isinstance(baseline, Mapping) else {name: baseline for name in records}
     probes = list(dict.fromkeys(task for name, task in items if task != REFERENCE))
     for probe in probes:
-        names = [
+        ran = {
             name
             for name in records
             if (name, probe) in items
             and (name, REFERENCE) in items
             and records[name].accuracy[probe].delta is not None
-        ]
-        if baseline not in names or len(names) < MIN_STRATEGIES:
+        }
+        names = [name for name in records if name in ran and reference.get(name) in ran]
+        if len(names) < MIN_STRATEGIES:
             continue
         point = {
             task: np.array([records[name].accuracy[task].delta for name in names], dtype=float)
@@ -89,7 +94,7 @@ def probe_agreement(
             values = resampled_metric(
                 [items[name, task] for name in names], metrics[task], resamples, seed + offset
             )
-            resampled[task] = values - values[names.index(baseline)]
+            resampled[task] = values - values[[names.index(reference[name]) for name in names]]
         per_resample = [
             (spearman(resampled[probe][:, r], resampled[REFERENCE][:, r]),
              kendall(resampled[probe][:, r], resampled[REFERENCE][:, r]))

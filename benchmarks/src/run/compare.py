@@ -27,6 +27,7 @@ from encoder_fusion.benchmarks.config.schema import BASELINE, config_hash
 from encoder_fusion.benchmarks.datasets import ImageDataset, load_batch
 from encoder_fusion.benchmarks.features.planted import PlantOptions, planted_grids
 from encoder_fusion.benchmarks.reports.agreement import probe_agreement
+from encoder_fusion.benchmarks.reports.items import write_items
 from encoder_fusion.benchmarks.reports.records import Report, StrategyRecord, TaskAccuracy
 from encoder_fusion.benchmarks.reports.render import render_markdown
 from encoder_fusion.benchmarks.reports.report import build_report, environment, write_report
@@ -353,6 +354,7 @@ def run_compare(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -
         checked.judging.ci_resamples,
         checked.judging.seed,
     )
+    write_items(out, items)  # before report.json, whose presence marks the job finished
     path = write_report(report, out)
     print(render_markdown(report))
     print(f"Report: {path.resolve()}  (report.md, pareto.png beside it)")
