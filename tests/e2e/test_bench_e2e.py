@@ -342,15 +342,22 @@ def test_planted_experiment_finds_the_planted_gain(tmp_path):
 def test_the_vlm_probe_finds_a_planted_class_signal(tmp_path):
     """With the class planted in the DINOv2 role only, the stage-1 VLM probe's class question is
     answered by every strategy that has that role (intervals above zero against CLIP-only, which has
-    only the location) and the fused strategy's verdict is gain."""
-    cfg = make(
+    only the location) and the fused strategy's verdict is gain; with the roles swapped, a strategy
+    without the class finds no gain."""
+    overrides = [
         "experiment=planted", "task=vlm", "~task.vlm.templates.where", "~task.vlm.templates.size",
-        "plant.clip=location", "plant.dino=class", "task.lr=3e-2", "bench.latency.repeats=2",
-        f"bench.cache_dir={tmp_path / 'cache'}",
-    )  # fmt: skip
-    report = load_report(run_benchmark(cfg, tmp_path))
+        "task.lr=3e-2", "bench.latency.repeats=2", f"bench.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    cfg = make(*overrides, "plant.clip=location", "plant.dino=class")
+    report = load_report(run_benchmark(cfg, tmp_path / "dino_class"))
     clip, dino, fused = report.strategies
     assert clip.accuracy["vlm"].mean < 0.5  # chance among four options, give or take
     for record in (dino, fused):
         assert record.accuracy["vlm"].delta_ci[0] > 0, record.accuracy["vlm"]
     assert fused.verdict == "gain"
+    # the roles swapped: now DINOv2-only lacks the class, and finds no gain (it loses what CLIP has)
+    cfg = make(*overrides, "plant.clip=class", "plant.dino=location")
+    report = load_report(run_benchmark(cfg, tmp_path / "clip_class"))
+    clip, dino, fused = report.strategies
+    assert dino.accuracy["vlm"].delta_ci[1] < 0, dino.accuracy["vlm"]
+    assert fused.accuracy["vlm"].delta_ci[0] <= 0, fused.accuracy["vlm"]  # CLIP-only has the class too

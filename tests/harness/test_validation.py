@@ -225,3 +225,16 @@ def test_the_command_line_exits_non_zero_with_one_line(override, message, tmp_pa
     # the job's folder holds the error for fusion-report, and no report
     assert message in json.loads((run / "error.json").read_text())["error"]
     assert not (run / "report.json").exists()
+
+
+def test_a_size_question_on_data_whose_label_classes_name_no_mask_class_is_refused():
+    from encoder_fusion.benchmarks.config.checks import build_datasets, check_vlm_probe
+    from encoder_fusion.benchmarks.config.plan import llm_preset
+    from encoder_fusion.benchmarks.tasks.vlm import VlmProbeOptions
+
+    train, test = build_datasets(make())
+    options = VlmProbeOptions(templates={"size": "how large is it ?"})
+    check_vlm_probe(options, llm_preset("tiny"), train, test)  # synthetic: the shapes name both
+    train.mask_classes = [f"region {i}" for i in range(len(train.mask_classes or []))]
+    with pytest.raises(ValueError, match=r"no class of the data=synthetic labels names a mask class"):
+        check_vlm_probe(options, llm_preset("tiny"), train, test)

@@ -26,7 +26,7 @@ def write_items(out_dir: str | os.PathLike, items: Mapping[tuple[str, str], torc
     from safetensors.torch import save
 
     names = {str(i): list(key) for i, key in enumerate(items)}
-    tensors = {str(i): items[tuple(key)].to(torch.float64).contiguous() for i, key in names.items()}
+    tensors = {str(i): value.to(torch.float64).contiguous() for i, value in enumerate(items.values())}
     data = save(tensors, metadata={"keys": json.dumps(names)})
     return atomic_write(Path(out_dir) / ITEMS_FILE, data)
 

@@ -79,7 +79,7 @@ class VlmProbeOptions:
     )
     options: int = 4
     generate: bool = False
-    lora: LoraOptions | Mapping[str, Any] = dataclasses.field(default_factory=LoraOptions)
+    lora: LoraOptions = dataclasses.field(default_factory=LoraOptions)  # or a mapping of its fields
 
     def __post_init__(self) -> None:
         if not isinstance(self.templates, Mapping) or not self.templates:

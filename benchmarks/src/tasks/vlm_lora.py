@@ -89,7 +89,7 @@ def fresh_lora(language_model: nn.Module, options: LoraOptions) -> list[nn.Param
     if not layers:
         config = LoraConfig(
             r=options.rank,
-            lora_alpha=options.alpha,
+            lora_alpha=options.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r: a float works
             lora_dropout=options.dropout,
             target_modules=list(options.target_modules),
         )

@@ -169,10 +169,10 @@ def build_language_model(
     if spec.weights is not None:
         from encoder_fusion.benchmarks.timing.llm_weights import checkpoint_folder
 
-        model = AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             checkpoint_folder(spec.weights), dtype=dtype, attn_implementation="sdpa"
-        ).to(device)
-        return model.eval().requires_grad_(False)
+        )
+        return cast("PreTrainedModel", nn.Module.to(loaded, device)).eval().requires_grad_(False)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(spec.hf_config(), dtype=dtype)
