@@ -35,6 +35,7 @@ from encoder_fusion.head import FusionHead
 from encoder_fusion.hub import LIBRARY, TAGS, fused_config, model_card, save_folder, weights_file
 from encoder_fusion.io import atomic_path
 from encoder_fusion.merge import ENCODER_MERGES
+from encoder_fusion.tiling import AUTO, Tiler, TilingSpec
 
 CONFIG_FIELDS = (
     "encoders",
@@ -47,11 +48,12 @@ CONFIG_FIELDS = (
     "normalize",
     "deepstack_layers",
     "freeze_encoders",
+    "tiling",
 )
 TRAINED_FORMAT = "encoder-fusion/trained/1"
 # Config fields added after files of TRAINED_FORMAT were first written, with the value every file
 # written before them was trained with (layer-normalised layers, no DeepStack sets).
-ADDED_FIELDS = {"normalize": True, "deepstack_layers": {}}
+ADDED_FIELDS = {"normalize": True, "deepstack_layers": {}, "tiling": None}
 
 
 def as_spec(entry: Any, index: int) -> EncoderSpec:
@@ -83,6 +85,9 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
             ``deepstack_layers`` names encoders by ``EncoderSpec.name``.
         freeze_encoders: True (default) keeps the encoders frozen and in eval mode, even under
             ``.train()``; False trains them too.
+        tiling: None (default) reads each image whole; a :class:`~encoder_fusion.tiling.TilingSpec`
+            or a mapping of its fields (``{"grid": [2, 2], "thumbnail": "last"}``) cuts it into
+            tiles, each through the whole pipeline (see :mod:`encoder_fusion.tiling`).
 
     What the specs alone decide (``normalize``, the hooked layers a ``layer_merge`` needs, the grid
     when given, ``deepstack_layers``) is checked before any encoder is built or loaded.
@@ -109,6 +114,7 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
         normalize: bool = True,
         deepstack_layers: Mapping[str, Sequence[int]] | None = None,
         freeze_encoders: bool = True,
+        tiling: TilingSpec | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         encoders = plain(encoders)
@@ -132,6 +138,7 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
         )
         deepstack_layers = plain(deepstack_layers)
         deepstack_entries(deepstack_layers, hooks)
+        tiling_spec = None if plain(tiling) is None else TilingSpec.from_any(plain(tiling))
         built = [
             entry if isinstance(entry, Encoder) else build_encoder(spec)
             for entry, spec in zip(encoders, specs)
@@ -147,6 +154,7 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
         }
         geometries = [EncoderGeometry.of(e) for e in built]
         self.head = FusionHead(geometries, grid=grid, merge_dim=merge_dim, **strategies)
+        self.tiler = None if tiling_spec is None else Tiler(tiling_spec, self.head.out_dim)
         self.strategies = strategies
         self.freeze_encoders = freeze_encoders
         self.encoders.requires_grad_(not freeze_encoders)
@@ -174,29 +182,56 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
             return [encoder.forward_grids(encoder.preprocess(images)) for encoder in self.encoder_list]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Fused tokens (B, output_tokens(), head.out_dim) for raw ``images``."""
-        return self.head(self.extract(images))
+        """Fused tokens (B, output_tokens(), head.out_dim) for raw ``images``; with ``tiling``, a
+        list of (3, H, W) images of any sizes is accepted too and gives a list of (count_i, D)."""
+        if self.tiler is None:
+            return self.head(self.extract(images))
+        return self.tiler.run(self._fuse, images, self.tile_size, self._patches())[0]
 
     def forward_deepstack(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The fused tokens, as :meth:`forward`, and the DeepStack extra token sets for raw
         ``images``: one (B, output_tokens(), head.out_dim) tensor per ``deepstack_layers`` entry,
         encoders in model order and each encoder's entries in the order given (an empty list
         without ``deepstack_layers``). A language model adds set ``k`` to the hidden states of its
-        decoder layer ``k`` at the visual positions (see :mod:`encoder_fusion.deepstack`)."""
+        decoder layer ``k`` at the visual positions (see :mod:`encoder_fusion.deepstack`); with
+        ``tiling``, a separator's position gets zeros."""
+        if self.tiler is None:
+            return self.head.forward_deepstack(self.extract(images))
+        return self.tiler.run(self._fuse_deepstack, images, self.tile_size, self._patches())
+
+    def _fuse(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.head(self.extract(images)), []
+
+    def _fuse_deepstack(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.head.forward_deepstack(self.extract(images))
 
-    def output_tokens(self, image_size: int | Sequence[int] | None = None) -> int:
-        """The number of tokens emitted per image.
+    def _patches(self) -> dict[str, int]:
+        return {encoder.spec.name: encoder.stride for encoder in self.encoder_list}
 
-        Every encoder resizes its input to its own size, so the count does not depend on the raw
-        ``image_size``; it is checked and accepted for symmetry with the benchmark harness.
+    @property
+    def tile_size(self) -> int:
+        """The tile side ``grid="auto"`` compares images against: the largest encoder input side."""
+        return max(max(encoder.image_size) for encoder in self.encoder_list)
+
+    def output_tokens(self, image_size: int | Sequence[int] | None = None) -> int:
+        """The number of tokens emitted for an image of ``image_size`` (an int or (height, width)).
+
+        Without tiling, or with a fixed grid, every encoder resizes its input (each tile) to its own
+        size, so the count does not depend on the size; ``grid="auto"`` chooses the grid from it.
 
         Raises:
-            ValueError: a malformed ``image_size``.
+            ValueError: a malformed ``image_size``, or none with ``grid="auto"``.
         """
-        if image_size is not None:
-            as_hw(image_size, "image_size")
-        return self.head.output_tokens
+        size = None if image_size is None else as_hw(image_size, "image_size")
+        if self.tiler is None:
+            return self.head.output_tokens
+        if size is None and self.tiler.spec.grid == AUTO:
+            raise ValueError(
+                "output_tokens() of a FusedEncoder with tiling grid='auto' depends on the image: "
+                "accepted: output_tokens(image_size=(height, width))"
+            )
+        grid = self.tiler.grid_for(*(size or (1, 1)), self.tile_size)
+        return self.tiler.count(grid, self.head.output_tokens)
 
     def train(self, mode: bool = True) -> FusedEncoder:
         """Set training mode; frozen encoders stay in eval mode."""
@@ -220,6 +255,7 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
                 **self.strategies,
                 "merge_dim": self.head.merge_dim,
                 "freeze_encoders": self.freeze_encoders,
+                "tiling": None if self.tiler is None else self.tiler.spec.as_dict(),
             }
         )
 
@@ -252,9 +288,11 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
     # -- trained parameters ---------------------------------------------------------------------
     def trained_state(self) -> dict[str, torch.Tensor]:
         """The tensors :meth:`save_trained` writes: the head, and the encoders when not frozen."""
-        parts = (
-            {"head": self.head} if self.freeze_encoders else {"head": self.head, "encoders": self.encoders}
-        )
+        parts: dict[str, nn.Module] = {"head": self.head}
+        if self.tiler is not None:
+            parts["tiler"] = self.tiler  # its separator token, when it has one
+        if not self.freeze_encoders:
+            parts["encoders"] = self.encoders
         return {
             f"{prefix}.{key}": tensor
             for prefix, module in parts.items()
