@@ -209,6 +209,17 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
         return {encoder.spec.name: encoder.stride for encoder in self.encoder_list}
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """The raw image size this model reads at full resolution: the largest encoder input, times
+        the grid of a fixed tiling (each tile then reaches the encoders unresampled)."""
+        height = max(encoder.image_size[0] for encoder in self.encoder_list)
+        width = max(encoder.image_size[1] for encoder in self.encoder_list)
+        if self.tiler is None or self.tiler.spec.grid == AUTO:
+            return height, width
+        rows, cols = self.tiler.spec.grid
+        return height * rows, width * cols
+
+    @property
     def tile_size(self) -> int:
         """The tile side ``grid="auto"`` compares images against: the largest encoder input side."""
         return max(max(encoder.image_size) for encoder in self.encoder_list)

@@ -159,3 +159,29 @@ def test_tiles_smaller_than_a_patch_are_refused(encoders):
         r"encoder 'clip'; accepted: a grid whose tiles are at least 16 pixels a side",
     ):
         tiled(torch.rand(1, 3, 48, 48))
+
+
+def test_the_transformers_processor_counts_a_tiled_models_tokens(encoders):
+    """The processor resizes to the tiled model's full resolution (the grid times the largest encoder
+    input) and expands each <image> to that size's count, which the VLM's forward accepts."""
+    from vlm_cases import WIDTH, tiny_language_model, tiny_tokenizer
+
+    from encoder_fusion.hf import build_processor, build_vlm
+
+    torch.manual_seed(8)
+    connector = {"kind": "mlp", "out_dim": WIDTH}
+    tiled = FusedEncoder(encoders, grid=4, connector=connector, tiling={"grid": [1, 2], "newline": True})
+    assert tiled.image_size == (64, 128)
+    processor = build_processor(tiled, tiny_tokenizer())
+    vlm = build_vlm(tiled, tiny_language_model()).eval()
+    generator = torch.Generator().manual_seed(9)
+    images = [
+        torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        for shape in ((3, 50, 90), (3, 80, 40))
+    ]
+    batch = processor(images=images, text=["<image> w1 w2", "<image> w3"], return_tensors="pt")
+    assert tuple(batch["pixel_values"].shape[-2:]) == (64, 128)
+    count = (batch["input_ids"] == vlm.config.image_token_id).sum(1)
+    assert count.tolist() == [tiled.output_tokens((64, 128))] * 2 == [2 * 16 + 16 + 1] * 2
+    with torch.no_grad():
+        assert vlm(**batch).logits.shape[:2] == batch["input_ids"].shape

@@ -99,7 +99,7 @@ def build_vlm(
         vision_config=FusedEncoderModel.config_of(fused),
         text_config=lm.config.get_text_config(),
         image_token_index=image_token_id,
-        image_seq_length=fused.output_tokens(),
+        image_seq_length=fused.output_tokens(fused.image_size),
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
     # built on the meta device (no memory, no init), then given the real parts
@@ -130,7 +130,9 @@ def build_processor(
             special token when it lacks one, and it pads on the left, as batched generation needs.
         image_token: the placeholder written in prompts, one per image.
         size: the (height, width) every image is resized to before the encoders resize it their
-            own way; default the largest encoder input size.
+            own way; default ``fused.image_size`` (the largest encoder input size, times a fixed
+            tiling grid). Every image then has the same token count: ``fused.output_tokens(size)``
+            (with ``grid="auto"``, the grid of that size).
 
     Raises:
         ValueError: ``fused`` is not a FusedEncoder, an empty ``image_token``, or a bad ``size``.
@@ -140,8 +142,7 @@ def build_processor(
     if not isinstance(image_token, str) or not image_token:
         raise ValueError(f"image_token must be a non-empty string, got {image_token!r}")
     if size is None:
-        sizes = [encoder.image_size for encoder in fused.encoder_list]
-        size = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        size = fused.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     if not all(isinstance(side, int) and side > 0 for side in (height, width)):
         raise ValueError(f"size must be an int or (height, width) of ints > 0, got {size!r}")
@@ -150,5 +151,5 @@ def build_processor(
     tokenizer.padding_side = "left"
     image_processor = FusedImageProcessor(size={"height": height, "width": width})
     return FusedLlavaProcessor(
-        image_processor, tokenizer, image_token=image_token, image_tokens=fused.output_tokens()
+        image_processor, tokenizer, image_token=image_token, image_tokens=fused.output_tokens((height, width))
     )

@@ -95,7 +95,8 @@ class FusedEncoderModel(PreTrainedModel):
             fused=fused.config,
             encoder_weights=fused.weights_status(),
             hidden_size=fused.head.out_dim,
-            output_tokens=fused.output_tokens(),
+            # the count for images of the processor's default size (build_processor)
+            output_tokens=fused.output_tokens(fused.image_size),
         )
 
     def _init_weights(self, module: nn.Module) -> None:
