@@ -181,22 +181,24 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
             return [encoder.forward_grids(encoder.preprocess(images)) for encoder in self.encoder_list]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """Fused tokens (B, output_tokens(), head.out_dim) for raw ``images``; with ``tiling``, a
         list of (3, H, W) images of any sizes is accepted too and gives a list of (count_i, D)."""
-        if self.tiler is None:
-            return self.head(self.extract(images))
+        if self.tiler is None:  # one batch tensor (extract checks it)
+            return self.head(self.extract(cast(torch.Tensor, images)))
         return self.tiler.run(self._fuse, images, self.tile_size, self._patches())[0]
 
-    def forward_deepstack(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_deepstack(
+        self, images: torch.Tensor | Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor | list[torch.Tensor], list]:
         """The fused tokens, as :meth:`forward`, and the DeepStack extra token sets for raw
         ``images``: one (B, output_tokens(), head.out_dim) tensor per ``deepstack_layers`` entry,
         encoders in model order and each encoder's entries in the order given (an empty list
         without ``deepstack_layers``). A language model adds set ``k`` to the hidden states of its
         decoder layer ``k`` at the visual positions (see :mod:`encoder_fusion.deepstack`); with
         ``tiling``, a separator's position gets zeros."""
-        if self.tiler is None:
-            return self.head.forward_deepstack(self.extract(images))
+        if self.tiler is None:  # one batch tensor (extract checks it)
+            return self.head.forward_deepstack(self.extract(cast(torch.Tensor, images)))
         return self.tiler.run(self._fuse_deepstack, images, self.tile_size, self._patches())
 
     def _fuse(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -216,7 +218,7 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
         width = max(encoder.image_size[1] for encoder in self.encoder_list)
         if self.tiler is None or self.tiler.spec.grid == AUTO:
             return height, width
-        rows, cols = self.tiler.spec.grid
+        rows, cols = cast("tuple[int, int]", self.tiler.spec.grid)
         return height * rows, width * cols
 
     @property

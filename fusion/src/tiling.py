@@ -85,7 +85,8 @@ class TilingSpec:
         unknown = sorted(set(value) - set(FIELDS))
         if unknown:
             raise ValueError(f"tiling has unknown field(s) {unknown}; accepted: {', '.join(FIELDS)}")
-        return cls(**{key: (tuple(v) if isinstance(v, list) else v) for key, v in value.items()})
+        fields: dict[str, Any] = {key: (tuple(v) if isinstance(v, list) else v) for key, v in value.items()}
+        return cls(**fields)
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -15,7 +15,8 @@ from encoder_fusion.encoders import build_encoder
 from encoder_fusion.encoders.tiny import tiny_spec
 
 CONNECTOR = {"kind": "mlp", "depth": 2, "out_dim": 24}
-FAST = {"warmup": 1, "repeats": 3, "image_size": 50, "threads": 1}
+# a fixed number of rounds: these tests check what is measured, test_timing_stability when to stop
+FAST = {"warmup": 1, "repeats": 3, "image_size": 50, "threads": 1, "target_halfwidth": None}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,9 @@ def test_bf16_and_compile_paths_run_with_a_language_model(vlm_pipelines):
         ("streams", True, r"streams=true needs a CUDA device"),
         ("device", "tpu9", r"bench.device='tpu9' is not a device"),
         ("image_size", 0, r"data.image_size=0 must be an int >= 1"),
+        ("target_halfwidth", 0.0, r"bench.latency.target_halfwidth=0.0 must be null \(stop at repeats\)"),
+        ("target_halfwidth", 1.5, r"bench.latency.target_halfwidth=1.5 must be null .* a share in \(0, 1\)"),
+        ("max_repeats", 5, r"bench.latency.max_repeats=5 must be >= bench.latency.repeats=10"),
     ],
 )
 def test_bad_options_name_the_field(field, value, message):

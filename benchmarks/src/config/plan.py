@@ -43,7 +43,19 @@ from encoder_fusion.containers import plain
 
 # options field -> the config key it comes from, per options type
 LATENCY_KEYS = {
-    **{f: f"bench.latency.{f}" for f in ("batch_sizes", "warmup", "repeats", "dtype", "compile", "streams")},
+    **{
+        f: f"bench.latency.{f}"
+        for f in (
+            "batch_sizes",
+            "warmup",
+            "repeats",
+            "dtype",
+            "compile",
+            "streams",
+            "target_halfwidth",
+            "max_repeats",
+        )
+    },
     "threads": "bench.threads",
     "device": "bench.device",
     "image_size": "data.image_size",
@@ -296,6 +308,8 @@ def latency_options(cfg: Any) -> LatencyOptions:
             image_size=cfg.data.image_size,
             seed=cfg.seed,
             ci_resamples=cfg.bench.ci_resamples,
+            target_halfwidth=latency["target_halfwidth"],
+            max_repeats=latency["max_repeats"],
         )
 
 

@@ -250,6 +250,10 @@ class LatencyConfig:
     dtype: str = "fp32"
     compile: bool = False
     streams: bool = False
+    # go on past repeats until every overhead interval is within +-target_halfwidth of its ratio, or
+    # until max_repeats rounds (then the report says the timing is unstable); null: stop at repeats
+    target_halfwidth: float | None = 0.03
+    max_repeats: int = 50
 
 
 @dataclass

@@ -114,6 +114,9 @@ class LatencyRecord:
     end_to_end: dict
     stages: dict
     per_batch: dict
+    # batch size -> {call, repeats, halfwidth, cv, target_halfwidth, max_repeats, stable}
+    # (encoder_fusion.benchmarks.timing.stability); None in reports from before it
+    stability: dict | None = None
 
 
 @dataclass

@@ -62,6 +62,39 @@ def random_notice(report: Report) -> str:
     return random_weights_notice(report.random_encoders or random_encoders(report.strategies))
 
 
+def unstable_timings(report: Report) -> list[tuple[str, str, dict]]:
+    """``(strategy, batch size, stability)`` of every timing that did not reach its target interval
+    (one per job: each strategy of a run shares its run's stability)."""
+    found, seen = [], set()
+    for record in report.strategies:
+        for batch, reached in ((record.latency.stability or {}) if record.latency else {}).items():
+            key = (record.job, batch)
+            if not reached.get("stable", True) and key not in seen:
+                seen.add(key)
+                found.append((record.name, batch, reached))
+    return found
+
+
+def timing_notice(report: Report) -> str:
+    """The line that opens a report whose timing never got its overhead intervals within the target
+    ('' when every timing did): the interval reached and the coefficient of variation."""
+    unstable = unstable_timings(report)
+    if not unstable:
+        return ""
+    worst = max((reached for _, _, reached in unstable), key=lambda r: r["halfwidth"])
+    what = "TTFT" if worst["call"] == "ttft" else "vision pipeline's"
+    where = (
+        "" if len(unstable) == 1 and not report.jobs else f" (in {len(unstable)} timing(s) of this report)"
+    )
+    return (
+        f"**UNSTABLE TIMING{where}: after {worst['repeats']} rounds (bench.latency.max_repeats) the {what} "
+        f"overhead's 95 % interval still spans ±{100 * worst['halfwidth']:.1f} % of the ratio (target "
+        f"±{100 * worst['target_halfwidth']:.1f} %), and the timed calls vary by up to "
+        f"{100 * worst['cv']:.0f} % (coefficient of variation). The machine was probably busy: the ratios "
+        "below are noisy; rerun on an idle machine.**"
+    )
+
+
 def random_weights_notice(names: Sequence[str]) -> str:
     """The first line of a report whose encoders ``names`` ran on random weights ('' for none)."""
     if not names:
@@ -195,9 +228,9 @@ def render_markdown(report: Report) -> str:
     model's share of TTFT, decode speed, projected overheads, peak memory, parameters, GFLOPs), then
     the tasks whose test split is too small, and any errors."""
     lines = []
-    notice = random_notice(report)
-    if notice:
-        lines += [notice, ""]
+    for notice in (random_notice(report), timing_notice(report)):
+        if notice:
+            lines += [notice, ""]
     env, strategies = report.environment, report.strategies
     first_latency = next((s.latency for s in strategies if s.latency), None)
     with_llm = any(s.vlm is not None for s in strategies)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import cast
 
 import torch
 
@@ -52,6 +53,7 @@ from encoder_fusion.benchmarks.timing.llm import LanguageModel, VlmOptions, buil
 from encoder_fusion.benchmarks.timing.memory import peak_memory, tensor_megabytes
 from encoder_fusion.benchmarks.timing.options import DTYPES, LatencyOptions
 from encoder_fusion.benchmarks.timing.pipeline import Pipeline
+from encoder_fusion.benchmarks.timing.stability import stability
 from encoder_fusion.benchmarks.timing.timer import (
     Timer,
     autocast_binder,
@@ -124,7 +126,9 @@ def measure_latency(
         "image_size": options.image_size,
     }
     per_batch: dict[str, dict[str, dict]] = {name: {} for name in built}
+    key = "ttft" if language is not None else "end_to_end"  # the overhead a user pays
     repeats: dict[str, dict] = {}  # batch size -> the timed samples of every call, for the intervals
+    steadiness: dict[str, dict] = {}  # batch size -> how far the overhead intervals narrowed
     with fixed_threads(options.threads), torch.inference_mode():
         for batch in options.batch_sizes:
             images = random_images(batch, options.image_size, options.seed, device)
@@ -138,9 +142,29 @@ def measure_latency(
                 if language is not None:
                     calls[name, "ttft"] = bound(pipeline.ttft, images)
                     calls[name, "decode"] = bound(pipeline.decoder(*inputs["llm.prefill"]))
+
+            def check(samples: dict) -> dict:
+                return stability(samples, list(built), baseline, key, options.ci_resamples, options.seed)
+
+            def enough(samples: dict) -> bool:
+                return check(samples)["halfwidth"] <= cast(float, options.target_halfwidth)
+
             samples = repeats[str(batch)] = round_robin(
-                timer, calls, warmup=options.warmup, repeats=options.repeats
+                timer,
+                calls,
+                warmup=options.warmup,
+                repeats=options.repeats,
+                enough=None if options.target_halfwidth is None else enough,
+                max_repeats=options.max_repeats,
             )
+            reached = check(samples)
+            target = options.target_halfwidth
+            steadiness[str(batch)] = {
+                **reached,
+                "target_halfwidth": target,
+                "max_repeats": options.max_repeats,
+                "stable": target is None or reached["halfwidth"] <= target,
+            }
             for name in built:
                 stages = {stage: stats(samples[name, stage]) for stage in built[name].stages}
                 whole = calls[name, "ttft" if language is not None else "end_to_end"]
@@ -179,6 +203,7 @@ def measure_latency(
                 end_to_end=main["end_to_end"],
                 stages=main["stages"],
                 per_batch=per_batch[name],
+                stability=steadiness,
             ),
             ratios=RatioRecord(
                 baseline=baseline,

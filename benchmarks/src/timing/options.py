@@ -31,6 +31,11 @@ class LatencyOptions:
         seed: seeds the random images and the ratio intervals' resamples.
         ci_resamples: bootstrap resamples of each ratio's interval (see
         :func:`encoder_fusion.benchmarks.reports.stats.ratio_ci`).
+        target_halfwidth: keep the round robin going, past ``repeats``, until every pipeline's
+            overhead interval (TTFT with a language model, else the vision pipeline's) is within
+            this share of the ratio either side (0.03: +-3 %); None stops at ``repeats``.
+        max_repeats: the most rounds ``target_halfwidth`` may take; a run that reaches it first is
+            marked unstable (:mod:`encoder_fusion.benchmarks.timing.stability`).
 
     Raises:
         OptionError: naming the field, the value and what is accepted.
@@ -48,9 +53,25 @@ class LatencyOptions:
     image_size: int = 224
     seed: int = 0
     ci_resamples: int = 2000
+    target_halfwidth: float | None = 0.03
+    max_repeats: int = 50
 
     def __post_init__(self) -> None:
         check_resamples(self.ci_resamples)
+        target = self.target_halfwidth
+        if target is not None and (
+            isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1
+        ):
+            raise OptionError(
+                "{target_halfwidth} must be null (stop at repeats) or a share in (0, 1), e.g. 0.03 for +-3 %",
+                {"target_halfwidth": target},
+            )
+        check_int("max_repeats", self.max_repeats, 1)
+        if self.max_repeats < self.repeats:
+            raise OptionError(
+                "{max_repeats} must be >= {repeats}",
+                {"max_repeats": self.max_repeats, "repeats": self.repeats},
+            )
         sizes = self.batch_sizes
         if isinstance(sizes, int) or not isinstance(sizes, Sequence) or not sizes:
             raise OptionError("{batch_sizes} must be a non-empty list of ints >= 1", {"batch_sizes": sizes})

@@ -82,15 +82,32 @@ def autocast_binder(device: torch.device, dtype: torch.dtype | None) -> Binder:
 
 
 def round_robin(
-    timer: Timer, calls: Mapping[tuple[str, str], Callable[[], object]], *, warmup: int, repeats: int
+    timer: Callable[[Callable[[], object]], float],
+    calls: Mapping[tuple[str, str], Callable[[], object]],
+    *,
+    warmup: int,
+    repeats: int,
+    enough: Callable[[dict[tuple[str, str], list[float]]], bool] | None = None,
+    max_repeats: int | None = None,
 ) -> dict[tuple[str, str], list[float]]:
     """Samples of every call (each stage and the end-to-end forward of every pipeline): ``warmup``
-    untimed rounds, then ``repeats`` timed ones, each round calling all of them in turn."""
+    untimed rounds, then ``repeats`` timed ones, each round calling all of them in turn; with
+    ``enough``, more rounds (half of ``repeats`` at a time) until ``enough(samples)`` holds or
+    ``max_repeats`` rounds are taken."""
     for _ in range(warmup):
         for call in calls.values():
             call()
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            samples[name].append(timer(call))
+
+    def rounds(count: int) -> None:
+        for _ in range(count):
+            for name, call in calls.items():
+                samples[name].append(timer(call))
+
+    rounds(repeats)
+    taken, cap = repeats, max(repeats, max_repeats or repeats)
+    while enough is not None and taken < cap and not enough(samples):
+        step = min(max(1, repeats // 2), cap - taken)
+        rounds(step)
+        taken += step
     return samples

@@ -108,7 +108,10 @@ class FusedEncoderModel(PreTrainedModel):
         """The fused tokens as ``last_hidden_state`` (B, output_tokens, hidden_size) and, per image,
         as ``pooler_output`` (a list of (output_tokens, hidden_size)); the DeepStack token sets, each
         like ``last_hidden_state``, as ``hidden_states`` (empty without ``deepstack_layers``)."""
-        tokens, extras = self.fused.forward_deepstack(pixel_values)
+        # pixel_values is one (B, 3, H, W) batch, so the tokens are one (B, N, D) tensor
+        tokens, extras = cast(
+            "tuple[torch.Tensor, list[torch.Tensor]]", self.fused.forward_deepstack(pixel_values)
+        )
         # LLaVA's forward concatenates pooler_output, a list of per-image features
         pooler = cast(Any, list(tokens))
         return BaseModelOutputWithPooling(
