@@ -35,6 +35,8 @@ class _FusedEncoder(Protocol):
     def save_trained(self, path: str | os.PathLike) -> Path: ...
     def weights_status(self) -> dict[str, str]: ...
     def output_tokens(self, image_size: Any = None) -> int: ...
+    @property
+    def image_size(self) -> tuple[int, int]: ...
 
 
 WEIGHTS_NAME = "model.safetensors"
@@ -125,7 +127,8 @@ def model_card(model: _FusedEncoder, verdict: str | None = None) -> ModelCard:
             "",
             f"Strategy: {strategy}; grid {config['grid']}; "
             f"DeepStack sets: {config['deepstack_layers'] or 'none'}.",
-            f"Tokens per image: {model.output_tokens()}, each {model.head.out_dim} wide.",
+            f"Tokens per image: {model.output_tokens(model.image_size)} at {model.image_size[0]}x"
+            f"{model.image_size[1]} pixels, each {model.head.out_dim} wide.",
             "",
             f"Benchmark verdict: {verdict}"
             if verdict

@@ -55,7 +55,8 @@ def test_the_model_card_names_encoders_hooks_strategy_tokens_and_the_verdict(tmp
         "layer_merge: `weighted_ln`",
         "encoder_merge: `channel_concat`",
         "connector: `mlp`",
-        f"Tokens per image: {fused.output_tokens()}, each 32 wide.",
+        f"Tokens per image: {fused.output_tokens()} at {fused.image_size[0]}x{fused.image_size[1]} pixels, "
+        "each 32 wide.",
         "Benchmark verdict: gain: classification +3.1 pp [+1.2, +5.0]",
     ):
         assert expected in card

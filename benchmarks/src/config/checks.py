@@ -21,7 +21,7 @@ import dataclasses
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -39,6 +39,7 @@ from encoder_fusion.benchmarks.config.plan import (
     plant_options,
     probe_recipe,
     strategies,
+    tiling_spec,
     vlm_options,
     vlm_probe_options,
 )
@@ -63,6 +64,7 @@ from encoder_fusion.benchmarks.timing.llm_weights import check_checkpoint, load_
 from encoder_fusion.benchmarks.timing.options import DTYPES, LatencyOptions
 from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder
+from encoder_fusion.tiling import AUTO, TilingSpec
 
 
 @dataclass
@@ -82,6 +84,7 @@ class CheckedRun:
     vlm_probe: VlmProbeOptions | None = None  # the VLM probe's questions, when task.names holds vlm
     knn_k: int = 10  # the k-NN probe's neighbours per vote
     warp: WarpOptions = dataclasses.field(default_factory=WarpOptions)  # the correspondence probe's
+    tiling: TilingSpec | None = None  # how the timed pipelines tile each image (None: whole)
 
 
 def schema_of(hint: Any) -> type | None:
@@ -184,8 +187,22 @@ def check_config(cfg: Any) -> CheckedRun:
         | {"warp": "task.correspondence"}
     ):
         warp = WarpOptions(**plain(cfg.task.correspondence))
+    tiling = tiling_spec(cfg)
     return CheckedRun(
-        plan, encoders, latency, vlm, judging, probe, plants, cache, train, test, vlm_probe, knn_k, warp
+        plan,
+        encoders,
+        latency,
+        vlm,
+        judging,
+        probe,
+        plants,
+        cache,
+        train,
+        test,
+        vlm_probe,
+        knn_k,
+        warp,
+        tiling,
     )
 
 
@@ -254,12 +271,22 @@ def check_heads(
         ValueError: naming the setting, or the head and its error.
     """
     size = cfg.data.image_size
+    tiling = tiling_spec(cfg)
     for encoder in encoders:
         if size < encoder.stride:
             raise ValueError(
                 f"data.image_size={size} is smaller than one {encoder.stride}-pixel patch of encoder "
                 f"{encoder.spec.name!r} ({encoder.spec.model}); accepted: data.image_size >= {encoder.stride}"
             )
+        if tiling is not None and tiling.grid != AUTO:
+            rows, cols = cast("tuple[int, int]", tiling.grid)
+            if size // max(rows, cols) < encoder.stride:
+                raise ValueError(
+                    f"tiling.grid={[rows, cols]} cuts data.image_size={size} images into "
+                    f"{size // rows}x{size // cols} tiles, smaller than one {encoder.stride}-pixel patch of "
+                    f"encoder {encoder.spec.name!r}; accepted: data.image_size >= "
+                    f"{encoder.stride * max(rows, cols)}, or a smaller grid"
+                )
     for what, geometries, head in heads:
         try:
             FusionHead(geometries, **head)

@@ -40,6 +40,7 @@ from encoder_fusion.benchmarks.tasks.vlm_lora import LoraOptions
 from encoder_fusion.benchmarks.timing.llm import LlmSpec, VlmOptions, memory_needs
 from encoder_fusion.benchmarks.timing.options import DTYPES, LatencyOptions
 from encoder_fusion.containers import plain
+from encoder_fusion.tiling import TilingSpec
 
 # options field -> the config key it comes from, per options type
 LATENCY_KEYS = {
@@ -374,6 +375,21 @@ def vlm_probe_options(cfg: Any, llm: LlmSpec | None) -> VlmProbeOptions | None:
         )
     with keyed(VLM_PROBE_KEYS):
         return VlmProbeOptions(**plain(cfg.task.vlm))
+
+
+def tiling_spec(cfg: Any) -> TilingSpec | None:
+    """The ``tiling`` group's :class:`TilingSpec`; None for ``tiling=none`` (a null grid).
+
+    Raises:
+        ValueError: a bad tiling field, named as its ``tiling.`` key.
+    """
+    tiling = plain(cfg.tiling)
+    if tiling["grid"] is None:
+        return None
+    try:
+        return TilingSpec.from_any(tiling)
+    except ValueError as error:
+        raise ValueError(str(error).replace("tiling ", "tiling.", 1)) from None
 
 
 def probe_recipe(cfg: Any) -> ProbeRecipe:

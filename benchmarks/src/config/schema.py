@@ -326,6 +326,18 @@ class PlantConfig:
 
 
 @dataclass
+class TilingConfig:
+    """Tiled images (group ``tiling``; :class:`encoder_fusion.tiling.TilingSpec`): ``grid`` null reads
+    each image whole (``none``), ``[rows, cols]`` or ``auto`` cuts it into tiles, each through the
+    whole pipeline, with the whole image's tokens ``first``, ``last`` or ``none``."""
+
+    grid: Any = None
+    thumbnail: str = "last"
+    max_tiles: int = 6
+    newline: bool = False
+
+
+@dataclass
 class RunConfig:
     """The whole configuration of one ``fusion-bench`` run."""
 
@@ -339,6 +351,7 @@ class RunConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     plant: PlantConfig = field(default_factory=PlantConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
     seed: int = 0
 
 

@@ -75,6 +75,20 @@ def unstable_timings(report: Report) -> list[tuple[str, str, dict]]:
     return found
 
 
+def tiling_lines(report: Report) -> list[str]:
+    """The line that says how a tiled run read its images (none for a run without tiling)."""
+    tiling = report.run.get("tiling") or {}
+    if tiling.get("grid") is None:
+        return []
+    grid = tiling["grid"]
+    shown = f"auto (at most {tiling.get('max_tiles')} tiles)" if grid == "auto" else f"{grid[0]}x{grid[1]}"
+    separator = ", a separator after each row of tiles" if tiling.get("newline") else ""
+    return [
+        f"Tiling: grid {shown}, whole image {tiling.get('thumbnail')}{separator}: the timed pipelines read "
+        "every image as tiles (visual tokens, TTFT and decode count them); the probes read each image whole."
+    ]
+
+
 def timing_notice(report: Report) -> str:
     """The line that opens a report whose timing never got its overhead intervals within the target
     ('' when every timing did): the interval reached and the coefficient of variation."""
@@ -246,6 +260,7 @@ def render_markdown(report: Report) -> str:
         f"Latency: batch {first_latency.batch_size if first_latency else '—'}, "
         f"{first_latency.dtype if first_latency else '—'}, "
         f"compile {'on' if first_latency and first_latency.compile else 'off'}; median (p10–p90) in ms.",
+        *tiling_lines(report),
         "",
     ]
     tasks = report.tasks

@@ -51,6 +51,7 @@ from encoder_fusion.benchmarks.timing.measure import measure_latency
 from encoder_fusion.benchmarks.timing.options import LatencyOptions
 from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder
+from encoder_fusion.tiling import TilingSpec
 
 log = logging.getLogger(__name__)
 
@@ -270,14 +271,15 @@ def run_latency(
     encoders,
     options: LatencyOptions,
     vlm: VlmOptions,
+    tiling: TilingSpec | None = None,
 ) -> None:
-    """Time every strategy that builds, all in one run (with the language-model stage of ``vlm``);
-    results and errors go into ``records``."""
+    """Time every strategy that builds, all in one run (with the language-model stage of ``vlm``,
+    each image cut into the tiles of ``tiling``); results and errors go into ``records``."""
     pipelines = {}
     for strategy in plan:
         try:
             pipelines[strategy.name] = FusedEncoder(
-                [encoders[role] for role in strategy.encoders], **strategy.head
+                [encoders[role] for role in strategy.encoders], **strategy.head, tiling=tiling
             )
         except Exception as error:
             records[strategy.name].add_error("latency", error_text(error))
@@ -328,7 +330,7 @@ def run_compare(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -
         metrics = {task: TASKS[task].metric_from_sums for task in plain(cfg.task.names)}
         add_delta_intervals(records, items, metrics, BASELINE, checked.judging)
     with phase("latency", seconds):
-        run_latency(checked.strategies, records, encoders, checked.latency, checked.vlm)
+        run_latency(checked.strategies, records, encoders, checked.latency, checked.vlm, checked.tiling)
     run = {
         **plain(cfg),
         "overrides": job_overrides(),

@@ -51,7 +51,7 @@ def stage_gflops(pipeline: Pipeline, bind: Binder, one_image: torch.Tensor, prom
         if stage == "llm.prefill":
             # Pipeline.build adds this stage only together with the language model it runs
             assert pipeline.language is not None
-            tokens = pipeline.fused.output_tokens() + prompt_tokens
+            tokens = pipeline.fused.output_tokens(tuple(one_image.shape[-2:])) + prompt_tokens
             counts[stage] = prefill_flops(pipeline.language.spec, tokens) / 1e9
         else:
             counts[stage] = gflops_per_image(bind(fn, *inputs[stage]))

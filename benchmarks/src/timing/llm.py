@@ -277,7 +277,8 @@ class LanguageModel:
         the images) replaces the vision tower's own call, for a pipeline with CUDA streams."""
         if vision is not None:
             return self.prefill(vlm, *vision(images))
-        ids = self.input_ids(images.shape[0], vlm.config.image_seq_length)
+        # as many placeholders as the fused encoder gives images of this size (tiles included)
+        ids = self.input_ids(images.shape[0], vlm.model.fused.output_tokens(tuple(images.shape[-2:])))
         return self._forward(vlm, input_ids=ids, pixel_values=images).logits[:, -1]
 
     def decoder(

@@ -214,14 +214,16 @@ def measure_latency(
                 summary=f"{name} / {baseline} = {ratios[first]:.2f}x",
             ),
             memory=MemoryRecord(**{**main["memory"], "weights_mb": tensor_megabytes(pipeline.fused)}),
-            tokens=pipeline.fused.output_tokens(),
+            tokens=pipeline.fused.output_tokens(options.image_size),
             out_dim=pipeline.fused.head.out_dim,
             params=parameter_counts(pipeline.fused),
             gflops=flops[name],
             gflops_stages=flops_stages[name],
         )
     if language is not None:
-        for name, record in vlm_records(built, per_batch, baseline, vlm, options.batch_sizes).items():
+        for name, record in vlm_records(
+            built, per_batch, baseline, vlm, options.batch_sizes, options.image_size
+        ).items():
             record.ratios["ttft_ci"] = interval(name, "ttft", first)
             record.ratios["vision_ci"] = results[name].ratios.end_to_end_ci
             results[name].vlm = record

@@ -77,6 +77,14 @@ class Pipeline:
         fused = fused.to(device).eval()
         wrap = compile_wrapper(options.compile, options.compile_backend)
         head, encoders = fused.head, fused.encoder_list
+        if fused.tiler is not None:  # the tiles' passes are one stage: cutting, every encoder, the head
+            end_to_end = wrap(fused.forward_deepstack)
+            stages = {"vision": end_to_end}
+            vlm = None
+            if language is not None:
+                vlm = language.vlm_for(fused)
+                stages["llm.prefill"] = functools.partial(language.prefill, vlm)
+            return cls(name, fused, stages, end_to_end, language, vlm, False)
         stages: dict[str, Callable] = {
             "preprocess": wrap(lambda images: [e.preprocess(images) for e in encoders]),
         }
@@ -123,6 +131,10 @@ class Pipeline:
 
     def stage_inputs(self, images: torch.Tensor) -> dict[str, tuple]:
         """Each stage's positional arguments, computed once by running the stages in order."""
+        if "vision" in self.stages:  # a tiled pipeline (see build)
+            tokens, extras = self.stages["vision"](images)
+            inputs = {"vision": (images,)}
+            return inputs | ({"llm.prefill": (tokens, extras)} if self.language is not None else {})
         inputs: dict[str, tuple] = {"preprocess": (images,)}
         pixels = self.stages["preprocess"](images)
         grids = []

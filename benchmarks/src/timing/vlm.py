@@ -56,6 +56,7 @@ def vlm_records(
     baseline: str,
     vlm: VlmOptions,
     batch_sizes: Sequence[int],
+    image_size: int,
 ) -> dict[str, VlmRecord]:
     """Every pipeline's :class:`VlmRecord` at the first batch size, with its TTFT and vision ratios
     against ``baseline`` and its projections to ``vlm.project``.
@@ -63,6 +64,7 @@ def vlm_records(
     Args:
         built: name -> :class:`encoder_fusion.benchmarks.timing.pipeline.Pipeline`.
         per_batch: name -> batch size -> ``{"stages", "end_to_end", "vlm"}`` statistics.
+        image_size: the side of the timed images (a tiled pipeline's token count follows it).
 
     A projection takes one prefill rate for the whole run, the FLOPs of every pipeline's prefill over
     the sum of their medians, so that the noise of one pipeline's prefill does not bend its ratio.
@@ -76,7 +78,7 @@ def vlm_records(
     prompt = vlm.prompt_tokens
     timings = {name: per_batch[name][size]["vlm"] for name in built}
     vision = {name: per_batch[name][size]["end_to_end"]["median"] for name in built}
-    tokens = {name: pipeline.fused.output_tokens() for name, pipeline in built.items()}
+    tokens = {name: pipeline.fused.output_tokens(image_size) for name, pipeline in built.items()}
     flops = sum(prefill_flops(spec, tokens[name] + prompt, batch) for name in built)
     rate = flops / sum(t["prefill"]["median"] for t in timings.values())
     projected = {

@@ -243,7 +243,8 @@ class FusedLlavaModel(LlavaModel):
             ValueError: naming both counts.
         """
         placeholders = int((input_ids == self.config.image_token_id).sum())
-        per_image = self.config.fused_config.output_tokens
+        # the count for images of this size (a tiled model's "auto" grid follows it)
+        per_image = self.fused.output_tokens(tuple(pixel_values.shape[-2:]))
         images = pixel_values.shape[0]
         if placeholders != images * per_image:
             raise ValueError(
