@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from encoder_fusion.benchmarks.config.schema import conf_dir, config_hash  # importing it registers the schema
 from encoder_fusion.benchmarks.reports.aggregate import aggregate
+from encoder_fusion.benchmarks.reports.curves import CURVES_FILE
 from encoder_fusion.benchmarks.reports.sweep import ERROR_FILE, check_own_folder, finished_result
 from encoder_fusion.benchmarks.run import run_benchmark
 from encoder_fusion.benchmarks.run.prepare import error_text, job_overrides, output_dir
@@ -95,14 +96,23 @@ def report_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("sweep_dir", type=Path, help="the sweep folder (multirun/<date>/<time>)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: SWEEP_DIR)")
+    parser.add_argument(
+        "--curve",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a swept key to draw cost curves against (repeatable; default: every swept numeric key)",
+    )
     args = parser.parse_args(argv)
     try:
-        path = aggregate(args.sweep_dir, args.out)
+        path = aggregate(args.sweep_dir, args.out, args.curve)
     except (FileNotFoundError, ValueError) as error:
         print(f"fusion-report: {error}", file=sys.stderr)
         return 2
     print((path.parent / "report.md").read_text(encoding="utf-8"))
     print(f"Report: {path.resolve()}")
+    if (path.parent / CURVES_FILE).is_file():
+        print(f"Cost curves: {(path.parent / CURVES_FILE).resolve()} (curves_<key>.png beside it)")
     return 0
 
 

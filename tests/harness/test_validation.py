@@ -119,6 +119,18 @@ BAD_SETTINGS = [
         r"hold \d+ distinct words, but the language model's vocabulary leaves 6",
     ),
     (["task=vlm", "llm.weights=''"], r"llm\.weights='' must name a checkpoint folder or hub repo id"),
+    (
+        ["tiling=2x2", "data.image_size=24"],
+        r"tiling\.grid=\[2, 2\] cuts data\.image_size=24 images into 12x12 tiles, smaller than one 16-pixel "
+        r"patch of encoder 'clip'; accepted: data\.image_size >= 32, or a smaller grid",
+    ),
+    (
+        ["tiling=2x2", "tiling.thumbnail=middle"],
+        r"tiling\.thumbnail='middle' is unknown; accepted: first, last",
+    ),
+    (["tiling=anyres_max9", "tiling.max_tiles=0"], r"tiling\.max_tiles=0 must be an int >= 1"),
+    (["tiling=2x2", "tiling.grid=[0,2]"], r"tiling\.grid=\(0, 2\) must be \[rows, cols\] of ints >= 1"),
+    (["bench.latency.max_repeats=2"], r"bench\.latency\.max_repeats=2 must be >= bench\.latency\.repeats=3"),
     (["task=vlm", "task.vlm.lora.rank=-1"], r"task\.vlm\.lora\.rank=-1 must be an int >= 0"),
     (
         ["task=vlm", "task.vlm.lora.rank=4", "task.vlm.lora.target_modules=[wq]"],

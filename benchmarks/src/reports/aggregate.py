@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from encoder_fusion.benchmarks.reports.agreement import probe_agreement
+from encoder_fusion.benchmarks.reports.curves import curves, write_curves
 from encoder_fusion.benchmarks.reports.items import pairing_key, read_items
 from encoder_fusion.benchmarks.reports.records import Report, StrategyRecord
 from encoder_fusion.benchmarks.reports.report import build_report, load_report, now_and_command, write_report
@@ -33,7 +34,9 @@ def job_labels(reports: Mapping[str, Report]) -> dict[str, str]:
     return {job: ",".join(o for o in given if o not in shared) or job for job, given in overrides.items()}
 
 
-def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+def aggregate(
+    sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, curve_keys: Sequence[str] = ()
+) -> Path:
     """Gather every job of a sweep into one report in the format of a single run.
 
     Each finished config contributes its fused strategies, named after the overrides that set its job
@@ -47,13 +50,16 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     Args:
         sweep_dir: the multirun folder (``multirun/<date>/<time>`` or ``hydra.sweep.dir``).
         out_dir: where to write the aggregate (default: ``sweep_dir``).
+        curve_keys: the swept keys to draw cost curves against (default: every swept key with
+            numeric values; see :mod:`encoder_fusion.benchmarks.reports.curves`).
 
     Returns:
         The path of the aggregated ``report.json``.
 
     Raises:
         FileNotFoundError: ``sweep_dir`` does not exist.
-        ValueError: no job folder and no sweep plan in ``sweep_dir``.
+        ValueError: no job folder and no sweep plan in ``sweep_dir``; a curve key that was not
+            swept or whose values are not numbers (before anything is written).
     """
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
@@ -102,6 +108,7 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
             f"{', '.join(sorted(absorbed))}, which hold no record of their overrides"
         )
     failed += [{"job": ",".join(job), "error": not_started} for job in never_started]
+    curves(reports, curve_keys)  # a key that cannot be drawn fails here, before anything is written
     labels = job_labels(reports)
     baseline_configs: dict[str, set[str]] = {}
     for report in reports.values():
@@ -152,7 +159,9 @@ def aggregate(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         failed_jobs=failed,
     )
     merged.probe_agreement = sweep_agreement(merged, items, references, first)
-    return write_report(merged, out_dir or sweep)
+    path = write_report(merged, out_dir or sweep)
+    write_curves(out_dir or sweep, reports, curve_keys)
+    return path
 
 
 def sweep_agreement(
