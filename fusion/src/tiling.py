@@ -89,6 +89,7 @@ class TilingSpec:
         return cls(**fields)
 
     def as_dict(self) -> dict[str, Any]:
+        """The spec as JSON-ready fields (``grid`` a list, or ``"auto"``)."""
         data = dataclasses.asdict(self)
         data["grid"] = list(self.grid) if self.grid != AUTO else AUTO
         return data
@@ -208,6 +209,7 @@ class Tiler(nn.Module):
         )
 
     def grid_for(self, height: int, width: int, tile: int) -> tuple[int, int]:
+        """The grid of an image of ``height`` x ``width``: the fixed one, or :func:`choose_grid`'s."""
         spec = self.spec
         return choose_grid(height, width, spec.max_tiles, tile) if spec.grid == AUTO else spec.grid  # type: ignore[return-value]
 

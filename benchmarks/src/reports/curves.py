@@ -76,6 +76,7 @@ def numeric_value(key: str, text: str, report: Report) -> float | None:
 
 
 def axis_label(key: str) -> str:
+    """The x-axis label of ``key``: what its number stands for."""
     return {"llm": "language model parameters (B)", "tiling": "tiles per image (whole image included)"}.get(
         key, key
     )

@@ -67,6 +67,7 @@ class LoraOptions:
 
     @property
     def enabled(self) -> bool:
+        """Whether any adapter trains (rank > 0)."""
         return self.rank > 0
 
 

@@ -70,6 +70,8 @@ class AnswerScorer(nn.Module):
     def option_likelihoods(
         self, tokens: torch.Tensor, extras: Sequence[torch.Tensor], targets: torch.Tensor
     ) -> torch.Tensor:
+        """(B, T, O): each option's summed log-likelihood after the image and its question, every
+        option of the batch one row of a single padded forward of the VLM."""
         visual = tokens.shape[1]
         image_token = self.vlm.config.image_token_id
         cells = (targets[:, :, 1:] >= 0) & (targets[:, :, :1] >= 0)
