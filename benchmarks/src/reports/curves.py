@@ -116,7 +116,13 @@ def curves(reports: Mapping[str, Report], keys: Sequence[str] | None = None) -> 
                 + (", ".join(sorted(numbers)) or "none (no swept key of this sweep has numeric values)")
             )
     budget = next((r.run.get("bench", {}).get("max_overhead") for r in reports.values()), None)
-    data: dict[str, Any] = {"keys": {}, "not_plottable": refused, "max_overhead": budget}
+    baseline = next((r.baseline for r in reports.values()), None)
+    data: dict[str, Any] = {
+        "keys": {},
+        "not_plottable": refused,
+        "max_overhead": budget,
+        "baseline": baseline,
+    }
     for key in keys or sorted(numbers):
         lines: dict[tuple, dict] = {}
         for job, x in numbers[key].items():
@@ -174,9 +180,10 @@ PANELS = (
 )
 
 
-def curve_figure(key: str, entry: Mapping, tasks: Sequence[str], budget: float | None):
-    """One figure of ``key``: a panel per measure, a line per strategy, error bars, hollow markers at
-    unstable points, the budget and each line's crossing marked."""
+def curve_figure(key: str, entry: Mapping, tasks: Sequence[str], budget: float | None, baseline: str | None):
+    """One figure of ``key``: a panel per measure, a line per strategy (the reference ``baseline``,
+    1.0x and 0 pp by definition, left out), error bars, hollow markers at unstable points, the
+    budget and each line's crossing marked; the legend below the panels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -184,8 +191,12 @@ def curve_figure(key: str, entry: Mapping, tasks: Sequence[str], budget: float |
     figure = Figure(figsize=(4.6 * len(panels), 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    colors = [f"C{i}" for i in range(10)]
-    for index, line in enumerate(entry["lines"]):
+    from matplotlib import colormaps
+
+    shown = [line for line in entry["lines"] if line["strategy"] != baseline]
+    palette = colormaps["tab20"]
+    colors = [palette(i % 20) for i in range(len(shown))]
+    for index, line in enumerate(shown):
         color = colors[index % len(colors)]
         label = line["strategy"] + "".join(f", {k}={v}" for k, v in line["fixed"].items())
         for axis, (field, ci_field, title) in zip(axes, panels):
@@ -217,7 +228,10 @@ def curve_figure(key: str, entry: Mapping, tasks: Sequence[str], budget: float |
             axis.grid(alpha=0.3)
     if budget is not None:
         axes[0].axhline(budget, color="red", linewidth=1, linestyle="--", label=f"budget {budget}x")
-    axes[0].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(
+        handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), fontsize="small"
+    )
     figure.suptitle(f"cost curves against {key} (hollow: unstable timing)")
     return figure
 
@@ -237,7 +251,7 @@ def write_curves(
     out = Path(out_dir)
     tasks = list(dict.fromkeys(t for r in reports.values() for t in r.tasks))
     for key, entry in data["keys"].items():
-        figure = curve_figure(key, entry, tasks, data["max_overhead"])
+        figure = curve_figure(key, entry, tasks, data["max_overhead"], data["baseline"])
         path = out / f"curves_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png"
         with atomic_path(path) as temporary:
             save_whole(figure, temporary, dpi=100)

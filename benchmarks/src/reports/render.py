@@ -104,8 +104,8 @@ def timing_notice(report: Report) -> str:
         f"**UNSTABLE TIMING{where}: after {worst['repeats']} rounds (bench.latency.max_repeats) the {what} "
         f"overhead's 95 % interval still spans ±{100 * worst['halfwidth']:.1f} % of the ratio (target "
         f"±{100 * worst['target_halfwidth']:.1f} %), and the timed calls vary by up to "
-        f"{100 * worst['cv']:.0f} % (coefficient of variation). The machine was probably busy: the ratios "
-        "below are noisy; rerun on an idle machine.**"
+        f"{100 * worst['cv']:.0f} % (coefficient of variation). The ratios below are noisier than asked: "
+        "rerun on an idle machine, or raise bench.latency.max_repeats.**"
     )
 
 
