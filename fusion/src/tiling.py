@@ -118,6 +118,22 @@ def choose_grid(height: int, width: int, max_tiles: int, tile: int) -> tuple[int
     return best
 
 
+def grid_of(spec: TilingSpec, height: int, width: int, tile: int) -> tuple[int, int]:
+    """The grid ``spec`` gives an image of ``height`` x ``width``: its fixed one, or, for ``"auto"``,
+    :func:`choose_grid`'s against ``tile``-sided tiles."""
+    if spec.grid == AUTO:
+        return choose_grid(height, width, spec.max_tiles, tile)
+    return spec.grid  # type: ignore[return-value]
+
+
+def token_count(spec: TilingSpec, grid: tuple[int, int], per_image: int) -> int:
+    """Tokens of an image ``spec`` tiles by ``grid`` when one region gives ``per_image``: the tiles',
+    the thumbnail's unless it is dropped, and one separator per row with ``newline``."""
+    rows, cols = grid
+    thumbnail = per_image if spec.thumbnail != "none" else 0
+    return rows * cols * per_image + thumbnail + (rows if spec.newline else 0)
+
+
 def cut_tiles(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, 3, H, W) images -> (B * rows * cols, 3, H // rows, W // cols) regions, each image's in
     row-major order; images whose sides are not multiples of the grid are first resized (bicubic,
@@ -210,14 +226,11 @@ class Tiler(nn.Module):
 
     def grid_for(self, height: int, width: int, tile: int) -> tuple[int, int]:
         """The grid of an image of ``height`` x ``width``: the fixed one, or :func:`choose_grid`'s."""
-        spec = self.spec
-        return choose_grid(height, width, spec.max_tiles, tile) if spec.grid == AUTO else spec.grid  # type: ignore[return-value]
+        return grid_of(self.spec, height, width, tile)
 
     def count(self, grid: tuple[int, int], per_image: int) -> int:
         """Tokens of an image tiled by ``grid`` when one image gives ``per_image``."""
-        rows, cols = grid
-        thumbnail = per_image if self.spec.thumbnail != "none" else 0
-        return rows * cols * per_image + thumbnail + (rows if self.newline is not None else 0)
+        return token_count(self.spec, grid, per_image)
 
     def assemble(
         self, tiles: torch.Tensor, thumbnails: torch.Tensor | None, grid: tuple[int, int], separator: bool

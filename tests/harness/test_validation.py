@@ -130,6 +130,19 @@ BAD_SETTINGS = [
     ),
     (["tiling=anyres_max9", "tiling.max_tiles=0"], r"tiling\.max_tiles=0 must be an int >= 1"),
     (["tiling=2x2", "tiling.grid=[0,2]"], r"tiling\.grid=\(0, 2\) must be \[rows, cols\] of ints >= 1"),
+    (
+        ["tiling=2x2", "plant.clip=class"],
+        r"plant\.clip=class plants a signal per whole image, which tiling cuts into regions; accepted: "
+        r"tiling=none, or plant\.clip=null and plant\.dino=null",
+    ),
+    (
+        ["tiling=2x2", "task=correspondence"],
+        r"the correspondence probe warps whole images, which tiling cuts; accepted: tiling=none, or",
+    ),
+    (
+        ["tiling=2x2", "bench.mode=layer_scan"],
+        r"tiling applies to bench\.mode=compare, got bench\.mode=layer_scan",
+    ),
     (["bench.latency.max_repeats=2"], r"bench\.latency\.max_repeats=2 must be >= bench\.latency\.repeats=3"),
     (["task=vlm", "task.vlm.lora.rank=-1"], r"task\.vlm\.lora\.rank=-1 must be an int >= 0"),
     (

@@ -188,6 +188,8 @@ def check_config(cfg: Any) -> CheckedRun:
     ):
         warp = WarpOptions(**plain(cfg.task.correspondence))
     tiling = tiling_spec(cfg)
+    if tiling is not None:
+        check_tiled_run(cfg, plants)
     return CheckedRun(
         plan,
         encoders,
@@ -204,6 +206,32 @@ def check_config(cfg: Any) -> CheckedRun:
         warp,
         tiling,
     )
+
+
+def check_tiled_run(cfg: Any, plants: PlantOptions) -> None:
+    """What a tiled run cannot measure is refused: the probes read every image's tiles, and no tile has
+    a planted signal (it is planted per whole image), a warped twin (the correspondence probe warps the
+    whole image) or a layer scan (which reads whole images).
+
+    Raises:
+        ValueError: naming the setting and what is accepted.
+    """
+    accepted = "accepted: tiling=none, or"
+    if plain(cfg.bench.mode) != "compare":
+        raise ValueError(
+            f"tiling applies to bench.mode=compare, got bench.mode={plain(cfg.bench.mode)}; {accepted} that mode"
+        )
+    if "correspondence" in plain(cfg.task.names):
+        raise ValueError(
+            f"task.names={plain(cfg.task.names)}: the correspondence probe warps whole images, which "
+            f"tiling cuts; {accepted} task.names without correspondence"
+        )
+    planted = [f"plant.{role}={plants.of(role)}" for role in ("clip", "dino") if plants.of(role) is not None]
+    if planted:
+        raise ValueError(
+            f"{', '.join(planted)} plants a signal per whole image, which tiling cuts into regions; "
+            f"{accepted} plant.clip=null and plant.dino=null"
+        )
 
 
 def check_knn(cfg: Any, train: ImageDataset) -> int:

@@ -84,8 +84,8 @@ def tiling_lines(report: Report) -> list[str]:
     shown = f"auto (at most {tiling.get('max_tiles')} tiles)" if grid == "auto" else f"{grid[0]}x{grid[1]}"
     separator = ", a separator after each row of tiles" if tiling.get("newline") else ""
     return [
-        f"Tiling: grid {shown}, whole image {tiling.get('thumbnail')}{separator}: the timed pipelines read "
-        "every image as tiles (visual tokens, TTFT and decode count them); the probes read each image whole."
+        f"Tiling: grid {shown}, whole image {tiling.get('thumbnail')}{separator}: every image is read as "
+        "tiles, by the probes and by the timed pipelines (visual tokens, TTFT and decode count them)."
     ]
 
 

@@ -26,6 +26,7 @@ from encoder_fusion.benchmarks.config.plan import Strategy, used_roles
 from encoder_fusion.benchmarks.config.schema import BASELINE, config_hash
 from encoder_fusion.benchmarks.datasets import ImageDataset, load_batch
 from encoder_fusion.benchmarks.features.planted import PlantOptions, planted_grids
+from encoder_fusion.benchmarks.features.tiles import TiledHead
 from encoder_fusion.benchmarks.reports.agreement import probe_agreement
 from encoder_fusion.benchmarks.reports.items import write_items
 from encoder_fusion.benchmarks.reports.records import Report, StrategyRecord, TaskAccuracy
@@ -40,6 +41,7 @@ from encoder_fusion.benchmarks.run.prepare import (
     init_distributed,
     job_overrides,
     phase,
+    tiled_grids,
 )
 from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, ProbeTask, run_probe
 from encoder_fusion.benchmarks.tasks.correspondence import run_correspondence, warp_grid, warp_images
@@ -51,7 +53,7 @@ from encoder_fusion.benchmarks.timing.measure import measure_latency
 from encoder_fusion.benchmarks.timing.options import LatencyOptions
 from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder
-from encoder_fusion.tiling import TilingSpec
+from encoder_fusion.tiling import TilingSpec, grid_of
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,18 @@ class Split:
     grids: dict[str, list[torch.Tensor] | None]
     # the grids of the images warped by the correspondence probe's warp (test split, when it runs)
     warped: dict[str, list[torch.Tensor] | None] = dataclasses.field(default_factory=dict)
+    # with tiling: (role, grid) -> the stacked region grids (see run.prepare.tiled_grids)
+    tiled: dict[tuple[str, tuple[int, int]], list[torch.Tensor]] = dataclasses.field(default_factory=dict)
 
-    def features(self, roles: tuple[str, ...], task: str) -> FeatureSplit:
-        """The probe input of ``task`` for the encoders ``roles`` (each of which has grids)."""
-        grids = [self.grids[role] for role in roles]
+    def features(
+        self, roles: tuple[str, ...], task: str, grid: tuple[int, int] | None = None
+    ) -> FeatureSplit:
+        """The probe input of ``task`` for the encoders ``roles`` (each of which has grids): whole
+        images, or with ``grid`` their tiles' stacked region grids."""
+        if grid is None:
+            grids = [self.grids[role] for role in roles]
+        else:
+            grids = [self.tiled.get((role, grid)) for role in roles]
         lost = [role for role, grid in zip(roles, grids) if grid is None]
         if lost:  # the callers skip a strategy whose encoder failed, so this is a caller's mistake
             raise ValueError(f"no features of encoder role(s) {lost}: their extraction failed")
@@ -90,11 +100,18 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) 
     """
     load_size, cache, plants = cfg.data.image_size, checked.cache, checked.plants
     splits, role_errors = {}, {}
+    tile_grids: dict[str, set[tuple[int, int]]] = {}  # role -> the grids its strategies cut images by
+    for strategy in checked.strategies:
+        grid = strategy_grid(strategy, encoders, checked.tiling, load_size)
+        if grid is not None:
+            for role in strategy.encoders:
+                tile_grids.setdefault(role, set()).add(grid)
     for number, (which, dataset) in enumerate((("train", checked.train), ("test", checked.test))):
         batch = load_batch(dataset, range(len(dataset)), load_size)
         source = image_source(dataset, load_size, cache)
         grids: dict[str, list[torch.Tensor] | None] = {}
         warped: dict[str, list[torch.Tensor] | None] = {}
+        tiled: dict[tuple[str, tuple[int, int]], list[torch.Tensor]] = {}
         for offset, (role, encoder) in enumerate(encoders.items()):
             if role in role_errors:
                 grids[role] = None
@@ -116,6 +133,9 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) 
                     warped[role] = [warp_grid(grid, checked.warp.theta()) for grid in planted]
                     continue
                 grids[role] = cached_grids(cache, encoder, source, batch)
+                for grid in tile_grids.get(role, ()):
+                    assert checked.tiling is not None  # tile_grids is empty without it
+                    tiled[role, grid] = tiled_grids(cache, encoder, source, batch, checked.tiling, grid)
                 if which == "test" and "correspondence" in plain(cfg.task.names):
                     theta = checked.warp.theta()
                     moved = {"images": warp_images(batch["images"], theta)}
@@ -124,14 +144,33 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) 
                 role_errors[role] = f"feature extraction ({which}): {error_text(error)}"
                 log.error("feature extraction of %s failed:\n%s", role, traceback.format_exc())
                 grids[role] = None
-        splits[which] = Split(dataset, batch, grids, warped)
+        splits[which] = Split(dataset, batch, grids, warped, tiled)
     return splits, role_errors
 
 
-def head_factory(strategy: Strategy, encoders: Mapping[str, Encoder]):
-    """A ``make_head()`` for :func:`run_probe`: a fresh :class:`FusionHead` for the strategy's encoders."""
+def strategy_grid(
+    strategy: Strategy, encoders: Mapping[str, Encoder], tiling: TilingSpec | None, size: int
+) -> tuple[int, int] | None:
+    """The grid ``strategy``'s tiled model cuts a ``size``-pixel square image into (its
+    :attr:`FusedEncoder.tile_size` decides an ``"auto"`` grid); None without tiling."""
+    if tiling is None:
+        return None
+    tile = max(max(encoders[role].image_size) for role in strategy.encoders)
+    return grid_of(tiling, size, size, tile)
+
+
+def head_factory(
+    strategy: Strategy,
+    encoders: Mapping[str, Encoder],
+    tiling: TilingSpec | None = None,
+    grid: tuple[int, int] | None = None,
+):
+    """A ``make_head()`` for :func:`run_probe`: a fresh :class:`FusionHead` for the strategy's encoders,
+    reading the regions of images cut by ``grid`` (:class:`TiledHead`) when ``tiling`` is given."""
     geometries = [EncoderGeometry.of(encoders[role]) for role in strategy.encoders]
-    return lambda: FusionHead(geometries, **strategy.head)
+    if tiling is None or grid is None:
+        return lambda: FusionHead(geometries, **strategy.head)
+    return lambda: TiledHead(FusionHead(geometries, **strategy.head), tiling, grid)
 
 
 def record_result(
@@ -174,7 +213,9 @@ def vlm_probe(
 
     assert checked.vlm.llm is not None and checked.vlm_probe is not None  # checked at start
     model, tokenizer = language_model
-    fused = FusedEncoder([encoders[role] for role in strategy.encoders], **strategy.head)
+    fused = FusedEncoder(
+        [encoders[role] for role in strategy.encoders], **strategy.head, tiling=checked.tiling
+    )
     vlm = build_vlm(fused, model, image_token_id=checked.vlm.llm.vocab_size - 1)
     vlm.requires_grad_(False)
     context = VlmContext(vlm, checked.vlm_probe, list(data.classes), list(data.mask_classes or []), tokenizer)
@@ -229,11 +270,12 @@ def run_probes(
             for error in missing:
                 record.add_error("features", error)
             continue
-        make_head = head_factory(strategy, encoders)
+        grid = strategy_grid(strategy, encoders, checked.tiling, cfg.data.image_size)
+        make_head = head_factory(strategy, encoders, checked.tiling, grid)
         for task in plain(cfg.task.names):
             try:
-                train = splits["train"].features(strategy.encoders, task)
-                test = splits["test"].features(strategy.encoders, task)
+                train = splits["train"].features(strategy.encoders, task, grid)
+                test = splits["test"].features(strategy.encoders, task, grid)
                 started = time.perf_counter()
                 probe: str | ProbeTask = task
                 if task == "correspondence":

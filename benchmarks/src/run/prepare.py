@@ -20,7 +20,9 @@ import torch.distributed as dist
 from encoder_fusion import EncoderSpec
 from encoder_fusion.benchmarks.datasets import ImageDataset
 from encoder_fusion.benchmarks.features.cache import FeatureCache
+from encoder_fusion.benchmarks.features.tiles import stack_regions
 from encoder_fusion.encoders import Encoder, build_encoder
+from encoder_fusion.tiling import TilingSpec, cut_tiles
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,27 @@ def cached_grids(
     or extracted now."""
     images = batch["images"]
     return cache.grids(encoder, source, list(range(len(images))), lambda idx: images[list(idx)], pool=pool)
+
+
+def tiled_grids(
+    cache: FeatureCache,
+    encoder: Encoder,
+    source: Mapping,
+    batch: dict,
+    spec: TilingSpec,
+    grid: tuple[int, int],
+) -> list[torch.Tensor]:
+    """``encoder``'s grids of every image of ``batch`` cut by ``grid``, each image's regions stacked
+    along the height (:func:`encoder_fusion.benchmarks.features.tiles.stack_regions`): its tiles, then
+    the whole image unless ``spec.thumbnail`` is ``none``. The tiles are cached as images of their own
+    (keyed by the grid); the whole images are the untiled entry, shared with untiled runs."""
+    tiles = cut_tiles(batch["images"], grid)
+    tile_grids = cached_grids(cache, encoder, {**source, "tiles": list(grid)}, {"images": tiles})
+    wholes = cached_grids(cache, encoder, source, batch) if spec.thumbnail != "none" else None
+    return [
+        stack_regions(layer, None if wholes is None else wholes[number], grid)
+        for number, layer in enumerate(tile_grids)
+    ]
 
 
 def output_dir(cfg: Any, out_dir: str | os.PathLike | None) -> Path:

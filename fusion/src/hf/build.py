@@ -21,6 +21,7 @@ from encoder_fusion.hf.configuration import FusedLlavaConfig
 from encoder_fusion.hf.modeling import FusedEncoderModel, FusedLlavaForConditionalGeneration, check_widths
 from encoder_fusion.hf.processing import FusedImageProcessor, FusedLlavaProcessor
 from encoder_fusion.model import FusedEncoder
+from encoder_fusion.tiling import AUTO
 
 
 def causal_lm(language_model: Any) -> PreTrainedModel:
@@ -131,8 +132,10 @@ def build_processor(
         image_token: the placeholder written in prompts, one per image.
         size: the (height, width) every image is resized to before the encoders resize it their
             own way; default ``fused.image_size`` (the largest encoder input size, times a fixed
-            tiling grid). Every image then has the same token count: ``fused.output_tokens(size)``
-            (with ``grid="auto"``, the grid of that size).
+            tiling grid). Every image then has the same token count: ``fused.output_tokens(size)``.
+            With ``grid="auto"``, each image is instead resized to the grid its own aspect ratio
+            picks, and its ``image_token`` expands to that grid's count (``image_sizes`` in the
+            batch says where each padded image ends).
 
     Raises:
         ValueError: ``fused`` is not a FusedEncoder, an empty ``image_token``, or a bad ``size``.
@@ -149,7 +152,16 @@ def build_processor(
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([image_token], special_tokens=True)
     tokenizer.padding_side = "left"
-    image_processor = FusedImageProcessor(size={"height": height, "width": width})
+    auto = fused.tiler is not None and fused.tiler.spec.grid == AUTO
+    image_processor = FusedImageProcessor(
+        size={"height": height, "width": width},
+        tiling=fused.tiler.spec.as_dict() if auto and fused.tiler is not None else None,
+        tile_size=fused.tile_size if auto else None,
+    )
     return FusedLlavaProcessor(
-        image_processor, tokenizer, image_token=image_token, image_tokens=fused.output_tokens((height, width))
+        image_processor,
+        tokenizer,
+        image_token=image_token,
+        image_tokens=fused.output_tokens((height, width)),
+        tile_tokens=fused.head.output_tokens if auto else None,
     )

@@ -104,14 +104,23 @@ class FusedEncoderModel(PreTrainedModel):
         # constructors; a saved folder's tensors overwrite both
         return None
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+    def forward(
+        self, pixel_values: torch.Tensor | list[torch.Tensor], **kwargs: Any
+    ) -> BaseModelOutputWithPooling:
         """The fused tokens as ``last_hidden_state`` (B, output_tokens, hidden_size) and, per image,
         as ``pooler_output`` (a list of (output_tokens, hidden_size)); the DeepStack token sets, each
-        like ``last_hidden_state``, as ``hidden_states`` (empty without ``deepstack_layers``)."""
-        # pixel_values is one (B, 3, H, W) batch, so the tokens are one (B, N, D) tensor
-        tokens, extras = cast(
-            "tuple[torch.Tensor, list[torch.Tensor]]", self.fused.forward_deepstack(pixel_values)
-        )
+        like ``last_hidden_state``, as ``hidden_states`` (empty without ``deepstack_layers``).
+
+        A list of (3, H, W) images (a model tiled with ``grid="auto"``, each image its own grid) gives
+        each image's own count: ``last_hidden_state`` and each set then hold the images' tokens one
+        after another, (1, total, hidden_size)."""
+        tokens, extras = self.fused.forward_deepstack(pixel_values)
+        if isinstance(tokens, list):
+            return BaseModelOutputWithPooling(
+                last_hidden_state=torch.cat(tokens)[None],
+                pooler_output=cast(Any, tokens),
+                hidden_states=tuple(torch.cat(extra)[None] for extra in extras),
+            )
         # LLaVA's forward concatenates pooler_output, a list of per-image features
         pooler = cast(Any, list(tokens))
         return BaseModelOutputWithPooling(
@@ -163,10 +172,15 @@ class FusedLlavaModel(LlavaModel):
         """The :class:`~encoder_fusion.FusedEncoder` of the vision tower."""
         return cast(FusedEncoderModel, self.vision_tower).fused
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs: Any
+    ) -> BaseModelOutputWithPooling:
         """``FusedEncoder(pixel_values)``: per image (output_tokens, hidden) in ``pooler_output``, the
-        DeepStack sets in ``hidden_states``. LLaVA's layer-selection arguments do not apply."""
-        return self.vision_tower(pixel_values)
+        DeepStack sets in ``hidden_states``. With ``image_sizes`` (B, 2), each padded image is first
+        cut back to its own size. LLaVA's layer-selection arguments do not apply."""
+        if image_sizes is None:
+            return self.vision_tower(pixel_values)
+        return self.vision_tower(unpadded(pixel_values, image_sizes))
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -202,10 +216,12 @@ class FusedLlavaModel(LlavaModel):
         """LLaVA's forward, after checking the prompt length and with the DeepStack sets of the images
         added to the first decoder layers during the prefill."""
         self.check_positions(input_ids if input_ids is not None else inputs_embeds, kwargs)
+        image_sizes = kwargs.pop("image_sizes", None)
         if pixel_values is not None and mm_encoder_outputs is None:
+            images = pixel_values if image_sizes is None else unpadded(pixel_values, image_sizes)
             if input_ids is not None:
-                self.check_images(input_ids, pixel_values)
-            mm_encoder_outputs = {"image": self.get_image_features(pixel_values)}
+                self.check_images(input_ids, images)
+            mm_encoder_outputs = {"image": self.vision_tower(images)}
         extras = () if mm_encoder_outputs is None else mm_encoder_outputs["image"].hidden_states or ()
         if not extras:
             return super().forward(
@@ -234,8 +250,9 @@ class FusedLlavaModel(LlavaModel):
                 **kwargs,
             )
 
-    def check_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> None:
-        """Before any encoder runs: the placeholders must be ``output_tokens`` per image given.
+    def check_images(self, input_ids: torch.Tensor, images: torch.Tensor | list[torch.Tensor]) -> None:
+        """Before any encoder runs: the placeholders must be ``output_tokens`` per image given (a
+        batch, or a list of images of their own sizes), each image's own count.
         (:meth:`get_placeholder_mask` checks them against the features themselves, which precomputed
         ``mm_encoder_outputs`` may hold in any count.)
 
@@ -243,14 +260,14 @@ class FusedLlavaModel(LlavaModel):
             ValueError: naming both counts.
         """
         placeholders = int((input_ids == self.config.image_token_id).sum())
-        # the count for images of this size (a tiled model's "auto" grid follows it)
-        per_image = self.fused.output_tokens(tuple(pixel_values.shape[-2:]))
-        images = pixel_values.shape[0]
-        if placeholders != images * per_image:
+        # the count for an image of its size (a tiled model's "auto" grid follows it)
+        counts = [self.fused.output_tokens(tuple(image.shape[-2:])) for image in images]
+        if placeholders != sum(counts):
+            shown = f"of {counts[0]} tokens each" if len(set(counts)) == 1 else f"of {counts} tokens"
             raise ValueError(
-                f"{images} image(s) of {per_image} tokens each were given, but the prompts hold "
+                f"{len(counts)} image(s) {shown} were given, but the prompts hold "
                 f"{placeholders} image placeholder token(s) (id {self.config.image_token_id}); accepted: "
-                f"{images * per_image}, "
+                f"{sum(counts)}, "
                 "as build_processor(...) expands each <image> (check that its image_token_id is this model's "
                 "config.image_token_id)"
             )
@@ -271,6 +288,26 @@ class FusedLlavaModel(LlavaModel):
                 f"but the language model has {limit} positions (text_config.max_position_embeddings); "
                 f"accepted: at most {limit} tokens"
             )
+
+
+def unpadded(pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+    """Each image of a padded (B, 3, H, W) batch cut back to its own ``image_sizes`` row (height, width).
+
+    Raises:
+        ValueError: ``image_sizes`` not (B, 2), or a size beyond the padded batch's.
+    """
+    batch, _, height, width = pixel_values.shape
+    if tuple(image_sizes.shape) != (batch, 2):
+        raise ValueError(
+            f"image_sizes must be (B, 2) = ({batch}, 2) for {batch} image(s), got {tuple(image_sizes.shape)}"
+        )
+    sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+    if not all(0 < h <= height and 0 < w <= width for h, w in sizes):
+        raise ValueError(
+            f"image_sizes {sizes} must lie within the padded images' {height}x{width}; accepted: the "
+            "processor's image_sizes for these pixel_values"
+        )
+    return [image[:, :h, :w] for image, (h, w) in zip(pixel_values, sizes)]
 
 
 def check_widths(vision: int, text: int) -> None:
