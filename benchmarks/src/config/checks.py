@@ -217,10 +217,9 @@ def check_tiled_run(cfg: Any, plants: PlantOptions) -> None:
         ValueError: naming the setting and what is accepted.
     """
     accepted = "accepted: tiling=none, or"
-    if plain(cfg.bench.mode) != "compare":
-        raise ValueError(
-            f"tiling applies to bench.mode=compare, got bench.mode={plain(cfg.bench.mode)}; {accepted} that mode"
-        )
+    mode = plain(cfg.bench.mode)
+    if mode != "compare":
+        raise ValueError(f"tiling applies to bench.mode=compare, got bench.mode={mode}; {accepted} that mode")
     if "correspondence" in plain(cfg.task.names):
         raise ValueError(
             f"task.names={plain(cfg.task.names)}: the correspondence probe warps whole images, which "
