@@ -15,8 +15,13 @@ non-zero with one line saying why (Hydra prints the whole trace with ``HYDRA_FUL
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import logging
+import os
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -26,12 +31,20 @@ from omegaconf import DictConfig
 from encoder_fusion.benchmarks.config.schema import conf_dir, config_hash  # importing it registers the schema
 from encoder_fusion.benchmarks.reports.aggregate import aggregate
 from encoder_fusion.benchmarks.reports.curves import CURVES_FILE
-from encoder_fusion.benchmarks.reports.sweep import ERROR_FILE, check_own_folder, finished_result
+from encoder_fusion.benchmarks.reports.report import load_report
+from encoder_fusion.benchmarks.reports.sweep import (
+    ERROR_FILE,
+    check_own_folder,
+    check_writable_folder,
+    finished_result,
+)
 from encoder_fusion.benchmarks.run import run_benchmark
 from encoder_fusion.benchmarks.run.prepare import error_text, job_overrides, output_dir
 from encoder_fusion.io import write_json
 
+log = logging.getLogger(__name__)
 CONF_DIR = str(conf_dir())
+LOCK_FILE = ".fusion-bench.lock"  # held while a job writes its folder
 
 
 class JobFailed(CompactHydraException):
@@ -59,17 +72,56 @@ def bench_main(cfg: DictConfig) -> str:
             writing anything into it.
     """
     out, digest = output_dir(cfg, None), config_hash(cfg)
+    try:
+        check_writable_folder(out, "the output folder (hydra.run.dir, bench.out_dir)")
+        with job_lock(out):
+            return run_job(cfg, out, digest)
+    except (ValueError, OSError) as error:  # a folder refused, or the lock held
+        raise JobFailed(f"fusion-bench: {' '.join(str(error).split())}") from None
+
+
+@contextlib.contextmanager
+def job_lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s job lock while a job writes it, so that two launches of one job cannot both
+    finish it: the second is refused at once, naming the lock. Under ``torchrun`` rank 0 holds it.
+
+    Raises:
+        ValueError: another process holds the lock.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other ranks extract features, write no result
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another fusion-bench process is running this job in {out} (it holds {out / LOCK_FILE}); "
+                "accepted: wait for it (its result is then reused), or another output folder"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_job(cfg: DictConfig, out: Path, digest: str) -> str:
+    """One job under its lock: skipped when its config already has a result, refused in a folder
+    holding another config's, else run; a failure is kept in ``error.json``."""
     done = finished_result(digest, out, sweep_folder())
     if done is not None:
         print(f"Skipping: {done} already holds this config's result (config_hash {digest[:12]})")
         return str(done)
-    try:
-        check_own_folder(out, digest)
-    except ValueError as error:
-        raise JobFailed(f"fusion-bench: {error}") from None
+    check_own_folder(out, digest)
     try:
         path = run_benchmark(cfg, out)
     except Exception as error:
+        # after report.json come only prints and the checks that fail a run without answers
+        # (RuntimeError): a print to a closed stdout must not turn the finished job into a failed one
+        if finished_result(digest, out) is not None and not isinstance(error, RuntimeError):
+            log.warning("the job finished (%s), then: %s", out / "report.json", error_text(error))
+            return str(out / "report.json")
         write_json(
             out / ERROR_FILE,
             {
@@ -89,7 +141,8 @@ def bench_main(cfg: DictConfig) -> str:
 
 
 def report_main(argv: list[str] | None = None) -> int:
-    """``fusion-report SWEEP_DIR [--out DIR]``: aggregate a sweep's jobs into one report."""
+    """``fusion-report SWEEP_DIR [--out DIR]``: aggregate a sweep's jobs into one report. Exits 2 on a
+    bad argument (nothing written), 1 when no job has a result (the aggregate lists why), else 0."""
     parser = argparse.ArgumentParser(
         prog="fusion-report",
         description="Aggregate every job of a fusion-bench sweep into report.json, report.md and pareto.png.",
@@ -113,6 +166,14 @@ def report_main(argv: list[str] | None = None) -> int:
     print(f"Report: {path.resolve()}")
     if (path.parent / CURVES_FILE).is_file():
         print(f"Cost curves: {(path.parent / CURVES_FILE).resolve()} (curves_<key>.png beside it)")
+    run = load_report(path).run
+    if not run.get("finished"):  # an aggregate of no result answers nothing
+        print(
+            f"fusion-report: no job of {args.sweep_dir} has a readable result ({run.get('jobs')} job(s) "
+            f"without one, listed in {path.parent / 'report.md'})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -19,6 +19,7 @@ from encoder_fusion.benchmarks.reports.report import build_report, load_report, 
 from encoder_fusion.benchmarks.reports.sweep import (
     ERROR_FILE,
     PLAN_FILE,
+    check_aggregate_out,
     job_folders,
     job_state,
     planned_jobs,
@@ -59,11 +60,14 @@ def aggregate(
     Raises:
         FileNotFoundError: ``sweep_dir`` does not exist.
         ValueError: no job folder and no sweep plan in ``sweep_dir``; a curve key that was not
-            swept or whose values are not numbers (before anything is written).
+            swept or whose values are not numbers; an ``out_dir`` that cannot be written or that
+            holds anything but an earlier aggregate of this sweep (before anything is written).
     """
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
         raise FileNotFoundError(f"sweep folder {sweep} does not exist")
+    out = Path(out_dir) if out_dir is not None else sweep
+    check_aggregate_out(out, sweep)
     plan = planned_jobs(sweep)
     states = [job_state(folder) for folder in job_folders(sweep)]
     if not states and not plan:
@@ -159,8 +163,8 @@ def aggregate(
         failed_jobs=failed,
     )
     merged.probe_agreement = sweep_agreement(merged, items, references, first)
-    path = write_report(merged, out_dir or sweep)
-    write_curves(out_dir or sweep, reports, curve_keys)
+    path = write_report(merged, out)
+    write_curves(out, reports, curve_keys)
     return path
 
 

@@ -137,6 +137,58 @@ def check_own_folder(out: Path, config_hash: str) -> None:
     )
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself when it exists, else its nearest existing parent."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_folder(path: Path, what: str) -> None:
+    """Refuse a folder that cannot be created or written: one that is a file, lies under a file, or
+    whose nearest existing folder is not writable.
+
+    Raises:
+        ValueError: naming ``what`` (the setting), the path and the reason.
+    """
+    found = nearest_existing(path)
+    if not found.is_dir():
+        where = "is a file" if found == path.absolute() else f"lies under the file {found}"
+        raise ValueError(f"{what}={path} {where}; accepted: a folder, or a path where one can be made")
+    if not os.access(found, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{what}={path}: {found} is not writable (read-only, or another user's); accepted: a folder "
+            "this user can write"
+        )
+
+
+def check_aggregate_out(out: Path, sweep: Path) -> None:
+    """Refuse an aggregate's output folder that holds anything but an earlier aggregate of ``sweep``:
+    a job's result or record, another sweep's aggregate, or a ``report.json`` that cannot be read.
+
+    Raises:
+        ValueError: naming the folder, what it holds, and what is accepted.
+    """
+    check_writable_folder(out, "--out")
+    accepted = f"accepted: the sweep folder {sweep}, or a folder of its own"
+    if (out / ERROR_FILE).exists() or (out / ".hydra").exists():
+        raise ValueError(f"--out {out} is a job's folder (it holds {ERROR_FILE} or .hydra/); {accepted}")
+    result = out / RESULT_FILE
+    if not result.exists():
+        return
+    try:
+        run = _json(result).get("run") or {}
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--out {out} holds a {RESULT_FILE} that cannot be read ({error}); {accepted}"
+        ) from None
+    of_sweep = run.get("sweep_dir")
+    if of_sweep is None or Path(of_sweep).resolve() != sweep.resolve():
+        what = f"the aggregate of sweep {of_sweep}" if of_sweep else "a job's result"
+        raise ValueError(f"--out {out} holds {what}, which is never overwritten; {accepted}")
+
+
 def planned_jobs(sweep: Path) -> list[tuple[str, ...]] | None:
     """The override lists of the jobs that the last sweep into ``sweep`` planned, in its order, as
     :func:`overrides_key` gives them: Hydra's own expansion of the sweep recorded in

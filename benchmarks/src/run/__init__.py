@@ -42,7 +42,8 @@ def run_benchmark(
     Raises:
         ValueError, FileNotFoundError: a bad setting (named with its value and what is accepted), or a
             dataset or encoder error that leaves nothing to measure.
-        RuntimeError: every strategy failed (their errors are in the report written first).
+        RuntimeError: every strategy failed, or the reference strategy did (the errors are in the
+            report written first).
     """
     checked = check_config(cfg)
     configure_hub(plain(cfg.bench.hub))

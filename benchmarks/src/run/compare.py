@@ -407,16 +407,25 @@ def run_compare(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -
 
 
 def check_some_strategy_succeeded(report: Report, out: Path) -> None:
-    """A run in which every strategy recorded an error answers nothing: it fails, once its report
-    (which lists the errors) is written.
+    """A run in which every strategy recorded an error, or in which the reference strategy did (every
+    ratio and delta is measured against it), lacks its answers: it fails, once its report (which
+    lists the errors) is written.
 
     Raises:
-        RuntimeError: naming the report and the first strategy's first error.
+        RuntimeError: naming the report and the first error of the reference, else of the first
+            strategy.
     """
+    reference = next((r for r in report.strategies if r.name == BASELINE), None)
     if all(record.errors for record in report.strategies):
         record = report.strategies[0]
         first = record.errors[0]
         raise RuntimeError(
             f"every strategy failed (their errors: {out / 'report.md'}); first: {record.name} / "
             f"{first['where']}: {first['error']}"
+        )
+    if reference is not None and reference.errors:
+        first = reference.errors[0]
+        raise RuntimeError(
+            f"the reference strategy {BASELINE} failed, so the ratios and deltas it anchors are missing "
+            f"(errors: {out / 'report.md'}); first: {first['where']}: {first['error']}"
         )
