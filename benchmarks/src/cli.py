@@ -23,24 +23,21 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from encoder_fusion.benchmarks.config.schema import conf_dir, config_hash  # importing it registers the schema
 from encoder_fusion.benchmarks.reports.aggregate import aggregate
 from encoder_fusion.benchmarks.reports.curves import CURVES_FILE
 from encoder_fusion.benchmarks.reports.report import load_report
-from encoder_fusion.benchmarks.reports.sweep import (
-    ERROR_FILE,
-    check_own_folder,
-    check_writable_folder,
-    finished_result,
-)
+from encoder_fusion.benchmarks.reports.sweep import ERROR_FILE, check_own_folder, finished_result
 from encoder_fusion.benchmarks.run import run_benchmark
 from encoder_fusion.benchmarks.run.prepare import error_text, job_overrides, output_dir
-from encoder_fusion.io import write_json
+from encoder_fusion.io import check_writable_folder, write_json
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(conf_dir())
@@ -59,6 +56,26 @@ def sweep_folder() -> Path | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     return Path(HydraConfig.get().sweep.dir)
+
+
+class FolderCheck(Callback):
+    """Checks the folder Hydra is about to create (``hydra.run.dir``, or ``hydra.sweep.dir`` with
+    ``-m``) before Hydra makes it, so that a file or read-only place there is one error line, not
+    Hydra's traceback. Hydra only warns about a callback's exceptions, so this one exits itself."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def check(folder: str, key: str) -> None:
+        try:
+            check_writable_folder(Path(folder), key)
+        except ValueError as error:
+            print(f"fusion-bench: {error} (the working directory is {Path.cwd()})", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from encoder_fusion.kernels.reference import resample
+from encoder_fusion.memory import check_fits
 from encoder_fusion.registry import Registry
 
 ALIGNERS: Registry[Aligner] = Registry("align")
@@ -142,9 +143,17 @@ class LearnedQueries(Aligner):
         self, in_dim: int, in_grid: tuple[int, int], out_grid: tuple[int, int], *, heads: int | None = None
     ) -> None:
         super().__init__(in_dim, in_grid, out_grid)
+        heads = attention_heads(in_dim, heads)
+        cells, keys = out_grid[0] * out_grid[1], in_grid[0] * in_grid[1]
+        # one attention map per head, a row per target cell: what one image's forward holds at once
+        check_fits(
+            f"align 'learned' onto {out_grid[0]}x{out_grid[1]} ({cells} queries over {keys} tokens)",
+            4.0 * cells * (in_dim + heads * keys),
+            "a target grid the machine can hold (the encoders' own grids are 14x14 to 64x64)",
+        )
         self.queries = nn.Parameter(torch.randn(out_grid[0] * out_grid[1], in_dim) * 0.02)
         self.norm = nn.LayerNorm(in_dim)
-        self.attention = nn.MultiheadAttention(in_dim, attention_heads(in_dim, heads), batch_first=True)
+        self.attention = nn.MultiheadAttention(in_dim, heads, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]

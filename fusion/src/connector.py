@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from encoder_fusion.memory import check_fits
 from encoder_fusion.registry import Registry
 
 CONNECTORS: Registry[Connector] = Registry("connector")
@@ -55,6 +56,12 @@ class Connector(nn.Module):
         self.out_dim = in_dim if out_dim is None else check_positive(out_dim, "connector out_dim")
         if not isinstance(final_norm, bool):
             raise ValueError(f"connector final_norm={final_norm!r} must be true or false")
+        # the first projection alone holds in_dim x out_dim float32 weights
+        check_fits(
+            f"connector {self.in_dim} -> {self.out_dim}",
+            4.0 * self.in_dim * self.out_dim,
+            "a connector out_dim the machine can hold (a language model's hidden size)",
+        )
         self.layers = self.build_layers()
         self.norm = nn.LayerNorm(self.out_dim) if final_norm else nn.Identity()
 

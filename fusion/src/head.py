@@ -28,6 +28,8 @@ from encoder_fusion.connector import build_connector
 from encoder_fusion.deepstack import DeepStack
 from encoder_fusion.encoders.base import as_hw
 from encoder_fusion.geometry import EncoderGeometry
+from encoder_fusion.kernels import NonFiniteError
+from encoder_fusion.memory import check_fits
 from encoder_fusion.merge import ENCODER_MERGES, build_encoder_merge
 
 
@@ -98,6 +100,12 @@ class FusionHead(nn.Module):
             raise ValueError(f"normalize must be true or false, got {normalize!r}")
         self.geometries = geometries
         self.grid = as_hw(geometries[0].grid if grid is None else grid, "grid")
+        # every hooked layer of every encoder is aligned to the grid, in float32, for each image
+        check_fits(
+            f"grid {self.grid[0]}x{self.grid[1]} (one image's aligned layers)",
+            4.0 * self.grid[0] * self.grid[1] * sum(g.width * g.num_layers for g in geometries),
+            "a grid the machine can hold (the encoders' own grids are 14x14 to 64x64)",
+        )
         self.merge_dim = merge_dim
         self.normalize = normalize
         check_layer_merge(layer_merge, {g.name: g.num_layers for g in geometries}, self.grid)
@@ -201,14 +209,31 @@ class FusionHead(nn.Module):
         if self.fused_route:
             tokens = self.forward_fused(grids)
         else:
-            combined = [
-                projection(combine(layers, aligner))
-                for aligner, combine, projection, layers in zip(
-                    self.aligners, self.combines, self.projections, grids
-                )
-            ]
+            combined = []
+            # a ModuleList yields plain Modules to a type checker: these are the combines __init__ built
+            combines = cast("Sequence[LayerCombine]", self.combines)
+            for geometry, aligner, combine, projection, layers in zip(
+                self.geometries, self.aligners, combines, self.projections, grids
+            ):
+                try:
+                    combined.append(projection(combine(layers, aligner)))
+                except NonFiniteError as error:
+                    raise self.poisoned([(geometry, i) for i in combine.used_layers()], error) from None
             tokens = self.merge(combined)
         return self.connector(tokens)
+
+    def poisoned(
+        self, sources: Sequence[tuple[EncoderGeometry, int]], error: NonFiniteError
+    ) -> NonFiniteError:
+        """``grid_fuse``'s non-finite source, named by its encoder and hooked layer (``sources``: the
+        (geometry, hooked-layer index) of each source of the call)."""
+        geometry, index = sources[error.source]
+        layer = geometry.layers[index] if geometry.layers is not None else index
+        return NonFiniteError(
+            f"encoder {geometry.name!r}, hooked layer {layer} (HookSpec.layers[{index}]), holds NaN or Inf; "
+            "accepted: finite features (check the images and the encoder's weights)",
+            error.source,
+        )
 
     def forward_deepstack(
         self, grids: Sequence[Sequence[torch.Tensor]]
@@ -221,10 +246,14 @@ class FusionHead(nn.Module):
         """Align, combine and channel-concat every encoder in one ``encoder_fusion.kernels.grid_fuse``
         call."""
         sources, groups, weights, ln_weight, ln_bias = [], [], [], [], []
+        named: list[tuple[EncoderGeometry, int]] = []  # each source's encoder and hooked layer
         first_slot = 0
         # a ModuleList yields plain Modules to a type checker: these are the combines __init__ built
-        for combine, layers in zip(cast("Sequence[LayerCombine]", self.combines), grids):
+        for geometry, combine, layers in zip(
+            self.geometries, cast("Sequence[LayerCombine]", self.combines), grids
+        ):
             inputs = combine.fuse_inputs(layers)
+            named += [(geometry, i) for i in combine.used_layers()]
             sources += inputs.sources
             groups += [first_slot + slot for slot in inputs.slots]
             weights.append(inputs.weights)
@@ -233,17 +262,20 @@ class FusionHead(nn.Module):
             first_slot += combine.num_slots
         # under autocast one encoder may arrive in bf16 and another in fp32; grid_fuse takes one dtype
         dtype = functools.reduce(torch.promote_types, (s.dtype for s in sources))
-        return encoder_fusion.kernels.grid_fuse(
-            [s.to(dtype) for s in sources],
-            self.grid,
-            groups=groups,
-            layer_weights=torch.cat(weights),
-            ln_weight=ln_weight if any(w is not None for w in ln_weight) else None,
-            ln_bias=ln_bias if any(b is not None for b in ln_bias) else None,
-            mode=self.fuse_mode,
-            eps=LN_EPS,
-            normalize=self.normalize,
-        )
+        try:
+            return encoder_fusion.kernels.grid_fuse(
+                [s.to(dtype) for s in sources],
+                self.grid,
+                groups=groups,
+                layer_weights=torch.cat(weights),
+                ln_weight=ln_weight if any(w is not None for w in ln_weight) else None,
+                ln_bias=ln_bias if any(b is not None for b in ln_bias) else None,
+                mode=self.fuse_mode,
+                eps=LN_EPS,
+                normalize=self.normalize,
+            )
+        except NonFiniteError as error:
+            raise self.poisoned(named, error) from None
 
     def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """Map output tokens (B, output_tokens, D') back onto the target grid: (B, H, W, D').

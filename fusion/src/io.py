@@ -1,5 +1,5 @@
-"""Atomic file writes (a reader never sees half a file, and a failed write leaves no temporary behind)
-and file digests."""
+"""Atomic file writes (a reader never sees half a file, and a failed write leaves no temporary behind),
+file digests, and the check that a folder can be written before any work goes into it."""
 
 from __future__ import annotations
 
@@ -51,3 +51,29 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(2**22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself when it exists, else its nearest existing parent."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_folder(path: Path, what: str) -> None:
+    """Refuse a folder that cannot be created or written: one that is a file, lies under a file, or
+    whose nearest existing folder is not writable.
+
+    Raises:
+        ValueError: naming ``what`` (the setting), the path and the reason.
+    """
+    found = nearest_existing(path)
+    if not found.is_dir():
+        where = "is a file" if found == path.absolute() else f"lies under the file {found}"
+        raise ValueError(f"{what}={path} {where}; accepted: a folder, or a path where one can be made")
+    if not os.access(found, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{what}={path}: {found} is not writable (read-only, or another user's); accepted: a folder "
+            "this user can write"
+        )

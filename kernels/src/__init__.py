@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from encoder_fusion.kernels import grid_fuse_triton, reference
+from encoder_fusion.kernels.checks import EPS_RANGE, FINITE_ENV, NonFiniteError, finite_checks
 from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs, grid_fuse_face
 from encoder_fusion.kernels.grid_fuse_plan import SUPPORTED_DTYPES
 
@@ -43,15 +44,34 @@ def _auto_backend(sources: Sequence[torch.Tensor]) -> str:
     return "reference"
 
 
+def kernel_choice(devices: Sequence[str | torch.device] = ()) -> str:
+    """``FUSION_KERNEL`` (default ``auto``), checked; with ``devices`` (where a run will call the
+    kernel), also that ``triton`` can run on each: a CUDA device, or the CPU under the interpreter.
+
+    Raises:
+        ValueError: an unknown value, or ``triton`` on a CPU without ``TRITON_INTERPRET=1``.
+    """
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNEL_ENV}={choice!r} is unknown; accepted: {', '.join(KERNEL_CHOICES)}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    for device in devices:
+        if choice == "triton" and torch.device(device).type != "cuda" and not interpreted:
+            raise ValueError(
+                f"{KERNEL_ENV}=triton runs the Triton kernels, which need a CUDA device or, on the CPU, "
+                f"TRITON_INTERPRET=1; this run uses device {str(device)!r}; accepted: {KERNEL_ENV}=auto "
+                "or reference, TRITON_INTERPRET=1, or a CUDA device"
+            )
+    return choice
+
+
 def select_backend(sources: Sequence[torch.Tensor]) -> str:
     """The backend (a key of :data:`BACKENDS`) that :func:`grid_fuse` uses for these sources.
 
     Raises:
         ValueError: ``FUSION_KERNEL`` holds a value other than ``auto``, ``triton`` or ``reference``.
     """
-    choice = os.environ.get(KERNEL_ENV, "auto")
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"{KERNEL_ENV}={choice!r} is unknown; accepted: {', '.join(KERNEL_CHOICES)}")
+    choice = kernel_choice()
     return _auto_backend(sources) if choice == "auto" else choice
 
 
@@ -74,10 +94,15 @@ def grid_fuse(args: GridFuseArgs) -> torch.Tensor:
 
 __all__ = [
     "BACKENDS",
+    "EPS_RANGE",
+    "FINITE_ENV",
     "KERNEL_CHOICES",
     "KERNEL_ENV",
     "MODES",
     "GridFuseArgs",
+    "NonFiniteError",
+    "finite_checks",
     "grid_fuse",
+    "kernel_choice",
     "select_backend",
 ]

@@ -4,8 +4,14 @@ Both check the one :class:`~encoder_fusion.kernels.grid_fuse_args.GridFuseArgs` 
 
 * :func:`check_grid_fuse_inputs` checks what the call's signature decides (kinds, shapes, dtypes,
   devices, groups, mode); the Triton path caches its verdict per signature.
-* :func:`check_grid_fuse_values` checks the values no signature captures (``eps`` and the layer
-  weights); both paths run it on every call.
+* :func:`check_grid_fuse_values` checks the values no signature captures (``eps`` in
+  :data:`EPS_RANGE`, finite layer weights and LayerNorm affine parameters, and, with
+  :func:`finite_checks` on, finite sources); both paths run it on every call.
+
+Sources are read only under the switch (:func:`finite_checks`, or ``FUSION_CHECK_FINITE=1``; off by
+default, on in the benchmark's probes): it is one reduction over every source, and on an accelerator
+it makes the call wait for the device. A failed source check raises :class:`NonFiniteError`, which
+says which source, so that the fused encoder can name the encoder and layer.
 
 What only the Triton kernels need on top (their dtypes, channel limit, a device they can run on) is
 checked by :mod:`encoder_fusion.kernels.grid_fuse_plan` and :mod:`encoder_fusion.kernels.launch`.
@@ -13,15 +19,51 @@ checked by :mod:`encoder_fusion.kernels.grid_fuse_plan` and :mod:`encoder_fusion
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs
 
 MODES = ("bilinear", "nearest", "area")
+# LayerNorm's eps: below 1e-12 a constant token divides by almost nothing; above 1 it flattens
+# every token (the usual values are 1e-6 and 1e-5)
+EPS_RANGE = (1e-12, 1.0)
+FINITE_ENV = "FUSION_CHECK_FINITE"
+_FINITE_CHECKS = [os.environ.get(FINITE_ENV) == "1"]
+
+
+class NonFiniteError(ValueError):
+    """A ``grid_fuse`` source holding NaN or Inf; ``source`` is its index."""
+
+    def __init__(self, message: str, source: int) -> None:
+        super().__init__(message)
+        self.source = source
+
+
+def _has_values(value: object) -> bool:
+    """A floating-point tensor with data (not on the meta device)."""
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta"
+
+
+def finite_checks_enabled() -> bool:
+    """Whether ``grid_fuse`` reads every source for NaN and Inf (see the module docstring)."""
+    return _FINITE_CHECKS[0]
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool = True) -> Iterator[None]:
+    """While open, ``grid_fuse`` checks (or, with ``enabled=False``, does not check) that every
+    source is finite."""
+    before, _FINITE_CHECKS[0] = _FINITE_CHECKS[0], bool(enabled)
+    try:
+        yield
+    finally:
+        _FINITE_CHECKS[0] = before
 
 
 def is_sequence(value: object) -> bool:
@@ -178,8 +220,9 @@ def check_grid_fuse_inputs(args: GridFuseArgs) -> list[int]:
 
 
 def check_grid_fuse_values(args: GridFuseArgs) -> None:
-    """Validate the values of a call that :func:`check_grid_fuse_inputs` accepted: ``eps`` and the
-    layer weights, which would otherwise turn the output into NaN.
+    """Validate the values of a call that :func:`check_grid_fuse_inputs` accepted: ``eps``, the
+    layer weights and the affine parameters (and, under :func:`finite_checks`, the sources), which
+    would otherwise turn the output into NaN.
 
     The values of a layer-weight tensor are checked only in host memory and outside tracing: on an
     accelerator reading them would make every call wait for the device, and ``torch.compile``
@@ -187,12 +230,34 @@ def check_grid_fuse_values(args: GridFuseArgs) -> None:
 
     Raises:
         ValueError: naming the argument, the value and what is accepted.
+        NonFiniteError: a source holding NaN or Inf (under :func:`finite_checks`).
     """
     eps, layer_weights = args.eps, args.layer_weights
-    if not _is_number(eps) or not 0 <= eps < math.inf:
-        raise ValueError(f"grid_fuse eps must be a finite number >= 0, got {eps!r}")
+    low, high = EPS_RANGE
+    if not _is_number(eps) or not low <= eps <= high:
+        raise ValueError(f"grid_fuse eps must be a finite number in [{low:g}, {high:g}], got {eps!r}")
+    compiling = torch.compiler.is_compiling()
+    # malformed arguments are check_grid_fuse_inputs' to name (the Triton path may run this first)
+    if finite_checks_enabled() and not compiling and is_sequence(args.sources):
+        for i, source in enumerate(args.sources):
+            if _has_values(source) and not bool(torch.isfinite(source).all()):
+                raise NonFiniteError(f"grid_fuse sources[{i}] holds NaN or Inf; accepted: finite sources", i)
+    if compiling:
+        return
+    for name, params in (("ln_weight", args.ln_weight), ("ln_bias", args.ln_bias)):
+        for i, param in enumerate(params if params is not None and is_sequence(params) else ()):
+            # (C,) vectors: one reduction each, skipped on an accelerator (as the layer weights are)
+            # unless the finite checks are on, which wait for the device anyway
+            if not isinstance(param, torch.Tensor) or not _has_values(param):
+                continue
+            if param.device.type == "cpu" or finite_checks_enabled():
+                if bool(torch.isfinite(param).all()):
+                    continue
+                raise ValueError(
+                    f"grid_fuse {name}[{i}] holds NaN or Inf; accepted: finite LayerNorm parameters"
+                )
     if isinstance(layer_weights, torch.Tensor):
-        if layer_weights.device.type != "cpu" or torch.compiler.is_compiling():
+        if layer_weights.device.type != "cpu":
             return
         layer_weights = layer_weights.tolist()  # a few numbers: cheaper to read than a reduction
     index = next((i for i, v in enumerate(layer_weights) if not math.isfinite(v)), None)

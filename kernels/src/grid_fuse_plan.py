@@ -214,7 +214,10 @@ def _call_key(args: GridFuseArgs, tiles: Tiles | None) -> tuple | None:
     them or raise."""
 
     def params_key(params: Sequence[torch.Tensor | None] | None) -> tuple | None:
-        return None if params is None else tuple(None if p is None else _tensor_key(p) for p in params)
+        # the container's type too: a (1, C) tensor iterates like a list of one (C,) tensor
+        if params is None:
+            return None
+        return (type(params), *(None if p is None else _tensor_key(p) for p in params))
 
     layer_weights = args.layer_weights
     try:

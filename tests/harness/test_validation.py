@@ -78,6 +78,37 @@ BAD_SETTINGS = [
     (["data.test_fraction=1.5"], r"test_fraction must be a number in \(0, 1\), got 1\.5"),
     (["data.image_size=0"], r"data\.image_size=0 must be an int >= 1"),
     (["data.options.image_size=8"], r"synthetic image_size must be an int >= 16, got 8"),
+    # seeds: distinct, and within what torch's generators take
+    (["task.seeds=[0,0]"], r"task\.seeds=\[0, 0\] repeats \[0\]: each seed runs once; accepted: distinct"),
+    (["seed=-1"], r"seed=-1 must be an int in \[0, 9223372036854775807\] \(2\*\*63 - 1\)"),
+    (
+        ["seed=99999999999999999999"],
+        r"seed=99999999999999999999 must be an int in \[0, 9223372036854775807\]",
+    ),
+    # a key the selected config group member does not read
+    (
+        ["data.root=/tmp"],
+        r"data\.root=/tmp is not read by data=synthetic, which makes its own images; accepted: select the "
+        r"data that reads it \(data=coco128, data=imagefolder, data=tinyimagenet\), or leave data\.root "
+        r"unset",
+    ),
+    # sizes the machine cannot hold, refused before allocation
+    (
+        ["data.image_size=100000"],
+        # 64 images x 100,000^2 pixels x (3 uint8 channels + an int64 mask class) = 7,040 GB
+        r"data\.image_size=100000 \(64 images decoded at 100000x100000, with their masks\) needs about "
+        r"7,040\.0 GB, more than",
+    ),
+    (
+        ["align.grid=[100000,100000]"],
+        r"strategy 'clip_only' .*: grid 100000x100000 \(one image's aligned layers\) needs about "
+        r"1,280\.0 GB, more than the [\d,.]+ GB free on cpu",
+    ),
+    (
+        ["encoders.clip.model_kwargs.depth=0"],
+        r"encoders\.clip \(timm vit_base_patch16_clip_224\.openai with "
+        r"encoders\.clip\.model_kwargs=\{'depth': 0",
+    ),
     (["encoders.clip.image_size=0"], r"EncoderSpec\.image_size must be a positive int"),
     # split sizes
     (["data.options.num_images=1"], r"data=synthetic gives 1 train and 0 test images .*accepted: settings"),

@@ -631,7 +631,7 @@ BAD_INPUTS = {
         {"layer_weights": torch.ones(1, device="meta")},
         r"layer_weights is on meta but the sources are on",
     ),
-    "negative eps": ({"eps": -1.0}, r"eps must be a finite number >= 0, got -1.0"),
+    "negative eps": ({"eps": -1.0}, r"eps must be a finite number in \[1e-12, 1\], got -1.0"),
     "normalize not a bool": ({"normalize": 1}, r"grid_fuse normalize must be True or False, got 1"),
     "affine on raw sources": (
         {"normalize": False, "ln_bias": [torch.ones(3, device=DEVICE)]},

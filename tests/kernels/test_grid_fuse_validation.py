@@ -49,13 +49,25 @@ def fuse(backend, monkeypatch, grad, **overrides):
 
 
 NAN, INF = math.nan, math.inf
+EPS_RULE = "grid_fuse eps must be a finite number in [1e-12, 1]"
 # name: (arguments, the whole message)
 BAD_ARGUMENTS = {
-    "eps below 0": ({"eps": -1.0}, "grid_fuse eps must be a finite number >= 0, got -1.0"),
-    "eps NaN": ({"eps": NAN}, "grid_fuse eps must be a finite number >= 0, got nan"),
-    "eps infinite": ({"eps": INF}, "grid_fuse eps must be a finite number >= 0, got inf"),
-    "eps a string": ({"eps": "1e-6"}, "grid_fuse eps must be a finite number >= 0, got '1e-6'"),
-    "eps a bool": ({"eps": True}, "grid_fuse eps must be a finite number >= 0, got True"),
+    "eps below 0": ({"eps": -1.0}, f"{EPS_RULE}, got -1.0"),
+    "eps 0 (a constant token would divide by zero)": ({"eps": 0}, f"{EPS_RULE}, got 0"),
+    "eps below the range": ({"eps": 1e-13}, f"{EPS_RULE}, got 1e-13"),
+    "eps absurd (it would flatten every token)": ({"eps": 1e30}, f"{EPS_RULE}, got 1e+30"),
+    "eps NaN": ({"eps": NAN}, f"{EPS_RULE}, got nan"),
+    "eps infinite": ({"eps": INF}, f"{EPS_RULE}, got inf"),
+    "eps a string": ({"eps": "1e-6"}, f"{EPS_RULE}, got '1e-6'"),
+    "eps a bool": ({"eps": True}, f"{EPS_RULE}, got True"),
+    "NaN in ln_weight": (
+        {"ln_weight": [torch.tensor([1.0, NAN, 1.0], device=DEVICE)]},
+        "grid_fuse ln_weight[0] holds NaN or Inf; accepted: finite LayerNorm parameters",
+    ),
+    "Inf in ln_bias": (
+        {"ln_bias": [torch.tensor([0.0, 0.0, INF], device=DEVICE)]},
+        "grid_fuse ln_bias[0] holds NaN or Inf; accepted: finite LayerNorm parameters",
+    ),
     "NaN in a list of layer weights": (
         {"sources": [grid(1, 2, 2, 3), grid(1, 3, 3, 3)], "groups": [0, 0], "layer_weights": [0.5, NAN]},
         "grid_fuse layer_weights[1] is nan; every layer weight must be a finite number",
@@ -138,13 +150,12 @@ def test_both_paths_refuse_a_bad_argument_with_one_message(monkeypatch, override
 @pytest.mark.parametrize(
     "overrides",
     [
-        # the interpreter also evaluates the masked-off lanes of a tile, where eps 0 divides by zero
-        pytest.param({"eps": 0}, marks=pytest.mark.filterwarnings("ignore::RuntimeWarning")),
+        {"eps": 1e-12},
         {"eps": 1},
         {"layer_weights": [-1.5]},
         {"layer_weights": torch.tensor([0.0], device=DEVICE)},
     ],
-    ids=["eps 0", "eps an int", "a negative weight", "a zero weight tensor"],
+    ids=["the smallest eps", "eps an int (the largest)", "a negative weight", "a zero weight tensor"],
 )
 def test_both_paths_accept_the_edges_of_what_is_valid_and_agree(monkeypatch, overrides):
     outputs = {}
@@ -153,3 +164,31 @@ def test_both_paths_accept_the_edges_of_what_is_valid_and_agree(monkeypatch, ove
         outputs[backend] = fuse(backend, monkeypatch, False, **overrides)
     assert torch.isfinite(outputs["reference"]).all()
     torch.testing.assert_close(outputs["triton"], outputs["reference"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("poison", [NAN, INF, -INF], ids=["NaN", "Inf", "-Inf"])
+def test_with_finite_checks_both_paths_name_a_poisoned_source(monkeypatch, poison):
+    sources = [grid(2, 3, 3, 3), grid(2, 2, 2, 3)]
+    sources[1][1, 0, 1, 2] = poison
+    args = {"groups": [0, 0], "layer_weights": [0.5, 0.5]}
+    for backend in BACKENDS:
+        monkeypatch.setenv("FUSION_KERNEL", backend)
+        with (
+            encoder_fusion.kernels.finite_checks(),
+            no_launch(),
+            pytest.raises(
+                encoder_fusion.kernels.NonFiniteError, match=r"sources\[1\] holds NaN or Inf"
+            ) as caught,
+        ):
+            encoder_fusion.kernels.grid_fuse(sources, (3, 3), **args)
+        assert caught.value.source == 1
+        # the switch is off by default: the poison passes through, as any tensor op would pass it
+        assert not torch.isfinite(encoder_fusion.kernels.grid_fuse(sources, (3, 3), **args)).all()
+
+
+def test_a_constant_token_is_normalised_to_zero_at_the_smallest_eps(monkeypatch):
+    constant = torch.full((1, 2, 2, 3), 7.0, device=DEVICE)
+    for backend in BACKENDS:
+        monkeypatch.setenv("FUSION_KERNEL", backend)
+        out = encoder_fusion.kernels.grid_fuse([constant], (2, 2), groups=[0], layer_weights=[1.0], eps=1e-12)
+        torch.testing.assert_close(out, torch.zeros_like(out))

@@ -18,6 +18,7 @@ they built (:class:`CheckedRun`) so that nothing is built or checked twice.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,12 +46,14 @@ from encoder_fusion.benchmarks.config.plan import (
 )
 from encoder_fusion.benchmarks.config.schema import RunConfig
 from encoder_fusion.benchmarks.datasets import ImageDataset
-from encoder_fusion.benchmarks.features.cache import FeatureCache
+from encoder_fusion.benchmarks.features.cache import CACHE_ENV, FeatureCache
 from encoder_fusion.benchmarks.features.planted import PlantOptions
+from encoder_fusion.benchmarks.options import is_int
 from encoder_fusion.benchmarks.reports.verdicts import AssessOptions
 from encoder_fusion.benchmarks.tasks import TASKS, ProbeRecipe
 from encoder_fusion.benchmarks.tasks.correspondence import WarpOptions
 from encoder_fusion.benchmarks.tasks.knn import check_k
+from encoder_fusion.benchmarks.tasks.probe import MAX_SEED
 from encoder_fusion.benchmarks.tasks.vlm import (
     TEMPLATE_ANNOTATIONS,
     VlmProbeOptions,
@@ -64,6 +67,9 @@ from encoder_fusion.benchmarks.timing.llm_weights import check_checkpoint, load_
 from encoder_fusion.benchmarks.timing.options import DTYPES, LatencyOptions
 from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder
+from encoder_fusion.io import check_writable_folder
+from encoder_fusion.kernels import kernel_choice
+from encoder_fusion.memory import check_fits as check_memory
 from encoder_fusion.tiling import AUTO, TilingSpec
 
 
@@ -168,6 +174,8 @@ def check_config(cfg: Any) -> CheckedRun:
     """
     check_keys(cfg)
     check_names(cfg)
+    if not is_int(cfg.seed) or not 0 <= cfg.seed <= MAX_SEED:
+        raise ValueError(f"seed={cfg.seed!r} must be an int in [0, {MAX_SEED}] (2**63 - 1)")
     plan, encoders = strategies(cfg), encoder_specs(cfg)
     latency, vlm, judging = latency_options(cfg), vlm_options(cfg), assess_options(cfg)
     compares = plain(cfg.bench.mode) == "compare"
@@ -176,8 +184,10 @@ def check_config(cfg: Any) -> CheckedRun:
     if compares and vlm.llm is not None and not cfg.bench.extract_only:
         check_fits(vlm.llm, DTYPES[latency.dtype] or torch.float32, torch.device(latency.device))
     probe, plants, cache = probe_recipe(cfg), plant_options(cfg), feature_cache(cfg)
+    check_environment(cfg, cache, [probe.device, latency.device, cache.device])
     train, test = build_datasets(cfg)
     check_splits(cfg, train, test, plain(cfg.task.names))
+    check_image_memory(cfg.data.image_size, train, test)
     vlm_probe = vlm_probe_options(cfg, vlm.llm)
     if vlm_probe is not None and vlm.llm is not None:
         check_vlm_probe(vlm_probe, vlm.llm, train, test)
@@ -206,6 +216,40 @@ def check_config(cfg: Any) -> CheckedRun:
         warp,
         tiling,
     )
+
+
+def check_image_memory(size: int, train: ImageDataset, test: ImageDataset) -> None:
+    """The splits are decoded whole at ``data.image_size``: uint8 pixels, and a long class per pixel
+    where the data has masks. Refuse a size whose batches the machine cannot hold.
+
+    Raises:
+        ValueError: naming ``data.image_size``, the estimate and the free memory.
+    """
+    images = len(train) + len(test)
+    masks = any(split.has(r, "mask") for split in (train, test) for r in split.records)
+    check_memory(
+        f"data.image_size={size} ({images} images decoded at {size}x{size}"
+        f"{', with their masks' if masks else ''})",
+        images * size * size * (3 + (8 if masks else 0)),
+        "a data.image_size the machine can hold (224 to 1024 are usual), or fewer images (data.limit)",
+    )
+
+
+def check_environment(cfg: Any, cache: FeatureCache, devices: Sequence[Any]) -> None:
+    """What the environment decides, before any image is read: ``FUSION_KERNEL`` can run on the run's
+    devices, and the feature cache's folder can be written (named by the setting that chose it).
+
+    Raises:
+        ValueError: naming the environment variable or setting, and what is accepted.
+    """
+    kernel_choice(devices)
+    if cfg.bench.cache_dir:
+        source = "bench.cache_dir"
+    elif os.environ.get(CACHE_ENV):
+        source = CACHE_ENV
+    else:
+        source = f"the default feature cache (bench.cache_dir and {CACHE_ENV} unset)"
+    check_writable_folder(cache.root, source)
 
 
 def check_tiled_run(cfg: Any, plants: PlantOptions) -> None:

@@ -438,6 +438,13 @@ def build_datasets(cfg: Any) -> tuple[ImageDataset, ImageDataset]:
         ValueError, FileNotFoundError: as :func:`encoder_fusion.benchmarks.datasets.build_train_test`.
     """
     data = plain(cfg.data)
+    if data["root"] is not None and not DATASETS[data["name"]].NEEDS_ROOT:
+        readers = sorted(name for name, dataset in DATASETS.items() if dataset.NEEDS_ROOT)
+        raise ValueError(
+            f"data.root={data['root']} is not read by data={data['name']}, which makes its own images; "
+            f"accepted: select the data that reads it ({', '.join(f'data={r}' for r in readers)}), or "
+            "leave data.root unset"
+        )
     return build_train_test(
         data["name"],
         data["root"],

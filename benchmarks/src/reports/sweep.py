@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from encoder_fusion.io import check_writable_folder
+
 RESULT_FILE = "report.json"
 ERROR_FILE = "error.json"
 PLAN_FILE = "multirun.yaml"  # Hydra's record of a sweep: its config and the overrides it expands
@@ -135,32 +137,6 @@ def check_own_folder(out: Path, config_hash: str) -> None:
         "into. Accepted: a folder of its own (hydra.run.dir, bench.out_dir; in a sweep the default "
         "hydra.sweep.subdir=${config_hash:})"
     )
-
-
-def nearest_existing(path: Path) -> Path:
-    """``path`` itself when it exists, else its nearest existing parent."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_writable_folder(path: Path, what: str) -> None:
-    """Refuse a folder that cannot be created or written: one that is a file, lies under a file, or
-    whose nearest existing folder is not writable.
-
-    Raises:
-        ValueError: naming ``what`` (the setting), the path and the reason.
-    """
-    found = nearest_existing(path)
-    if not found.is_dir():
-        where = "is a file" if found == path.absolute() else f"lies under the file {found}"
-        raise ValueError(f"{what}={path} {where}; accepted: a folder, or a path where one can be made")
-    if not os.access(found, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"{what}={path}: {found} is not writable (read-only, or another user's); accepted: a folder "
-            "this user can write"
-        )
 
 
 def check_aggregate_out(out: Path, sweep: Path) -> None:

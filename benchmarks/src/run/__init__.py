@@ -13,6 +13,7 @@ from encoder_fusion.benchmarks.run.layer_scan import run_layer_scan
 from encoder_fusion.benchmarks.run.prepare import configure_hub, output_dir
 from encoder_fusion.benchmarks.timing.timer import fixed_threads
 from encoder_fusion.containers import plain
+from encoder_fusion.io import check_writable_folder
 
 MODES = {"compare": run_compare, "layer_scan": run_layer_scan}
 
@@ -46,6 +47,8 @@ def run_benchmark(
             report written first).
     """
     checked = check_config(cfg)
+    out = output_dir(cfg, out_dir)
+    check_writable_folder(out, "the output folder (bench.out_dir, hydra.run.dir, or out_dir)")
     configure_hub(plain(cfg.bench.hub))
     with fixed_threads(cfg.bench.threads):
-        return MODES[plain(cfg.bench.mode)](cfg, checked, output_dir(cfg, out_dir), command)
+        return MODES[plain(cfg.bench.mode)](cfg, checked, out, command)

@@ -53,6 +53,7 @@ from encoder_fusion.benchmarks.timing.measure import measure_latency
 from encoder_fusion.benchmarks.timing.options import LatencyOptions
 from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder
+from encoder_fusion.kernels import finite_checks
 from encoder_fusion.tiling import TilingSpec, grid_of
 
 log = logging.getLogger(__name__)
@@ -367,7 +368,9 @@ def run_compare(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -
         print(f"Features cached in {checked.cache.root}{where}; errors: {role_errors or 'none'}")
         return None
     records = {s.name: strategy_record(s, encoders, checked.plants) for s in checked.strategies}
-    with phase("probes", seconds):
+    # every source of every merge is checked for NaN and Inf, so a poisoned feature is named by its
+    # encoder and layer instead of training a probe on NaN (its cost: README, "Reliability")
+    with phase("probes", seconds), finite_checks():
         items = run_probes(cfg, checked, records, encoders, splits, role_errors)
         metrics = {task: TASKS[task].metric_from_sums for task in plain(cfg.task.names)}
         add_delta_intervals(records, items, metrics, BASELINE, checked.judging)

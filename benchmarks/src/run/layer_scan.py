@@ -42,6 +42,7 @@ from encoder_fusion.benchmarks.timing.timer import Timer, fixed_threads, random_
 from encoder_fusion.containers import plain
 from encoder_fusion.encoders import Encoder, EncoderSpec, build_encoder
 from encoder_fusion.io import atomic_path, atomic_write, write_json
+from encoder_fusion.kernels import finite_checks
 
 log = logging.getLogger(__name__)
 
@@ -313,16 +314,17 @@ def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None
                 for which in datasets
             }
             scan["feature_bytes"] += sum(g.numel() * g.element_size() for gs in grids.values() for g in gs)
-            rows, errors = probe_layers(
-                encoder,
-                grids,
-                batches,
-                num_classes,
-                heads[role],
-                checked.probe,
-                tasks,
-                checked.judging.ci_resamples,
-            )
+            with finite_checks():  # as the compare mode's probes: a NaN feature is named
+                rows, errors = probe_layers(
+                    encoder,
+                    grids,
+                    batches,
+                    num_classes,
+                    heads[role],
+                    checked.probe,
+                    tasks,
+                    checked.judging.ci_resamples,
+                )
             latency = depth_latency(encoder.spec, encoder.depth, checked.latency)
         for row, milliseconds in zip(rows, latency):
             row["latency_ms"] = milliseconds

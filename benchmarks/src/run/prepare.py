@@ -83,11 +83,19 @@ def error_text(error: BaseException) -> str:
 
 def build_encoders(specs: Mapping[str, EncoderSpec], seed: int) -> dict[str, Encoder]:
     """role -> built encoder; each seeded with ``seed`` so random weights (and their cache
-    entries) are the same in every run of one seed."""
+    entries) are the same in every run of one seed.
+
+    Raises:
+        ValueError: an encoder that does not build, named by its ``encoders.<role>`` settings.
+    """
     encoders = {}
     for role, spec in specs.items():
         torch.manual_seed(seed)
-        encoders[role] = build_encoder(spec)
+        try:
+            encoders[role] = build_encoder(spec)
+        except ValueError as error:  # named by the settings that made the spec
+            kwargs = f" with encoders.{role}.model_kwargs={spec.model_kwargs}" if spec.model_kwargs else ""
+            raise ValueError(f"encoders.{role} ({spec.source} {spec.model}{kwargs}): {error}") from error
     return encoders
 
 

@@ -59,6 +59,9 @@ class ProbeModel(nn.Module):
         return self.head(fusion.to_grid(tokens) if self.head_input == "grid" else tokens)
 
 
+MAX_SEED = 2**63 - 1  # torch's and numpy's generators take any seed up to here
+
+
 @dataclass(frozen=True)
 class ProbeRecipe:
     """How every probe trains: one run per seed, AdamW with a cosine schedule, on ``device``.
@@ -79,6 +82,16 @@ class ProbeRecipe:
         seeds = [seeds] if is_int(seeds) else list(seeds)  # type: ignore[arg-type]  # a lone int is one seed
         if not seeds or not all(is_int(s) for s in seeds):
             raise OptionError("{seeds} must be a non-empty list of ints", {"seeds": seeds})
+        seeds = cast("list[int]", seeds)
+        if not all(0 <= s <= MAX_SEED for s in seeds):
+            raise OptionError(f"{{seeds}} must be ints in [0, {MAX_SEED}] (2**63 - 1)", {"seeds": seeds})
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            # a spread "over seeds" of one seed run twice would be a spread over nothing
+            raise OptionError(
+                f"{{seeds}} repeats {repeated}: each seed runs once; accepted: distinct seeds",
+                {"seeds": seeds},
+            )
         object.__setattr__(self, "seeds", tuple(seeds))
         check_positive("epochs", self.epochs, (int,))
         check_positive("batch_size", self.batch_size, (int,))

@@ -32,12 +32,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-import psutil
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from encoder_fusion.benchmarks.options import OptionError, check_int, is_int
+from encoder_fusion.memory import available_bytes
 
 if TYPE_CHECKING:  # transformers is imported where a model is built: it is slow to import
     from transformers import PreTrainedModel
@@ -139,13 +139,6 @@ def prefill_flops(spec: LlmSpec, tokens: int, batch: int = 1) -> int:
     with counter, torch.inference_mode():
         model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
     return counter.get_total_flops()
-
-
-def available_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: the GPU's free memory, or the host's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available
 
 
 def memory_needs(spec: LlmSpec, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
