@@ -228,6 +228,13 @@ class FusionHead(nn.Module):
         """``grid_fuse``'s non-finite source, named by its encoder and hooked layer (``sources``: the
         (geometry, hooked-layer index) of each source of the call)."""
         geometry, index = sources[error.source]
+        if error.in_output:
+            return NonFiniteError(
+                f"the fused tokens of encoder {geometry.name!r} are NaN or Inf although its features are "
+                f"finite ({error})",
+                error.source,
+                in_output=True,
+            )
         layer = geometry.layers[index] if geometry.layers is not None else index
         return NonFiniteError(
             f"encoder {geometry.name!r}, hooked layer {layer} (HookSpec.layers[{index}]), holds NaN or Inf; "

@@ -5,13 +5,16 @@ Both check the one :class:`~encoder_fusion.kernels.grid_fuse_args.GridFuseArgs` 
 * :func:`check_grid_fuse_inputs` checks what the call's signature decides (kinds, shapes, dtypes,
   devices, groups, mode); the Triton path caches its verdict per signature.
 * :func:`check_grid_fuse_values` checks the values no signature captures (``eps`` in
-  :data:`EPS_RANGE`, finite layer weights and LayerNorm affine parameters, and, with
-  :func:`finite_checks` on, finite sources); both paths run it on every call.
+  :data:`EPS_RANGE`, finite layer weights and LayerNorm affine parameters); both paths run it on every
+  call.
+* :func:`check_finite_output` checks, under the switch, that the output is finite, and names the
+  source that made it not; both paths run it after computing.
 
-Sources are read only under the switch (:func:`finite_checks`, or ``FUSION_CHECK_FINITE=1``; off by
-default, on in the benchmark's probes): it is one reduction over every source, and on an accelerator
-it makes the call wait for the device. A failed source check raises :class:`NonFiniteError`, which
-says which source, so that the fused encoder can name the encoder and layer.
+The output is read only under the switch (:func:`finite_checks`, or ``FUSION_CHECK_FINITE=1``; off by
+default, on in the benchmark's probes): it is one reduction over the output (its cost is measured by
+``python -m encoder_fusion.benchmarks.kernel.finite_cost``), and on an accelerator it makes the call
+wait for the device. A failure raises :class:`NonFiniteError`, which says which source, so that the
+fused encoder can name the encoder and layer.
 
 What only the Triton kernels need on top (their dtypes, channel limit, a device they can run on) is
 checked by :mod:`encoder_fusion.kernels.grid_fuse_plan` and :mod:`encoder_fusion.kernels.launch`.
@@ -38,11 +41,12 @@ _FINITE_CHECKS = [os.environ.get(FINITE_ENV) == "1"]
 
 
 class NonFiniteError(ValueError):
-    """A ``grid_fuse`` source holding NaN or Inf; ``source`` is its index."""
+    """A ``grid_fuse`` source holding NaN or Inf (``source`` is its index), or, with ``in_output``, an
+    output slot that is NaN or Inf although every source is finite (``source``: the slot's first)."""
 
-    def __init__(self, message: str, source: int) -> None:
+    def __init__(self, message: str, source: int, in_output: bool = False) -> None:
         super().__init__(message)
-        self.source = source
+        self.source, self.in_output = source, in_output
 
 
 def _has_values(value: object) -> bool:
@@ -219,6 +223,41 @@ def check_grid_fuse_inputs(args: GridFuseArgs) -> list[int]:
     return widths
 
 
+def check_finite_output(args: GridFuseArgs, out: torch.Tensor) -> None:
+    """Under :func:`finite_checks`, the output of a call is finite, else the source that poisoned it
+    is named. One reduction over the output decides (NaN or Inf anywhere makes its sum non-finite);
+    the sources are read only when it fails.
+
+    Raises:
+        NonFiniteError: the first source holding NaN or Inf, else the first output slot that is
+            non-finite although every source is finite (a value beyond the dtype's range).
+    """
+    if not finite_checks_enabled() or torch.compiler.is_compiling() or not _has_values(out):
+        return
+    with torch.no_grad():
+        if bool(torch.isfinite(out.sum(dtype=torch.promote_types(out.dtype, torch.float32)))):
+            return
+        for i, source in enumerate(args.sources):
+            if not bool(torch.isfinite(source).all()):
+                raise NonFiniteError(f"grid_fuse sources[{i}] holds NaN or Inf; accepted: finite sources", i)
+        finite = torch.isfinite(out).flatten(0, -2).all(dim=0)  # per output channel
+    if bool(finite.all()):
+        return  # only the sum overflowed
+    first, groups = 0, list(args.groups)
+    for slot in range(max(groups) + 1):
+        members = [i for i, g in enumerate(groups) if g == slot]
+        width = args.sources[members[0]].shape[-1]
+        if not bool(finite[first : first + width].all()):
+            raise NonFiniteError(
+                f"grid_fuse output slot {slot} (sources {members}) is NaN or Inf although every source is "
+                f"finite: its values went beyond {out.dtype}'s range (eps={args.eps:g}); accepted: sources "
+                "whose LayerNorm and weighted sum stay in range (a wider dtype)",
+                members[0],
+                in_output=True,
+            )
+        first += width
+
+
 def check_grid_fuse_values(args: GridFuseArgs) -> None:
     """Validate the values of a call that :func:`check_grid_fuse_inputs` accepted: ``eps``, the
     layer weights and the affine parameters (and, under :func:`finite_checks`, the sources), which
@@ -236,13 +275,7 @@ def check_grid_fuse_values(args: GridFuseArgs) -> None:
     low, high = EPS_RANGE
     if not _is_number(eps) or not low <= eps <= high:
         raise ValueError(f"grid_fuse eps must be a finite number in [{low:g}, {high:g}], got {eps!r}")
-    compiling = torch.compiler.is_compiling()
-    # malformed arguments are check_grid_fuse_inputs' to name (the Triton path may run this first)
-    if finite_checks_enabled() and not compiling and is_sequence(args.sources):
-        for i, source in enumerate(args.sources):
-            if _has_values(source) and not bool(torch.isfinite(source).all()):
-                raise NonFiniteError(f"grid_fuse sources[{i}] holds NaN or Inf; accepted: finite sources", i)
-    if compiling:
+    if torch.compiler.is_compiling():
         return
     for name, params in (("ln_weight", args.ln_weight), ("ln_bias", args.ln_bias)):
         for i, param in enumerate(params if params is not None and is_sequence(params) else ()):

@@ -23,7 +23,7 @@ import torch
 import triton
 from torch.autograd.function import once_differentiable
 
-from encoder_fusion.kernels.checks import check_grid_fuse_values, is_sequence
+from encoder_fusion.kernels.checks import check_finite_output, check_grid_fuse_values, is_sequence
 from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs
 from encoder_fusion.kernels.grid_fuse_jit import (
     _grid_fuse_backward_gather_kernel,
@@ -188,6 +188,7 @@ def grid_fuse_forward(
         STORE_STATS=mean is not None,
         **plan.forward,
     )
+    check_finite_output(args, out)
     return out, mean, rstd
 
 

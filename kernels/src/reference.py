@@ -18,7 +18,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from encoder_fusion.kernels.checks import MODES, check_grid_fuse_inputs, check_grid_fuse_values
+from encoder_fusion.kernels.checks import (
+    MODES,
+    check_finite_output,
+    check_grid_fuse_inputs,
+    check_grid_fuse_values,
+)
 from encoder_fusion.kernels.grid_fuse_args import GridFuseArgs, grid_fuse_face
 
 __all__ = ["MODES", "fuse", "grid_fuse", "resample"]
@@ -61,7 +66,9 @@ def fuse(args: GridFuseArgs) -> torch.Tensor:
         slots[g] = term if slot is None else slot + term
     # every slot 0..G-1 has a source: the checks accept only groups that number them all
     out = torch.cat([slot for slot in slots if slot is not None], dim=-1)
-    return out.reshape(out.shape[0], -1, out.shape[-1]).to(dtype)
+    out = out.reshape(out.shape[0], -1, out.shape[-1]).to(dtype)
+    check_finite_output(args, out)
+    return out
 
 
 @grid_fuse_face

@@ -175,7 +175,6 @@ def test_with_finite_checks_both_paths_name_a_poisoned_source(monkeypatch, poiso
         monkeypatch.setenv("FUSION_KERNEL", backend)
         with (
             encoder_fusion.kernels.finite_checks(),
-            no_launch(),
             pytest.raises(
                 encoder_fusion.kernels.NonFiniteError, match=r"sources\[1\] holds NaN or Inf"
             ) as caught,
@@ -184,6 +183,24 @@ def test_with_finite_checks_both_paths_name_a_poisoned_source(monkeypatch, poiso
         assert caught.value.source == 1
         # the switch is off by default: the poison passes through, as any tensor op would pass it
         assert not torch.isfinite(encoder_fusion.kernels.grid_fuse(sources, (3, 3), **args)).all()
+
+
+def test_with_finite_checks_an_output_beyond_its_dtype_is_named_by_slot(monkeypatch):
+    # finite float16 sources whose normalised, weighted sum (about 3 x 40,000) passes float16's 65,504
+    sources = [grid(2, 3, 3, 6).half(), grid(2, 3, 3, 4).half(), grid(2, 2, 2, 4).half()]
+    args = {"groups": [0, 1, 1], "layer_weights": [1.0, 40000.0, 40000.0]}
+    for backend in BACKENDS:
+        monkeypatch.setenv("FUSION_KERNEL", backend)
+        with (
+            encoder_fusion.kernels.finite_checks(),
+            pytest.raises(
+                encoder_fusion.kernels.NonFiniteError,
+                match=r"grid_fuse output slot 1 \(sources \[1, 2\]\) is NaN or Inf although every source is "
+                r"finite: its values went beyond torch\.float16's range",
+            ) as caught,
+        ):
+            encoder_fusion.kernels.grid_fuse(sources, (3, 3), **args)
+        assert caught.value.source == 1 and caught.value.in_output
 
 
 def test_a_constant_token_is_normalised_to_zero_at_the_smallest_eps(monkeypatch):

@@ -13,7 +13,9 @@ import numpy as np
 import PIL
 import torch
 import yaml
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from encoder_fusion.images import READER_VERSION, read_image
 
 ENV_VAR = "FUSION_DATA"
 IGNORE_INDEX = -1
@@ -154,7 +156,7 @@ class ImageDataset:
     def pixels_from(self) -> dict:
         """What the pixels depend on besides the files: the decoder (another Pillow may decode a
         file differently)."""
-        return {"pillow": PIL.__version__}
+        return {"pillow": PIL.__version__, "reader": READER_VERSION}
 
     def load(self, record: Record) -> Sample:
         """Decode one record: the image, its mask (checked against the image size) and its box."""
@@ -198,23 +200,6 @@ def register_dataset(cls: type[ImageDataset]) -> type[ImageDataset]:
 
 
 # -- file helpers ----------------------------------------------------------------------------------
-def read_image(path: Path) -> torch.Tensor:
-    """Decode an image file to uint8 ``(3, H, W)`` RGB.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not a readable image (the message names it).
-    """
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ValueError(f"image file {path} cannot be read as an image: {error}") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
 def read_mask_array(path: Path) -> np.ndarray:
     """Decode a single-channel mask file (modes L, P, I, I;16) to a 2-D integer array.
 
@@ -228,7 +213,8 @@ def read_mask_array(path: Path) -> np.ndarray:
                 raise ValueError(
                     f"mask file {path} has image mode {image.mode!r}; accepted: single-channel L, P, I, I;16"
                 )
-            return np.asarray(image).astype(np.int64)
+            # a mask with an EXIF orientation is shown turned, as read_image turns its image
+            return np.asarray(ImageOps.exif_transpose(image)).astype(np.int64)
     except FileNotFoundError:
         raise FileNotFoundError(f"mask file {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as error:

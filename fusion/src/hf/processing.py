@@ -14,14 +14,17 @@ image ends, and each ``<image>`` expands to its own image's count.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
+import PIL.Image
 import torch
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_utils import PILImageResampling, SizeDict, make_flat_list_of_images
 
+from encoder_fusion.images import read_image, shown_rgb
 from encoder_fusion.tiling import AUTO, TilingSpec, grid_of, token_count
 
 
@@ -52,6 +55,25 @@ class FusedImageProcessor(TorchvisionBackend):
                 f"{tile_size!r}"
             )
         self.tiling, self.tile_size = (None if spec is None else spec.as_dict()), tile_size
+
+    def fetch_images(self, image_url_or_urls: Any) -> Any:
+        """Local files (a path string or ``os.PathLike``) are read by the project's reader
+        (:func:`encoder_fusion.images.read_image`: EXIF orientation, wide bit depths); URLs go to
+        transformers' loader."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(x) for x in image_url_or_urls]
+        if isinstance(image_url_or_urls, os.PathLike) or (
+            isinstance(image_url_or_urls, str) and not image_url_or_urls.startswith(("http://", "https://"))
+        ):
+            return read_image(image_url_or_urls)
+        return super().fetch_images(image_url_or_urls)
+
+    def process_image(self, image: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A Pillow image is shown as a viewer shows it (:func:`encoder_fusion.images.shown_rgb`)
+        before transformers' conversion; tensors and arrays pass as they are."""
+        if isinstance(image, PIL.Image.Image):
+            image = shown_rgb(image)
+        return super().process_image(image, *args, **kwargs)
 
     def auto_tiling(self) -> TilingSpec | None:
         """The tiling when its grid is chosen per image, else None."""
