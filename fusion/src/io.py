@@ -32,10 +32,14 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     Returns:
         The path written.
     """
-    with atomic_path(path) as temp, open(temp, "wb") as handle:
-        handle.write(data if isinstance(data, bytes) else data.encode("utf-8"))
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with atomic_path(path) as temp, open(temp, "wb") as handle:
+            handle.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:  # a full disk's write error names no file: say which one
+        message = f"could not write {path}: {error.strerror or error}"
+        raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
     return Path(path)
 
 

@@ -326,7 +326,14 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
             ValueError: a folder on the way to ``path`` is a file (named).
             OSError: the file cannot be written (the message names it).
         """
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
+            raise ValueError(f"save_trained path={path!r} names no file; accepted: a .safetensors file path")
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(
+                f"save_trained path {path} is a folder; accepted: a file path (save_pretrained takes "
+                "a folder)"
+            )
         blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             raise ValueError(
@@ -342,8 +349,10 @@ class FusedEncoder(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY, tags=T
         try:
             with atomic_path(path) as temporary:
                 save_file(tensors, temporary, metadata=metadata)
-        except OSError as error:
-            raise OSError(f"save_trained could not write {path}: {error.strerror or error}") from error
+        except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+            raise OSError(
+                f"save_trained could not write {path}: {getattr(error, 'strerror', None) or error}"
+            ) from error
         return path
 
     def load_trained(self, path: str | os.PathLike) -> FusedEncoder:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import encoder_fusion.memory
+import encoder_fusion.model
 from encoder_fusion import EncoderGeometry, FusionHead
 from encoder_fusion.align import build_aligner
 from encoder_fusion.connector import build_connector
@@ -107,3 +108,116 @@ def test_finite_features_pass_the_check_unchanged():
     with finite_checks():
         checked = model(grids)
     torch.testing.assert_close(checked, model(grids), rtol=0, atol=0)
+
+
+# -- where files come from and go to -------------------------------------------------------------
+@pytest.mark.parametrize("weights", ["", "   "])
+def test_blank_weights_are_refused_naming_the_field(weights, tmp_path, monkeypatch):
+    import dataclasses
+
+    from encoder_fusion.encoders.tiny import tiny_spec
+
+    # a checkpoint in the working directory must never be picked up by accident
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"EncoderSpec\.weights='\s*' for encoder 'clip' names nothing"):
+        dataclasses.replace(tiny_spec("clip"), weights=weights)
+
+
+@pytest.fixture(scope="module")
+def fused():
+    from encoder_fusion import FusedEncoder
+    from encoder_fusion.encoders import build_encoder
+    from encoder_fusion.encoders.tiny import tiny_spec
+
+    torch.manual_seed(0)
+    return FusedEncoder([build_encoder(tiny_spec("clip"))], connector={"kind": "linear", "out_dim": 4})
+
+
+def test_save_trained_names_an_empty_or_folder_path(fused, tmp_path):
+    for path in ("", " "):
+        with pytest.raises(ValueError, match=r"save_trained path='\s*' names no file"):
+            fused.save_trained(path)
+    with pytest.raises(ValueError, match=r"save_trained path .* is a folder; accepted: a file path"):
+        fused.save_trained(tmp_path)
+
+
+def test_a_full_disk_under_save_trained_is_an_os_error_naming_the_path(fused, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:  # half a file, then the disk is full
+            handle.write(b"\0" * 10)
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(encoder_fusion.model, "save_file", full_disk)
+    target = tmp_path / "fusion.safetensors"
+    with pytest.raises(OSError, match=rf"save_trained could not write {target}: .*No space left on device"):
+        fused.save_trained(target)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
+
+
+def test_a_full_disk_under_a_report_write_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from encoder_fusion.io import write_json
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    target = tmp_path / "report.json"
+    with pytest.raises(OSError, match=rf"could not write {target}: No space left on device") as caught:
+        write_json(target, {"done": True})
+    assert caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- precision, device and layout ----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_runs_on_float_images_and_agrees_with_float32(dtype):
+    import copy
+
+    from encoder_fusion import FusedEncoder
+    from encoder_fusion.encoders import build_encoder
+    from encoder_fusion.encoders.tiny import tiny_spec
+
+    torch.manual_seed(1)
+    model = FusedEncoder(
+        [build_encoder(tiny_spec("clip"))], connector={"kind": "linear", "out_dim": 4}
+    ).eval()
+    images = torch.rand(3, 3, 70, 50, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model(images)
+        cast = copy.deepcopy(model).to(dtype)(images)
+    assert cast.dtype == dtype
+    torch.testing.assert_close(cast.float(), reference, rtol=0.1, atol=0.1)
+
+
+def test_images_without_values_or_dense_layout_and_raw_uint8_grids_are_refused():
+    from encoder_fusion.encoders import build_encoder
+    from encoder_fusion.encoders.tiny import tiny_spec
+
+    clip = build_encoder(tiny_spec("clip"))
+    images = torch.rand(2, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"images for encoder 'clip' are on the meta device"):
+        clip.preprocess(torch.empty(2, 3, 64, 64, device="meta"))
+    with pytest.raises(TypeError, match=r"are a torch\.sparse_coo tensor; accepted: a dense tensor"):
+        clip.preprocess(images.to_sparse())
+    with pytest.raises(
+        ValueError, match=r"got torch\.uint8 images in forward_tokens / forward_grids.*preprocess"
+    ):
+        clip.forward_grids((images * 255).to(torch.uint8))
+
+
+def test_an_encoder_image_size_below_its_patch_is_refused_at_build():
+    import dataclasses
+
+    from encoder_fusion.encoders import build_encoder
+    from encoder_fusion.encoders.tiny import tiny_spec
+
+    with pytest.raises(
+        ValueError, match=r"EncoderSpec\.image_size=\(8, 40\) for encoder 'clip' is smaller than one 16-pixel"
+    ):
+        build_encoder(dataclasses.replace(tiny_spec("clip"), image_size=(8, 40)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,16 @@ class EncoderSpec:
             )
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"EncoderSpec.model for encoder {self.name!r} must be a model name")
+        weights = self.weights
+        if weights is not None and (
+            not isinstance(weights, (str, os.PathLike)) or not os.fspath(weights).strip()
+        ):
+            # an empty path would name the working directory, and load whatever checkpoint lies there
+            raise ValueError(
+                f"EncoderSpec.weights={weights!r} for encoder {self.name!r} names nothing; accepted: None "
+                "(the source's default pretrained weights), 'random', a pretrained tag or hub repo id, or "
+                "a local checkpoint file or folder"
+            )
         if self.on_missing not in ON_MISSING:
             raise ValueError(
                 f"EncoderSpec.on_missing={self.on_missing!r} is unknown; accepted: {', '.join(ON_MISSING)}"
@@ -172,6 +183,16 @@ def check_images(images: torch.Tensor, min_size: int, encoder: str) -> None:
     if not isinstance(images, torch.Tensor):
         raise ValueError(
             f"images for encoder {encoder!r} must be a torch.Tensor, got {type(images).__name__}"
+        )
+    if images.layout != torch.strided:
+        raise TypeError(
+            f"images for encoder {encoder!r} are a {images.layout} tensor; accepted: a dense tensor "
+            "(call images.to_dense())"
+        )
+    if images.device.type == "meta":
+        raise ValueError(
+            f"images for encoder {encoder!r} are on the meta device, which holds no pixel values; "
+            "accepted: images on a real device (cpu, cuda)"
         )
     if images.ndim != 4:
         raise ValueError(
@@ -267,6 +288,12 @@ class Encoder(nn.Module):
         self.layer_indices = spec.hooks.resolve(self.depth, spec.name, unit)
         self.stride = max(self.layers[i].reduction for i in self.layer_indices)
         self._cropped: set[tuple[int, int]] = set()
+        if min(preprocessing.image_size) < self.stride:
+            raise ValueError(
+                f"EncoderSpec.image_size={tuple(preprocessing.image_size)} for encoder {spec.name!r} is "
+                f"smaller than one {self.stride}-pixel patch, which leaves no token; accepted: image_size "
+                f">= {self.stride} (a multiple of {self.stride} uses every pixel)"
+            )
         self.warn_crop(preprocessing.image_size)
         mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -365,7 +392,17 @@ class Encoder(nn.Module):
                 Inf (the images named).
         """
         check_images(pixels, self.stride, self.spec.name)
+        if not pixels.is_floating_point():
+            raise ValueError(
+                f"encoder {self.spec.name!r} got {pixels.dtype} images in forward_tokens / forward_grids, "
+                "which take normalised float pixels; accepted: encoder.preprocess(images) first "
+                "(FusedEncoder does it)"
+            )
         check_pixel_values(pixels, self.spec.name, unit_range=False)
+        # a model cast with .half() / .bfloat16() reads pixels of its own dtype, as timm casts them
+        weight = next(self.model.parameters(), None)
+        if weight is not None and weight.is_floating_point() and pixels.dtype != weight.dtype:
+            pixels = pixels.to(weight.dtype)
         self.warn_crop((pixels.shape[-2], pixels.shape[-1]))
         height, width = (size - size % self.stride for size in pixels.shape[-2:])
         read = self.read_layers(pixels[..., :height, :width])

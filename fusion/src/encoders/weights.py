@@ -60,6 +60,10 @@ def local_weights_path(weights: str | os.PathLike | None) -> Path | None:
     if weights is None:
         return None
     text = os.fspath(weights)
+    if not text.strip():
+        raise ValueError(
+            "weights='' names no file or folder; accepted: a checkpoint path, a tag or a repo id"
+        )
     path = Path(text).expanduser()
     if path.exists():
         return path
