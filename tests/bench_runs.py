@@ -10,12 +10,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from encoder_fusion.benchmarks.reports.report import load_report
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 BENCH = "from encoder_fusion.benchmarks.cli import bench_main; bench_main()"
+
+
+def smoke_config(*overrides: str):
+    """The composed config of ``experiment=smoke`` with ``overrides``, as ``fusion-bench`` composes it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=["experiment=smoke", *overrides])
 
 
 def bench_process(*args: str, cache: Path) -> tuple[list[str], dict]:

@@ -218,15 +218,16 @@ class FusionHead(nn.Module):
                 try:
                     combined.append(projection(combine(layers, aligner)))
                 except NonFiniteError as error:
-                    raise self.poisoned([(geometry, i) for i in combine.used_layers()], error) from None
+                    raise self.poisoned(error, [(geometry, combine)]) from None
             tokens = self.merge(combined)
         return self.connector(tokens)
 
     def poisoned(
-        self, sources: Sequence[tuple[EncoderGeometry, int]], error: NonFiniteError
+        self, error: NonFiniteError, encoders: Sequence[tuple[EncoderGeometry, LayerCombine]]
     ) -> NonFiniteError:
-        """``grid_fuse``'s non-finite source, named by its encoder and hooked layer (``sources``: the
-        (geometry, hooked-layer index) of each source of the call)."""
+        """``grid_fuse``'s non-finite source, named by its encoder and hooked layer (``encoders``: the
+        geometry and layer combine of each encoder whose layers the call read, in order)."""
+        sources = [(geometry, i) for geometry, combine in encoders for i in combine.used_layers()]
         geometry, index = sources[error.source]
         if error.in_output:
             return NonFiniteError(
@@ -253,14 +254,11 @@ class FusionHead(nn.Module):
         """Align, combine and channel-concat every encoder in one ``encoder_fusion.kernels.grid_fuse``
         call."""
         sources, groups, weights, ln_weight, ln_bias = [], [], [], [], []
-        named: list[tuple[EncoderGeometry, int]] = []  # each source's encoder and hooked layer
         first_slot = 0
         # a ModuleList yields plain Modules to a type checker: these are the combines __init__ built
-        for geometry, combine, layers in zip(
-            self.geometries, cast("Sequence[LayerCombine]", self.combines), grids
-        ):
+        combines = cast("Sequence[LayerCombine]", self.combines)
+        for combine, layers in zip(combines, grids):
             inputs = combine.fuse_inputs(layers)
-            named += [(geometry, i) for i in combine.used_layers()]
             sources += inputs.sources
             groups += [first_slot + slot for slot in inputs.slots]
             weights.append(inputs.weights)
@@ -282,7 +280,7 @@ class FusionHead(nn.Module):
                 normalize=self.normalize,
             )
         except NonFiniteError as error:
-            raise self.poisoned(named, error) from None
+            raise self.poisoned(error, list(zip(self.geometries, combines))) from None
 
     def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """Map output tokens (B, output_tokens, D') back onto the target grid: (B, H, W, D').

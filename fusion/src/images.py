@@ -87,8 +87,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     try:
         with _own_size_check():
             image = Image.open(path)
-        with image:
-            check_size(*image.size, f"image file {path}")
+        with image:  # shown_rgb checks the size before any pixel is decoded
             return shown_rgb(image, f"image file {path}")
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist") from None

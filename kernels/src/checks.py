@@ -55,14 +55,14 @@ def _has_values(value: object) -> bool:
 
 
 def finite_checks_enabled() -> bool:
-    """Whether ``grid_fuse`` reads every source for NaN and Inf (see the module docstring)."""
+    """Whether ``grid_fuse`` checks its output for NaN and Inf (see the module docstring)."""
     return _FINITE_CHECKS[0]
 
 
 @contextlib.contextmanager
 def finite_checks(enabled: bool = True) -> Iterator[None]:
-    """While open, ``grid_fuse`` checks (or, with ``enabled=False``, does not check) that every
-    source is finite."""
+    """While open, ``grid_fuse`` checks (or, with ``enabled=False``, does not check) that its output
+    is finite, naming the source that made it not (:func:`check_finite_output`)."""
     before, _FINITE_CHECKS[0] = _FINITE_CHECKS[0], bool(enabled)
     try:
         yield
@@ -260,8 +260,7 @@ def check_finite_output(args: GridFuseArgs, out: torch.Tensor) -> None:
 
 def check_grid_fuse_values(args: GridFuseArgs) -> None:
     """Validate the values of a call that :func:`check_grid_fuse_inputs` accepted: ``eps``, the
-    layer weights and the affine parameters (and, under :func:`finite_checks`, the sources), which
-    would otherwise turn the output into NaN.
+    layer weights and the affine parameters, which would otherwise turn the output into NaN.
 
     The values of a layer-weight tensor are checked only in host memory and outside tracing: on an
     accelerator reading them would make every call wait for the device, and ``torch.compile``
@@ -269,7 +268,6 @@ def check_grid_fuse_values(args: GridFuseArgs) -> None:
 
     Raises:
         ValueError: naming the argument, the value and what is accepted.
-        NonFiniteError: a source holding NaN or Inf (under :func:`finite_checks`).
     """
     eps, layer_weights = args.eps, args.layer_weights
     low, high = EPS_RANGE

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_runs import BENCH, bench_process, check_report, job_reports, run_ok
-from hydra import compose, initialize_config_dir
+from bench_runs import BENCH, bench_process, check_report, job_reports, run_ok, smoke_config
 
 import encoder_fusion.benchmarks.features.cache as features
 from encoder_fusion.benchmarks.cli import report_main
@@ -25,11 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 
 pytestmark = pytest.mark.slow
-
-
-def make(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=["experiment=smoke", *overrides])
 
 
 def check_layer_weights(record, tasks: list[str]) -> None:
@@ -83,10 +77,10 @@ def test_a_second_strategy_on_the_same_data_extracts_nothing(tmp_path, monkeypat
 
     monkeypatch.setattr(features.FeatureCache, "_extract", counted)
     cache = f"bench.cache_dir={tmp_path / 'cache'}"
-    run_benchmark(make(cache, "fusion=eagle"), tmp_path / "a")
+    run_benchmark(smoke_config(cache, "fusion=eagle"), tmp_path / "a")
     assert sorted(extractions) == ["clip", "clip", "dino", "dino"]  # train and test of each encoder
     extractions.clear()
-    path = run_benchmark(make(cache, "fusion=mmvp_interleave"), tmp_path / "b")
+    path = run_benchmark(smoke_config(cache, "fusion=mmvp_interleave"), tmp_path / "b")
     assert extractions == []
     check_report(path, ["classification"], "mmvp_interleave")
 
@@ -104,7 +98,7 @@ def test_a_failing_strategy_is_recorded_not_lost(tmp_path, monkeypatch):
         return original(task, make_head, train, test, recipe)
 
     monkeypatch.setattr(encoder_fusion.benchmarks.run.compare, "run_probe", failing_when_fused)
-    report = load_report(run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path))
+    report = load_report(run_benchmark(smoke_config(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path))
     clip, dino, fused = report.strategies
     assert fused.errors == [{"where": "probe:classification", "error": "RuntimeError: probe diverged"}]
     assert fused.accuracy["classification"].mean is None and fused.latency is not None
@@ -121,7 +115,7 @@ def test_a_run_whose_every_strategy_failed_fails_after_writing_its_report(tmp_pa
 
     monkeypatch.setattr(encoder_fusion.benchmarks.run.compare, "run_probe", failing)
     with pytest.raises(RuntimeError, match=r"every strategy failed .*first: clip_only / probe:classif"):
-        run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path)
+        run_benchmark(smoke_config(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path)
     report = load_report(tmp_path / "report.json")
     assert all(s.errors for s in report.strategies)
     # through the Hydra main: exit 1, one line, error.json beside the report for fusion-report
@@ -143,7 +137,7 @@ def test_a_run_whose_every_strategy_failed_fails_after_writing_its_report(tmp_pa
 
 def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
     coco = run_benchmark(
-        make(
+        smoke_config(
             "data=coco128",
             f"data.root={datasets_root}",
             "data.limit=24",
@@ -162,7 +156,7 @@ def test_real_datasets_with_tiny_models(tmp_path, datasets_root):
     assert all("layer_weights" in s.accuracy["dense"].extra for s in report.strategies)
     # Tiny-ImageNet has no masks: the probes it can feed
     tiny = run_benchmark(
-        make(
+        smoke_config(
             "data=tinyimagenet",
             f"data.root={datasets_root}",
             "data.limit=400",
@@ -325,7 +319,9 @@ def test_two_process_extraction_equals_one_process(tmp_path):
 def test_planted_experiment_finds_the_planted_gain(tmp_path):
     """CLIP's role carries only the class, DINOv2's only the location: fusing them must gain where
     location is needed, with intervals above zero, and the verdict must be gain."""
-    path = run_benchmark(make("experiment=planted", f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path)
+    path = run_benchmark(
+        smoke_config("experiment=planted", f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path
+    )
     report = load_report(path)
     clip, dino, fused = report.strategies
     assert {s.name: s.weights for s in report.strategies}["eagle"] == {"clip": "planted", "dino": "planted"}
@@ -348,7 +344,7 @@ def test_the_vlm_probe_finds_a_planted_class_signal(tmp_path):
         "experiment=planted", "task=vlm", "~task.vlm.templates.where", "~task.vlm.templates.size",
         "task.lr=3e-2", "bench.latency.repeats=2", f"bench.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
-    cfg = make(*overrides, "plant.clip=location", "plant.dino=class")
+    cfg = smoke_config(*overrides, "plant.clip=location", "plant.dino=class")
     report = load_report(run_benchmark(cfg, tmp_path / "dino_class"))
     clip, dino, fused = report.strategies
     assert clip.accuracy["vlm"].mean < 0.5  # chance among four options, give or take
@@ -356,7 +352,7 @@ def test_the_vlm_probe_finds_a_planted_class_signal(tmp_path):
         assert record.accuracy["vlm"].delta_ci[0] > 0, record.accuracy["vlm"]
     assert fused.verdict == "gain"
     # the roles swapped: now DINOv2-only lacks the class, and finds no gain (it loses what CLIP has)
-    cfg = make(*overrides, "plant.clip=class", "plant.dino=location")
+    cfg = smoke_config(*overrides, "plant.clip=class", "plant.dino=location")
     report = load_report(run_benchmark(cfg, tmp_path / "clip_class"))
     clip, dino, fused = report.strategies
     assert dino.accuracy["vlm"].delta_ci[1] < 0, dino.accuracy["vlm"]

@@ -8,27 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from bench_runs import smoke_config
 
 import encoder_fusion.benchmarks.run.compare
 from encoder_fusion.benchmarks.run import run_benchmark
-from encoder_fusion.encoders import Encoder
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def make(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=["experiment=smoke", *overrides])
-
-
-@pytest.fixture
-def nothing_runs(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the environment was checked")
-
-    monkeypatch.setattr(encoder_fusion.benchmarks.run.compare, "load_batch", forbidden)
-    monkeypatch.setattr(Encoder, "forward_tokens", forbidden)
 
 
 @pytest.fixture
@@ -52,7 +35,7 @@ def test_the_kernel_choice_is_checked_at_start(value, message, monkeypatch, tmp_
     monkeypatch.setenv("FUSION_KERNEL", value)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=message):
-        run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path / "run")
+        run_benchmark(smoke_config(f"bench.cache_dir={tmp_path / 'cache'}"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -98,7 +81,7 @@ def test_a_location_that_cannot_be_written_is_refused_at_start(
         overrides.append(f"bench.cache_dir={tmp_path / 'cache'}")
         out = a_file
     with pytest.raises(ValueError, match=message.format(file=a_file)):
-        run_benchmark(make(*overrides), out)
+        run_benchmark(smoke_config(*overrides), out)
     assert not (tmp_path / "cache").exists()
 
 

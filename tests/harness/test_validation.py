@@ -12,20 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from bench_runs import smoke_config
 from PIL import Image
 
-import encoder_fusion.benchmarks.run.compare
 from encoder_fusion.benchmarks.run import run_benchmark
-from encoder_fusion.encoders import Encoder
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = "from encoder_fusion.benchmarks.cli import bench_main; bench_main()"
-
-
-def make(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=["experiment=smoke", *overrides])
 
 
 def write_imagefolder(root: Path, classes: tuple[str, ...]) -> Path:
@@ -34,17 +27,6 @@ def write_imagefolder(root: Path, classes: tuple[str, ...]) -> Path:
         for i in range(6):
             Image.new("RGB", (24, 24), (40 * index, 7 * i, 90)).save(root / name / f"{i}.png")
     return root
-
-
-@pytest.fixture
-def nothing_runs(monkeypatch):
-    """Fail the test if an image is loaded or an encoder runs."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before every setting was checked")
-
-    monkeypatch.setattr(encoder_fusion.benchmarks.run.compare, "load_batch", forbidden)
-    monkeypatch.setattr(Encoder, "forward_tokens", forbidden)
 
 
 BAD_SETTINGS = [
@@ -187,7 +169,7 @@ BAD_SETTINGS = [
 @pytest.mark.parametrize(("overrides", "message"), BAD_SETTINGS, ids=[" ".join(o) for o, _ in BAD_SETTINGS])
 def test_a_bad_setting_fails_before_any_work(overrides, message, tmp_path, nothing_runs):
     with pytest.raises(ValueError, match=message) as caught:
-        run_benchmark(make(f"bench.cache_dir={tmp_path / 'cache'}", *overrides), tmp_path / "run")
+        run_benchmark(smoke_config(f"bench.cache_dir={tmp_path / 'cache'}", *overrides), tmp_path / "run")
     assert "\n" not in str(caught.value)  # one line
     assert not (tmp_path / "run").exists()
 
@@ -195,7 +177,7 @@ def test_a_bad_setting_fails_before_any_work(overrides, message, tmp_path, nothi
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_gpu_setting_without_a_gpu_fails_before_any_work(tmp_path, nothing_runs):
     with pytest.raises(ValueError, match=r"bench\.device='cuda' but CUDA is not available; accepted: cpu"):
-        run_benchmark(make("bench.device=cuda"), tmp_path)
+        run_benchmark(smoke_config("bench.device=cuda"), tmp_path)
 
 
 def test_tasks_must_fit_the_data(tmp_path, nothing_runs):
@@ -203,7 +185,7 @@ def test_tasks_must_fit_the_data(tmp_path, nothing_runs):
     with pytest.raises(
         ValueError, match=r"classification needs at least 2 label classes, and data=imagefolder"
     ):
-        run_benchmark(make("data=imagefolder", f"data.root={one}"), tmp_path / "a")
+        run_benchmark(smoke_config("data=imagefolder", f"data.root={one}"), tmp_path / "a")
     two = write_imagefolder(tmp_path / "two", ("cat", "dog"))
     for task, annotation in (("dense", "mask"), ("localization", "box")):
         with pytest.raises(
@@ -212,11 +194,13 @@ def test_tasks_must_fit_the_data(tmp_path, nothing_runs):
             rf"data=imagefolder split has one; accepted for this data: "
             rf"\['classification', 'correspondence', 'knn', 'vlm'\]",
         ):
-            run_benchmark(make("data=imagefolder", f"data.root={two}", f"task={task}"), tmp_path / "b")
+            run_benchmark(
+                smoke_config("data=imagefolder", f"data.root={two}", f"task={task}"), tmp_path / "b"
+            )
 
 
 def test_vlm_questions_the_data_cannot_answer_fail_before_any_work(tmp_path, datasets_root, nothing_runs):
-    cfg = make("data=tinyimagenet", f"data.root={datasets_root}", "data.limit=400", "task=vlm")
+    cfg = smoke_config("data=tinyimagenet", f"data.root={datasets_root}", "data.limit=400", "task=vlm")
     with pytest.raises(
         ValueError,
         match=r"task\.vlm\.templates\.size='how large is the object \?' asks from each "
@@ -227,7 +211,7 @@ def test_vlm_questions_the_data_cannot_answer_fail_before_any_work(tmp_path, dat
 
 def test_a_language_model_checkpoint_that_is_not_there_fails_before_any_work(tmp_path, nothing_runs):
     with pytest.raises(FileNotFoundError, match=r"weights file or folder not found: .*absent"):
-        run_benchmark(make("task=vlm", f"llm.weights={tmp_path / 'absent'}"), tmp_path / "run")
+        run_benchmark(smoke_config("task=vlm", f"llm.weights={tmp_path / 'absent'}"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -241,7 +225,7 @@ def test_lora_without_peft_fails_before_any_work(tmp_path, nothing_runs, monkeyp
     with pytest.raises(
         ValueError, match=r"task\.vlm\.lora\.rank=4 > 0 asks for LoRA adapters, which need peft"
     ):
-        run_benchmark(make("task=vlm", "task.vlm.lora.rank=4"), tmp_path / "run")
+        run_benchmark(smoke_config("task=vlm", "task.vlm.lora.rank=4"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -252,7 +236,8 @@ def test_dense_on_a_dataset_without_masks_fails_before_any_work(tmp_path, datase
         r"'loc",
     ):
         run_benchmark(
-            make("data=tinyimagenet", f"data.root={datasets_root}", "data.limit=400", "task=all"), tmp_path
+            smoke_config("data=tinyimagenet", f"data.root={datasets_root}", "data.limit=400", "task=all"),
+            tmp_path,
         )
 
 
@@ -288,7 +273,7 @@ def test_a_size_question_on_data_whose_label_classes_name_no_mask_class_is_refus
     from encoder_fusion.benchmarks.config.plan import llm_preset
     from encoder_fusion.benchmarks.tasks.vlm import VlmProbeOptions
 
-    train, test = build_datasets(make())
+    train, test = build_datasets(smoke_config())
     options = VlmProbeOptions(templates={"size": "how large is it ?"})
     check_vlm_probe(options, llm_preset("tiny"), train, test)  # synthetic: the shapes name both
     train.mask_classes = [f"region {i}" for i in range(len(train.mask_classes or []))]

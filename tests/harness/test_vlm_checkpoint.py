@@ -11,8 +11,7 @@ import json
 
 import pytest
 import torch
-from bench_runs import CONF, check_report
-from hydra import compose, initialize_config_dir
+from bench_runs import check_report, smoke_config
 
 from encoder_fusion.benchmarks.config.checks import build_datasets
 from encoder_fusion.benchmarks.config.plan import llm_preset
@@ -23,11 +22,6 @@ from encoder_fusion.benchmarks.timing.llm import build_language_model
 from encoder_fusion.benchmarks.timing.llm_weights import check_checkpoint, load_tokenizer
 
 QUESTION = "what is in the image ?"
-
-
-def make(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=["experiment=smoke", *overrides])
 
 
 def word_tokenizer(words: list[str]):
@@ -54,7 +48,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(3)
     model = AutoModelForCausalLM.from_config(llm_preset("tiny").hf_config())
     model.save_pretrained(folder)
-    train, _ = build_datasets(make())
+    train, _ = build_datasets(smoke_config())
     texts = [QUESTION, *answer_phrases(train.classes, train.mask_classes or [])]
     word_tokenizer([w for text in texts for w in text.split()]).save_pretrained(folder)
     return folder, model
@@ -107,7 +101,7 @@ def test_a_run_with_the_checkpoint_generation_and_lora(checkpoint, tmp_path):
     """The whole VLM probe on the checkpoint: its tokenizer, greedy generation and LoRA adapters,
     with every strategy's per-item results and deltas; the report names the checkpoint."""
     folder, _ = checkpoint
-    cfg = make(
+    cfg = smoke_config(
         "task=vlm",
         f"+task.vlm.templates.present={QUESTION}",
         "task.vlm.generate=true",

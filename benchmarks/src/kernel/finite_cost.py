@@ -1,9 +1,10 @@
-"""What the finite check of ``grid_fuse`` sources costs per call, measured beside the call without it.
+"""What the finite check of ``grid_fuse`` costs per call, measured beside the call without it.
 
     python -m encoder_fusion.benchmarks.kernel.finite_cost --out benchmarks/results/finite_check_cpu.json
 
-The check (:func:`encoder_fusion.kernels.finite_checks`, on in the benchmark's probes) reads every
-source once more (one ``isfinite().all()`` per source) and, on an accelerator, waits for it. Per case,
+The check (:func:`encoder_fusion.kernels.finite_checks`, on in the benchmark's probes) reads the
+output once more (one sum, the sources only when it is not finite) and, on an accelerator, waits
+for it. Per case,
 dtype and batch, the plain call and the checked call run in turn, round after round, so drift hits
 both alike; ``x plain`` is the median checked call over the median plain one, with a 95 % interval
 over paired resamples of the rounds. The call is the public ``grid_fuse`` under ``torch.no_grad``: the

@@ -368,8 +368,8 @@ def run_compare(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -
         print(f"Features cached in {checked.cache.root}{where}; errors: {role_errors or 'none'}")
         return None
     records = {s.name: strategy_record(s, encoders, checked.plants) for s in checked.strategies}
-    # every source of every merge is checked for NaN and Inf, so a poisoned feature is named by its
-    # encoder and layer instead of training a probe on NaN (its cost: README, "Reliability")
+    # every merge's output is checked for NaN and Inf, so a poisoned feature is named by its encoder
+    # and layer instead of training a probe on NaN (its cost: README, "Reliability")
     with phase("probes", seconds), finite_checks():
         items = run_probes(cfg, checked, records, encoders, splits, role_errors)
         metrics = {task: TASKS[task].metric_from_sums for task in plain(cfg.task.names)}
