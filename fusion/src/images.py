@@ -33,6 +33,12 @@ _PILLOW_LIMIT = threading.Lock()  # Pillow's limit is a module global: one reade
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
+class BadImageError(ValueError):
+    """An image that cannot be used: not decodable (truncated, not an image), too large, or holding
+    NaN or Inf. A ``ValueError``, so callers that catch those keep working; the harness's
+    ``data.on_bad_image=skip`` skips exactly these."""
+
+
 def max_pixels() -> int:
     """The largest image accepted, in pixels: ``FUSION_MAX_IMAGE_PIXELS``, else Pillow's
     ``PIL.Image.MAX_IMAGE_PIXELS``.
@@ -65,11 +71,11 @@ def check_size(width: int, height: int, what: str) -> None:
     """Refuse an image of more than :func:`max_pixels` pixels.
 
     Raises:
-        ValueError: naming ``what``, its size, the limit and how to raise it.
+        BadImageError: naming ``what``, its size, the limit and how to raise it.
     """
     limit = max_pixels()
     if width * height > limit:
-        raise ValueError(
+        raise BadImageError(
             f"{what} is {width}x{height} = {width * height:,} pixels, above the limit of {limit:,} that "
             f"guards against decompression bombs; accepted: images up to {limit:,} pixels (raise the "
             f"limit with {MAX_PIXELS_ENV}=<pixels> if the file is trusted)"
@@ -81,7 +87,8 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a readable image, too large, or holds NaN (the message names it).
+        BadImageError: the file is not a readable image, too large, or holds NaN (the message names
+            it).
     """
     path = Path(path)
     try:
@@ -92,7 +99,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:  # SyntaxError: a broken PNG
-        raise ValueError(f"image file {path} cannot be read as an image: {error}") from None
+        raise BadImageError(f"image file {path} cannot be read as an image: {error}") from None
 
 
 def shown_rgb(image: Image.Image, what: str = "the image") -> torch.Tensor:
@@ -100,7 +107,7 @@ def shown_rgb(image: Image.Image, what: str = "the image") -> torch.Tensor:
     per channel scaled to 8 by their real range.
 
     Raises:
-        ValueError: a float image holding NaN or Inf (``what`` names it).
+        BadImageError: too large, or a float image holding NaN or Inf (``what`` names it).
     """
     check_size(*image.size, what)
     image = ImageOps.exif_transpose(image)
@@ -117,11 +124,11 @@ def to_8_bits(values: np.ndarray, mode: str, what: str = "the image") -> np.ndar
     them) by 0 to 65535, ``F`` within [0, 1] by that range, anything else by the image's own range.
 
     Raises:
-        ValueError: NaN or Inf values (``what`` names the image).
+        BadImageError: NaN or Inf values (``what`` names the image).
     """
     values = values.astype(np.float64)
     if not np.isfinite(values).all():
-        raise ValueError(f"{what} holds NaN or Inf pixel values; accepted: finite values")
+        raise BadImageError(f"{what} holds NaN or Inf pixel values; accepted: finite values")
     low, high = float(values.min()), float(values.max())
     if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
         low, high = 0.0, 65535.0

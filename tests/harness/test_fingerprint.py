@@ -1,9 +1,10 @@
-"""The feature cache never serves stale features: image files are keyed by their contents (a cheap
-key per file, the whole file hashed again when it changes), the synthetic set by its generator's
-version and parameters."""
+"""The feature cache never serves stale features: image files are keyed by their contents (every byte
+hashed on every run by default; with ``quick``, a cheap key per file and the whole file hashed again
+when it changes), the synthetic set by its generator's version and parameters."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -51,8 +52,48 @@ def test_a_file_rewritten_in_place_gets_a_new_key(tmp_path):
     assert index.digest([path]) != before
 
 
-def test_unchanged_files_are_not_read_whole_again(tmp_path, full_hashes):
+def middle_edited(path: Path) -> None:
+    """One byte flipped in the middle of ``path``, its size, mtime and end blocks kept."""
+    stamp, data = path.stat().st_mtime_ns, bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    write_bytes(path, bytes(data), mtime_ns=stamp)
+
+
+def test_the_full_key_sees_an_edit_that_keeps_size_mtime_and_end_blocks(tmp_path, full_hashes):
+    """The issue's case: an image edited in its middle, size and mtime kept. The default key hashes
+    every byte on every run, so it changes; the quick key (opt-in) is documented to miss it."""
+    path = tmp_path / "a.bin"
+    write_bytes(path, os.urandom(5 * BLOCK))
+    full, quick = FileIndex(tmp_path / "full"), FileIndex(tmp_path / "quick", "quick")
+    want_before = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert full.content_hashes([path]) == quick.content_hashes([path]) == [want_before]
+    middle_edited(path)
+    want_after = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert want_after != want_before
+    assert full.content_hashes([path]) == [want_after]
+    assert quick.content_hashes([path]) == [want_before]  # the opt-in's known blind spot
+
+
+def test_the_full_key_reads_every_file_on_every_run(tmp_path, full_hashes):
     index = FileIndex(tmp_path / "index")
+    paths = [tmp_path / f"{i}.bin" for i in range(3)]
+    for i, path in enumerate(paths):
+        write_bytes(path, bytes([i]) * (3 * BLOCK))
+    first = index.digest(paths)
+    assert index.digest(paths) == first
+    assert full_hashes == [p.resolve() for p in paths] * 2
+    # a quick index over the same folder starts warm: the full runs recorded what it trusts
+    full_hashes.clear()
+    assert FileIndex(tmp_path / "index", "quick").digest(paths) == first and full_hashes == []
+
+
+def test_an_unknown_content_key_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"content_key='sha1' is unknown; accepted: full, quick"):
+        FileIndex(tmp_path, "sha1")
+
+
+def test_unchanged_files_are_not_read_whole_again(tmp_path, full_hashes):
+    index = FileIndex(tmp_path / "index", "quick")
     big = [tmp_path / f"{i}.bin" for i in range(3)]
     for i, path in enumerate(big):
         write_bytes(path, bytes([i]) * (3 * BLOCK))
@@ -68,8 +109,9 @@ def test_unchanged_files_are_not_read_whole_again(tmp_path, full_hashes):
     assert changed != first and full_hashes == [big[1].resolve()]
 
 
-def test_a_touched_or_copied_file_keeps_its_key(tmp_path):
-    index = FileIndex(tmp_path / "index")
+@pytest.mark.parametrize("content_key", ["full", "quick"])
+def test_a_touched_or_copied_file_keeps_its_key(tmp_path, content_key):
+    index = FileIndex(tmp_path / "index", content_key)
     path = tmp_path / "one" / "a.bin"
     path.parent.mkdir()
     write_bytes(path, os.urandom(3 * BLOCK))
@@ -83,7 +125,7 @@ def test_a_touched_or_copied_file_keeps_its_key(tmp_path):
 
 
 def test_a_damaged_index_costs_one_hashing_not_a_wrong_key(tmp_path, full_hashes):
-    index, path = FileIndex(tmp_path / "index"), tmp_path / "a.bin"
+    index, path = FileIndex(tmp_path / "index", "quick"), tmp_path / "a.bin"
     write_bytes(path, os.urandom(3 * BLOCK))
     before = index.digest([path])
     index.index_path([path]).write_text('{"version": 1, "files": {"')

@@ -29,8 +29,9 @@ from encoder_fusion.benchmarks.config.schema import (
     LlmConfig,
     conf_dir,
 )
-from encoder_fusion.benchmarks.datasets import DATASETS, ImageDataset, build_train_test
+from encoder_fusion.benchmarks.datasets import DATASETS, ON_BAD_IMAGE, ImageDataset, build_train_test
 from encoder_fusion.benchmarks.features.cache import STORAGE_DTYPES, FeatureCache, extraction_device
+from encoder_fusion.benchmarks.features.fingerprint import CONTENT_KEYS
 from encoder_fusion.benchmarks.features.planted import PLANTS, PlantOptions
 from encoder_fusion.benchmarks.options import OptionError
 from encoder_fusion.benchmarks.reports.verdicts import AssessOptions
@@ -66,7 +67,11 @@ ASSESS_KEYS = {f: f"bench.{f}" for f in ("ci_resamples", "min_detectable_pp", "m
 VLM_KEYS = {"prompt_tokens": "bench.prompt_tokens", "decode_tokens": "bench.decode_tokens"}
 LLM_KEYS = {f.name: f"llm.{f.name}" for f in dataclasses.fields(LlmSpec)}
 RECIPE_KEYS = {f.name: f"task.{f.name}" for f in dataclasses.fields(ProbeRecipe)} | {"device": "bench.device"}
-CACHE_KEYS = {"dtype": "bench.cache_dtype", "batch_size": "bench.extract_batch_size"}
+CACHE_KEYS = {
+    "dtype": "bench.cache_dtype",
+    "batch_size": "bench.extract_batch_size",
+    "content_key": "bench.content_key",
+}
 PLANT_KEYS = {"noise": "plant.noise"}
 # the share of free memory a language model's weights may take; the rest is for activations, the KV
 # cache and the vision encoders
@@ -91,6 +96,8 @@ def check_names(cfg: Any) -> None:
     named = [
         ("data.name", cfg.data.name, DATASETS),
         ("bench.cache_dtype", cfg.bench.cache_dtype, STORAGE_DTYPES),
+        ("bench.content_key", cfg.bench.content_key, CONTENT_KEYS),
+        ("data.on_bad_image", cfg.data.on_bad_image, ON_BAD_IMAGE),
         ("bench.latency.dtype", cfg.bench.latency.dtype, DTYPES),
         *(
             (f"plant.{role}", cfg.plant[role], PLANTS)
@@ -414,6 +421,7 @@ def feature_cache(cfg: Any) -> FeatureCache:
         return FeatureCache(
             cfg.bench.cache_dir,
             dtype=cfg.bench.cache_dtype,
+            content_key=cfg.bench.content_key,
             batch_size=cfg.bench.extract_batch_size,
             device=extraction_device(cfg.bench.device),
             progress=cfg.bench.progress,

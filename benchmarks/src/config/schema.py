@@ -228,7 +228,9 @@ class TaskConfig:
 class DataConfig:
     """The dataset (group ``data``); ``root`` None reads ``$FUSION_DATA``; ``image_size`` is the square
     size images are loaded at (each encoder then applies its own preprocessing); ``require`` keeps only
-    images carrying these annotations (``label``, ``mask``, ``box``)."""
+    images carrying these annotations (``label``, ``mask``, ``box``); ``on_bad_image``: ``stop`` (an image
+    that cannot be decoded stops the run, naming its file) or ``skip`` (it is left out, and the report
+    counts and names what was skipped)."""
 
     name: str = "synthetic"
     root: str | None = None
@@ -237,6 +239,7 @@ class DataConfig:
     image_size: int = 224
     require: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    on_bad_image: str = "stop"
 
 
 @dataclass
@@ -291,7 +294,10 @@ class BenchConfig:
     first token is projected from the prefill rate measured with ``llm``.
     ``ci_resamples``: bootstrap resamples of every interval; ``min_detectable_pp``: the smallest
     accuracy change worth detecting (the report says when the test split is too small for it);
-    ``max_overhead``: a TTFT budget against CLIP-only (null: none).
+    ``max_overhead``: a TTFT budget against CLIP-only (null: none). ``content_key``: how the feature
+    cache knows an image file is unchanged: ``full`` hashes every byte on every run, ``quick`` trusts a
+    recorded hash while the file's size, modification time and end blocks are unchanged (for datasets
+    too big to read twice; see :mod:`encoder_fusion.benchmarks.features.fingerprint`).
     """
 
     mode: BenchMode = BenchMode.compare
@@ -299,6 +305,7 @@ class BenchConfig:
     threads: int | None = None
     cache_dir: str | None = None
     cache_dtype: str = "float32"
+    content_key: str = "full"
     extract_batch_size: int = 32
     progress: bool = True
     hub: HubMode = HubMode.auto

@@ -29,10 +29,12 @@ from encoder_fusion.benchmarks.datasets.base import (
     register_dataset,
 )
 from encoder_fusion.benchmarks.datasets.splits import (
+    ON_BAD_IMAGE,
     balanced_subset,
     build_dataset,
     build_train_test,
     load_batch,
+    load_split,
     resize_image,
     resize_mask,
     stratified_split,
@@ -45,6 +47,7 @@ __all__ = [
     "ENV_VAR",
     "IGNORE_INDEX",
     "IMAGE_SUFFIXES",
+    "ON_BAD_IMAGE",
     "SHAPES",
     "WORDS",
     "ImageDataset",
@@ -56,6 +59,7 @@ __all__ = [
     "build_train_test",
     "formats",
     "load_batch",
+    "load_split",
     "register_dataset",
     "resize_image",
     "resize_mask",

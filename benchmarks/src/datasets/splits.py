@@ -13,7 +13,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from encoder_fusion.benchmarks.datasets.base import ANNOTATIONS, DATASETS, ENV_VAR, IGNORE_INDEX, ImageDataset
+from encoder_fusion.benchmarks.datasets.base import (
+    ANNOTATIONS,
+    DATASETS,
+    ENV_VAR,
+    IGNORE_INDEX,
+    ImageDataset,
+    Sample,
+)
+from encoder_fusion.images import BadImageError
+
+# what an image that cannot be used does (data.on_bad_image): stop the run naming it, or be left out
+ON_BAD_IMAGE = ("stop", "skip")
 
 
 # -- building --------------------------------------------------------------------------------------
@@ -228,6 +239,12 @@ def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(mask[None, None].double(), size=(size, size), mode="nearest")[0, 0].long()
 
 
+def check_image_size(image_size: int) -> None:
+    """Refuse a load size that is not a positive int, before any image is decoded."""
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+
+
 def load_batch(dataset: ImageDataset, indices: Sequence[int], image_size: int) -> dict:
     """Decode ``indices`` of ``dataset`` into one square batch.
 
@@ -243,8 +260,7 @@ def load_batch(dataset: ImageDataset, indices: Sequence[int], image_size: int) -
     Raises:
         ValueError: ``image_size`` not a positive int, no indices, or an index out of range.
     """
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    check_image_size(image_size)
     indices = [int(i) for i in indices]
     if not indices:
         raise ValueError("load_batch got no indices")
@@ -253,7 +269,50 @@ def load_batch(dataset: ImageDataset, indices: Sequence[int], image_size: int) -
         raise ValueError(
             f"load_batch indices {outside[:5]} are out of range for {dataset.NAME} of {len(dataset)} images"
         )
-    samples = [dataset[i] for i in indices]
+    return collate([dataset[i] for i in indices], image_size)
+
+
+def load_split(
+    dataset: ImageDataset, image_size: int, on_bad_image: str = "stop"
+) -> tuple[ImageDataset, dict, list[dict[str, str]]]:
+    """Decode every image of ``dataset`` into one batch (:func:`load_batch`), deciding what an image
+    that cannot be used (:class:`encoder_fusion.images.BadImageError`: undecodable, too large, NaN)
+    does: ``"stop"`` raises it, naming the file; ``"skip"`` leaves it out.
+
+    Returns:
+        ``(kept, batch, skipped)``: the dataset of the images kept (``dataset`` itself when none was
+        skipped), their batch, and ``{"file", "error"}`` of every image skipped, in order.
+
+    Raises:
+        ValueError: ``image_size`` not a positive int, an unknown ``on_bad_image``, or every image
+            skipped.
+        BadImageError: with ``"stop"``, the first image that cannot be used.
+    """
+    check_image_size(image_size)
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image={on_bad_image!r} is unknown; accepted: {', '.join(ON_BAD_IMAGE)}")
+    samples, kept, skipped = [], [], []
+    for index, record in enumerate(dataset.records):
+        try:
+            samples.append(dataset[index])
+        except BadImageError as error:
+            if on_bad_image == "stop":
+                raise
+            skipped.append({"file": str(record.image), "error": str(error)})
+            continue
+        kept.append(index)
+    if not samples:
+        raise ValueError(
+            f"every one of the {len(dataset)} images of {dataset.NAME} split {dataset.split!r} was "
+            f"skipped as unusable; first: {skipped[0]['error'] if skipped else 'none'}"
+        )
+    if skipped:
+        dataset = dataset.subset(kept)
+    return dataset, collate(samples, image_size), skipped
+
+
+def collate(samples: Sequence[Sample], image_size: int) -> dict:
+    """Decoded samples as one square batch (the layout of :func:`load_batch`)."""
     batch: dict = {"images": torch.stack([resize_image(s.image, image_size) for s in samples])}
     batch["labels"] = (
         torch.tensor([IGNORE_INDEX if s.label is None else s.label for s in samples], dtype=torch.long)

@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from encoder_fusion.benchmarks.features.fingerprint import FileIndex
+from encoder_fusion.benchmarks.features.fingerprint import CONTENT_KEYS, FileIndex
 from encoder_fusion.benchmarks.options import OptionError, is_int
 from encoder_fusion.encoders import Encoder
 from encoder_fusion.encoders.weights import tensors_sha256
@@ -154,12 +154,14 @@ class FeatureCache:
         root: the cache folder; None resolves ``$FUSION_CACHE``, then ``~/.cache/encoder-fusion/features``.
         dtype: storage dtype of the grids, ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``;
             grids are returned in float32 either way.
+        content_key: how image files are known by their contents, ``"full"`` (every byte hashed on
+            every run) or ``"quick"`` (see :mod:`encoder_fusion.benchmarks.features.fingerprint`).
         batch_size: images per encoder forward during extraction.
         device: where the encoder runs during extraction.
         progress: show a tqdm bar during extraction.
 
     Raises:
-        ValueError: an unknown ``dtype`` or a ``batch_size`` below 1.
+        ValueError: an unknown ``dtype`` or ``content_key``, or a ``batch_size`` below 1.
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class FeatureCache:
         root: str | os.PathLike | None = None,
         *,
         dtype: str = "float32",
+        content_key: str = "full",
         batch_size: int = 32,
         device: str | torch.device = "cpu",
         progress: bool = True,
@@ -177,8 +180,13 @@ class FeatureCache:
             )
         if not is_int(batch_size) or batch_size < 1:
             raise OptionError("{batch_size} must be a positive int", {"batch_size": batch_size})
+        if content_key not in CONTENT_KEYS:
+            raise OptionError(
+                f"{{content_key}} is unknown; accepted: {', '.join(CONTENT_KEYS)}",
+                {"content_key": content_key},
+            )
         self.root = resolve_cache_dir(root)
-        self.files = FileIndex(self.root / FILE_INDEX)
+        self.files = FileIndex(self.root / FILE_INDEX, content_key)
         self.dtype = dtype
         self.batch_size = batch_size
         self.device = torch.device(device)

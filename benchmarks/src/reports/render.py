@@ -235,6 +235,21 @@ def sweep_lines(report: Report) -> list[str]:
     return [text + ".", ""]
 
 
+def skipped_lines(skipped: Mapping[str, Sequence[Mapping]] | None, shown: int = 20) -> list[str]:
+    """The images left out as unusable (``data.on_bad_image=skip``), counted per split and named (the
+    first ``shown``; the JSON lists every one), or nothing when none was."""
+    skipped = {which: files for which, files in (skipped or {}).items() if files}
+    if not skipped:
+        return []
+    counts = ", ".join(f"{len(files)} of the {which} split" for which, files in skipped.items())
+    lines = ["## Skipped images", "", f"Left out as unusable (data.on_bad_image=skip): {counts}.", ""]
+    every = [(which, item) for which, files in skipped.items() for item in files]
+    lines += [f"- {which}: {item['error']}" for which, item in every[:shown]]
+    if len(every) > shown:
+        lines.append(f"- and {len(every) - shown} more (the JSON report lists them all)")
+    return lines
+
+
 def render_markdown(report: Report) -> str:
     """The report as markdown: the random-weights notice first (when any), the verdicts, the language
     model, then one table with a row per strategy (accuracy ± std and change against CLIP-only with
@@ -313,6 +328,9 @@ def render_markdown(report: Report) -> str:
         scope = "the whole VLM's first token" if with_llm else "the vision pipeline"
         lines += ["", f"Peak memory ({scope}): {'; '.join(memory_kinds)}."]
     lines += agreement_lines(report)
+    skipped = skipped_lines(report.run.get("skipped_images"))
+    if skipped:
+        lines += ["", *skipped]
     errors = [(s.name, e) for s in strategies for e in s.errors]
     if errors or report.failed_jobs:
         lines += ["", "## Errors", ""]

@@ -24,7 +24,7 @@ from encoder_fusion import EncoderGeometry, FusedEncoder, FusionHead
 from encoder_fusion.benchmarks.config.checks import CheckedRun, check_heads, strategy_heads
 from encoder_fusion.benchmarks.config.plan import Strategy, used_roles
 from encoder_fusion.benchmarks.config.schema import BASELINE, config_hash
-from encoder_fusion.benchmarks.datasets import ImageDataset, load_batch
+from encoder_fusion.benchmarks.datasets import ImageDataset
 from encoder_fusion.benchmarks.features.planted import PlantOptions, planted_grids
 from encoder_fusion.benchmarks.features.tiles import TiledHead
 from encoder_fusion.benchmarks.reports.agreement import probe_agreement
@@ -36,6 +36,7 @@ from encoder_fusion.benchmarks.reports.verdicts import add_delta_intervals, asse
 from encoder_fusion.benchmarks.run.prepare import (
     build_encoders,
     cached_grids,
+    decoded_splits,
     error_text,
     image_source,
     init_distributed,
@@ -70,6 +71,8 @@ class Split:
     warped: dict[str, list[torch.Tensor] | None] = dataclasses.field(default_factory=dict)
     # with tiling: (role, grid) -> the stacked region grids (see run.prepare.tiled_grids)
     tiled: dict[tuple[str, tuple[int, int]], list[torch.Tensor]] = dataclasses.field(default_factory=dict)
+    # the images left out as unusable (data.on_bad_image=skip): {"file", "error"} each
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
     def features(
         self, roles: tuple[str, ...], task: str, grid: tuple[int, int] | None = None
@@ -107,8 +110,10 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) 
         if grid is not None:
             for role in strategy.encoders:
                 tile_grids.setdefault(role, set()).add(grid)
-    for number, (which, dataset) in enumerate((("train", checked.train), ("test", checked.test))):
-        batch = load_batch(dataset, range(len(dataset)), load_size)
+    # both splits decoded before either is extracted: a bad image in the test split stops the run
+    # before any encoder ran, not after the train split's extraction
+    loaded = decoded_splits(cfg.data, checked.train, checked.test)
+    for number, (which, (dataset, batch, _)) in enumerate(loaded.items()):
         source = image_source(dataset, load_size, cache)
         grids: dict[str, list[torch.Tensor] | None] = {}
         warped: dict[str, list[torch.Tensor] | None] = {}
@@ -145,7 +150,7 @@ def load_splits(cfg: Any, encoders: Mapping[str, Encoder], checked: CheckedRun) 
                 role_errors[role] = f"feature extraction ({which}): {error_text(error)}"
                 log.error("feature extraction of %s failed:\n%s", role, traceback.format_exc())
                 grids[role] = None
-        splits[which] = Split(dataset, batch, grids, warped, tiled)
+        splits[which] = Split(dataset, batch, grids, warped, tiled, skipped=loaded[which][2])
     return splits, role_errors
 
 
@@ -381,6 +386,7 @@ def run_compare(cfg: Any, checked: CheckedRun, out: Path, command: str | None) -
         "overrides": job_overrides(),
         "config_hash": config_hash(cfg),
         "data_sizes": {which: len(split.dataset) for which, split in splits.items()},
+        "skipped_images": {which: split.skipped for which, split in splits.items()},
         "roles": list(used_roles(cfg)),
         "phase_seconds": seconds,
     }

@@ -30,12 +30,17 @@ from encoder_fusion import EncoderGeometry, FusionHead
 from encoder_fusion.benchmarks.config.checks import CheckedRun, check_heads
 from encoder_fusion.benchmarks.config.plan import head_config
 from encoder_fusion.benchmarks.config.schema import config_hash
-from encoder_fusion.benchmarks.datasets import load_batch
 from encoder_fusion.benchmarks.reports.figures import save_whole
-from encoder_fusion.benchmarks.reports.render import random_weights_notice
+from encoder_fusion.benchmarks.reports.render import random_weights_notice, skipped_lines
 from encoder_fusion.benchmarks.reports.report import environment
 from encoder_fusion.benchmarks.reports.stats import metric_ci, stats
-from encoder_fusion.benchmarks.run.prepare import cached_grids, image_source, job_overrides, phase
+from encoder_fusion.benchmarks.run.prepare import (
+    cached_grids,
+    decoded_splits,
+    image_source,
+    job_overrides,
+    phase,
+)
 from encoder_fusion.benchmarks.tasks import TASKS, FeatureSplit, ProbeRecipe, run_probe
 from encoder_fusion.benchmarks.timing.options import LatencyOptions
 from encoder_fusion.benchmarks.timing.timer import Timer, fixed_threads, random_images, round_robin
@@ -195,6 +200,9 @@ def render_markdown(scan: Mapping, notice: str) -> str:
             cells.append(f"{row['latency_ms']:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    skipped = skipped_lines(scan.get("skipped_images"))
+    if skipped:
+        lines += [*skipped, ""]
     if scan["errors"]:
         lines += ["## Errors", "", *[f"- {e['where']}: {e['error']}" for e in scan["errors"]], ""]
     return "\n".join(lines)
@@ -292,8 +300,9 @@ def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None
             for layer in range(e.depth)
         ),
     )
-    datasets = {"train": checked.train, "test": checked.test}
-    batches = {which: load_batch(d, range(len(d)), cfg.data.image_size) for which, d in datasets.items()}
+    loaded = decoded_splits(cfg.data, checked.train, checked.test)
+    datasets = {which: dataset for which, (dataset, _, _) in loaded.items()}
+    batches = {which: batch for which, (_, batch, _) in loaded.items()}
     sources = {which: image_source(d, cfg.data.image_size, checked.cache) for which, d in datasets.items()}
     num_classes = {task: checked.train.class_count(TASKS[task].ANNOTATION) for task in TASKS}
     scan: dict[str, Any] = {
@@ -305,6 +314,7 @@ def run_layer_scan(cfg: Any, checked: CheckedRun, out: Path, command: str | None
         "encoders": {},
         "errors": [],
         "phase_seconds": seconds,
+        "skipped_images": {which: skipped for which, (_, _, skipped) in loaded.items()},
     }
     for role, encoder in encoders.items():
         name = encoder.spec.name

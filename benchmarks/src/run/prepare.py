@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from encoder_fusion import EncoderSpec
-from encoder_fusion.benchmarks.datasets import ImageDataset
+from encoder_fusion.benchmarks.datasets import ImageDataset, load_split
 from encoder_fusion.benchmarks.features.cache import FeatureCache
 from encoder_fusion.benchmarks.features.tiles import stack_regions
 from encoder_fusion.encoders import Encoder, build_encoder
@@ -97,6 +97,27 @@ def build_encoders(specs: Mapping[str, EncoderSpec], seed: int) -> dict[str, Enc
             kwargs = f" with encoders.{role}.model_kwargs={spec.model_kwargs}" if spec.model_kwargs else ""
             raise ValueError(f"encoders.{role} ({spec.source} {spec.model}{kwargs}): {error}") from error
     return encoders
+
+
+def decoded_splits(
+    data: Any, train: ImageDataset, test: ImageDataset
+) -> dict[str, tuple[ImageDataset, dict, list[dict[str, str]]]]:
+    """Every image of the train and test splits decoded at ``data.image_size``, both before any
+    encoder runs (so that a bad image in the test split stops the run before the train split is
+    extracted), ``data.on_bad_image`` deciding what an unusable image does
+    (:func:`encoder_fusion.benchmarks.datasets.load_split`).
+
+    Returns:
+        ``{"train": (kept dataset, batch, skipped), "test": ...}``.
+    """
+    loaded = {}
+    for which, dataset in (("train", train), ("test", test)):
+        loaded[which] = load_split(dataset, data.image_size, data.on_bad_image)
+        for skipped in loaded[which][2]:
+            log.warning(
+                "skipped an image of the %s split (data.on_bad_image=skip): %s", which, skipped["error"]
+            )
+    return loaded
 
 
 def image_source(dataset: ImageDataset, load_size: int, cache: FeatureCache) -> dict:
