@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import encoder_fusion.benchmarks.run.compare
+import encoder_fusion.benchmarks.run.prepare
 from encoder_fusion.encoders import Encoder
 
 
@@ -15,5 +15,5 @@ def nothing_runs(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before every setting was checked")
 
-    monkeypatch.setattr(encoder_fusion.benchmarks.run.compare, "load_batch", forbidden)
+    monkeypatch.setattr(encoder_fusion.benchmarks.run.prepare, "load_split", forbidden)
     monkeypatch.setattr(Encoder, "forward_tokens", forbidden)

@@ -53,6 +53,8 @@ BAD_SETTINGS = [
     (["bench.latency.repeats=0"], r"bench\.latency\.repeats=0 must be an int >= 1"),
     (["bench.threads=0"], r"bench\.threads=0 must be null \(keep torch's count\) or an int >= 1"),
     (["bench.extract_batch_size=0"], r"bench.extract_batch_size=0 must be a positive int"),
+    (["bench.content_key=sha1"], r"bench\.content_key='sha1' is unknown; accepted: full, quick"),
+    (["data.on_bad_image=ignore"], r"data\.on_bad_image='ignore' is unknown; accepted: skip, stop"),
     (["bench.ci_resamples=0"], r"bench\.ci_resamples=0 must be an int >= 100"),
     (["bench.max_overhead=0.5"], r"bench\.max_overhead=0\.5 must be null or a ratio > 1"),
     (["plant.noise=-1"], r"plant\.noise=-1\.0 must be a finite number >= 0"),
