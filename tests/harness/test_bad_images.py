@@ -5,12 +5,14 @@ instead, and the report counts and names what it left out."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from bench_runs import smoke_config
+from bench_runs import CONF, smoke_config
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from encoder_fusion.benchmarks.config.plan import build_datasets
@@ -147,3 +149,30 @@ def test_a_truncated_jpeg_is_truncated(tmp_path):
     truncate(path)
     with pytest.raises(OSError):
         Image.open(io.BytesIO(path.read_bytes())).load()
+
+
+def test_the_layer_scan_skips_and_names_the_same_way(tmp_path):
+    root = write_folder(tmp_path / "folder")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=layer_scan",
+                "encoders=tiny",
+                "task=classification",
+                "data=imagefolder",
+                f"data.root={root}",
+                "data.limit=null",
+                "data.on_bad_image=skip",
+                f"bench.cache_dir={tmp_path / 'cache'}",
+            ],
+        )
+    train, _ = build_datasets(cfg)
+    bad = train.records[1].image
+    truncate(bad)
+    path = run_benchmark(cfg, tmp_path / "scan")
+    scan = json.loads(path.read_text())
+    assert [item["file"] for item in scan["skipped_images"]["train"]] == [str(bad)]
+    assert scan["skipped_images"]["test"] == []
+    markdown = (path.parent / "layer_scan.md").read_text()
+    assert "## Skipped images" in markdown and "1 of the train split" in markdown and str(bad) in markdown
