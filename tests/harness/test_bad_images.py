@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 
 from encoder_fusion.benchmarks.config.plan import build_datasets
 from encoder_fusion.benchmarks.datasets import build_dataset, load_batch, load_split
+from encoder_fusion.benchmarks.reports.aggregate import skipped_images
 from encoder_fusion.benchmarks.reports.render import skipped_lines
 from encoder_fusion.benchmarks.reports.report import load_report
 from encoder_fusion.benchmarks.run import run_benchmark
@@ -176,3 +178,14 @@ def test_the_layer_scan_skips_and_names_the_same_way(tmp_path):
     assert scan["skipped_images"]["test"] == []
     markdown = (path.parent / "layer_scan.md").read_text()
     assert "## Skipped images" in markdown and "1 of the train split" in markdown and str(bad) in markdown
+
+
+def test_a_sweeps_aggregate_lists_each_skipped_file_once():
+    item = {"file": "a.jpg", "error": "image file a.jpg cannot be read as an image"}
+    other = {"file": "b.jpg", "error": "image file b.jpg cannot be read as an image"}
+    jobs = [
+        types.SimpleNamespace(run={"skipped_images": {"train": [item], "test": []}}),
+        types.SimpleNamespace(run={"skipped_images": {"train": [item, other], "test": []}}),
+        types.SimpleNamespace(run={}),  # a report written before images could be skipped
+    ]
+    assert skipped_images(jobs) == {"train": [item, other], "test": []}

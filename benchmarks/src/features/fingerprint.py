@@ -39,8 +39,8 @@ def resolved(paths: Sequence[str | os.PathLike]) -> list[str]:
     resolve per file was most of the key's cost on a folder of small images)."""
     folders: dict[str, str] = {}
     out = []
-    for path in map(os.fspath, paths):
-        folder, name = os.path.split(path)
+    for item in paths:
+        folder, name = os.path.split(os.fspath(item))
         if folder not in folders:
             folders[folder] = os.path.realpath(folder or ".")
         out.append(os.path.join(folders[folder], name))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -152,6 +152,7 @@ def aggregate(
             "jobs": len(reports) + len(failed),
             "planned": None if plan is None else len(plan),
             "finished": len(reports),
+            "skipped_images": skipped_images(reports.values()),
         },
         # the jobs' device (the aggregating machine may be a login node); this command and date
         env={**(first.environment if first else {}), **now_and_command()},
@@ -166,6 +167,18 @@ def aggregate(
     path = write_report(merged, out)
     write_curves(out, reports, curve_keys)
     return path
+
+
+def skipped_images(reports: Iterable[Report]) -> dict[str, list[dict]]:
+    """The images the jobs left out as unusable (``data.on_bad_image=skip``), per split, each file
+    once (jobs over the same data skip the same files)."""
+    merged: dict[str, dict[str, dict]] = {}
+    for report in reports:
+        for which, items in (report.run.get("skipped_images") or {}).items():
+            split = merged.setdefault(which, {})
+            for item in items:
+                split.setdefault(item["file"], item)
+    return {which: list(items.values()) for which, items in merged.items()}
 
 
 def sweep_agreement(
