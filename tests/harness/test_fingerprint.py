@@ -5,6 +5,7 @@ when it changes), the synthetic set by its generator's version and parameters.""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -130,6 +131,18 @@ def test_a_damaged_index_costs_one_hashing_not_a_wrong_key(tmp_path, full_hashes
     before = index.digest([path])
     index.index_path([path]).write_text('{"version": 1, "files": {"')
     assert index.digest([path]) == before and len(full_hashes) == 2
+
+
+def test_a_damaged_entry_is_hashed_again_not_trusted(tmp_path):
+    index, path = FileIndex(tmp_path / "index", "quick"), tmp_path / "a.bin"
+    write_bytes(path, os.urandom(3 * BLOCK))
+    want = index.content_hashes([path])
+    where = index.index_path([path])
+    data = json.loads(where.read_text())
+    for damaged in (data["files"][str(path.resolve())][:3], [*data["files"][str(path.resolve())][:3], 7]):
+        data["files"][str(path.resolve())] = damaged  # the cheap key intact, the hash lost or not a hash
+        where.write_text(json.dumps(data))
+        assert index.content_hashes([path]) == want
 
 
 def test_missing_files_are_named(tmp_path):

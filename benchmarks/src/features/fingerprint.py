@@ -109,7 +109,13 @@ class FileIndex:
                 raise FileNotFoundError(f"image file {path} does not exist") from None
             cheap = [stat.st_size, stat.st_mtime_ns, ends_sha256(path, stat.st_size)]
             entry = files.get(path)
-            trusted = self.content_key == "quick" and isinstance(entry, list) and entry[:3] == cheap
+            trusted = (
+                self.content_key == "quick"
+                and isinstance(entry, list)
+                and len(entry) == 4
+                and entry[:3] == cheap
+                and isinstance(entry[3], str)
+            )
             if not trusted:
                 # a file of up to two blocks was read whole by its cheap key
                 whole = cheap[2] if stat.st_size <= 2 * BLOCK else file_sha256(path)
