@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from encoder_fusion.benchmarks.features.fingerprint import CONTENT_KEYS, FileIndex
+from encoder_fusion.benchmarks.features.fingerprint import FileIndex
 from encoder_fusion.benchmarks.options import OptionError, is_int
 from encoder_fusion.encoders import Encoder
 from encoder_fusion.encoders.weights import tensors_sha256
@@ -180,13 +180,8 @@ class FeatureCache:
             )
         if not is_int(batch_size) or batch_size < 1:
             raise OptionError("{batch_size} must be a positive int", {"batch_size": batch_size})
-        if content_key not in CONTENT_KEYS:
-            raise OptionError(
-                f"{{content_key}} is unknown; accepted: {', '.join(CONTENT_KEYS)}",
-                {"content_key": content_key},
-            )
         self.root = resolve_cache_dir(root)
-        self.files = FileIndex(self.root / FILE_INDEX, content_key)
+        self.files = FileIndex(self.root / FILE_INDEX, content_key)  # refuses an unknown content_key
         self.dtype = dtype
         self.batch_size = batch_size
         self.device = torch.device(device)

@@ -23,7 +23,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from encoder_fusion.benchmarks.datasets import DATASETS, ENV_VAR, IMAGE_SUFFIXES
 from encoder_fusion.benchmarks.features.fingerprint import FileIndex
 from encoder_fusion.benchmarks.kernel.harness import header_lines, report_header, save_report, tool_parser
 from encoder_fusion.benchmarks.reports.stats import ratio_ci
+from encoder_fusion.benchmarks.timing.timer import Timer, round_robin
 from encoder_fusion.images import read_image
 
 MODULE = "encoder_fusion.benchmarks.features.content_key_cost"
@@ -76,28 +76,18 @@ def dataset_images(name: str) -> list[Path]:
     return [path for split in splits for path in build_dataset(name, None, split=split).image_paths()]
 
 
-def timed(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
 def measure(files: Sequence[Path], rounds: int) -> dict:
     """The three passes over ``files``, ``rounds`` times in turn (a first, untimed round warms the
     page cache and the quick index)."""
     with tempfile.TemporaryDirectory() as scratch:
         full, quick = FileIndex(Path(scratch) / "full"), FileIndex(Path(scratch) / "quick", "quick")
-        passes: dict[str, Callable[[], object]] = {
-            "full": lambda: full.content_hashes(files),
-            "quick": lambda: quick.content_hashes(files),
-            "decode": lambda: [read_image(path) for path in files],
+        passes: dict[tuple[str, str], Callable[[], object]] = {
+            ("full", ""): lambda: full.content_hashes(files),
+            ("quick", ""): lambda: quick.content_hashes(files),
+            ("decode", ""): lambda: [read_image(path) for path in files],
         }
-        for run in passes.values():
-            run()
-        seconds: dict[str, list[float]] = {name: [] for name in PASSES}
-        for _ in range(rounds):
-            for name, run in passes.items():
-                seconds[name].append(timed(run))
+        samples = round_robin(Timer(torch.device("cpu")), passes, warmup=1, repeats=rounds)
+    seconds = {name: [ms / 1e3 for ms in samples[name, ""]] for name in PASSES}
     size = sum(path.stat().st_size for path in files)
     row: dict = {"files": len(files), "bytes": size}
     for name in PASSES:

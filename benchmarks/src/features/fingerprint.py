@@ -26,6 +26,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from encoder_fusion.benchmarks.options import OptionError
 from encoder_fusion.io import atomic_write, file_sha256
 
 BLOCK = 64 * 2**10
@@ -68,7 +69,10 @@ class FileIndex:
 
     def __init__(self, folder: str | os.PathLike, content_key: str = "full") -> None:
         if content_key not in CONTENT_KEYS:
-            raise ValueError(f"content_key={content_key!r} is unknown; accepted: {', '.join(CONTENT_KEYS)}")
+            raise OptionError(
+                f"{{content_key}} is unknown; accepted: {', '.join(CONTENT_KEYS)}",
+                {"content_key": content_key},
+            )
         self.folder = Path(folder)
         self.content_key = content_key
 
